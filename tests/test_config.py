@@ -1,0 +1,115 @@
+"""Config loading: defaults, overrides, round trip, and a clear error for each kind of bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vitpose.config import (
+    REPO_ROOT,
+    ConfigError,
+    StudentConfig,
+    TeacherConfig,
+    dump_config,
+    flatten,
+    load_config,
+)
+from vitpose.dsconfig import complete_deepspeed_config
+
+TINY = REPO_ROOT / "configs" / "teacher" / "synthetic_tiny.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((REPO_ROOT / "configs" / "teacher").glob("*.yaml")):
+        assert isinstance(load_config(path), TeacherConfig), path
+    for path in sorted((REPO_ROOT / "configs" / "distill").glob("*.yaml")):
+        assert isinstance(load_config(path, schema=StudentConfig), StudentConfig), path
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(TINY, ["train.epochs=3", "model.preset=vitpose_s", "model.img_size=[128, 96]",
+                             "train.lr=2e-4", "ray.use_gpu=false"])
+    assert cfg.train.epochs == 3 and cfg.model.preset == "vitpose_s"
+    assert cfg.model.img_size == (128, 96)
+    assert cfg.train.lr == pytest.approx(2e-4)
+    assert cfg.ray.use_gpu is False
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(TINY, ["train.epochs=5"])
+    out = dump_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(out) == cfg
+    flat = flatten(cfg)
+    assert flat["train.epochs"] == 5 and flat["train.lr_steps"] == json.dumps(cfg.train.lr_steps)
+
+
+def test_unknown_key_names_file_path_and_suggestion(tmp_path):
+    path = write(tmp_path, "train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert str(path) in msg and "train.epoch" in msg and "did you mean 'train.epochs'" in msg
+    assert "batch_size" in msg  # the allowed keys are listed
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"trian: unknown key \(did you mean 'train'\?\)"):
+        load_config(write(tmp_path, "trian:\n  epochs: 3\n"))
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "train:\n  epochs: many\n"))
+    assert "train.epochs" in str(err.value) and "'many'" in str(err.value)
+
+
+def test_out_of_range_and_literal_list_allowed_values(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.epochs: Input should be greater than or equal to 1"):
+        load_config(TINY, ["train.epochs=0"])
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["train.precision=fp8"])
+    assert "train.precision" in str(err.value) and "'bf16'" in str(err.value)
+    with pytest.raises(ConfigError, match="choose one of: .*vitpose_b"):
+        load_config(TINY, ["model.preset=vitpose_xxl"])
+
+
+def test_override_errors_name_the_override():
+    with pytest.raises(ConfigError, match="--set 'train.epochs'"):
+        load_config(TINY, ["train.epochs"])
+    with pytest.raises(ConfigError, match=r"(?s)--set train.epoch=3.*unknown key"):
+        load_config(TINY, ["train.epoch=3"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [unclosed\n"))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_deepspeed_config_is_completed_from_ours():
+    cfg = load_config(TINY, ["train.batch_size=4", "train.grad_accum=2", "train.precision=bf16",
+                             "deepspeed.zero_stage=2"])
+    ds = complete_deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["optimizer"]["params"]["lr"] == cfg.train.lr
+
+
+def test_deepspeed_config_that_contradicts_ours_is_refused(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 64, "zero_optimization": {"stage": 3}}))
+    cfg = load_config(TINY, [f"deepspeed.config={bad}", "train.batch_size=4"])
+    with pytest.raises(ConfigError) as err:
+        complete_deepspeed_config(cfg, world_size=2)
+    assert str(bad) in str(err.value) and "train_micro_batch_size_per_gpu" in str(err.value)
+    assert "64" in str(err.value) and "4" in str(err.value)

@@ -1,0 +1,290 @@
+"""Typed run configuration: YAML in, validated sections out, YAML back.
+
+Every entry point (teacher, distill, evaluate) loads its configuration here, so a typo in a key, a wrong
+type or an out-of-range value stops the run before any work starts, with a message that names the file,
+the dotted key path and what is allowed. Validation is pydantic's (already pulled in by Ray and MLflow);
+this module only shapes its errors and handles files and ``--set key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says where and how to fix it."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    preset: str = "vitpose_tiny"
+    # None keeps the preset's own value; everything else overrides it.
+    decoder: Literal["classic", "simple"] | None = None
+    img_size: tuple[int, int] | None = Field(None, description="input (height, width)")
+    patch_size: int | None = Field(None, ge=2, le=64)
+    num_keypoints: int = Field(17, ge=1)
+    drop_path_rate: float | None = Field(None, ge=0.0, lt=1.0)
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
+    activation_checkpointing: bool = False
+    init_checkpoint: str | None = Field(None, description="official ViTPose .pth / .safetensors to start from")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        from vitpose.models import list_presets
+
+        presets = list_presets()
+        if value not in presets:
+            raise ValueError(f"unknown preset {value!r}; choose one of: {', '.join(presets)}")
+        return value
+
+    @field_validator("img_size")
+    @classmethod
+    def _img_size_multiple_of_four(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and (value[0] % 4 or value[1] % 4 or min(value) < 32):
+            raise ValueError(f"img_size {list(value)} must be two multiples of 4, each >= 32 (heatmaps are 1/4)")
+        return value
+
+
+class SyntheticDataConfig(Section):
+    train_instances: int = Field(2000, ge=1)
+    val_instances: int = Field(400, ge=1)
+    seed: int = 0
+
+
+class DataConfig(Section):
+    kind: Literal["synthetic", "coco"] = "synthetic"
+    # Relative paths resolve against the repository root, so runs from any folder (and Ray workers) agree.
+    root: str = "runs/data/synthetic"
+    train_ann: str = "annotations/person_keypoints_train.json"
+    train_images: str = "images/train"
+    val_ann: str = "annotations/person_keypoints_val.json"
+    val_images: str = "images/val"
+    val_det_file: str | None = Field(None, description="COCO results json of person detections for val")
+    det_score_thr: float = Field(0.0, ge=0.0, le=1.0)
+    on_bad_sample: Literal["error", "skip"] = "error"
+    loader_workers: int = Field(1, ge=0)
+    val_max_instances: int | None = Field(None, ge=1)
+    synthetic: SyntheticDataConfig = SyntheticDataConfig()
+
+    def root_path(self) -> Path:
+        return resolve_path(self.root)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1, description="micro batch per worker")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-4, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.1, ge=0.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    warmup_iters: int = Field(500, ge=0)
+    warmup_ratio: float = Field(0.001, gt=0.0, le=1.0)
+    lr_steps: list[int] = [170, 200]
+    lr_gamma: float = Field(0.1, gt=0.0, le=1.0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 0
+    eval_every: int = Field(1, ge=1, description="epochs between evaluations")
+    flip_test: bool = True
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    on_nonfinite_loss: Literal["skip", "error"] = "skip"
+    max_nonfinite_skips: int = Field(10, ge=0)
+
+    @model_validator(mode="after")
+    def _steps_increase(self) -> TrainConfig:
+        if self.lr_steps != sorted(self.lr_steps):
+            raise ValueError(f"lr_steps {self.lr_steps} must be increasing epochs")
+        return self
+
+
+class DeepSpeedConfig(Section):
+    config: str = "configs/deepspeed/zero3.json"
+    zero_stage: Literal[0, 1, 2, 3] | None = Field(None, description="overrides the JSON's stage")
+
+
+class RayConfig(Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(1.0, ge=0.0)
+    storage_path: str = "runs/ray"
+    name: str = "vitpose-teacher"
+    max_failures: int = Field(1, ge=-1)
+    num_to_keep: int = Field(2, ge=1)
+    autoscaler: bool = Field(False, description="the cluster adds nodes on demand: don't refuse bigger requests")
+
+
+class TrackingConfig(Section):
+    # None: MLFLOW_TRACKING_URI, else a SQLite file under runs/ (the registry needs a database store).
+    tracking_uri: str | None = None
+    experiment: str = "vitpose-teacher"
+    registered_model: str = "vitpose-teacher"
+    alias: str = "latest"
+    log_images: int = Field(8, ge=0, description="val crops drawn with predicted skeletons per eval")
+
+
+class TeacherConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+class TokenConfig(Section):
+    enabled: bool = True
+    num_tokens: int = Field(1, ge=1)
+    epochs: int = Field(2, ge=1, description="epochs of token learning on the frozen teacher")
+    lr: float = Field(1e-3, gt=0.0)
+
+
+class OutputDistillConfig(Section):
+    enabled: bool = True
+    weight: float = Field(1.0, ge=0.0)
+    mode: Literal["bank", "online"] = "bank"
+    views: int = Field(4, ge=1, description="augmented views per instance stored in the view bank")
+
+
+class DistillConfig(Section):
+    teacher_uri: str = "models:/vitpose-teacher@latest"
+    token: TokenConfig = TokenConfig()
+    output: OutputDistillConfig = OutputDistillConfig()
+
+
+class TuneConfig(Section):
+    # Each entry: {"grid": [...]} or {"choice": [...]} or {"uniform"|"loguniform": [low, high]}.
+    search_space: dict[str, dict[str, list[Any]]] = {}
+    num_samples: int = Field(1, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1)
+    metric: str = "val/AP"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1.0)
+    cpus_per_trial: float = Field(1.0, gt=0.0)
+    registered_model: str = "vitpose-student"
+    alias: str = "champion"
+
+
+class StudentConfig(TeacherConfig):
+    distill: DistillConfig = DistillConfig()
+    tune: TuneConfig = TuneConfig()
+
+
+ConfigT = TypeVar("ConfigT", bound=Section)
+
+
+def resolve_path(path: str | os.PathLike[str]) -> Path:
+    """Absolute path; relative ones are taken from the repository root, not the current folder."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def load_config(
+    path: str | os.PathLike[str] | None,
+    overrides: list[str] | None = None,
+    schema: type[ConfigT] = TeacherConfig,  # type: ignore[assignment]
+) -> ConfigT:
+    """Read YAML (or start from defaults when ``path`` is None), apply ``key.path=value`` overrides, validate."""
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        file = resolve_path(path) if not Path(path).exists() else Path(path)
+        if not file.is_file():
+            raise ConfigError(f"{path}: config file not found (give a path like configs/teacher/synthetic_tiny.yaml)")
+        try:
+            raw = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides or []:
+        _apply_override(raw, item, schema)
+    if overrides:
+        source += " (with --set " + " ".join(overrides) + ")"
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, source, schema)) from None
+
+
+def _apply_override(raw: dict[str, Any], item: str, schema: type[Section]) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set train.epochs=3")
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = child
+    # YAML parsing gives ints, floats, bools, lists ([256,192]) and null the way a config file would.
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def _explain(err: ValidationError, source: str, schema: type[Section]) -> str:
+    lines = [f"{source}: invalid configuration ({err.error_count()} problem(s)):"]
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        dotted = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            allowed = _fields_at(schema, loc[:-1])
+            close = difflib.get_close_matches(loc[-1], allowed, n=1)
+            hint = f" (did you mean '{'.'.join(loc[:-1] + close)}'?)" if close else ""
+            lines.append(f"  {dotted}: unknown key{hint}; allowed keys here: {', '.join(allowed)}")
+        else:
+            lines.append(f"  {dotted}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _fields_at(schema: type[Section], loc: list[str]) -> list[str]:
+    model: Any = schema
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = field.annotation
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def to_dict(cfg: Section) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def dump_config(cfg: Section, path: str | os.PathLike[str]) -> Path:
+    """Write the resolved config as YAML that ``load_config`` reads back to an equal object."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return out
+
+
+def flatten(cfg: Section | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys → scalar values (lists and dicts as JSON), the shape MLflow params want."""
+    data = to_dict(cfg) if isinstance(cfg, Section) else cfg
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, dict)) else value
+    return flat
