@@ -76,7 +76,6 @@ class DataConfig(Section):
     det_score_thr: float = Field(0.0, ge=0.0, le=1.0)
     on_bad_sample: Literal["error", "skip"] = "error"
     loader_workers: int = Field(1, ge=0)
-    val_max_instances: int | None = Field(None, ge=1)
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
 
     def root_path(self) -> Path:
@@ -127,13 +126,21 @@ class RayConfig(Section):
     autoscaler: bool = Field(False, description="the cluster adds nodes on demand: don't refuse bigger requests")
 
 
+def _alias_not_reserved(value: str) -> str:
+    if value.lower() == "latest" or value.lower().startswith("v") and value[1:].isdigit():
+        raise ValueError(f"alias {value!r} is reserved by MLflow ('latest', 'v<N>'); use e.g. 'current' or 'champion'")
+    return value
+
+
 class TrackingConfig(Section):
     # None: MLFLOW_TRACKING_URI, else a SQLite file under runs/ (the registry needs a database store).
     tracking_uri: str | None = None
     experiment: str = "vitpose-teacher"
     registered_model: str = "vitpose-teacher"
-    alias: str = "latest"
+    alias: str = "current"
     log_images: int = Field(8, ge=0, description="val crops drawn with predicted skeletons per eval")
+
+    _alias = field_validator("alias")(_alias_not_reserved)
 
 
 class TeacherConfig(Section):
@@ -160,7 +167,7 @@ class OutputDistillConfig(Section):
 
 
 class DistillConfig(Section):
-    teacher_uri: str = "models:/vitpose-teacher@latest"
+    teacher_uri: str = "models:/vitpose-teacher@current"
     token: TokenConfig = TokenConfig()
     output: OutputDistillConfig = OutputDistillConfig()
 
@@ -176,6 +183,8 @@ class TuneConfig(Section):
     cpus_per_trial: float = Field(1.0, gt=0.0)
     registered_model: str = "vitpose-student"
     alias: str = "champion"
+
+    _alias = field_validator("alias")(_alias_not_reserved)
 
 
 class StudentConfig(TeacherConfig):

@@ -1,0 +1,178 @@
+"""Train a ViTPose teacher with Ray Train + DeepSpeed and register it in MLflow.
+
+    python pipelines/teacher.py                                   # embedded default, local Ray
+    python pipelines/teacher.py --config configs/teacher/coco_vitpose_g.yaml --set ray.num_workers=64
+    ray job submit --working-dir . -- python pipelines/teacher.py --config ...
+    python pipelines/teacher.py --resume                          # continue the latest run of this name
+
+Everything that can be wrong with the config, the tracking server or the cluster is checked before
+any worker starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vitpose.config import ConfigError, TeacherConfig, load_config, resolve_path, to_dict
+from vitpose.dsconfig import complete_deepspeed_config
+
+DEFAULT_CONFIG = "configs/teacher/synthetic_tiny.yaml"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the most recent run with this ray.name from its latest checkpoint")
+    return p.parse_args(argv)
+
+
+def preflight(cfg: TeacherConfig) -> str:
+    """Checks that need no Ray: DeepSpeed JSON, data folders, tracking store. Returns the tracking URI."""
+    from vitpose.tracking import check_tracking_uri, resolve_tracking_uri
+
+    complete_deepspeed_config(cfg, cfg.ray.num_workers)
+    if cfg.data.kind == "coco":
+        root = cfg.data.root_path()
+        for key in ("train_ann", "train_images", "val_ann", "val_images"):
+            path = root / getattr(cfg.data, key)
+            if not path.exists():
+                raise ConfigError(f"data.{key}: {path} does not exist; set data.root to your COCO folder "
+                                  f"(with annotations/ and images) or data.{key} to the right relative path")
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    check_tracking_uri(uri)
+    return uri
+
+
+def run_folder(cfg: TeacherConfig, resume: bool) -> tuple[str, Path]:
+    """A new timestamped run name, or with --resume the latest existing one of this ray.name."""
+    storage = resolve_path(cfg.ray.storage_path)
+    if resume:
+        previous = sorted(p for p in storage.glob(f"{cfg.ray.name}-2*") if p.is_dir())
+        if not previous:
+            raise ConfigError(f"--resume: no earlier run named {cfg.ray.name}-* in {storage}; run without --resume")
+        return previous[-1].name, storage
+    return f"{cfg.ray.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        tracking_uri = preflight(cfg)
+        name, storage = run_folder(cfg, args.resume)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    from vitpose import raycluster, tracking
+
+    try:
+        raycluster.connect()
+        raycluster.check_resources(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu,
+                                   cfg.ray.gpus_per_worker, cfg.ray.autoscaler)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    if cfg.data.kind == "synthetic":
+        from vitpose.data import ensure_synthetic_dataset
+
+        s = cfg.data.synthetic
+        ensure_synthetic_dataset(cfg.data.root_path(), train_instances=s.train_instances,
+                                 val_instances=s.val_instances, seed=s.seed)
+
+    run_dir = storage / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    id_file = run_dir / "mlflow_run_id.txt"
+    run_id = tracking.start_driver_run(
+        cfg, tracking_uri, cfg.tracking.experiment, name,
+        run_id=id_file.read_text().strip() if id_file.is_file() else None,
+    )
+    id_file.write_text(run_id + "\n")
+    print(f"MLflow run {run_id} ({tracking_uri}); Ray run folder {run_dir}", flush=True)
+
+    result = fit(cfg, name, storage, tracking_uri, run_id)
+    if result.error:
+        print(f"error: training failed: {result.error}", file=sys.stderr)
+        tracking.end_run(tracking_uri, run_id, "FAILED")
+        return 1
+    summary = finish(cfg, result, tracking_uri, run_id)
+    tracking.end_run(tracking_uri, run_id, "FINISHED")
+    for key, value in summary.items():
+        print(f"{key:>18}: {value}")
+    return 0
+
+
+def fit(cfg: TeacherConfig, name: str, storage: Path, tracking_uri: str, run_id: str) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from vitpose.engine import train_worker
+    from vitpose.raycluster import WORKER_ENV
+
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = cfg.ray.gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": tracking_uri},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep,
+                                               checkpoint_score_attribute="val/AP", checkpoint_score_order="max"),
+            worker_runtime_env={"env_vars": dict(WORKER_ENV)},
+        ),
+    )
+    return trainer.fit()
+
+
+def finish(cfg: TeacherConfig, result: Any, tracking_uri: str, run_id: str) -> dict[str, Any]:
+    """Register the best checkpoint, log the curves and final metrics; returns what to print."""
+    import json
+
+    from vitpose import tracking
+    from vitpose.engine import META_FILE, MODEL_FILE, verify_checkpoint
+    from vitpose.serving import log_vitpose_model
+    from vitpose.visualize import plot_curves
+
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if "val/AP" in m]
+    if not candidates:
+        raise RuntimeError("training finished without an evaluated checkpoint; nothing to register")
+    best_ckpt, best_metrics = max(candidates, key=lambda cm: cm[1]["val/AP"])
+    with best_ckpt.as_directory() as folder:
+        folder = Path(folder)
+        meta = verify_checkpoint(folder)
+        model_meta = {"spec": meta["spec"], "keypoints": meta["keypoints"], "source_checkpoint": best_ckpt.path}
+        version = log_vitpose_model(tracking_uri, run_id, folder / MODEL_FILE, model_meta,
+                                    cfg.tracking.registered_model, cfg.tracking.alias)
+    latest_meta = meta
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as folder:
+            latest_meta = json.loads((Path(folder) / META_FILE).read_text())
+    curves = plot_curves(latest_meta["history"], resolve_path("runs") / "tmp" / f"{run_id}_curves.png")
+    tracking.log_artifact(tracking_uri, run_id, curves)
+    tracking.log_metrics(tracking_uri, run_id, {f"best/{k}": v for k, v in best_metrics.items()
+                                                if k.startswith("val/")})
+    return {
+        "best val AP": f"{best_metrics['val/AP']:.4f} (epoch {best_metrics['epoch']})",
+        "MLflow run": run_id,
+        "registered model": f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias} (version {version})",
+        "best checkpoint": best_ckpt.path,
+        "tracking URI": tracking_uri,
+        "look at it": f"mlflow ui --backend-store-uri {tracking_uri}",
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Model package: sizes against the paper, shapes, knowledge tokens, layer-decay groups, checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from vitpose.models import (
+    ModelSpec,
+    ViTPose,
+    build_model,
+    build_model_from_spec,
+    list_presets,
+    match_preset,
+    param_groups_layer_decay,
+)
+from vitpose.models.__main__ import main as cli_main
+from vitpose.models.backbone import token_grid
+
+# ---- sizes against the paper (DESIGN.md §3), on the meta device: no memory, no time --------------------
+
+
+@pytest.mark.parametrize(
+    ("preset", "millions"),
+    [("vitpose_s", 24.29), ("vitpose_b", 89.99), ("vitpose_l", 308.54), ("vitpose_h", 637.21)],
+)
+def test_param_counts_match_paper(preset: str, millions: float) -> None:
+    model = build_model(preset, device="meta")
+    assert model.num_params() / 1e6 == pytest.approx(millions, rel=0.005)
+
+
+def test_param_count_g_and_b_backbone() -> None:
+    g = build_model("vitpose_g", device="meta")
+    assert g.backbone.blocks[0].mlp.fc1.out_features == 6144
+    assert 0.98e9 < g.num_params() < 1.05e9
+    b = build_model("vitpose_b", device="meta")
+    assert sum(p.numel() for p in b.backbone.parameters()) / 1e6 == pytest.approx(85.79, rel=0.005)
+
+
+def test_b_backbone_gflops_match_paper() -> None:
+    b = build_model("vitpose_b", device="meta")
+    assert b.backbone.flops() / 1e9 == pytest.approx(17.1, rel=0.01)
+    assert b.flops(batch=2) == 2 * b.flops()
+    assert b.flops() > b.backbone.flops()  # the head is counted too
+
+
+def test_token_grid_of_padded_patch_conv() -> None:
+    # Padding 2 on a 16x16 stride-16 conv: (256 + 4 - 16) // 16 + 1 = 16 rows, 12 columns.
+    assert token_grid((256, 192), 16, 2) == (16, 12)
+    conv = nn.Conv2d(3, 8, kernel_size=16, stride=16, padding=2, device="meta")
+    assert conv(torch.empty(1, 3, 256, 192, device="meta")).shape[-2:] == (16, 12)
+    for patch, size in [(8, (128, 96)), (14, (224, 168)), (32, (256, 192))]:
+        spec = build_model("vitpose_nano", device="meta", patch_size=patch, img_size=size).spec
+        assert spec.grid_size == (size[0] // patch, size[1] // patch)
+
+
+# ---- presets and builder -------------------------------------------------------------------------------
+
+
+def test_presets_and_errors() -> None:
+    names = list_presets()
+    for base in (
+        "vitpose_s",
+        "vitpose_b",
+        "vitpose_l",
+        "vitpose_h",
+        "vitpose_g",
+        "vitpose_tiny",
+        "vitpose_nano",
+    ):
+        assert base in names and f"{base}_simple" in names
+    assert build_model("vitpose_b_simple", device="meta").spec.decoder == "simple"
+    with pytest.raises(ValueError, match="vitpose_b, vitpose_b_simple"):
+        build_model("vitpose_x")
+    with pytest.raises(ValueError, match="unknown model overrides \\['heads'\\]"):
+        build_model("vitpose_nano", heads=4)
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        build_model("vitpose_nano", num_heads=5)
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        build_model("vitpose_nano", decoder="fancy")
+
+
+def test_spec_round_trip_and_match_preset() -> None:
+    model = build_model("vitpose_l", device="meta", img_size=[384, 288], num_keypoints=133)
+    spec = model.spec
+    assert spec.img_size == (384, 288)
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    assert build_model_from_spec(spec.to_dict(), device="meta").spec == spec
+    assert match_preset(spec) == "vitpose_l"
+    assert match_preset(build_model("vitpose_l_simple", device="meta").spec) == "vitpose_l_simple"
+
+
+def test_drop_path_increases_linearly() -> None:
+    model = build_model("vitpose_b", device="meta")
+    rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in model.backbone.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.3)
+    assert rates == pytest.approx([0.3 * i / 11 for i in range(12)])
+
+
+# ---- forward shapes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["vitpose_tiny", "vitpose_nano", "vitpose_nano_simple"])
+def test_forward_real_size(preset: str) -> None:
+    model = build_model(preset).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 256, 192))
+    assert out.shape == (2, 17, 64, 48)
+    assert model.heatmap_size == (64, 48)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "heatmap"),
+    [
+        (dict(img_size=(128, 96)), (32, 24)),
+        (dict(img_size=(128, 96), decoder="simple", num_keypoints=5), (32, 24)),
+        (dict(img_size=(64, 64), num_keypoints=133), (16, 16)),
+        (dict(img_size=(64, 48), patch_size=8), (32, 24)),  # heatmaps are 4x the token grid
+        (dict(img_size=(96, 64), patch_size=32, decoder="simple"), (12, 8)),
+    ],
+)
+def test_forward_other_shapes(overrides: dict, heatmap: tuple[int, int]) -> None:
+    model = build_model("vitpose_nano", **overrides).eval()
+    h, w = model.spec.img_size
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, h, w))
+    assert out.shape == (1, model.spec.num_keypoints, *heatmap)
+    assert model.heatmap_size == heatmap
+
+
+def test_wrong_input_size_is_explained() -> None:
+    model = build_model("vitpose_nano").eval()
+    with pytest.raises(ValueError, match="built for img_size \\(256, 192\\)"):
+        model(torch.randn(1, 3, 384, 288))
+
+
+# ---- knowledge tokens ----------------------------------------------------------------------------------
+
+
+def _small(preset: str = "vitpose_nano", **kw) -> ViTPose:
+    torch.manual_seed(0)
+    return build_model(preset, img_size=(64, 48), **kw).eval()
+
+
+def test_knowledge_tokens_change_output_not_shape() -> None:
+    model = _small()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        before, feat_before = model(x), model.backbone(x)
+        model.backbone.add_knowledge_tokens(2)
+        after, feat_after = model(x), model.backbone(x)
+    assert after.shape == before.shape and feat_after.shape == feat_before.shape
+    # The head starts at std 0.001, so heatmaps are tiny: compare relative to their scale.
+    assert (after - before).abs().max() > 1e-2 * before.abs().max()
+    assert (feat_after - feat_before).abs().mean() > 1e-2
+    assert model.spec.num_knowledge_tokens == 2 and model.spec.knowledge_token_dim is None
+    assert len(model.backbone.knowledge_token_params()) == 1  # same width: no projection
+    assert model.backbone.flops() > _small().backbone.flops()
+
+
+def test_knowledge_tokens_from_wider_teacher_frozen() -> None:
+    teacher = _small("vitpose_tiny")
+    teacher.backbone.add_knowledge_tokens(1)
+    tokens = teacher.backbone.knowledge_tokens.tokens  # (1, 192)
+    student = _small("vitpose_nano")
+    student.backbone.set_knowledge_tokens(tokens, trainable=False)
+    kt = student.backbone.knowledge_tokens
+    assert isinstance(kt.proj, nn.Linear) and kt.proj.weight.shape == (96, 192)
+    assert torch.equal(kt.tokens, tokens) and kt.tokens.data_ptr() != tokens.data_ptr()
+    assert not kt.tokens.requires_grad and kt.proj.weight.requires_grad
+    assert student.spec.knowledge_token_dim == 192
+
+    student.train()
+    out = student(torch.randn(2, 3, 64, 48))
+    assert out.shape == (2, 17, 16, 12)
+    out.square().mean().backward()
+    assert kt.tokens.grad is None and kt.proj.weight.grad is not None
+
+    # The spec rebuilds the same structure (what the engine stores with a student checkpoint).
+    rebuilt = build_model_from_spec(student.spec)
+    assert rebuilt.state_dict().keys() == student.state_dict().keys()
+
+    student.backbone.set_knowledge_tokens(tokens, trainable=True)
+    assert student.backbone.knowledge_tokens.tokens.requires_grad
+
+
+# ---- layer-wise lr decay -------------------------------------------------------------------------------
+
+
+def test_layer_decay_groups() -> None:
+    model = build_model("vitpose_nano", device="meta", num_knowledge_tokens=2, knowledge_token_dim=192)
+    depth, rate = 3, 0.75
+    groups = param_groups_layer_decay(model, lr=1e-3, weight_decay=0.1, layer_decay=rate)
+
+    names = [n for g in groups for n in g["names"]]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # each exactly once
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    by_name = {n: g for g in groups for n in g["names"]}
+
+    for name in ("backbone.patch_embed.proj.weight", "backbone.patch_embed.proj.bias", "backbone.pos_embed"):
+        assert by_name[name]["lr_scale"] == pytest.approx(rate ** (depth + 1))
+    for i in range(depth):
+        assert by_name[f"backbone.blocks.{i}.attn.qkv.weight"]["lr_scale"] == pytest.approx(
+            rate ** (depth - i)
+        )
+    for name in (
+        "backbone.last_norm.weight",
+        "keypoint_head.final_layer.weight",
+        "backbone.knowledge_tokens.tokens",
+    ):
+        assert by_name[name]["lr_scale"] == 1.0 and by_name[name]["layer_id"] == depth + 1
+    for g in groups:
+        assert g["lr"] == pytest.approx(1e-3 * g["lr_scale"]) and g["name"]
+
+    params = dict(model.named_parameters())
+    no_wd = {n for n, g in by_name.items() if g["weight_decay"] == 0.0}
+    expected = {n for n, p in params.items() if p.ndim == 1}
+    expected |= {"backbone.pos_embed", "backbone.knowledge_tokens.tokens"}
+    assert no_wd == expected
+    assert all(g["weight_decay"] == 0.1 for g in groups if g["names"][0] not in no_wd)
+
+    # Default rate comes from the spec; frozen parameters are left out; torch's AdamW takes the groups.
+    real = _small()
+    real.backbone.set_knowledge_tokens(torch.zeros(1, 96), trainable=False)
+    groups = param_groups_layer_decay(real, lr=1e-3, weight_decay=0.1)
+    assert max(g["lr_scale"] for g in groups) == 1.0
+    assert min(g["lr_scale"] for g in groups) == pytest.approx(real.spec.layer_decay_rate ** (depth + 1))
+    assert "backbone.knowledge_tokens.tokens" not in [n for g in groups for n in g["names"]]
+    torch.optim.AdamW(groups, lr=1e-3)
+
+
+# ---- activation checkpointing --------------------------------------------------------------------------
+
+
+def test_grad_checkpointing_matches() -> None:
+    model = _small(drop_path_rate=0.2, num_knowledge_tokens=1).train()
+    x = torch.randn(2, 3, 64, 48)
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        torch.manual_seed(1)  # same drop-path draws in both runs
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss_off, grads_off = loss_and_grads()
+    model.set_grad_checkpointing(True)
+    assert model.backbone.grad_checkpointing
+    loss_on, grads_on = loss_and_grads()
+    assert torch.equal(loss_on, loss_off)
+    for a, b in zip(grads_on, grads_off, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------
+
+
+def test_summary_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["summary", "vitpose_b"]) == 0
+    out = capsys.readouterr().out
+    assert "89.99 M" in out and "17.10" in out and "16 x 12 = 192 tokens" in out and "17 x 64 x 48" in out
+    assert cli_main(["summary", "vitpose_s", "--img-size", "384", "288", "--decoder", "simple"]) == 0
+    out = capsys.readouterr().out
+    assert "24 x 18 = 432 tokens" in out and "17 x 96 x 72" in out and "simple decoder" in out

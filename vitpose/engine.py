@@ -1,0 +1,558 @@
+"""The per-worker training loop shared by teacher training and distillation trials.
+
+``train_worker(config)`` is what Ray Train runs on every worker: it builds the model, the sharded data
+loaders, the paper's optimizer groups and schedule, initialises DeepSpeed (ZeRO stage and precision
+from config), trains epoch by epoch, evaluates COCO AP, and reports metrics and a checkpoint through a
+``Session``. The same loop runs without Ray through ``LocalSession`` (unit tests, notebooks).
+
+Resuming is exact at epoch boundaries: data order and augmentation are seeded by (seed, epoch, index)
+and the torch RNG by (seed, epoch, rank), so a restored run does what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+
+from vitpose.config import TeacherConfig
+from vitpose.dsconfig import complete_deepspeed_config, zero_stage
+from vitpose.losses import keypoint_mse
+
+log = logging.getLogger(__name__)
+
+CKPT_TAG = "ds"
+MODEL_FILE = "model.safetensors"
+META_FILE = "meta.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss and the config says to stop (train.on_nonfinite_loss=error)."""
+
+
+# --------------------------------------------------------------------------------------------- session
+class Session:
+    """Where the loop reports to and resumes from. Ray's and a local one share this surface."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        raise NotImplementedError
+
+    def latest_checkpoint(self) -> Any:
+        """A context manager yielding the directory of the checkpoint to resume from, or None."""
+        raise NotImplementedError
+
+
+class LocalSession(Session):
+    """Single process, no Ray: checkpoints are copied under ``out_dir``; used by tests and notebooks."""
+
+    def __init__(self, out_dir: str | Path, resume_from: str | Path | None = None):
+        self.out_dir = Path(out_dir)
+        self.resume_from = Path(resume_from) if resume_from else None
+        self.reports: list[dict[str, Any]] = []
+        self.checkpoints: list[Path] = []
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is not None:
+            dest = self.out_dir / f"checkpoint_{len(self.checkpoints):06d}"
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.copytree(checkpoint_dir, tmp)
+            os.replace(tmp, dest)  # atomic: a half-copied checkpoint is never visible under its name
+            self.checkpoints.append(dest)
+
+    def latest_checkpoint(self) -> Any:
+        from contextlib import nullcontext
+
+        return nullcontext(self.resume_from)
+
+
+class RaySession(Session):
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.local_rank = ctx.get_local_rank()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    def latest_checkpoint(self) -> Any:
+        from contextlib import nullcontext
+
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        return ckpt.as_directory() if ckpt is not None else nullcontext(None)
+
+
+# ------------------------------------------------------------------------------------------ schedule
+def lr_factor(step: int, epoch: int, cfg: TeacherConfig) -> float:
+    """mmcv's linear warm-up (per iteration) times step decay (per epoch), as in the paper's recipe."""
+    t = cfg.train
+    decay = t.lr_gamma ** sum(epoch >= s for s in t.lr_steps)
+    if step < t.warmup_iters:
+        return decay * (1.0 - (1.0 - step / t.warmup_iters) * (1.0 - t.warmup_ratio))
+    return decay
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * factor * group.get("lr_scale", 1.0)
+    return base_lr * factor
+
+
+# -------------------------------------------------------------------------------------------- data
+class EpochShardSampler(Sampler[int]):
+    """Shuffled (or ordered) indices, split evenly across ranks; every rank gets the same count.
+
+    Equal counts matter: under ZeRO-3 every forward is a collective, so a rank that ran out of batches
+    would hang the others. Padding repeats indices; evaluation drops the repeats by index.
+    """
+
+    def __init__(self, size: int, rank: int, world_size: int, shuffle: bool, seed: int):
+        self.size, self.rank, self.world, self.shuffle, self.seed = size, rank, world_size, shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.world)
+
+    def __iter__(self) -> Iterator[int]:
+        order = np.arange(self.size)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        total = len(self) * self.world
+        order = np.concatenate([order, order[: total - self.size]]) if total > self.size else order
+        return iter(order[self.rank :: self.world].tolist())
+
+
+def build_datasets(cfg: TeacherConfig, is_local_leader: bool) -> tuple[Any, Any]:
+    from vitpose.data.coco import TopDownCocoDataset
+
+    root = cfg.data.root_path()
+    if cfg.data.kind == "synthetic":
+        from vitpose.data.synthetic import ensure_synthetic_dataset
+
+        if is_local_leader:
+            ensure_synthetic_dataset(
+                root,
+                train_instances=cfg.data.synthetic.train_instances,
+                val_instances=cfg.data.synthetic.val_instances,
+                seed=cfg.data.synthetic.seed,
+            )
+        if dist.is_initialized():
+            dist.barrier()
+    spec = model_spec_kwargs(cfg)
+    common = dict(
+        input_size=tuple(spec["img_size"]) if spec.get("img_size") else None,
+        on_bad_sample=cfg.data.on_bad_sample,
+    )
+    common = {k: v for k, v in common.items() if v is not None}
+    train = TopDownCocoDataset(root / cfg.data.train_ann, root / cfg.data.train_images, train=True,
+                               aug_seed=cfg.train.seed, **common)
+    val = TopDownCocoDataset(
+        root / cfg.data.val_ann,
+        root / cfg.data.val_images,
+        train=False,
+        det_file=(root / cfg.data.val_det_file) if cfg.data.val_det_file else None,
+        det_score_thr=cfg.data.det_score_thr,
+        **common,
+    )
+    return train, val
+
+
+# ------------------------------------------------------------------------------------------- model
+def model_spec_kwargs(cfg: TeacherConfig) -> dict[str, Any]:
+    """Our config's model section as ``build_model`` overrides (None = keep the preset's value)."""
+    m = cfg.model
+    kw: dict[str, Any] = {
+        "decoder": m.decoder,
+        "img_size": tuple(m.img_size) if m.img_size else None,
+        "patch_size": m.patch_size,
+        "num_keypoints": m.num_keypoints,
+        "drop_path_rate": m.drop_path_rate,
+    }
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def build_model_from_config(cfg: TeacherConfig, **extra: Any) -> torch.nn.Module:
+    from vitpose.models import build_model, load_checkpoint
+
+    model = build_model(cfg.model.preset, **model_spec_kwargs(cfg), **extra)
+    if cfg.model.init_checkpoint:
+        load_checkpoint(model, cfg.model.init_checkpoint)
+    if cfg.model.activation_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ engine
+@dataclass
+class EpochStats:
+    loss_sum: float = 0.0
+    steps: int = 0
+    images: int = 0
+    skipped_nonfinite: int = 0
+    seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.steps, 1)
+
+
+LossFn = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]
+
+
+def gt_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    heatmaps = model(batch["image"])
+    return keypoint_mse(heatmaps, batch["target"], batch["target_weight"]), {}
+
+
+class Trainer:
+    """DeepSpeed training of one model on one worker; ``fit()`` runs the whole schedule."""
+
+    def __init__(
+        self,
+        cfg: TeacherConfig,
+        session: Session,
+        *,
+        model: torch.nn.Module | None = None,
+        loss_fn: LossFn = gt_loss,
+        datasets: tuple[Any, Any] | None = None,
+        tracker: Any = None,
+        log_prefix: str = "",
+    ):
+        import deepspeed
+
+        self.cfg, self.session, self.loss_fn, self.tracker = cfg, session, loss_fn, tracker
+        self.prefix = log_prefix
+        self.rank, self.world = session.rank, session.world_size
+        # Always: DeepSpeed's comm layer must wrap the process group even when Ray already made it.
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.ds_config = complete_deepspeed_config(cfg, self.world)
+        self.stage = zero_stage(self.ds_config)
+        train_ds, val_ds = datasets or build_datasets(cfg, session.local_rank == 0)
+        self.train_ds, self.val_ds = train_ds, val_ds
+        self.keypoint_info = keypoint_info(train_ds)
+
+        with deepspeed.zero.Init(enabled=self.stage == 3 and model is None, config_dict_or_path=self.ds_config):
+            model = model if model is not None else build_model_from_config(cfg)
+        self.spec = model.spec
+        from vitpose.models import param_groups_layer_decay
+
+        layer_decay = cfg.model.layer_decay if cfg.model.layer_decay is not None else model.spec.layer_decay_rate
+        groups = param_groups_layer_decay(model, cfg.train.lr, cfg.train.weight_decay, layer_decay)
+        groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=groups, config=self.ds_config
+        )
+        self.device = self.engine.device
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+
+        self.train_sampler = EpochShardSampler(len(train_ds), self.rank, self.world, True, cfg.train.seed)
+        self.val_sampler = EpochShardSampler(len(val_ds), self.rank, self.world, False, cfg.train.seed)
+        workers = cfg.data.loader_workers
+        # Not persistent: loader processes must be re-forked each epoch to see the dataset's new epoch.
+        self.train_loader = DataLoader(
+            train_ds, batch_size=cfg.train.batch_size, sampler=self.train_sampler, drop_last=True,
+            num_workers=workers, pin_memory=torch.cuda.is_available(),
+        )
+        self.val_loader = DataLoader(val_ds, batch_size=cfg.train.batch_size, sampler=self.val_sampler,
+                                     num_workers=workers)
+        self.steps_per_epoch = len(self.train_loader)
+        if cfg.train.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training set has {len(train_ds)} instances, fewer than one batch per worker "
+                f"({cfg.train.batch_size} x {self.world} workers): lower train.batch_size"
+            )
+        self.start_epoch = 0
+        self.global_step = 0
+        self.nonfinite_total = 0
+        self.best_ap = -1.0
+        self.history: list[dict[str, float]] = []
+
+    # ----------------------------------------------------------------------------------- resume
+    def restore(self) -> bool:
+        with self.session.latest_checkpoint() as ckpt_dir:
+            if ckpt_dir is None:
+                return False
+            ckpt_dir = Path(ckpt_dir)
+            verify_checkpoint(ckpt_dir)
+            meta = json.loads((ckpt_dir / META_FILE).read_text())
+            if meta["world_size"] != self.world:
+                raise RuntimeError(
+                    f"{ckpt_dir}: checkpoint was written by {meta['world_size']} workers, this run has {self.world}; "
+                    "resume with the same ray.num_workers"
+                )
+            path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=CKPT_TAG)
+            if path is None:
+                raise RuntimeError(f"{ckpt_dir}: DeepSpeed could not load tag '{CKPT_TAG}'")
+            self.start_epoch = meta["epoch"] + 1
+            self.global_step = meta["global_step"]
+            self.best_ap = meta.get("best_ap", -1.0)
+            self.nonfinite_total = meta.get("nonfinite_total", 0)
+            self.history = meta.get("history", [])
+            self._say(f"resumed from {ckpt_dir} at epoch {self.start_epoch} (step {self.global_step})")
+            return True
+
+    # ------------------------------------------------------------------------------------ train
+    def fit(self) -> dict[str, float]:
+        self.restore()
+        epochs = self.cfg.train.epochs
+        last_metrics: dict[str, float] = {}
+        t_start = time.time()
+        for epoch in range(self.start_epoch, epochs):
+            stats = self.train_epoch(epoch, epochs, t_start)
+            metrics = {
+                "epoch": epoch + 1,
+                "train/loss": stats.loss,
+                "train/lr": self.current_lr,
+                "train/images_per_sec": stats.images * self.world / max(stats.seconds, 1e-9),
+                "train/nonfinite_skipped": self.nonfinite_total,
+                **{f"train/{k}": v for k, v in stats.extra.items()},
+            }
+            is_eval = (epoch + 1) % self.cfg.train.eval_every == 0 or epoch + 1 == epochs
+            if is_eval:
+                metrics.update(self.evaluate(epoch))
+                self.best_ap = max(self.best_ap, metrics["val/AP"])
+            self.history.append({k: float(v) for k, v in metrics.items()})
+            self._progress_line(epoch, epochs, metrics, t_start)
+            if self.tracker is not None and self.rank == 0:
+                self.tracker.log_epoch(metrics, step=epoch + 1)
+            if is_eval:
+                with tempfile.TemporaryDirectory(prefix="vitpose-ckpt-") as tmp:
+                    self.save_checkpoint(Path(tmp), epoch, metrics)
+                    self.session.report(metrics, Path(tmp))
+            else:
+                self.session.report(metrics, None)
+            last_metrics = metrics
+        return last_metrics
+
+    @property
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_scale", 1.0))
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(self.device, non_blocking=True)
+                if k == "image":
+                    v = v.to(self.dtype)
+            out[k] = v
+        return out
+
+    def train_epoch(self, epoch: int, epochs: int, t_start: float) -> EpochStats:
+        self.engine.train()
+        self.train_sampler.set_epoch(epoch)
+        self.train_ds.set_epoch(epoch)
+        torch.manual_seed(self.cfg.train.seed * 1_000_003 + epoch * 1009 + self.rank)
+        stats = EpochStats()
+        t0 = last_print = time.time()
+        extra_sums: dict[str, float] = {}
+        for i, batch in enumerate(self.train_loader):
+            if i >= self.steps_per_epoch:
+                break
+            set_lr(self.optimizer, self.cfg.train.lr, lr_factor(self.global_step, epoch, self.cfg))
+            batch = self._to_device(batch)
+            loss, parts = self.loss_fn(self.engine, batch)
+            if not self._all_finite(loss):
+                self._handle_nonfinite(epoch, i, batch)
+                stats.skipped_nonfinite += 1
+                continue
+            self.engine.backward(loss)
+            self.engine.step()
+            self.global_step += 1
+            stats.loss_sum += float(loss.detach())
+            stats.steps += 1
+            stats.images += batch["image"].shape[0]
+            for k, v in parts.items():
+                extra_sums[k] = extra_sums.get(k, 0.0) + v
+            now = time.time()
+            if self.rank == 0 and now - last_print > 30:
+                last_print = now
+                rate = stats.images * self.world / (now - t0)
+                left = (self.steps_per_epoch - i - 1) * self.cfg.train.batch_size * self.world / max(rate, 1e-9)
+                self._say(f"  epoch {epoch + 1}/{epochs} step {i + 1}/{self.steps_per_epoch} "
+                          f"loss {stats.loss:.6f} {rate:.1f} img/s, epoch ETA {_fmt_secs(left)}")
+        stats.seconds = time.time() - t0
+        stats.extra = {k: v / max(stats.steps, 1) for k, v in extra_sums.items()}
+        return stats
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        # Every rank must take the same decision, or ZeRO's collectives in backward would hang.
+        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(flag)
+        return flag.item() == 0.0
+
+    def _handle_nonfinite(self, epoch: int, batch_index: int, batch: dict[str, Any]) -> None:
+        self.nonfinite_total += 1
+        where = (f"epoch {epoch + 1}, step {self.global_step + 1}, batch {batch_index} "
+                 f"(instances {batch['index'][:8].tolist() if 'index' in batch else '?'}...)")
+        t = self.cfg.train
+        if t.on_nonfinite_loss == "error":
+            raise NonFiniteLossError(f"non-finite loss at {where}; set train.on_nonfinite_loss=skip to skip such steps")
+        if self.nonfinite_total > t.max_nonfinite_skips:
+            raise NonFiniteLossError(
+                f"non-finite loss at {where}: {self.nonfinite_total} skipped steps exceed "
+                f"train.max_nonfinite_skips={t.max_nonfinite_skips}; lower train.lr or check the data"
+            )
+        self._say(f"warning: non-finite loss at {where}; step skipped ({self.nonfinite_total} so far)")
+
+    # ------------------------------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        from vitpose.evaluation import CocoKeypointEvaluator, decode_batch_to_predictions
+
+        self.engine.eval()
+        predictions: list[dict[str, Any]] = []
+        first_batch: tuple[torch.Tensor, np.ndarray, list[dict]] | None = None
+        for batch in self.val_loader:
+            images = batch["image"].to(self.device).to(self.dtype)
+            heatmaps = self.engine(images).float().cpu()
+            flipped = self.engine(images.flip(3)).float().cpu() if self.cfg.train.flip_test else None
+            preds = decode_batch_to_predictions(
+                heatmaps, batch, flipped, flip_pairs=self.val_ds.flip_pairs, input_size=self.val_ds.input_size
+            )
+            predictions.extend(preds)
+            if first_batch is None:
+                first_batch = (batch["image"].float(), heatmaps.numpy(), preds)
+        gathered: list[list[dict[str, Any]]] = [predictions]
+        if dist.is_initialized() and self.world > 1:
+            gathered = [None] * self.world  # type: ignore[list-item]
+            dist.all_gather_object(gathered, predictions)
+        metrics = {}
+        if self.rank == 0:
+            unique = {p["index"]: p for part in gathered for p in part}  # drop the sampler's padding repeats
+            evaluator = CocoKeypointEvaluator(self.val_ds.ann_file)
+            metrics = {f"val/{k}": float(v) for k, v in evaluator.evaluate(list(unique.values())).items()}
+            if self.tracker is not None and first_batch is not None:
+                self.tracker.log_predictions(first_batch, self.keypoint_info, epoch + 1)
+        box = [metrics]
+        if dist.is_initialized() and self.world > 1:
+            dist.broadcast_object_list(box, src=0)
+        self.engine.train()
+        return box[0]
+
+    # ------------------------------------------------------------------------------- checkpoint
+    def save_checkpoint(self, out: Path, epoch: int, metrics: dict[str, float]) -> None:
+        """DeepSpeed's sharded state (all ranks) + full weights and metadata (rank 0) + completion markers."""
+        self.engine.save_checkpoint(str(out), tag=CKPT_TAG)
+        state = self.full_state_dict()
+        if self.rank == 0:
+            if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+                raise NonFiniteLossError(f"refusing to save a checkpoint with NaN/inf weights at epoch {epoch + 1}")
+            from safetensors.torch import save_file
+
+            from vitpose.models.checkpoints import SPEC_KEY
+
+            save_file({k: v.contiguous() for k, v in state.items()}, str(out / MODEL_FILE),
+                      metadata={"format": "pt", SPEC_KEY: json.dumps(self.spec.to_dict())})
+            meta = {
+                "epoch": epoch,
+                "global_step": self.global_step,
+                "world_size": self.world,
+                "zero_stage": self.stage,
+                "best_ap": self.best_ap,
+                "nonfinite_total": self.nonfinite_total,
+                "metrics": metrics,
+                "history": self.history,
+                "keypoints": self.keypoint_info,
+                "spec": self.spec.to_dict(),
+            }
+            (out / META_FILE).write_text(json.dumps(meta, indent=1))
+        (out / f"rank{self.rank}.complete").write_text("ok\n")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Gathered float32 weights (a collective under ZeRO-3: every rank must call it)."""
+        module = self.engine.module
+        if self.stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+    # ----------------------------------------------------------------------------------- output
+    def _say(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"{self.prefix}{text}", flush=True)
+
+    def _progress_line(self, epoch: int, epochs: int, m: dict[str, float], t_start: float) -> None:
+        done = epoch + 1 - self.start_epoch
+        eta = (time.time() - t_start) / max(done, 1) * (epochs - epoch - 1)
+        ap = f"  val AP {m['val/AP']:.3f} AR {m['val/AR']:.3f}" if "val/AP" in m else ""
+        self._say(f"epoch {epoch + 1}/{epochs}  loss {m['train/loss']:.6f}  lr {m['train/lr']:.2e}  "
+                  f"{m['train/images_per_sec']:.1f} img/s{ap}  ETA {_fmt_secs(eta)}")
+
+
+def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
+    """A checkpoint is usable only if its metadata and every rank's completion marker are there."""
+    meta_path = ckpt_dir / META_FILE
+    if not meta_path.is_file():
+        raise RuntimeError(f"{ckpt_dir}: incomplete checkpoint (no {META_FILE}); it was cut off while saving")
+    meta = json.loads(meta_path.read_text())
+    missing = [r for r in range(meta["world_size"]) if not (ckpt_dir / f"rank{r}.complete").is_file()]
+    if missing or not (ckpt_dir / MODEL_FILE).is_file():
+        raise RuntimeError(f"{ckpt_dir}: incomplete checkpoint (ranks {missing} did not finish saving)")
+    return meta
+
+
+def keypoint_info(dataset: Any) -> dict[str, Any]:
+    """Names, flip pairs and (1-based, COCO-style) skeleton of a dataset's keypoints, as plain lists."""
+    return {
+        "names": list(dataset.keypoint_names),
+        "flip_pairs": [list(p) for p in dataset.flip_pairs],
+        "skeleton": [[a + 1, b + 1] for a, b in dataset.skeleton],
+    }
+
+
+def _fmt_secs(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ------------------------------------------------------------------------------------ ray entry
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``: config carries the resolved TeacherConfig as a dict."""
+    logging.basicConfig(level=logging.WARNING)
+    cfg = TeacherConfig.model_validate(config["cfg"])
+    session = RaySession()
+    tracker = None
+    if session.rank == 0 and config.get("mlflow_run_id"):
+        from vitpose.tracking import WorkerTracker
+
+        tracker = WorkerTracker(config["tracking_uri"], config["mlflow_run_id"])
+    try:
+        Trainer(cfg, session, tracker=tracker).fit()
+    finally:
+        if tracker is not None:
+            tracker.close()

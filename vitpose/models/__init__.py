@@ -1,0 +1,61 @@
+"""ViTPose models: the plain ViT backbone, the heatmap decoders, presets, checkpoints and optimizer groups.
+
+Typical use::
+
+    from vitpose.models import build_model, load_checkpoint, param_groups_layer_decay
+    model = build_model("vitpose_b", img_size=(256, 192))
+    load_checkpoint(model, "vitpose-b.pth")              # official mmpose layout
+    groups = param_groups_layer_decay(model, lr=5e-4, weight_decay=0.1)
+"""
+
+from .backbone import KnowledgeTokens, ViTBackbone, resize_pos_embed
+from .checkpoints import (
+    CheckpointError,
+    CheckpointMismatchError,
+    LoadReport,
+    UnsafeCheckpointError,
+    infer_spec_from_state_dict,
+    load_checkpoint,
+    load_model,
+    read_checkpoint,
+    save_official,
+    save_safetensors,
+)
+from .heads import ClassicDecoder, SimpleDecoder
+from .optim import layer_id, param_groups_layer_decay
+from .vitpose import (
+    PRESETS,
+    ModelSpec,
+    ViTPose,
+    build_model,
+    build_model_from_spec,
+    list_presets,
+    match_preset,
+)
+
+__all__ = [
+    "PRESETS",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "ClassicDecoder",
+    "KnowledgeTokens",
+    "LoadReport",
+    "ModelSpec",
+    "SimpleDecoder",
+    "UnsafeCheckpointError",
+    "ViTBackbone",
+    "ViTPose",
+    "build_model",
+    "build_model_from_spec",
+    "infer_spec_from_state_dict",
+    "layer_id",
+    "list_presets",
+    "load_checkpoint",
+    "load_model",
+    "match_preset",
+    "param_groups_layer_decay",
+    "read_checkpoint",
+    "resize_pos_embed",
+    "save_official",
+    "save_safetensors",
+]

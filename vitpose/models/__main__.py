@@ -1,0 +1,82 @@
+"""Command line for the model package: `python -m vitpose.models summary vitpose_b [--img-size 256 192]`.
+
+Owns nothing but printing: models are built on the meta device, so even ViT-g costs no memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .vitpose import ViTPose, build_model, list_presets
+
+
+def summary(model: ViTPose, name: str) -> str:
+    spec = model.spec
+    grid = model.backbone.grid_size
+    head = model.keypoint_head
+    gflops_b = model.backbone.flops() / 1e9
+    gflops_h = head.flops(grid) / 1e9
+    params_b = sum(p.numel() for p in model.backbone.parameters()) / 1e6
+    params_h = sum(p.numel() for p in head.parameters()) / 1e6
+    decoder = f"classic, {spec.deconv_channels} ch" if spec.decoder == "classic" else "simple"
+    rows = [
+        (
+            "model",
+            f"{name}: dim {spec.embed_dim}, depth {spec.depth}, heads {spec.num_heads}, "
+            f"mlp {spec.mlp_hidden_dim}, {decoder} decoder",
+        ),
+        (
+            "input (h x w)",
+            f"{spec.img_size[0]} x {spec.img_size[1]}, patch {spec.patch_size} (padding {spec.padding})",
+        ),
+        (
+            "token grid",
+            f"{grid[0]} x {grid[1]} = {grid[0] * grid[1]} tokens"
+            + (f" + {spec.num_knowledge_tokens} knowledge" if spec.num_knowledge_tokens else ""),
+        ),
+        ("heatmaps", f"{spec.num_keypoints} x {model.heatmap_size[0]} x {model.heatmap_size[1]}"),
+        ("params backbone", f"{params_b:.2f} M"),
+        ("params head", f"{params_h:.2f} M"),
+        ("params total", f"{model.num_params() / 1e6:.2f} M"),
+        ("GFLOPs backbone", f"{gflops_b:.2f}"),
+        ("GFLOPs head", f"{gflops_h:.2f}"),
+        (
+            "GFLOPs total",
+            f"{gflops_b + gflops_h:.2f}  (batch 1; 1 FLOP = 1 multiply-accumulate of "
+            "conv/linear/attention, the paper's convention)",
+        ),
+    ]
+    return "\n".join(f"{k:<16} {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vitpose.models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("summary", help="parameters, FLOPs, token grid and heatmap size of a preset")
+    s.add_argument("preset", choices=list_presets())
+    s.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"))
+    s.add_argument("--patch-size", type=int)
+    s.add_argument("--decoder", choices=("classic", "simple"))
+    s.add_argument("--num-keypoints", type=int)
+    s.add_argument("--num-knowledge-tokens", type=int)
+    args = parser.parse_args(argv)
+
+    overrides = {
+        k: v
+        for k, v in {
+            "img_size": tuple(args.img_size) if args.img_size else None,
+            "patch_size": args.patch_size,
+            "decoder": args.decoder,
+            "num_keypoints": args.num_keypoints,
+            "num_knowledge_tokens": args.num_knowledge_tokens,
+        }.items()
+        if v is not None
+    }
+    model = build_model(args.preset, device="meta", **overrides)
+    print(summary(model, args.preset))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

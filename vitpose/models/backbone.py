@@ -1,0 +1,269 @@
+"""The plain ViT backbone of ViTPose.
+
+Owns: the patch embedding (a padded conv), the position embedding, the timm transformer blocks, the last
+norm, the optional knowledge tokens (paper §3.4) and the activation-checkpointing switch. Module names
+follow the official ViTPose code (`patch_embed.proj`, `pos_embed`, `blocks.N.*`, `last_norm`) so an
+official state dict loads with a plain `load_state_dict(strict=True)`.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp, trunc_normal_
+from timm.models.vision_transformer import Block
+from torch.utils.checkpoint import checkpoint
+
+LAYER_NORM_EPS = 1e-6
+
+
+def default_patch_padding(patch_size: int) -> int:
+    """Padding of the patch conv: ViTPose pads its 16x16 conv by 2; we scale that as `2 * patch // 16`.
+
+    Any padding below patch/2 keeps the token grid at exactly H/patch x W/patch when the input is a
+    multiple of the patch (see `token_grid`), so the rule changes nothing but the border receptive field.
+    """
+    return 2 * patch_size // 16
+
+
+def token_grid(img_size: tuple[int, int], patch_size: int, padding: int) -> tuple[int, int]:
+    """Token grid (h, w) of a conv with kernel = stride = patch_size and the given padding.
+
+    256x192 with patch 16 and padding 2: ((256 + 4 - 16) // 16 + 1, (192 + 4 - 16) // 16 + 1) = (16, 12).
+    """
+    h, w = img_size
+    return (h + 2 * padding - patch_size) // patch_size + 1, (w + 2 * padding - patch_size) // patch_size + 1
+
+
+def _init_vit_weights(module: nn.Module) -> None:
+    # The official ViTPose init: truncated normal for linears, unit LayerNorm; the patch conv keeps the
+    # PyTorch default (the official code does not touch it either).
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _mlp_with_hidden(hidden: int, **kwargs) -> Mlp:
+    # timm's Block derives the hidden size as int(dim * mlp_ratio); an explicit size (ViT-g: 6144 for
+    # 1408) must not depend on float rounding, so we override what Block passes.
+    kwargs["hidden_features"] = hidden
+    return Mlp(**kwargs)
+
+
+class PatchEmbed(nn.Module):
+    """Image (B, 3, H, W) -> feature map (B, C, Hp, Wp) with one padded, strided conv."""
+
+    def __init__(self, patch_size: int, embed_dim: int, padding: int, in_chans: int = 3) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class KnowledgeTokens(nn.Module):
+    """K learnable tokens of width `source_dim`, projected to the backbone width.
+
+    The tokens may come from a teacher of another width (paper §3.4 does not say how; DESIGN.md: a learnable
+    linear projection trained with the student, identity when the widths match).
+    """
+
+    def __init__(self, num_tokens: int, source_dim: int, embed_dim: int) -> None:
+        super().__init__()
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        self.tokens = nn.Parameter(torch.zeros(num_tokens, source_dim))
+        self.proj: nn.Module = nn.Identity() if source_dim == embed_dim else nn.Linear(source_dim, embed_dim)
+        trunc_normal_(self.tokens, std=0.02)
+        if isinstance(self.proj, nn.Linear):
+            _init_vit_weights(self.proj)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def source_dim(self) -> int:
+        return self.tokens.shape[1]
+
+    def forward(self) -> torch.Tensor:
+        return self.proj(self.tokens)  # (K, C)
+
+
+class ViTBackbone(nn.Module):
+    """Plain ViT without cls token: image (B, 3, H, W) -> feature map (B, C, Hp, Wp)."""
+
+    def __init__(
+        self,
+        img_size: tuple[int, int] = (256, 192),
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_hidden: int | None = None,
+        drop_path_rate: float = 0.0,
+        patch_padding: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.img_size = (int(img_size[0]), int(img_size[1]))
+        self.patch_size = patch_size
+        self.patch_padding = default_patch_padding(patch_size) if patch_padding is None else patch_padding
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.num_heads = num_heads
+        self.mlp_hidden = 4 * embed_dim if mlp_hidden is None else mlp_hidden
+        self.grid_size = token_grid(self.img_size, patch_size, self.patch_padding)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(patch_size, embed_dim, self.patch_padding)
+        # Stored with one extra slot (the official layout keeps the cls slot); used as
+        # pos_embed[:, 1:] + pos_embed[:, :1], so the cls slot is a learned offset shared by all patches.
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim))
+        # Stochastic depth increases linearly over the blocks, as in the official code. Plain Python (not
+        # torch.linspace) so the model can also be built on the meta device.
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        norm_layer = partial(nn.LayerNorm, eps=LAYER_NORM_EPS)
+        self.blocks = nn.ModuleList(
+            [
+                Block(
+                    dim=embed_dim,
+                    num_heads=num_heads,
+                    mlp_ratio=self.mlp_hidden / embed_dim,
+                    qkv_bias=True,
+                    drop_path=dpr[i],
+                    norm_layer=norm_layer,
+                    mlp_layer=partial(_mlp_with_hidden, self.mlp_hidden),
+                )
+                for i in range(depth)
+            ]
+        )
+        self.last_norm = norm_layer(embed_dim)
+        self.knowledge_tokens: KnowledgeTokens | None = None
+
+        trunc_normal_(self.pos_embed, std=0.02)
+        self.apply(_init_vit_weights)
+
+    # ---- activation checkpointing -------------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass (torch.utils.checkpoint, non-reentrant)."""
+        self.grad_checkpointing = enable
+
+    # ---- knowledge tokens ---------------------------------------------------------------------------
+    @property
+    def num_knowledge_tokens(self) -> int:
+        return 0 if self.knowledge_tokens is None else self.knowledge_tokens.num_tokens
+
+    @property
+    def knowledge_token_dim(self) -> int | None:
+        return None if self.knowledge_tokens is None else self.knowledge_tokens.source_dim
+
+    def _param_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        w = self.patch_embed.proj.weight
+        return w.device, w.dtype
+
+    def add_knowledge_tokens(self, num_tokens: int, source_dim: int | None = None) -> KnowledgeTokens:
+        """Append `num_tokens` freshly initialised (trunc normal, std .02) trainable tokens.
+
+        Replaces any tokens already present. `source_dim` defaults to the backbone width (no projection).
+        """
+        device, dtype = self._param_device_dtype()
+        source_dim = self.embed_dim if source_dim is None else source_dim
+        with torch.device(device):
+            self.knowledge_tokens = KnowledgeTokens(num_tokens, source_dim, self.embed_dim).to(dtype)
+        return self.knowledge_tokens
+
+    def set_knowledge_tokens(self, tokens: torch.Tensor, trainable: bool = False) -> KnowledgeTokens:
+        """Use given tokens (K, C_src), e.g. learned on a teacher; a new C_src -> C projection when widths differ.
+
+        The tokens are copied; `trainable=False` freezes them (paper §3.4 step 2). The projection, if any, is
+        new and trainable: it is learned with the student.
+        """
+        if tokens.dim() == 3 and tokens.shape[0] == 1:
+            tokens = tokens[0]
+        if tokens.dim() != 2:
+            raise ValueError(f"knowledge tokens must have shape (K, C_src), got {tuple(tokens.shape)}")
+        module = self.add_knowledge_tokens(tokens.shape[0], tokens.shape[1])
+        with torch.no_grad():
+            module.tokens.copy_(tokens.detach())
+        module.tokens.requires_grad_(trainable)
+        return module
+
+    def knowledge_token_params(self) -> list[nn.Parameter]:
+        """Parameters of the knowledge tokens (tokens, then projection); empty without tokens."""
+        return [] if self.knowledge_tokens is None else list(self.knowledge_tokens.parameters())
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images)  # (B, C, Hp, Wp)
+        b, c, hp, wp = x.shape
+        if (hp, wp) != self.grid_size:
+            raise ValueError(
+                f"input {tuple(images.shape[-2:])} gives a {hp}x{wp} token grid, but this backbone was built for "
+                f"img_size {self.img_size} ({self.grid_size[0]}x{self.grid_size[1]} tokens); build the model with "
+                f"img_size={tuple(images.shape[-2:])} (load_checkpoint resizes pos_embed)"
+            )
+        x = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        x = x + self.pos_embed[:, 1:] + self.pos_embed[:, :1]
+        if self.knowledge_tokens is not None:
+            # Appended after the position embedding: the tokens have no position, they attend with all
+            # patches in every block and are dropped before the decoder.
+            kt = self.knowledge_tokens().to(x.dtype)  # (K, C)
+            x = torch.cat([x, kt.unsqueeze(0).expand(b, -1, -1)], dim=1)  # (B, N + K, C)
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        x = self.last_norm(x[:, : hp * wp])  # (B, N, C): knowledge tokens never reach the heatmaps
+        return x.transpose(1, 2).reshape(b, c, hp, wp)
+
+    # ---- cost ---------------------------------------------------------------------------------------
+    def flops(self, batch: int = 1) -> int:
+        """Forward multiply-accumulates of the patch conv, all linears and the attention matmuls.
+
+        One MAC counts as one FLOP (the convention of the ViTPose paper's "GFLOPs"); biases, norms,
+        softmax, GELU and residual adds are not counted. ViT-B at 256x192 gives 17.10 G, the paper's 17.1.
+        """
+        n = self.num_patches
+        t = n + self.num_knowledge_tokens
+        c, hidden = self.embed_dim, self.mlp_hidden
+        patch = n * c * 3 * self.patch_size**2
+        linears = t * (3 * c * c + c * c + 2 * c * hidden)  # qkv, proj, fc1, fc2
+        attention = 2 * t * t * c  # q @ k^T and attn @ v over all heads
+        tokens = 0
+        if self.knowledge_tokens is not None and isinstance(self.knowledge_tokens.proj, nn.Linear):
+            tokens = self.num_knowledge_tokens * self.knowledge_token_dim * c
+        return batch * (patch + self.depth * (linears + attention) + tokens)
+
+
+def _check_grid(n: int, grid: tuple[int, int]) -> None:
+    if grid[0] * grid[1] != n:
+        raise ValueError(f"grid {grid} does not hold {n} tokens")
+
+
+def resize_pos_embed(
+    pos_embed: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]
+) -> torch.Tensor:
+    """Resize a (1, 1 + N, C) position embedding bicubically on its 2-D grid, keeping the first token."""
+    _check_grid(pos_embed.shape[1] - 1, src_grid)
+    c = pos_embed.shape[2]
+    first, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    grid = grid.reshape(1, src_grid[0], src_grid[1], c).permute(0, 3, 1, 2)  # (1, C, h, w)
+    grid = F.interpolate(grid.float(), size=dst_grid, mode="bicubic", align_corners=False)
+    grid = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, dst_grid[0] * dst_grid[1], c)
+    return torch.cat([first, grid], dim=1)
+
+
+def guess_grid(num_tokens: int, aspect: float = 4 / 3) -> tuple[int, int]:
+    """The (h, w) factorisation of `num_tokens` whose h/w is closest to `aspect` (pose crops are 4:3)."""
+    pairs = [(h, num_tokens // h) for h in range(1, num_tokens + 1) if num_tokens % h == 0]
+    return min(pairs, key=lambda hw: abs(math.log(hw[0] / hw[1]) - math.log(aspect)))

@@ -1,0 +1,227 @@
+"""ViTPose = plain ViT backbone + heatmap decoder; the model spec, the presets and the builder.
+
+Owns: `ModelSpec` (every architectural choice, stored with checkpoints), the named presets (paper sizes
+S/B/L/H, our plain ViT-g, and tiny CPU sizes, each with a `_simple` decoder variant), `build_model`, and
+the model-level helpers the engine needs (parameter count, analytic FLOPs, spec round trip).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from .backbone import ViTBackbone, default_patch_padding, token_grid
+from .heads import ClassicDecoder, SimpleDecoder
+
+Decoder = Literal["classic", "simple"]
+DECODERS: tuple[str, ...] = ("classic", "simple")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a ViTPose model; `None` fields take the documented default."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_hidden: int | None = None  # MLP hidden width; None -> 4 * embed_dim
+    drop_path_rate: float = 0.0
+    layer_decay_rate: float = 0.75  # used by param_groups_layer_decay, not by the modules
+    img_size: tuple[int, int] = (256, 192)  # (h, w)
+    patch_size: int = 16
+    patch_padding: int | None = None  # None -> 2 * patch_size // 16 (2 for the paper's patch 16)
+    num_keypoints: int = 17
+    decoder: Decoder = "classic"
+    deconv_channels: int = 256  # classic decoder only
+    num_knowledge_tokens: int = 0
+    knowledge_token_dim: int | None = None  # width of the tokens before projection; None -> embed_dim
+
+    def __post_init__(self) -> None:
+        # Normalise what YAML/JSON hands us (lists) so specs compare equal after a round trip.
+        object.__setattr__(self, "img_size", (int(self.img_size[0]), int(self.img_size[1])))
+        problems = []
+        if self.embed_dim % self.num_heads:
+            problems.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.decoder not in DECODERS:
+            problems.append(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            problems.append(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if not 0.0 < self.layer_decay_rate <= 1.0:
+            problems.append(f"layer_decay_rate must be in (0, 1], got {self.layer_decay_rate}")
+        if min(self.img_size) < self.patch_size:
+            problems.append(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}")
+        if self.num_knowledge_tokens < 0:
+            problems.append(f"num_knowledge_tokens must be >= 0, got {self.num_knowledge_tokens}")
+        if self.knowledge_token_dim is not None and self.num_knowledge_tokens == 0:
+            problems.append("knowledge_token_dim is set but num_knowledge_tokens is 0")
+        if problems:
+            raise ValueError("invalid ModelSpec: " + "; ".join(problems))
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return 4 * self.embed_dim if self.mlp_hidden is None else self.mlp_hidden
+
+    @property
+    def padding(self) -> int:
+        return default_patch_padding(self.patch_size) if self.patch_padding is None else self.patch_padding
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return token_grid(self.img_size, self.patch_size, self.padding)
+
+    @property
+    def heatmap_size(self) -> tuple[int, int]:
+        """(h, w) of the heatmaps: both decoders upsample the token grid 4x (H/4 x W/4 for patch 16)."""
+        gh, gw = self.grid_size
+        return 4 * gh, 4 * gw
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (img_size as a list)."""
+        d = dataclasses.asdict(self)
+        d["img_size"] = list(self.img_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown ModelSpec fields {unknown}; valid fields: {sorted(names)}")
+        return cls(**d)
+
+
+_SIZES: dict[str, dict[str, Any]] = {
+    # Paper Table / DESIGN.md §3.
+    "vitpose_s": dict(embed_dim=384, depth=12, num_heads=12, drop_path_rate=0.1, layer_decay_rate=0.8),
+    "vitpose_b": dict(embed_dim=768, depth=12, num_heads=12, drop_path_rate=0.3, layer_decay_rate=0.75),
+    "vitpose_l": dict(embed_dim=1024, depth=24, num_heads=16, drop_path_rate=0.5, layer_decay_rate=0.8),
+    "vitpose_h": dict(embed_dim=1280, depth=32, num_heads=16, drop_path_rate=0.55, layer_decay_rate=0.85),
+    # Our plain ViT-g (the paper's G used an unreleased ViTAE-G backbone).
+    "vitpose_g": dict(
+        embed_dim=1408, depth=40, num_heads=16, mlp_hidden=6144, drop_path_rate=0.55, layer_decay_rate=0.85
+    ),
+    # CPU sizes for the demo and tests: a teacher and a student a training step of which costs well under
+    # a second on two cores; lighter deconvs because at this width the 256-channel head would dominate.
+    "vitpose_tiny": dict(
+        embed_dim=192, depth=6, num_heads=3, drop_path_rate=0.1, layer_decay_rate=0.75, deconv_channels=96
+    ),
+    "vitpose_nano": dict(
+        embed_dim=96, depth=3, num_heads=3, drop_path_rate=0.0, layer_decay_rate=0.75, deconv_channels=64
+    ),
+}
+
+PRESETS: dict[str, ModelSpec] = {}
+for _name, _kw in _SIZES.items():
+    PRESETS[_name] = ModelSpec(**_kw)
+    PRESETS[f"{_name}_simple"] = ModelSpec(**_kw, decoder="simple")
+
+
+def list_presets() -> list[str]:
+    """Names accepted by `build_model`."""
+    return list(PRESETS)
+
+
+_ARCH_FIELDS = ("embed_dim", "depth", "mlp_hidden_dim", "patch_size", "decoder")
+
+
+def match_preset(spec: ModelSpec) -> str | None:
+    """The preset whose weights have the same shapes as `spec`'s backbone and decoder type, if any.
+
+    num_keypoints, deconv_channels (classic head) and knowledge tokens are left as overrides.
+    """
+    for name, preset in PRESETS.items():
+        if all(getattr(preset, f) == getattr(spec, f) for f in _ARCH_FIELDS):
+            return name
+    return None
+
+
+class ViTPose(nn.Module):
+    """Top-down pose model: images (B, 3, H, W) -> heatmaps (B, K, 4*Hp, 4*Wp) (= H/4 x W/4 at patch 16)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self._spec = spec
+        self.backbone = ViTBackbone(
+            img_size=spec.img_size,
+            patch_size=spec.patch_size,
+            embed_dim=spec.embed_dim,
+            depth=spec.depth,
+            num_heads=spec.num_heads,
+            mlp_hidden=spec.mlp_hidden_dim,
+            drop_path_rate=spec.drop_path_rate,
+            patch_padding=spec.patch_padding,
+        )
+        self.keypoint_head: ClassicDecoder | SimpleDecoder
+        if spec.decoder == "classic":
+            self.keypoint_head = ClassicDecoder(spec.embed_dim, spec.num_keypoints, spec.deconv_channels)
+        else:
+            self.keypoint_head = SimpleDecoder(spec.embed_dim, spec.num_keypoints)
+        if spec.num_knowledge_tokens:
+            self.backbone.add_knowledge_tokens(spec.num_knowledge_tokens, spec.knowledge_token_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.keypoint_head(self.backbone(images))
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The spec that rebuilds this model, including knowledge tokens added after construction."""
+        k = self.backbone.num_knowledge_tokens
+        dim = self.backbone.knowledge_token_dim
+        return dataclasses.replace(
+            self._spec,
+            num_knowledge_tokens=k,
+            knowledge_token_dim=None if dim is None or dim == self._spec.embed_dim else dim,
+        )
+
+    @property
+    def heatmap_size(self) -> tuple[int, int]:
+        return self._spec.heatmap_size
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every backbone block (timm's method name)."""
+        self.backbone.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay besides 1-D parameters (timm's convention)."""
+        names = {"backbone.pos_embed"}
+        if self.backbone.knowledge_tokens is not None:
+            names.add("backbone.knowledge_tokens.tokens")
+        return names
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def flops(self, batch: int = 1) -> int:
+        """Analytic forward FLOPs in the paper's convention: multiply-accumulates of convs, linears and
+        attention matmuls (one MAC = one FLOP; elementwise ops not counted). See ViTBackbone.flops."""
+        return self.backbone.flops(batch) + self.keypoint_head.flops(self.backbone.grid_size, batch)
+
+
+def build_model(preset: str, *, device: torch.device | str | None = None, **overrides: Any) -> ViTPose:
+    """Build a preset, with any ModelSpec field overridden (img_size, num_keypoints, decoder, ...).
+
+    `device="meta"` builds without allocating memory (parameter counts, FLOPs, shape checks).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    names = {f.name for f in dataclasses.fields(ModelSpec)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown model overrides {unknown} for {preset!r}; valid fields: {sorted(names)}")
+    spec = dataclasses.replace(PRESETS[preset], **overrides)
+    return build_model_from_spec(spec, device=device)
+
+
+def build_model_from_spec(
+    spec: ModelSpec | dict[str, Any], *, device: torch.device | str | None = None
+) -> ViTPose:
+    """Build from a spec (or its `to_dict()` form, as stored with checkpoints)."""
+    if isinstance(spec, dict):
+        spec = ModelSpec.from_dict(spec)
+    with torch.device(device) if device is not None else nullcontext():
+        return ViTPose(spec)

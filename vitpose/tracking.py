@@ -1,0 +1,166 @@
+"""MLflow: where runs go, what they record, and the checks that make a bad tracking URI fail early.
+
+The driver opens the run (so its id is known and an unreachable server fails before any training);
+rank 0 of the workers attaches to the same run id and logs per-epoch metrics and prediction pictures.
+A restarted worker group attaches to the same run again, so a run with restarts stays one run.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from vitpose.config import ConfigError, Section, TeacherConfig, dump_config, flatten, resolve_path
+
+DEFAULT_DB = "runs/mlflow.db"
+DEFAULT_ARTIFACTS = "runs/mlartifacts"
+
+
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    """Config value, else ``MLFLOW_TRACKING_URI``, else a SQLite file under runs/ (the registry needs a DB)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        db = resolve_path(DEFAULT_DB)
+        db.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{db}"
+    return uri
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, with the fix, when the tracking store cannot be used."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+                if resp.status != 200:
+                    raise OSError(f"HTTP {resp.status}")
+        except (OSError, urllib.error.URLError) as err:
+            raise ConfigError(
+                f"MLflow tracking server {uri} is not reachable ({getattr(err, 'reason', err)}); start it "
+                "(mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000) or "
+                "unset MLFLOW_TRACKING_URI to use the local SQLite store"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise ConfigError(f"MLflow tracking URI {uri}: folder {folder} does not exist; create it or fix the URI")
+    elif uri.startswith("file:") or "://" not in uri:
+        raise ConfigError(
+            f"MLflow tracking URI {uri!r} is a file store, which has no model registry; use sqlite:///PATH.db "
+            "or an http:// server"
+        )
+
+
+def ensure_experiment(name: str, uri: str) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    # A local store gets an explicit artifact folder so runs from any working directory (and Ray
+    # workers) write artifacts to the same place.
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = resolve_path(DEFAULT_ARTIFACTS).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def system_info() -> dict[str, str]:
+    import torch
+
+    return {
+        "sys.python": platform.python_version(),
+        "sys.torch": torch.__version__,
+        "sys.cuda": str(torch.cuda.is_available()),
+        "sys.cpu_count": str(os.cpu_count()),
+        "sys.host": platform.node(),
+    }
+
+
+def start_driver_run(cfg: Section, uri: str, experiment: str, run_name: str, extra_tags: dict[str, str] | None = None,
+                     parent_run_id: str | None = None, run_id: str | None = None) -> str:
+    """Create (or reopen, when ``run_id`` is given) the MLflow run and log the resolved config."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    if run_id is None:
+        exp_id = ensure_experiment(experiment, uri)
+        tags = {"mlflow.runName": run_name, **(extra_tags or {})}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run_id = client.create_run(exp_id, tags=tags).info.run_id
+        params = flatten(cfg)
+        params.update(system_info())
+        items = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(run_id, params=items[i : i + 100])
+        with tempfile.TemporaryDirectory() as tmp:
+            client.log_artifact(run_id, str(dump_config(cfg, Path(tmp) / "config.yaml")))
+    return run_id
+
+
+def log_json(uri: str, run_id: str, data: Any, name: str) -> None:
+    import mlflow
+
+    mlflow.MlflowClient(uri).log_dict(run_id, data, name)
+
+
+def log_artifact(uri: str, run_id: str, path: Path, folder: str | None = None) -> None:
+    import mlflow
+
+    mlflow.MlflowClient(uri).log_artifact(run_id, str(path), folder)
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    import time
+
+    import mlflow
+
+    ts = int(time.time() * 1000)
+    items = [mlflow.entities.Metric(k, float(v), ts, step) for k, v in metrics.items()]
+    if items:
+        mlflow.MlflowClient(uri).log_batch(run_id, metrics=items)
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    import mlflow
+
+    mlflow.MlflowClient(uri).set_terminated(run_id, status)
+
+
+class WorkerTracker:
+    """Rank 0's handle on the driver's run: per-epoch metrics and pictures."""
+
+    def __init__(self, uri: str, run_id: str):
+        import mlflow
+
+        self.client = mlflow.MlflowClient(uri)
+        self.uri, self.run_id = uri, run_id
+        run = self.client.get_run(run_id)
+        attempts = int(run.data.tags.get("worker_group_starts", "0")) + 1
+        self.client.set_tag(run_id, "worker_group_starts", str(attempts))
+        if attempts > 1:
+            self.client.set_tag(run_id, "restarts", str(attempts - 1))
+
+    def log_epoch(self, metrics: dict[str, float], step: int) -> None:
+        log_metrics(self.uri, self.run_id, metrics, step)
+
+    def log_predictions(self, batch: tuple[Any, Any, list[dict]], keypoint_info: dict[str, Any], epoch: int) -> None:
+        from vitpose.visualize import draw_crops_grid
+
+        images, heatmaps, _ = batch
+        fig_path = Path(tempfile.mkdtemp()) / f"val_predictions_epoch{epoch:03d}.png"
+        draw_crops_grid(images, heatmaps, keypoint_info, fig_path)
+        self.client.log_artifact(self.run_id, str(fig_path), "predictions")
+
+    def close(self) -> None:
+        pass
+
+
+def teacher_run_name(cfg: TeacherConfig) -> str:
+    return f"{cfg.ray.name}-{cfg.model.preset}"
