@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from vitpose import raycluster, tracking
 from vitpose.config import ConfigError, TeacherConfig, load_config, resolve_path, to_dict
 from vitpose.dsconfig import complete_deepspeed_config
 
@@ -50,28 +50,16 @@ def preflight(cfg: TeacherConfig) -> str:
     return uri
 
 
-def run_folder(cfg: TeacherConfig, resume: bool) -> tuple[str, Path]:
-    """A new timestamped run name, or with --resume the latest existing one of this ray.name."""
-    storage = resolve_path(cfg.ray.storage_path)
-    if resume:
-        previous = sorted(p for p in storage.glob(f"{cfg.ray.name}-2*") if p.is_dir())
-        if not previous:
-            raise ConfigError(f"--resume: no earlier run named {cfg.ray.name}-* in {storage}; run without --resume")
-        return previous[-1].name, storage
-    return f"{cfg.ray.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
         tracking_uri = preflight(cfg)
-        name, storage = run_folder(cfg, args.resume)
+        storage = resolve_path(cfg.ray.storage_path)
+        name = raycluster.run_name(storage, cfg.ray.name, args.resume)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-    from vitpose import raycluster, tracking
 
     try:
         raycluster.connect()
@@ -82,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if cfg.data.kind == "synthetic":
-        from vitpose.data import ensure_synthetic_dataset
+        from vitpose.data.synthetic import ensure_synthetic_dataset
 
         s = cfg.data.synthetic
         ensure_synthetic_dataset(cfg.data.root_path(), train_instances=s.train_instances,

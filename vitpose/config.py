@@ -178,6 +178,7 @@ class TuneConfig(Section):
     num_samples: int = Field(1, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
     metric: str = "val/AP"
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha stops weak trials early; fifo runs all")
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1.0)
     cpus_per_trial: float = Field(1.0, gt=0.0)

@@ -107,6 +107,24 @@ class RaySession(Session):
         return ckpt.as_directory() if ckpt is not None else nullcontext(None)
 
 
+class TuneSession(Session):
+    """One Ray Tune trial = one engine worker (students are small); reports go to Tune and ASHA."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        from ray import tune
+
+        ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=ckpt)
+
+    def latest_checkpoint(self) -> Any:
+        from contextlib import nullcontext
+
+        from ray import tune
+
+        ckpt = tune.get_checkpoint()
+        return ckpt.as_directory() if ckpt is not None else nullcontext(None)
+
+
 # ------------------------------------------------------------------------------------------ schedule
 def lr_factor(step: int, epoch: int, cfg: TeacherConfig) -> float:
     """mmcv's linear warm-up (per iteration) times step decay (per epoch), as in the paper's recipe."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -76,3 +78,13 @@ def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, gpu
         print("warning: " + "; ".join(problems) + f" (waiting for the autoscaler, {what}.autoscaler=true)", flush=True)
     elif problems:
         raise ConfigError(problems[0])
+
+
+def run_name(storage: Path, name: str, resume: bool) -> str:
+    """A new timestamped run name, or with ``resume`` the latest existing run folder of this name."""
+    if resume:
+        previous = sorted(p for p in storage.glob(f"{name}-2*") if p.is_dir())
+        if not previous:
+            raise ConfigError(f"--resume: no earlier run named {name}-* in {storage}; run without --resume")
+        return previous[-1].name
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

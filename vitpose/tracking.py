@@ -83,13 +83,14 @@ def system_info() -> dict[str, str]:
 
 
 def start_driver_run(cfg: Section, uri: str, experiment: str, run_name: str, extra_tags: dict[str, str] | None = None,
-                     parent_run_id: str | None = None, run_id: str | None = None) -> str:
+                     parent_run_id: str | None = None, run_id: str | None = None,
+                     experiment_id: str | None = None) -> str:
     """Create (or reopen, when ``run_id`` is given) the MLflow run and log the resolved config."""
     import mlflow
 
     client = mlflow.MlflowClient(uri)
     if run_id is None:
-        exp_id = ensure_experiment(experiment, uri)
+        exp_id = experiment_id or ensure_experiment(experiment, uri)
         tags = {"mlflow.runName": run_name, **(extra_tags or {})}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
@@ -131,6 +132,21 @@ def end_run(uri: str, run_id: str, status: str) -> None:
     import mlflow
 
     mlflow.MlflowClient(uri).set_terminated(run_id, status)
+
+
+def start_trial_run(cfg: Section, uri: str, parent_run_id: str, trial_id: str, params: dict[str, Any]) -> str:
+    """The nested MLflow run of one sweep trial; a restored trial finds and reuses its own run."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    found = client.search_runs([parent.info.experiment_id],
+                               filter_string=f"tags.trial_id = '{trial_id}' and tags.mlflow.parentRunId = '{parent_run_id}'")
+    if found:
+        return found[0].info.run_id
+    name = f"trial-{trial_id}-" + "-".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in params.items())
+    return start_driver_run(cfg, uri, "", name[:200], extra_tags={"trial_id": trial_id, "sweep_params": str(params)},
+                            parent_run_id=parent_run_id, experiment_id=parent.info.experiment_id)
 
 
 class WorkerTracker:

@@ -1,0 +1,96 @@
+"""The per-worker engine run in-process (no Ray): schedule, training, exact resume, NaN handling."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import tiny_config
+from vitpose.engine import (
+    MODEL_FILE,
+    LocalSession,
+    NonFiniteLossError,
+    Trainer,
+    gt_loss,
+    lr_factor,
+    verify_checkpoint,
+)
+
+
+def test_lr_schedule_warmup_then_steps(synthetic_root):
+    cfg = tiny_config(synthetic_root, "train.warmup_iters=10", "train.warmup_ratio=0.001",
+                      "train.lr_steps=[3, 5]", "train.lr_gamma=0.1")
+    assert lr_factor(0, 0, cfg) == pytest.approx(0.001)
+    assert lr_factor(5, 0, cfg) == pytest.approx(0.001 + 0.999 * 0.5)
+    assert lr_factor(10, 0, cfg) == 1.0
+    assert lr_factor(100, 3, cfg) == pytest.approx(0.1)
+    assert lr_factor(100, 5, cfg) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_training_lowers_loss_and_resume_is_exact(synthetic_root, tmp_path, stage):
+    cfg = tiny_config(synthetic_root, "train.epochs=3", f"deepspeed.zero_stage={stage}")
+    full = LocalSession(tmp_path / "full")
+    Trainer(cfg, full).fit()
+    losses = [r["train/loss"] for r in full.reports]
+    assert losses[-1] < losses[0], losses
+    assert len(full.checkpoints) == 3 and all("val/AP" in r for r in full.reports)
+    meta = verify_checkpoint(full.checkpoints[-1])
+    assert meta["epoch"] == 2 and meta["zero_stage"] == stage and (full.checkpoints[-1] / MODEL_FILE).is_file()
+
+    # A new worker restored from the epoch-1 checkpoint continues at epoch 2 and ends where the
+    # uninterrupted run ended: data order, augmentation and RNG are functions of (seed, epoch).
+    resumed = LocalSession(tmp_path / "resumed", resume_from=full.checkpoints[0])
+    trainer = Trainer(cfg, resumed)
+    trainer.fit()
+    assert trainer.start_epoch == 1
+    assert [r["epoch"] for r in resumed.reports] == [2, 3]
+    assert resumed.reports[-1]["train/loss"] == pytest.approx(full.reports[-1]["train/loss"], rel=1e-5)
+    history = json.loads((resumed.checkpoints[-1] / "meta.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_incomplete_checkpoint_is_refused(synthetic_root, tmp_path):
+    cfg = tiny_config(synthetic_root, "train.epochs=1", "deepspeed.zero_stage=0")
+    session = LocalSession(tmp_path / "run")
+    Trainer(cfg, session).fit()
+    ckpt = session.checkpoints[0]
+    (ckpt / "rank0.complete").unlink()
+    with pytest.raises(RuntimeError, match="incomplete checkpoint"):
+        verify_checkpoint(ckpt)
+
+
+def nan_at(steps: set[int]):
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        loss, parts = gt_loss(model, batch)
+        calls["n"] += 1
+        return (loss * math.nan if calls["n"] in steps else loss), parts
+
+    return loss_fn
+
+
+def test_nonfinite_loss_is_skipped_and_counted(synthetic_root, tmp_path):
+    cfg = tiny_config(synthetic_root, "train.epochs=1", "deepspeed.zero_stage=0", "train.on_nonfinite_loss=skip")
+    session = LocalSession(tmp_path / "run")
+    Trainer(cfg, session, loss_fn=nan_at({2})).fit()
+    assert session.reports[-1]["train/nonfinite_skipped"] == 1
+    state = load_file(str(session.checkpoints[-1] / MODEL_FILE))
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_nonfinite_loss_stops_with_step_and_batch(synthetic_root, tmp_path):
+    cfg = tiny_config(synthetic_root, "train.epochs=1", "deepspeed.zero_stage=0", "train.on_nonfinite_loss=error")
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 2, batch 1 \(instances \["):
+        Trainer(cfg, LocalSession(tmp_path / "run"), loss_fn=nan_at({2})).fit()
+
+
+def test_too_many_nonfinite_skips_stop(synthetic_root, tmp_path):
+    cfg = tiny_config(synthetic_root, "train.epochs=1", "deepspeed.zero_stage=0", "train.max_nonfinite_skips=1")
+    with pytest.raises(NonFiniteLossError, match="exceed train.max_nonfinite_skips=1"):
+        Trainer(cfg, LocalSession(tmp_path / "run"), loss_fn=nan_at({1, 2, 3})).fit()

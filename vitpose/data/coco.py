@@ -1,0 +1,438 @@
+"""Top-down person instances from a COCO keypoint file: index building, validation, image decoding, items.
+
+``TopDownCocoDataset`` turns a COCO-format keypoint annotation file (real COCO or ``vitpose.data.synthetic``)
+into one item per person instance, with boxes from the ground truth or from a detector's COCO results
+file. Keypoint names, flip pairs and skeleton come from the file's ``categories`` entry, so any keypoint
+set works. Training items are augmented with replayable ``AugParams`` (see ``vitpose.data.transforms``);
+evaluation items use the deterministic crop. Bad input is either a ``BadSampleError`` naming the file, the
+annotation and the fix (``on_bad_sample='error'``) or skipped and counted (``'skip'``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vitpose.data.codec import encode
+from vitpose.data.transforms import (
+    IDENTITY,
+    AugConfig,
+    AugParams,
+    Photometric,
+    apply_aug,
+    box_to_center_scale,
+    flip_pairs_from_names,
+    normalize,
+    sample_aug_params,
+    upper_body_ids_from_names,
+)
+
+log = logging.getLogger(__name__)
+
+ITEM_KEYS = (
+    "image", "target", "target_weight", "keypoints", "center", "scale", "rotation", "flipped",
+    "aug_params", "image_id", "ann_id", "bbox_score", "area", "index",
+)  # fmt: skip
+
+
+class BadSampleError(ValueError):
+    """An annotation, detection or image that cannot become a training/evaluation sample."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image file to uint8 RGB (H, W, 3): EXIF orientation applied, grayscale/RGBA/palette -> RGB.
+
+    Raises ``FileNotFoundError`` or ``OSError``/``UnidentifiedImageError`` from Pillow; callers add context.
+    """
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)  # phone pictures store rotation in EXIF; annotations follow display
+        if im.mode != "RGB":
+            # RGBA/LA/P with transparency: drop alpha (COCO-style annotations never refer to it).
+            im = im.convert("RGB")
+        return np.asarray(im, dtype=np.uint8).copy()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-export or re-download it") from e
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One person box of the index (all coordinates in original image pixels)."""
+
+    image_id: int
+    file_name: str
+    width: int  # from the annotation file; 0 when unknown
+    height: int
+    ann_id: int  # -1 for detections
+    bbox: tuple[float, float, float, float]  # x, y, w, h as given (ground truth: clipped to the image)
+    center: np.ndarray  # (2,)
+    scale: np.ndarray  # (2,) padded box size in pixels
+    keypoints: np.ndarray  # (K, 3) x, y, visibility; zeros for detections
+    bbox_score: float
+    area: float  # annotation area (GT) or box area (detections)
+
+
+class TopDownCocoDataset(torch.utils.data.Dataset):
+    """One item per person instance of a COCO keypoint file (see module docstring).
+
+    Args:
+        ann_file: COCO keypoint json (``images``, ``annotations``, ``categories`` with ``keypoints``).
+        image_dir: folder the images' ``file_name`` is relative to.
+        input_size: network input (h, w). Crops keep its aspect ratio.
+        heatmap_size: (h, w); default ``input_size / 4``.
+        train: augment (``aug``) and skip crowd / keypoint-less instances. Evaluation items use the plain
+            crop; with ground-truth boxes they also skip keypoint-less instances (mmpose does the same, and
+            COCOeval ignores those people).
+        aug: augmentation knobs for training; ``AugConfig()`` when None.
+        aug_seed: None draws fresh augmentation every time; an int makes view ``(index, epoch)`` a fixed
+            function of ``(aug_seed, epoch, index)`` (see ``set_epoch``).
+        det_file: COCO results json of person detections; boxes come from it instead of the ground truth.
+        det_score_thr: keep detections with ``score >= det_score_thr``.
+        on_bad_sample: ``'error'`` raises ``BadSampleError``; ``'skip'`` drops the sample and counts it in
+            ``bad_sample_counts`` by reason.
+        sigma: Gaussian sigma of the target heatmaps (heatmap pixels).
+        padding: box padding factor (1.25 like mmpose).
+    """
+
+    def __init__(
+        self,
+        ann_file: str | os.PathLike,
+        image_dir: str | os.PathLike,
+        *,
+        input_size: tuple[int, int] = (256, 192),
+        heatmap_size: tuple[int, int] | None = None,
+        train: bool,
+        aug: AugConfig | None = None,
+        aug_seed: int | None = None,
+        det_file: str | os.PathLike | None = None,
+        det_score_thr: float = 0.0,
+        on_bad_sample: Literal["error", "skip"] = "error",
+        sigma: float = 2.0,
+        padding: float = 1.25,
+    ):
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        if train and det_file is not None:
+            raise ValueError("det_file gives boxes without keypoints and cannot be used with train=True")
+        self.ann_file = Path(ann_file)
+        self.image_dir = Path(image_dir)
+        self.det_file = Path(det_file) if det_file is not None else None
+        if not self.ann_file.is_file():
+            raise FileNotFoundError(
+                f"annotation file not found: {self.ann_file} (check the data root / ann_file)"
+            )
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(
+                f"image folder not found: {self.image_dir} (check the data root / image_dir)"
+            )
+        if self.det_file is not None and not self.det_file.is_file():
+            raise FileNotFoundError(f"detection file not found: {self.det_file} (check det_file)")
+
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.heatmap_size = (
+            (self.input_size[0] // 4, self.input_size[1] // 4) if heatmap_size is None
+            else (int(heatmap_size[0]), int(heatmap_size[1]))
+        )  # fmt: skip
+        self.aspect_ratio = self.input_size[1] / self.input_size[0]
+        self.train = train
+        self.aug = aug if aug is not None else AugConfig()
+        self.aug_seed = aug_seed
+        self.epoch = 0
+        self.on_bad_sample = on_bad_sample
+        self.sigma = sigma
+        self.padding = padding
+        self.bad_sample_counts: Counter[str] = Counter()
+        self.filtered_counts: Counter[str] = Counter()  # crowd / no keypoints: expected, not bad
+        self._bad_indices: set[int] = set()
+        self._photometric = Photometric(self.aug) if train and self.aug.photometric_prob > 0 else None
+
+        data = _read_json(self.ann_file)
+        self._read_categories(data)
+        images = {int(im["id"]): im for im in data.get("images", [])}
+        if self.det_file is None:
+            instances = self._gt_instances(data, images)
+        else:
+            instances = self._det_instances(images, det_score_thr)
+        self.instances: list[Instance] = instances
+        if self.filtered_counts:
+            log.info("%s: filtered %s", self.ann_file.name, dict(self.filtered_counts))
+        if self.bad_sample_counts:
+            log.warning("%s: skipped bad samples %s", self.ann_file.name, dict(self.bad_sample_counts))
+        if not self.instances:
+            raise ValueError(
+                f"no usable person instances in {self.ann_file}"
+                + (f" with detections {self.det_file} (score >= {det_score_thr})" if self.det_file else "")
+                + f"; filtered {dict(self.filtered_counts)}, bad {dict(self.bad_sample_counts)}"
+            )
+
+    # ----------------------------------------------------------------------------------------- index
+    def _read_categories(self, data: dict) -> None:
+        cats = [c for c in data.get("categories", []) if c.get("keypoints")]
+        if not cats:
+            raise ValueError(f"{self.ann_file}: no category with a 'keypoints' list in 'categories'")
+        person = next((c for c in cats if c.get("name") == "person"), cats[0])
+        self.category_id = int(person["id"])
+        self.keypoint_names: list[str] = list(person["keypoints"])
+        self.num_keypoints = len(self.keypoint_names)
+        self.flip_pairs = flip_pairs_from_names(self.keypoint_names)
+        self.upper_body_ids = upper_body_ids_from_names(self.keypoint_names)
+        # COCO skeletons are 1-based; stored 0-based here.
+        self.skeleton = [(int(a) - 1, int(b) - 1) for a, b in person.get("skeleton", [])]
+
+    def _bad(self, reason: str, message: str) -> None:
+        if self.on_bad_sample == "error":
+            raise BadSampleError(reason, message)
+        self.bad_sample_counts[reason] += 1
+
+    def _image_path_ok(self, im: dict, checked: dict[int, bool], where: str) -> bool:
+        image_id = int(im["id"])
+        if image_id not in checked:
+            checked[image_id] = (self.image_dir / im["file_name"]).is_file()
+        if not checked[image_id]:
+            self._bad(
+                "missing_image",
+                f"image file {self.image_dir / im['file_name']} not found ({where}); "
+                "restore the file or remove its image/annotations from the json, or pass on_bad_sample='skip'",
+            )
+        return checked[image_id]
+
+    def _box_ok(self, box: list[float], im: dict, where: str) -> bool:
+        x, y, w, h = box
+        if not (np.isfinite(box).all() and w > 0 and h > 0):
+            self._bad(
+                "zero_area_box",
+                f"{where}: box {box} has zero area in {self.ann_file}; fix or drop the annotation, "
+                "or pass on_bad_sample='skip'",
+            )
+            return False
+        width, height = im.get("width", 0), im.get("height", 0)
+        if width and height and (min(x + w, width) <= max(x, 0) or min(y + h, height) <= max(y, 0)):
+            self._bad(
+                "box_outside_image",
+                f"{where}: box {box} lies outside image {im['file_name']} ({width}x{height}); fix or drop the "
+                "annotation, or pass on_bad_sample='skip'",
+            )
+            return False
+        return True
+
+    def _gt_instances(self, data: dict, images: dict[int, dict]) -> list[Instance]:
+        k = self.num_keypoints
+        checked: dict[int, bool] = {}
+        out = []
+        for ann in data.get("annotations", []):
+            if int(ann.get("category_id", self.category_id)) != self.category_id:
+                continue
+            ann_id = int(ann["id"])
+            where = f"annotation id {ann_id} (image id {ann.get('image_id')}) in {self.ann_file}"
+            if ann.get("iscrowd", 0):
+                self.filtered_counts["crowd"] += 1
+                continue
+            kps = ann.get("keypoints")
+            if kps is None or len(kps) != 3 * k:
+                self._bad(
+                    "bad_keypoint_count",
+                    f"{where}: has {0 if kps is None else len(kps)} keypoint values, expected {3 * k} "
+                    f"({k} keypoints x 3); fix the annotation or pass on_bad_sample='skip'",
+                )
+                continue
+            kps = np.asarray(kps, dtype=np.float64).reshape(k, 3)
+            if not (kps[:, 2] > 0).any() or ann.get("num_keypoints", 1) == 0:
+                self.filtered_counts["no_keypoints"] += 1
+                continue
+            im = images.get(int(ann["image_id"]))
+            if im is None:
+                self._bad(
+                    "unknown_image_id",
+                    f"{where}: image id {ann['image_id']} is not in 'images'; fix the json or pass "
+                    "on_bad_sample='skip'",
+                )
+                continue
+            if not self._image_path_ok(im, checked, where) or not self._box_ok(list(ann["bbox"]), im, where):
+                continue
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            width, height = im.get("width", 0), im.get("height", 0)
+            if width and height:  # mmpose clips ground-truth boxes to the image
+                x1, y1 = max(x, 0.0), max(y, 0.0)
+                x2, y2 = min(x + w, float(width)), min(y + h, float(height))
+                x, y, w, h = x1, y1, x2 - x1, y2 - y1
+            center, scale = box_to_center_scale([x, y, w, h], self.aspect_ratio, self.padding)
+            out.append(
+                Instance(
+                    image_id=int(im["id"]),
+                    file_name=im["file_name"],
+                    width=int(width),
+                    height=int(height),
+                    ann_id=ann_id,
+                    bbox=(x, y, w, h),
+                    center=center,
+                    scale=scale,
+                    keypoints=kps,
+                    bbox_score=1.0,
+                    area=float(ann.get("area", w * h)),
+                )  # fmt: skip
+            )
+        return out
+
+    def _det_instances(self, images: dict[int, dict], score_thr: float) -> list[Instance]:
+        assert self.det_file is not None
+        dets = _read_json(self.det_file)
+        if not isinstance(dets, list):
+            raise ValueError(
+                f"{self.det_file}: expected a COCO results list [{{image_id, category_id, bbox, score}}, ...]"
+            )
+        checked: dict[int, bool] = {}
+        zeros = np.zeros((self.num_keypoints, 3))
+        out = []
+        for i, det in enumerate(dets):
+            if int(det.get("category_id", self.category_id)) != self.category_id:
+                continue
+            score = float(det.get("score", 1.0))
+            if score < score_thr:
+                continue
+            where = f"detection #{i} (image id {det.get('image_id')}) in {self.det_file}"
+            im = images.get(int(det["image_id"]))
+            if im is None:
+                self._bad(
+                    "unknown_image_id",
+                    f"{where}: image id {det['image_id']} is not in {self.ann_file}; detections must come "
+                    "from the same image set (or pass on_bad_sample='skip')",
+                )
+                continue
+            box = [float(v) for v in det["bbox"]]
+            if not self._image_path_ok(im, checked, where) or not self._box_ok(box, im, where):
+                continue
+            center, scale = box_to_center_scale(box, self.aspect_ratio, self.padding)
+            out.append(
+                Instance(
+                    image_id=int(im["id"]),
+                    file_name=im["file_name"],
+                    width=int(im.get("width", 0)),
+                    height=int(im.get("height", 0)),
+                    ann_id=-1,
+                    bbox=tuple(box),
+                    center=center,
+                    scale=scale,
+                    keypoints=zeros,
+                    bbox_score=score,
+                    area=box[2] * box[3],
+                )  # fmt: skip
+            )
+        return out
+
+    # ----------------------------------------------------------------------------------------- items
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of ``epoch`` when ``aug_seed`` is set (call before each epoch;
+        with ``persistent_workers`` the workers keep the epoch they were started with)."""
+        self.epoch = int(epoch)
+
+    def sample_params(self, index: int, rng: np.random.Generator | None = None) -> AugParams:
+        """Draw the augmentation of one view of instance ``index`` (identity when not training)."""
+        if not self.train:
+            return IDENTITY
+        if rng is None:
+            rng = (
+                np.random.default_rng() if self.aug_seed is None
+                else np.random.default_rng([self.aug_seed, self.epoch, index])
+            )  # fmt: skip
+        inst = self.instances[index]
+        return sample_aug_params(
+            rng, inst.keypoints[:, :2], inst.keypoints[:, 2], self.aug,
+            upper_body_ids=self.upper_body_ids, aspect_ratio=self.aspect_ratio,
+        )  # fmt: skip
+
+    def read_image(self, index: int) -> np.ndarray:
+        """Decoded RGB image of instance ``index``; ``BadSampleError`` when it cannot be used."""
+        inst = self.instances[index]
+        path = self.image_dir / inst.file_name
+        where = f"image {path} (image id {inst.image_id}, annotation id {inst.ann_id})"
+        try:
+            image = load_image(path)
+        except FileNotFoundError as e:
+            raise BadSampleError(
+                "missing_image", f"{where} not found; restore it or pass on_bad_sample='skip'"
+            ) from e
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise BadSampleError(
+                "unreadable_image",
+                f"{where} cannot be decoded ({e}); replace the file or pass on_bad_sample='skip'",
+            ) from e
+        if inst.width and inst.height and image.shape[:2] != (inst.height, inst.width):
+            raise BadSampleError(
+                "image_size_mismatch",
+                f"{where} decodes to {image.shape[1]}x{image.shape[0]} (after EXIF rotation) but the json says "
+                f"{inst.width}x{inst.height}; fix 'width'/'height' or the file, or pass on_bad_sample='skip'",
+            )
+        return image
+
+    def load(self, index: int, params: AugParams | None = None) -> dict[str, Any]:
+        """The item of instance ``index`` under explicit augmentation ``params`` (replay), no substitution.
+
+        ``params=None`` means identity. Raises ``BadSampleError`` for an unusable image.
+        """
+        params = IDENTITY if params is None else params
+        inst = self.instances[index]
+        image = self.read_image(index)
+        crop, kps, center, scale, _ = apply_aug(
+            image, inst.keypoints, inst.center, inst.scale, params, self.input_size, self.flip_pairs,
+            self._photometric,
+        )  # fmt: skip
+        target, weight = encode(kps[:, :2], kps[:, 2], self.input_size, self.heatmap_size, self.sigma)
+        return {
+            "image": torch.from_numpy(normalize(crop)),
+            "target": torch.from_numpy(target),
+            "target_weight": torch.from_numpy(weight),
+            "keypoints": kps.astype(np.float32),  # (K, 3) in input-crop pixels, visibility in column 2
+            "center": center.astype(np.float32),
+            "scale": scale.astype(np.float32),
+            "rotation": np.float32(params.rotation),
+            "flipped": bool(params.flip),
+            "aug_params": params.to_array(),
+            "image_id": int(inst.image_id),
+            "ann_id": int(inst.ann_id),
+            "bbox_score": np.float32(inst.bbox_score),
+            "area": np.float32(inst.area),
+            "index": int(index),
+        }
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """A training view (fresh or seeded ``AugParams``) or the evaluation crop of instance ``index``.
+
+        With ``on_bad_sample='skip'`` an unreadable image is replaced by the next usable instance (in index
+        order, so the substitute is deterministic); ``item['index']`` tells which instance was returned.
+        """
+        n = len(self.instances)
+        for step in range(n):
+            i = (index + step) % n
+            if i in self._bad_indices:
+                continue
+            try:
+                return self.load(i, self.sample_params(i))
+            except BadSampleError as e:
+                if self.on_bad_sample == "error":
+                    raise
+                # Counted once per instance (per process: DataLoader workers keep their own counts).
+                self._bad_indices.add(i)
+                self.bad_sample_counts[e.reason] += 1
+                log.warning("skipping bad sample: %s", e)
+        raise BadSampleError("no_usable_sample", f"every instance of {self.ann_file} failed to load")

@@ -1,0 +1,225 @@
+"""Keypoint evaluation: model heatmaps -> per-instance predictions -> rescoring -> OKS-NMS -> COCOeval.
+
+Owns the path from network output to COCO keypoint AP, shared by the training engine and the evaluate CLI:
+
+* ``decode_batch_to_predictions``: a batch of heatmaps (optionally merged with flip-test heatmaps) plus
+  the batch's meta (``center``, ``scale``, ``image_id``, ``bbox_score``) -> prediction dicts in image
+  coordinates (UDP decode, see ``vitpose.data.codec``).
+* ``CocoKeypointEvaluator``: mmpose's ``TopDownCocoDataset.evaluate`` recipe: instance score = box score x
+  mean keypoint confidence over joints above 0.2, OKS-NMS per image at 0.9, COCO results json, then
+  pycocotools ``COCOeval(iouType='keypoints')``. The metric itself is pycocotools', not re-implemented.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from vitpose.data.codec import as_numpy, decode, flip_back, to_image_coords
+
+# COCO's per-keypoint OKS sigmas (pycocotools' default, the 17 COCO keypoints in order).
+COCO_SIGMAS = (
+    np.array(
+        [0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89]
+    )
+    / 10.0
+)
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+
+
+def decode_batch_to_predictions(
+    heatmaps,
+    metas: Mapping[str, Any],
+    flip_heatmaps=None,
+    *,
+    flip_pairs: Sequence[tuple[int, int]] = (),
+    input_size: tuple[int, int],
+    blur_kernel: int = 11,
+) -> list[dict[str, Any]]:
+    """Heatmaps (N, K, h, w) of evaluation crops + collated meta -> one prediction dict per instance.
+
+    ``flip_heatmaps`` are the model's heatmaps for the horizontally mirrored crops; they are flipped back
+    (``flip_pairs`` required) and averaged with ``heatmaps`` (the ViTPose flip test). ``metas`` needs
+    ``center`` and ``scale`` (N, 2), ``image_id`` and ``bbox_score`` (N,); ``area`` is taken from the crop
+    box like mmpose. Each prediction: ``image_id``, ``keypoints`` (K, 3) image x, y, score,
+    ``bbox_score``, ``center``, ``scale``, ``area``; ``ann_id``/``index`` are passed through when present.
+    """
+    hm = as_numpy(heatmaps).astype(np.float32)
+    if flip_heatmaps is not None:
+        if not flip_pairs:
+            raise ValueError("flip_heatmaps given without flip_pairs (take them from dataset.flip_pairs)")
+        hm = 0.5 * (hm + flip_back(as_numpy(flip_heatmaps).astype(np.float32), list(flip_pairs)))
+    coords, scores = decode(hm, blur_kernel=blur_kernel)
+    center = as_numpy(metas["center"]).astype(np.float64).reshape(-1, 2)
+    scale = as_numpy(metas["scale"]).astype(np.float64).reshape(-1, 2)
+    image_coords = to_image_coords(coords, center, scale, input_size, hm.shape[2:])
+    image_ids = as_numpy(metas["image_id"]).reshape(-1)
+    bbox_scores = as_numpy(metas["bbox_score"]).astype(np.float64).reshape(-1)
+    extra = {k: as_numpy(metas[k]).reshape(-1) for k in ("ann_id", "index") if k in metas}
+    preds = []
+    for i in range(hm.shape[0]):
+        pred = {
+            "image_id": int(image_ids[i]),
+            "keypoints": np.concatenate([image_coords[i], scores[i][:, None]], axis=1),
+            "bbox_score": float(bbox_scores[i]),
+            "center": center[i],
+            "scale": scale[i],
+            "area": float(scale[i, 0] * scale[i, 1]),
+        }
+        pred.update({k: int(v[i]) for k, v in extra.items()})
+        preds.append(pred)
+    return preds
+
+
+def oks_iou(
+    g: np.ndarray, d: np.ndarray, area_g: float, area_d: np.ndarray, sigmas: np.ndarray
+) -> np.ndarray:
+    """OKS of one pose ``g`` (K, 2+) against poses ``d`` (M, K, 2+) as mmpose's ``oks_iou`` (no visibility)."""
+    var = (sigmas * 2) ** 2
+    dist2 = ((d[..., :2] - g[None, :, :2]) ** 2).sum(-1)  # (M, K)
+    e = dist2 / var / ((area_g + np.asarray(area_d))[:, None] / 2 + np.spacing(1)) / 2
+    return np.exp(-e).mean(axis=1)
+
+
+def oks_nms(
+    keypoints: np.ndarray, scores: np.ndarray, areas: np.ndarray, thr: float, sigmas: np.ndarray
+) -> list[int]:
+    """Greedy OKS-NMS: indices kept, best first; drops poses with OKS > ``thr`` to a kept one."""
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(int(i))
+        rest = order[1:]
+        ovr = oks_iou(keypoints[i], keypoints[rest], areas[i], areas[rest], sigmas)
+        order = rest[ovr <= thr]
+    return keep
+
+
+class CocoKeypointEvaluator:
+    """COCO keypoint AP of top-down predictions against a ground-truth file (see module docstring).
+
+    Args:
+        ann_file: ground-truth COCO keypoint json, or a loaded ``pycocotools.coco.COCO``.
+        sigmas: per-keypoint OKS sigmas; default the category's ``sigmas`` field when the file has one,
+            else COCO's for 17 keypoints (any other count must pass them).
+        oks_nms_thr: OKS-NMS threshold per image (0.9 like ViTPose); None disables NMS.
+        keypoint_score_thr: joints above it count in the rescoring mean (0.2 like mmpose).
+
+    After ``evaluate``, ``summary`` holds the text COCOeval printed.
+    """
+
+    def __init__(
+        self,
+        ann_file: str | os.PathLike | COCO,
+        sigmas: Sequence[float] | np.ndarray | None = None,
+        *,
+        oks_nms_thr: float | None = 0.9,
+        keypoint_score_thr: float = 0.2,
+    ):
+        if isinstance(ann_file, COCO):
+            self.coco = ann_file
+        else:
+            path = Path(ann_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"ground-truth annotation file not found: {path}")
+            with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress
+                self.coco = COCO(str(path))
+        cats = [c for c in self.coco.loadCats(self.coco.getCatIds()) if c.get("keypoints")]
+        if not cats:
+            raise ValueError("ground truth has no category with 'keypoints'")
+        self.category_id = int(cats[0]["id"])
+        num_keypoints = len(cats[0]["keypoints"])
+        if sigmas is None:
+            sigmas = cats[0].get("sigmas")
+        if sigmas is None:
+            if num_keypoints != len(COCO_SIGMAS):
+                raise ValueError(
+                    f"ground truth has {num_keypoints} keypoints; pass their OKS sigmas (COCO's are for 17)"
+                )
+            sigmas = COCO_SIGMAS
+        self.sigmas = np.asarray(sigmas, dtype=np.float64)
+        if len(self.sigmas) != num_keypoints:
+            raise ValueError(f"{len(self.sigmas)} sigmas given for {num_keypoints} keypoints")
+        self.oks_nms_thr = oks_nms_thr
+        self.keypoint_score_thr = keypoint_score_thr
+        self.summary = ""
+
+    def rescore_and_nms(self, predictions: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """mmpose rescoring (box score x mean confident-joint score) then OKS-NMS per image -> COCO results."""
+        by_image: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
+        for p in predictions:
+            by_image[int(p["image_id"])].append(p)
+        results = []
+        for image_id in sorted(by_image):
+            preds = by_image[image_id]
+            kps = np.stack([np.asarray(p["keypoints"], dtype=np.float64) for p in preds])  # (M, K, 3)
+            conf = kps[..., 2]
+            mask = conf > self.keypoint_score_thr
+            kpt_score = np.where(mask.any(1), (conf * mask).sum(1) / np.maximum(mask.sum(1), 1), 0.0)
+            scores = kpt_score * np.array([float(p["bbox_score"]) for p in preds])
+            areas = np.array([float(p["area"]) for p in preds])
+            keep = (
+                oks_nms(kps, scores, areas, self.oks_nms_thr, self.sigmas) if self.oks_nms_thr is not None
+                else range(len(preds))
+            )  # fmt: skip
+            for i in keep:
+                results.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": self.category_id,
+                        "keypoints": [round(float(v), 3) for v in kps[i].reshape(-1)],
+                        "score": float(scores[i]),
+                    }
+                )
+        return results
+
+    def evaluate(
+        self,
+        predictions: Sequence[Mapping[str, Any]],
+        results_file: str | os.PathLike | None = None,
+        image_ids: Sequence[int] | None = None,
+    ) -> dict[str, float]:
+        """AP/AR dict (``STAT_NAMES``) of ``predictions`` (see ``decode_batch_to_predictions``).
+
+        ``results_file`` receives the COCO results json. ``image_ids`` restricts the evaluation to those
+        images (e.g. a validation subset); default all images of the ground truth.
+        """
+        results = self.rescore_and_nms(predictions)
+        unknown = {r["image_id"] for r in results} - set(self.coco.getImgIds())
+        if unknown:
+            raise ValueError(
+                f"predictions for image ids {sorted(unknown)[:10]} that the ground truth does not have; "
+                "evaluate against the annotation file the dataset was built from"
+            )
+        if results_file is not None:
+            Path(results_file).parent.mkdir(parents=True, exist_ok=True)
+            with open(results_file, "w") as f:
+                json.dump(results, f)
+        if not results:
+            self.summary = "no predictions: every metric is 0"
+            return dict.fromkeys(STAT_NAMES, 0.0)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            coco_dt = self.coco.loadRes(results)
+            coco_eval = COCOeval(self.coco, coco_dt, iouType="keypoints")
+            coco_eval.params.kpt_oks_sigmas = self.sigmas
+            coco_eval.params.catIds = [self.category_id]
+            if image_ids is not None:
+                coco_eval.params.imgIds = sorted({int(i) for i in image_ids})
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+        self.summary = buf.getvalue()
+        return {name: float(v) for name, v in zip(STAT_NAMES, coco_eval.stats, strict=True)}
