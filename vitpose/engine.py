@@ -315,6 +315,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.best_ap = -1.0
         self.history: list[dict[str, float]] = []
+        self.restored_at_epochs: list[int] = []  # 0-based epochs at which a run continued from a checkpoint
 
     # ----------------------------------------------------------------------------------- resume
     def restore(self) -> bool:
@@ -337,6 +338,7 @@ class Trainer:
             self.best_ap = meta.get("best_ap", -1.0)
             self.nonfinite_total = meta.get("nonfinite_total", 0)
             self.history = meta.get("history", [])
+            self.restored_at_epochs = meta.get("restored_at_epochs", []) + [self.start_epoch]
             self._say(f"resumed from {ckpt_dir} at epoch {self.start_epoch} (step {self.global_step})")
             return True
 
@@ -503,6 +505,7 @@ class Trainer:
                 "nonfinite_total": self.nonfinite_total,
                 "metrics": metrics,
                 "history": self.history,
+                "restored_at_epochs": self.restored_at_epochs,
                 "keypoints": self.keypoint_info,
                 "spec": self.spec.to_dict(),
             }
