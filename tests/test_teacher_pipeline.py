@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,10 +134,12 @@ def test_lost_worker_resumes_from_last_checkpoint(ray_local, synthetic_root, tmp
 def test_ray_job_submit_against_a_head(synthetic_root, tmp_path):
     ray_bin = Path(sys.executable).parent / "ray"
     port, dash = free_port(), free_port()
+    # Ray's socket paths must stay under 107 characters: pytest's tmp_path is too deep for them.
+    head_tmp = tempfile.mkdtemp(prefix="vp-ray-", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
                              f"--dashboard-port={dash}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--temp-dir={tmp_path / 'ray-head'}"], env=env,
+                             f"--temp-dir={head_tmp}"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         address = f"http://127.0.0.1:{dash}"
@@ -157,6 +161,7 @@ def test_ray_job_submit_against_a_head(synthetic_root, tmp_path):
     finally:
         head.terminate()
         head.wait(timeout=60)
+        shutil.rmtree(head_tmp, ignore_errors=True)
 
 
 @pytest.mark.parametrize(

@@ -1,17 +1,44 @@
 """Registered models: how a trained ViTPose is logged to MLflow, loaded back, and served as a pyfunc.
 
-A registered model holds two artifacts: the weights (``model.safetensors``) and ``vitpose_meta.json``
-(the model spec and the keypoint names, flip pairs and skeleton). Teacher and student registrations
-are the same kind of model, so anything that loads one loads the other.
+Owns the MLflow side of a pose model. A logged model is an MLflow pyfunc ("models from code": the
+behaviour lives in the installed ``vitpose`` package and nothing is unpickled on load) with two artifacts,
+the weights (``model.safetensors``) and ``vitpose_meta.json`` (the resolved ``ModelSpec`` plus the keypoint
+names, flip pairs and skeleton), an input/output signature and an input example. Teacher and student
+registrations are the same kind of model, so ``mlflow.pyfunc.load_model("models:/vitpose-student@champion")``
+and ``mlflow models serve -m models:/vitpose-student@champion --env-manager local`` work for both.
+
+Pyfunc input, one row per image (a DataFrame, a list of dicts, or JSON ``dataframe_records`` /
+``dataframe_split`` / ``inputs`` when served):
+
+* ``image``: the encoded image file (bytes in Python; base64 text in JSON), or an (H, W, 3) uint8 array.
+* ``boxes`` (optional): person boxes ``[[x, y, w, h], ...]`` or ``[[x, y, w, h, score], ...]`` in image
+  pixels (or COCO ``{"bbox": ..., "score": ...}`` dicts, or JSON text of either). Missing/null: the whole
+  image is taken as one person and ``whole_image_box`` says so; ``[]``: no person, nothing predicted.
+
+Output, one row per image: ``persons`` (list of ``{"box", "box_score", "score", "keypoints": [[x, y,
+confidence] x K]}`` in original image pixels), ``num_persons``, ``whole_image_box``, ``keypoint_names``,
+``width``, ``height``. Params: ``flip_test`` (default true). Bad input is an ``MlflowException`` with
+``BAD_REQUEST`` (HTTP 400 from the server) naming the row, the field and the fix.
+
+``mlflow models serve`` starts ``uvicorn`` by name: run it from the activated venv (or with the venv's
+``bin/`` on ``PATH``).
+
+Both columns are typed ``Any`` in the signature on purpose: MLflow's typed columns refuse integer box
+coordinates for a ``double`` array and bytes for a ``string``; ``vitpose.predict`` validates them instead,
+with messages that say what to send.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
 import torch
 
 from vitpose.config import ConfigError
@@ -19,12 +46,137 @@ from vitpose.config import ConfigError
 WEIGHTS = "model.safetensors"
 META = "vitpose_meta.json"
 PYFUNC_PATH = "model"
+CHECKPOINT_META = "meta.json"  # what vitpose.engine writes beside the weights in a checkpoint folder
+
+# The models-from-code entry point logged with every model. It only names the class in the installed package,
+# so loading a model runs our code, never code unpickled from the artifact store.
+_MODEL_CODE = '''"""vitpose pose model (models from code): see vitpose/serving.py for inputs and outputs."""
+from mlflow.models import set_model
+
+from vitpose.serving import VitPosePyfunc
+
+set_model(VitPosePyfunc())
+'''
 
 
 class ModelNotFoundError(ConfigError):
     """A model URI that names nothing loadable; the message says what was tried."""
 
 
+# --------------------------------------------------------------------------------------------- pyfunc
+class VitPosePyfunc(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc around ``vitpose.predict.PosePredictor`` (artifacts ``weights`` and ``meta``)."""
+
+    def load_context(self, context: Any) -> None:
+        from vitpose.predict import PosePredictor, resolve_device
+
+        model, meta = _build(Path(context.artifacts["weights"]), json.loads(Path(context.artifacts["meta"]).read_text()))
+        self.predictor = PosePredictor(model, meta, device=resolve_device())
+        # The server runs each request in its own thread. Concurrent forwards would each claim every core's
+        # intra-op threads and slow all of them down (measured: 2 threads on a busy 2-core CPU ran a batch-1
+        # forward 50x slower than 1), so forwards take turns; decoding images happens outside the lock.
+        self._forward_lock = threading.Lock()
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import BAD_REQUEST
+
+        from vitpose.predict import BadRequest, decode_image, parse_boxes
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if "image" not in frame.columns:
+            raise MlflowException("input has no 'image' column; send one row per image with 'image' (base64 of "
+                                  "the JPEG/PNG bytes) and optional 'boxes'", error_code=BAD_REQUEST)
+        items = []
+        for i, row in enumerate(_rows(frame)):
+            try:
+                image = decode_image(row["image"])
+                items.append((image, row.get("boxes")))
+                # Boxes are checked now, so a bad row fails before any model time is spent on the others.
+                parse_boxes(row.get("boxes"), image.shape[1], image.shape[0])
+            except BadRequest as err:
+                raise MlflowException(f"row {i}: {err}", error_code=BAD_REQUEST) from None
+        flip = (params or {}).get("flip_test")
+        with self._forward_lock:
+            results = self.predictor.predict_batch(items, flip=None if flip is None else bool(flip))
+        return pd.DataFrame(results, columns=list(OUTPUT_COLUMNS))
+
+
+def _rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """One dict per image. MLflow hands a single-column columnar request ({"inputs": {"image": [a, b]}}) over
+    as ONE row whose cell is the list of images; those are split back into rows here."""
+    from vitpose.predict import is_missing
+
+    rows = []
+    for row in frame.to_dict("records"):
+        image = row["image"]
+        encoded = isinstance(image, (list, tuple, np.ndarray)) and len(image) > 0 and all(
+            isinstance(v, (str, bytes)) for v in image)
+        if encoded and is_missing(row.get("boxes")):
+            rows += [{"image": v, "boxes": None} for v in image]
+        else:
+            rows.append(row)
+    return rows
+
+
+OUTPUT_COLUMNS = ("persons", "num_persons", "whole_image_box", "keypoint_names", "width", "height")
+
+
+def signature() -> Any:
+    """Input (``image``, optional ``boxes``), output (see the module docstring) and the ``flip_test`` param."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType, Array, Object, Property
+
+    person = Object([
+        Property("box", Array(DataType.double)),
+        Property("box_score", DataType.double),
+        Property("score", DataType.double),
+        Property("keypoints", Array(Array(DataType.double))),
+    ])
+    return ModelSignature(
+        inputs=Schema([ColSpec(AnyType(), "image"), ColSpec(AnyType(), "boxes", required=False)]),
+        outputs=Schema([
+            ColSpec(Array(person), "persons"),
+            ColSpec(DataType.long, "num_persons"),
+            ColSpec(DataType.boolean, "whole_image_box"),
+            ColSpec(Array(DataType.string), "keypoint_names"),
+            ColSpec(DataType.long, "width"),
+            ColSpec(DataType.long, "height"),
+        ]),
+        params=ParamSchema([ParamSpec("flip_test", DataType.boolean, True)]),
+    )
+
+
+def input_example() -> pd.DataFrame:
+    """Two rows a reader can copy: an image with one scored box, and one without boxes (whole image)."""
+    import base64
+    import io
+
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (96, 128), (90, 110, 130))
+    ImageDraw.Draw(im).ellipse([36, 8, 60, 32], fill=(220, 190, 160))  # a head, so the picture is not blank
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=80)
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    return pd.DataFrame({"image": [b64, b64], "boxes": [[[20, 4, 56, 120, 0.9]], None]})
+
+
+def pip_requirements() -> list[str]:
+    """What a fresh environment needs: this package (it carries the model code) at the versions logged with."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for dist in ("vitpose-distill", "torch", "mlflow", "safetensors", "numpy", "pandas", "pillow", "opencv-python-headless"):
+        try:
+            reqs.append(f"{dist}=={version(dist).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+# ------------------------------------------------------------------------------------------ log/load
 def log_vitpose_model(
     tracking_uri: str,
     run_id: str,
@@ -35,23 +187,29 @@ def log_vitpose_model(
 ) -> str | None:
     """Log the pyfunc model under ``run_id``; register it (and point ``alias`` at it) when a name is given.
 
-    Returns the registered version, or None when not registering.
+    ``meta`` needs ``spec`` (``ModelSpec.to_dict()``) and should carry ``keypoints`` (names, flip pairs,
+    1-based skeleton, as ``vitpose.engine.keypoint_info`` makes them; COCO's are assumed for 17 keypoints
+    otherwise). Returns the registered version, or None when not registering.
     """
     import mlflow
 
-    from vitpose.predict import VitPosePyfunc, input_example, signature
-
+    if "spec" not in meta:
+        raise ValueError("meta has no 'spec'; pass {'spec': model.spec.to_dict(), 'keypoints': ...}")
+    _check_weights(Path(weights), meta["spec"])
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         meta_path = Path(tmp) / META
         meta_path.write_text(json.dumps(meta, indent=1))
+        code_path = Path(tmp) / "vitpose_pose_model.py"
+        code_path.write_text(_MODEL_CODE)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=PYFUNC_PATH,
-                python_model=VitPosePyfunc(),
+                python_model=str(code_path),
                 artifacts={"weights": str(weights), "meta": str(meta_path)},
                 signature=signature(),
                 input_example=input_example(),
+                pip_requirements=pip_requirements(),
                 registered_model_name=registered_name,
             )
     if not registered_name:
@@ -63,52 +221,101 @@ def log_vitpose_model(
 
 
 def load_vitpose(uri: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A ``ViTPose`` (eval mode, CPU) and its meta from a registry / run URI, a checkpoint folder or a file.
+    """A ``ViTPose`` (eval mode, CPU) and its meta from a registry / run URI, a folder or a weights file.
 
-    Accepted: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/model``, a Ray/our checkpoint
-    folder (``model.safetensors`` + ``meta.json``), a ``.safetensors`` file, an official ``.pth`` file.
+    Accepted: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/model``, a training checkpoint
+    folder (``model.safetensors`` + ``meta.json``, ours or Ray's), a downloaded MLflow model folder, a
+    ``.safetensors`` file we wrote, an official ``.pth`` file.
     """
-    from vitpose.models import build_model_from_spec, load_model, read_checkpoint
+    from vitpose.models import load_model
 
     if uri.startswith(("models:/", "runs:/")):
         folder = _download(uri, tracking_uri)
-        weights, meta = folder / "artifacts" / WEIGHTS, json.loads((folder / "artifacts" / META).read_text())
-    else:
-        path = Path(uri)
-        if path.is_dir() and (path / WEIGHTS).is_file():
-            weights = path / WEIGHTS
-            meta_file = path / META if (path / META).is_file() else path / "meta.json"
-            meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        elif path.is_file():
-            model = load_model(path)
-            return model.eval(), {"spec": model.spec.to_dict()}
-        else:
-            raise ModelNotFoundError(
-                f"model {uri!r} not found: give models:/NAME@ALIAS, runs:/RUN_ID/model, a checkpoint folder with "
-                f"{WEIGHTS}, or a .safetensors/.pth file"
-            )
+        return _build(folder / "artifacts" / WEIGHTS, json.loads((folder / "artifacts" / META).read_text()))
+    path = Path(uri).expanduser()
+    if path.is_dir():
+        for folder in (path, path / "artifacts"):  # a checkpoint folder, or an MLflow model folder
+            if (folder / WEIGHTS).is_file():
+                meta_file = next((f for f in (folder / META, folder / CHECKPOINT_META) if f.is_file()), None)
+                meta = json.loads(meta_file.read_text()) if meta_file else {}
+                return _build(folder / WEIGHTS, meta)
+        raise ModelNotFoundError(f"model folder {path} has no {WEIGHTS} (nor artifacts/{WEIGHTS}); give a training "
+                                 "checkpoint folder, an MLflow model folder, or the weights file itself")
+    if path.is_file():
+        model = load_model(path)
+        return model.eval(), _with_keypoints({"spec": model.spec.to_dict()}, model.spec.num_keypoints)
+    raise ModelNotFoundError(
+        f"model {uri!r} not found: give models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a checkpoint "
+        f"folder with {WEIGHTS}, or a .safetensors/.pth file"
+    )
+
+
+def _check_weights(weights: Path, spec: dict[str, Any]) -> None:
+    """Refuse to register weights that do not load into the declared model, before anything is logged.
+
+    Compares names and shapes only (the model is built on the meta device, the file's header is read), so
+    checking a 1B-parameter teacher costs no memory.
+    """
+    from safetensors import safe_open
+
+    from vitpose.models import CheckpointMismatchError, build_model_from_spec
+
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"weights file not found: {weights}")
+    want = {k: tuple(v.shape) for k, v in build_model_from_spec(spec, device="meta").state_dict().items()}
+    with safe_open(str(weights), framework="pt") as f:
+        have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if want != have:
+        raise CheckpointMismatchError(
+            weights, sorted(set(want) - set(have)), sorted(set(have) - set(want)),
+            [(k, have[k], want[k]) for k in sorted(set(want) & set(have)) if want[k] != have[k]],
+            "the meta's 'spec' does not describe these weights; pass the spec the model was trained with",
+        )
+
+
+def _build(weights: Path, meta: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    from vitpose.models import build_model_from_spec, read_checkpoint
+
     state, file_spec = read_checkpoint(weights)
     spec = meta.get("spec") or (file_spec.to_dict() if file_spec else None)
     if spec is None:
-        raise ModelNotFoundError(f"{weights}: no model spec stored with the weights; cannot rebuild the model")
+        raise ModelNotFoundError(f"{weights}: no model spec stored with the weights (no 'spec' in the meta, none in "
+                                 "the file); save it with vitpose.models.save_safetensors or keep meta.json beside it")
     model = build_model_from_spec(spec)
     model.load_state_dict(state, strict=True)
-    meta["spec"] = spec
-    return model.eval(), meta
+    keep = {k: meta[k] for k in ("keypoints", "source_checkpoint") if k in meta}
+    return model.eval(), _with_keypoints({"spec": spec, **keep}, model.spec.num_keypoints)
+
+
+def _with_keypoints(meta: dict[str, Any], num_keypoints: int) -> dict[str, Any]:
+    # Weights saved without their dataset's keypoint definition (an official .pth, a bare .safetensors) get
+    # COCO's for 17 keypoints; the meta records that it was assumed.
+    if "keypoints" not in meta:
+        from vitpose.predict import default_keypoint_info
+
+        meta["keypoints"] = default_keypoint_info(num_keypoints)
+        meta["keypoints_assumed"] = True
+    return meta
 
 
 def _download(uri: str, tracking_uri: str | None) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from vitpose.tracking import resolve_tracking_uri
+    from vitpose.tracking import check_tracking_uri, resolve_tracking_uri
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    resolved = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(resolved)  # an unreachable server is a clear error here, not a "model not found"
+    mlflow.set_tracking_uri(resolved)
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
     except MlflowException as err:
-        raise ModelNotFoundError(f"model {uri!r} not found in the MLflow registry/runs: {err.message}") from None
+        first = err.message.splitlines()[0] if err.message else str(err)
+        raise ModelNotFoundError(f"model {uri!r} not found in the MLflow store {resolved}: {first}. Check the name, alias or "
+                                 f"version (mlflow ui --backend-store-uri {resolved}), or point MLFLOW_TRACKING_URI "
+                                 "at the store that holds the model") from None
     folder = Path(local)
     if not (folder / "artifacts" / META).is_file():
-        raise ModelNotFoundError(f"{uri} is not a vitpose model (no artifacts/{META}); register it with vitpose")
+        raise ModelNotFoundError(f"{uri} is not a vitpose pose model (no artifacts/{META}); ONNX exports are served "
+                                 "by onnxruntime, not loaded here; register with vitpose.serving.log_vitpose_model")
     return folder

@@ -1,7 +1,10 @@
-"""Pictures people would rather look at: skeletons on crops and images, loss curves.
+"""Pictures people would rather look at: skeletons on crops and full images, loss curves.
 
-Limb colours say the side (left blue, right orange, centre green), point size says the keypoint's
-confidence, and joints below the score threshold are not drawn.
+Owns every drawing of predictions: ``draw_skeleton`` (one person), ``draw_persons`` (a full image with the
+predictor's output), ``draw_crops_grid`` (model-input crops, logged by training) and ``plot_curves``.
+Limb colours say the side (left blue, right orange, centre green); a joint's dot grows with its confidence
+and joints below the score threshold are drawn as small hollow rings, so uncertain joints stay visible
+without being mistaken for confident ones.
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
 SIDE_COLOURS = {"left": (40, 120, 255), "right": (255, 140, 20), "centre": (40, 200, 90)}
+LOW_CONFIDENCE = (170, 170, 170)
 
 
 def side_of(name: str) -> str:
@@ -34,21 +38,62 @@ def draw_skeleton(
     keypoint_info: dict[str, Any],
     score_thr: float = 0.3,
     width: int = 2,
+    radius: float = 4.5,
 ) -> Image.Image:
-    """Draw one person's keypoints (K, 2) with confidences (K,) on ``image`` (modified and returned)."""
+    """Draw one person's keypoints (K, 2) with confidences (K,) on ``image`` (modified and returned).
+
+    Limbs join joints that are both above ``score_thr``; a confident joint's dot has radius
+    ``radius * (0.35 + 0.65 * confidence)``; the others are hollow grey rings.
+    """
     names = keypoint_info["names"]
+    keypoints = np.asarray(keypoints, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
     draw = ImageDraw.Draw(image)
-    for a, b in keypoint_info["skeleton"]:
-        # COCO skeletons are 1-based.
-        a, b = a - 1, b - 1
+    for a, b in keypoint_info.get("skeleton", []):
+        a, b = a - 1, b - 1  # COCO skeletons are 1-based
         if scores[a] >= score_thr and scores[b] >= score_thr:
             draw.line([tuple(keypoints[a]), tuple(keypoints[b])], fill=limb_colour(names, a, b), width=width)
     for k, (x, y) in enumerate(keypoints):
-        if scores[k] < score_thr:
-            continue
-        r = 1.5 + 3.0 * float(np.clip(scores[k], 0, 1))
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=SIDE_COLOURS[side_of(names[k])], outline=(255, 255, 255))
+        if scores[k] >= score_thr:
+            r = radius * (0.35 + 0.65 * float(np.clip(scores[k], 0, 1)))
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=SIDE_COLOURS[side_of(names[k])], outline=(255, 255, 255))
+        else:
+            r = radius * 0.5
+            draw.ellipse([x - r, y - r, x + r, y + r], outline=LOW_CONFIDENCE, width=1)
     return image
+
+
+def draw_persons(image: np.ndarray | Image.Image, result: dict[str, Any], keypoint_info: dict[str, Any],
+                 score_thr: float = 0.3) -> Image.Image:
+    """A full image with every person of a ``PosePredictor`` result: box, instance score, skeleton.
+
+    Line widths and dot sizes follow the image size so small and large pictures read alike; each box is
+    labelled with the instance score (and "whole image" when no boxes were given).
+    """
+    canvas = (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))).convert("RGB").copy()
+    side = min(canvas.size)
+    width = max(1, round(side / 250))
+    radius = max(2.5, side / 110)
+    draw = ImageDraw.Draw(canvas)
+    font = _font(max(10, round(side / 45)))
+    for person in result["persons"]:
+        x, y, w, h = person["box"]
+        draw.rectangle([x, y, x + w, y + h], outline=(255, 255, 255), width=max(1, width // 2))
+        label = f"{person['score']:.2f}" + (" (whole image)" if result.get("whole_image_box") else "")
+        tx, ty = max(x, 0) + 2, max(y, 0) + 1
+        box = draw.textbbox((tx, ty), label, font=font)
+        draw.rectangle(box, fill=(0, 0, 0))
+        draw.text((tx, ty), label, fill=(255, 255, 255), font=font)
+        kps = np.asarray(person["keypoints"], dtype=np.float64)
+        draw_skeleton(canvas, kps[:, :2], kps[:, 2], keypoint_info, score_thr, width=width + 1, radius=radius)
+    return canvas
+
+
+def _font(size: int) -> Any:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one fixed-size bitmap font
+        return ImageFont.load_default()
 
 
 def denormalise(image: np.ndarray) -> Image.Image:

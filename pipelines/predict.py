@@ -1,0 +1,178 @@
+"""Keypoints and pictures for images: a model, an image (or folder) and person boxes → PNGs + a JSON.
+
+    python pipelines/predict.py --model models:/vitpose-student@champion photo.jpg
+    python pipelines/predict.py --model runs/ray/.../checkpoint_000007 images/ --boxes dets.json --box-score-thr 0.5
+
+For each image it writes ``OUT/<name>_pose.png`` (skeletons drawn: limb colours by side, dot size by
+keypoint confidence, hollow rings below --score-thr, each box labelled with the instance score) and one
+``OUT/keypoints.json`` with every person's keypoints in image pixels.
+
+--boxes takes a JSON file in one of three shapes:
+  * ``[[x, y, w, h(, score)], ...]``: the boxes of the single image given;
+  * ``{"<file name or stem>": [[x, y, w, h(, score)], ...], ...}``: boxes per image;
+  * a COCO detection results list ``[{"image_id": 785, "bbox": [...], "score": s, "category_id": 1}, ...]``,
+    matched to images whose file stem is the id (000000000785.jpg).
+An image without boxes (no --boxes, or not in the file) is taken whole as one person, and the JSON says so
+(``whole_image_box``); an explicit empty list means nobody is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+CHUNK = 8  # images whose crops share forward passes; bounds memory on folders of large photos
+
+
+class UsageError(Exception):
+    """Something on the command line or in an input file is wrong; the message says what and how to fix it."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders of images")
+    p.add_argument("--model", required=True,
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a checkpoint folder or weights file")
+    p.add_argument("--boxes", type=Path, help="person boxes JSON (see above); default: each whole image is one person")
+    p.add_argument("--box-score-thr", type=float, default=0.0, help="drop boxes scored below this (default 0)")
+    p.add_argument("--score-thr", type=float, default=0.3,
+                   help="keypoints below this confidence are drawn as hollow rings, limbs to them not drawn (default 0.3)")
+    p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default ./predictions)")
+    p.add_argument("--no-flip-test", action="store_true", help="one pass per box instead of two (faster, less accurate)")
+    p.add_argument("--device", help="torch device, e.g. cuda:0 (default: cuda when available, else cpu)")
+    p.add_argument("--tracking-uri", help="MLflow store for models:/ and runs:/ URIs (default MLFLOW_TRACKING_URI)")
+    return p.parse_args(argv)
+
+
+def collect_images(inputs: list[Path]) -> list[tuple[Path, bool]]:
+    """(path, named explicitly) for every image; folders contribute their image files, sorted."""
+    found: list[tuple[Path, bool]] = []
+    for item in inputs:
+        if item.is_dir():
+            files = sorted(f for f in item.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not files:
+                raise UsageError(f"{item}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+            found += [(f, False) for f in files]
+        elif item.is_file():
+            found.append((item, True))
+        else:
+            raise UsageError(f"{item}: no such file or folder")
+    return found
+
+
+def load_boxes(path: Path, images: list[Path]) -> dict[Path, Any]:
+    """Boxes per image from a --boxes file; images it does not mention are absent from the result."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--boxes {path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--boxes {path}: not valid JSON ({err})") from None
+    if isinstance(data, dict):
+        out = {}
+        for image in images:
+            for key in (str(image), image.name, image.stem):
+                if key in data:
+                    out[image] = data[key]
+                    break
+        unused = set(data) - {k for im in out for k in (str(im), im.name, im.stem)}
+        if unused:
+            print(f"note: --boxes {path}: no image given for {sorted(unused)[:5]}", file=sys.stderr)
+        return out
+    if not isinstance(data, list):
+        raise UsageError(f"--boxes {path}: expected a list or an object, got {type(data).__name__}")
+    if data and all(isinstance(d, dict) and "image_id" in d for d in data):
+        by_id: dict[int, list] = {}
+        for d in data:
+            if int(d.get("category_id", 1)) == 1:  # COCO's person
+                by_id.setdefault(int(d["image_id"]), []).append({"bbox": d["bbox"], "score": d.get("score", 1.0)})
+        out = {}
+        for image in images:
+            if image.stem.isdigit() and int(image.stem) in by_id:
+                out[image] = by_id[int(image.stem)]
+        if not out:
+            raise UsageError(f"--boxes {path}: a COCO results list, but no image id matches an image file stem "
+                             f"(ids like {sorted(by_id)[:3]}, files like {images[0].name}); name files by their id "
+                             "or use the {\"file name\": [[x, y, w, h, score], ...]} form")
+        return out
+    if len(images) != 1:
+        raise UsageError(f"--boxes {path}: a plain list of boxes fits one image, but {len(images)} were given; use "
+                         "the {\"file name\": [[x, y, w, h, score], ...]} form")
+    return {images[0]: data}
+
+
+def _filter(boxes: Any, thr: float) -> Any:
+    if thr <= 0 or not isinstance(boxes, list):
+        return boxes
+    kept = []
+    for b in boxes:
+        score = b.get("score", 1.0) if isinstance(b, dict) else (b[4] if isinstance(b, (list, tuple)) and len(b) == 5 else 1.0)
+        if not isinstance(score, (int, float)) or score >= thr:
+            kept.append(b)
+    return kept
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from vitpose.config import ConfigError
+    from vitpose.models import CheckpointError
+    from vitpose.predict import BadRequest, PosePredictor, decode_image, parse_boxes, resolve_device
+
+    t0 = time.perf_counter()
+    try:
+        images = collect_images(args.inputs)
+        boxes = load_boxes(args.boxes, [p for p, _ in images]) if args.boxes else {}
+        predictor = PosePredictor.from_uri(args.model, args.tracking_uri, flip_test=not args.no_flip_test,
+                                           device=resolve_device(args.device))
+    except (UsageError, ConfigError, CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from PIL import Image
+
+    from vitpose.visualize import draw_persons
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, Any]] = []
+    used_names: set[str] = set()
+    for start in range(0, len(images), CHUNK):
+        chunk = []
+        for path, explicit in images[start : start + CHUNK]:
+            try:
+                image = decode_image(path.read_bytes())
+                # Parsed here, not inside the batch, so an error names the image its boxes belong to.
+                parsed = parse_boxes(_filter(boxes.get(path), args.box_score_thr), image.shape[1], image.shape[0])
+            except BadRequest as err:
+                if explicit or path in boxes:
+                    print(f"error: {path}: {err}", file=sys.stderr)
+                    return 2
+                print(f"warning: skipping {path}: {err}", file=sys.stderr)
+                continue
+            chunk.append((path, image, parsed))
+        results = predictor.predict_batch([(image, b) for _, image, b in chunk])
+        for (path, image, _), result in zip(chunk, results, strict=True):
+            name = f"{path.stem}_pose.png"
+            n = 1
+            while name in used_names:  # same stem from two folders
+                n += 1
+                name = f"{path.stem}_{n}_pose.png"
+            used_names.add(name)
+            draw_persons(Image.fromarray(image), result, predictor.keypoint_info, args.score_thr).save(args.out / name)
+            records.append({"file": str(path), "png": name, **{k: v for k, v in result.items() if k != "keypoint_names"}})
+            note = " (whole image as one person)" if result["whole_image_box"] else ""
+            print(f"{path}: {result['num_persons']} person(s){note} -> {args.out / name}")
+    out_json = args.out / "keypoints.json"
+    out_json.write_text(json.dumps({
+        "model": args.model, "flip_test": predictor.flip_test, "keypoint_names": predictor.names,
+        "skeleton": predictor.keypoint_info.get("skeleton", []), "images": records,
+    }, indent=1))
+    print(f"wrote {len(records)} picture(s) and {out_json} in {time.perf_counter() - t0:.1f}s")
+    return 0 if records else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""ONNX export of a ViTPose: the graph (dynamic batch), a parity check against PyTorch in onnxruntime,
+and logging the ONNX file to MLflow as the ``onnx`` flavour.
+
+Owns the network-only export: normalised crops ``images`` (N, 3, H, W) float32 in, ``heatmaps``
+(N, K, H/4, W/4) out. Cropping, the flip test and decoding stay in Python (``vitpose.predict``), so the
+ONNX file carries the model's ``ModelSpec`` and keypoint metadata (names, flip pairs, skeleton) in its
+``metadata_props`` for whoever rebuilds that part in another runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "heatmaps"
+DEFAULT_OPSET = 17  # LayerNormalization is native from 17; onnxruntime >= 1.14 runs it
+
+
+def export_onnx(model: torch.nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSET,
+                meta: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (eval mode, CPU, float32) as ONNX with a dynamic batch axis; returns the path.
+
+    Uses the TorchScript-based exporter: the torch.export-based one needs ``onnxscript``, which this project
+    does not install. The trace runs at batch 2, not 1, so no size-1 dimension can be mistaken for a
+    broadcast and frozen into the graph.
+    """
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval().float().cpu()
+    h, w = model.spec.img_size
+    dummy = torch.zeros(2, 3, h, w)
+    with warnings.catch_warnings():
+        # The exporter's own deprecation notice, and TracerWarnings about the backbone's token-grid check,
+        # which is constant for a fixed input size (only the batch is dynamic).
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (dummy,), str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    props = {"vitpose_spec": json.dumps(model.spec.to_dict()), "input": "RGB crops normalised with ImageNet mean/std, "
+             "UDP affine of the person box padded 1.25 to the input aspect ratio"}
+    if meta and meta.get("keypoints"):
+        props["vitpose_keypoints"] = json.dumps(meta["keypoints"])
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+    return path
+
+
+def onnx_session(path: str | Path, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session with full graph optimisation; ``threads`` defaults to torch's thread count."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    # No busy-waiting between runs: spinning workers take the cores away from whatever runs next in this
+    # process (PyTorch, the decode) or beside it, which on a small shared CPU costs more than it saves.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def sample_crops(batch: int, img_size: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """Seeded smooth random images, normalised like real crops (white noise would be an atypical input)."""
+    import torch.nn.functional as F
+
+    from vitpose.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    g = torch.Generator().manual_seed(seed)
+    h, w = img_size
+    coarse = torch.rand(batch, 3, max(h // 16, 1), max(w // 16, 1), generator=g)
+    rgb = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    rgb = (rgb + 0.1 * torch.rand(batch, 3, h, w, generator=g)).clamp(0, 1)
+    mean = torch.as_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.as_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((rgb - mean) / std).float()
+
+
+@torch.inference_mode()
+def check_parity(model: torch.nn.Module, session: Any, batch_sizes: tuple[int, ...] = (1, 4),
+                 seed: int = 0) -> dict[int, dict[str, float]]:
+    """Same inputs through PyTorch and onnxruntime: per batch size, the max |difference| of the heatmaps and
+    the heatmaps' max |value| (for scale)."""
+    model = model.eval().float().cpu()
+    out = {}
+    for i, b in enumerate(batch_sizes):
+        x = sample_crops(b, tuple(model.spec.img_size), seed + i)
+        ref = model(x).numpy()
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        if got.shape != ref.shape:
+            raise AssertionError(f"onnxruntime output {got.shape} != PyTorch {ref.shape} at batch {b}")
+        out[b] = {"max_abs_diff": float(np.abs(got - ref).max()), "max_abs_value": float(np.abs(ref).max())}
+    return out
+
+
+def log_onnx_model(tracking_uri: str, run_id: str, path: str | Path, meta: dict[str, Any],
+                   registered_name: str | None = None, alias: str | None = None) -> str | None:
+    """Log the ONNX file under ``run_id`` as MLflow's ``onnx`` flavour (tensor in, heatmaps out); register it
+    (and point ``alias`` at it) when a name is given. Returns the registered version or None."""
+    import mlflow
+    import mlflow.onnx
+    import onnx
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from vitpose.models import ModelSpec
+
+    spec = ModelSpec.from_dict(meta["spec"])
+    (h, w), (hh, hw) = spec.img_size, spec.heatmap_size
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, h, w), INPUT_NAME)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.num_keypoints, hh, hw), OUTPUT_NAME)]),
+    )
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.onnx.log_model(
+            onnx.load(str(path)), name="onnx", signature=signature, registered_model_name=registered_name,
+            metadata={"vitpose": {k: meta[k] for k in ("spec", "keypoints") if k in meta}},
+            pip_requirements=_pip_requirements(),
+        )
+    if not registered_name:
+        return None
+    version = str(info.registered_model_version)
+    if alias:
+        mlflow.MlflowClient(tracking_uri).set_registered_model_alias(registered_name, alias, version)
+    return version
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for dist in ("onnx", "onnxruntime", "mlflow", "numpy"):
+        try:
+            reqs.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            continue
+    return reqs
