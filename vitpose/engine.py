@@ -184,12 +184,12 @@ def build_datasets(cfg: TeacherConfig, is_local_leader: bool) -> tuple[Any, Any]
             )
         if dist.is_initialized():
             dist.barrier()
-    spec = model_spec_kwargs(cfg)
-    common = dict(
-        input_size=tuple(spec["img_size"]) if spec.get("img_size") else None,
-        on_bad_sample=cfg.data.on_bad_sample,
-    )
-    common = {k: v for k, v in common.items() if v is not None}
+    from vitpose.models import build_model
+
+    # The model decides the crop and heatmap sizes (heatmaps are 4x its token grid), the data follows.
+    spec = build_model(cfg.model.preset, device="meta", **model_spec_kwargs(cfg)).spec
+    common = dict(input_size=tuple(spec.img_size), heatmap_size=tuple(spec.heatmap_size),
+                  on_bad_sample=cfg.data.on_bad_sample)
     train = TopDownCocoDataset(root / cfg.data.train_ann, root / cfg.data.train_images, train=True,
                                aug_seed=cfg.train.seed, **common)
     val = TopDownCocoDataset(
