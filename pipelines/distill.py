@@ -72,12 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         raycluster.check_resources(1, cfg.tune.cpus_per_trial, cfg.ray.use_gpu, cfg.ray.gpus_per_worker,
                                    cfg.ray.autoscaler, what="tune")
         sweep_dir = storage / name
-        if cfg.data.kind == "synthetic":
-            from vitpose.data.synthetic import ensure_synthetic_dataset
+        from vitpose.engine import ensure_data
 
-            s = cfg.data.synthetic
-            ensure_synthetic_dataset(cfg.data.root_path(), train_instances=s.train_instances,
-                                     val_instances=s.val_instances, seed=s.seed)
+        ensure_data(cfg)
         teacher, teacher_meta, teacher_id = fetch_teacher(cfg, tracking_uri, sweep_dir / "teacher")
         shared = prepare(cfg, teacher, teacher_meta, teacher_id, sweep_dir, tracking_uri, name)
     except ConfigError as err:

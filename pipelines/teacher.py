@@ -69,12 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    if cfg.data.kind == "synthetic":
-        from vitpose.data.synthetic import ensure_synthetic_dataset
+    from vitpose.engine import ensure_data
 
-        s = cfg.data.synthetic
-        ensure_synthetic_dataset(cfg.data.root_path(), train_instances=s.train_instances,
-                                 val_instances=s.val_instances, seed=s.seed)
+    ensure_data(cfg)
 
     run_dir = storage / name
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -25,10 +25,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
-    from vitpose.data.synthetic import ensure_synthetic_dataset
+    from vitpose.engine import ensure_data
 
     root = tmp_path_factory.mktemp("synthetic")
-    ensure_synthetic_dataset(root, train_instances=96, val_instances=32, seed=0)
+    ensure_data(tiny_config(root))
     return root
 
 

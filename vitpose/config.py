@@ -59,9 +59,26 @@ class ModelConfig(Section):
 
 
 class SyntheticDataConfig(Section):
+    """Knobs of the generated dataset (vitpose.data.synthetic.SynthConfig); changing one regenerates it."""
+
     train_instances: int = Field(2000, ge=1)
     val_instances: int = Field(400, ge=1)
     seed: int = 0
+    clutter: float = Field(0.2, ge=0.0, le=1.0)
+    max_figures: int = Field(2, ge=1, le=8)
+    occlusion_prob: float = Field(0.15, ge=0.0, le=1.0)
+    pose_variety: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class AugSection(Section):
+    """Training augmentation (vitpose.data.transforms.AugConfig); the defaults are the paper's recipe."""
+
+    scale_factor: float = Field(0.5, ge=0.0, lt=1.0)
+    rotation_factor: float = Field(40.0, ge=0.0, le=90.0)
+    rotation_prob: float = Field(0.6, ge=0.0, le=1.0)
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    half_body_prob: float = Field(0.3, ge=0.0, le=1.0)
+    photometric_prob: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class DataConfig(Section):
@@ -76,6 +93,7 @@ class DataConfig(Section):
     det_score_thr: float = Field(0.0, ge=0.0, le=1.0)
     on_bad_sample: Literal["error", "skip"] = "error"
     loader_workers: int = Field(1, ge=0)
+    aug: AugSection = AugSection()
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
 
     def root_path(self) -> Path:

@@ -168,30 +168,35 @@ class EpochShardSampler(Sampler[int]):
         return iter(order[self.rank :: self.world].tolist())
 
 
+def ensure_data(cfg: TeacherConfig) -> None:
+    """Generate the synthetic dataset of ``cfg`` when it is missing or was made with other knobs."""
+    if cfg.data.kind != "synthetic":
+        return
+    from vitpose.data.synthetic import SynthConfig, ensure_synthetic_dataset
+
+    s = cfg.data.synthetic
+    knobs = SynthConfig(clutter=s.clutter, max_figures=s.max_figures, occlusion_prob=s.occlusion_prob,
+                        pose_variety=s.pose_variety)
+    ensure_synthetic_dataset(cfg.data.root_path(), train_instances=s.train_instances,
+                             val_instances=s.val_instances, seed=s.seed, cfg=knobs)
+
+
 def build_datasets(cfg: TeacherConfig, is_local_leader: bool) -> tuple[Any, Any]:
     from vitpose.data.coco import TopDownCocoDataset
-
-    root = cfg.data.root_path()
-    if cfg.data.kind == "synthetic":
-        from vitpose.data.synthetic import ensure_synthetic_dataset
-
-        if is_local_leader:
-            ensure_synthetic_dataset(
-                root,
-                train_instances=cfg.data.synthetic.train_instances,
-                val_instances=cfg.data.synthetic.val_instances,
-                seed=cfg.data.synthetic.seed,
-            )
-        if dist.is_initialized():
-            dist.barrier()
+    from vitpose.data.transforms import AugConfig
     from vitpose.models import build_model
 
+    if is_local_leader:
+        ensure_data(cfg)
+    if dist.is_initialized():
+        dist.barrier()
+    root = cfg.data.root_path()
     # The model decides the crop and heatmap sizes (heatmaps are 4x its token grid), the data follows.
     spec = build_model(cfg.model.preset, device="meta", **model_spec_kwargs(cfg)).spec
     common = dict(input_size=tuple(spec.img_size), heatmap_size=tuple(spec.heatmap_size),
                   on_bad_sample=cfg.data.on_bad_sample)
     train = TopDownCocoDataset(root / cfg.data.train_ann, root / cfg.data.train_images, train=True,
-                               aug_seed=cfg.train.seed, **common)
+                               aug=AugConfig(**cfg.data.aug.model_dump()), aug_seed=cfg.train.seed, **common)
     val = TopDownCocoDataset(
         root / cfg.data.val_ann,
         root / cfg.data.val_images,
@@ -278,8 +283,8 @@ class Trainer:
         self.train_ds, self.val_ds = train_ds, val_ds
         self.keypoint_info = keypoint_info(train_ds)
 
-        with deepspeed.zero.Init(enabled=self.stage == 3 and model is None, config_dict_or_path=self.ds_config):
-            model = model if model is not None else build_model_from_config(cfg)
+        if model is None:
+            model = self._build_partitioned() if self.stage == 3 else build_model_from_config(cfg)
         self.spec = model.spec
         from vitpose.models import param_groups_layer_decay
 
@@ -316,6 +321,31 @@ class Trainer:
         self.best_ap = -1.0
         self.history: list[dict[str, float]] = []
         self.restored_at_epochs: list[int] = []  # 0-based epochs at which a run continued from a checkpoint
+
+    def _build_partitioned(self) -> torch.nn.Module:
+        """ZeRO-3: build the model already partitioned, so a model larger than one rank's memory fits.
+
+        zero.Init partitions each submodule as soon as it is built, so the model's own initialisation (and
+        an init checkpoint) must be applied again on gathered parameters, from rank 0.
+        """
+        import deepspeed
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
+            from vitpose.models import build_model
+
+            model = build_model(cfg.model.preset, **model_spec_kwargs(cfg))
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+            if self.rank == 0:
+                model.init_weights()
+                if cfg.model.init_checkpoint:
+                    from vitpose.models import load_checkpoint
+
+                    load_checkpoint(model, cfg.model.init_checkpoint)
+        if cfg.model.activation_checkpointing:
+            model.set_grad_checkpointing(True)
+        return model
 
     # ----------------------------------------------------------------------------------- resume
     def restore(self) -> bool:

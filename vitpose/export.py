@@ -116,6 +116,7 @@ def log_onnx_model(tracking_uri: str, run_id: str, path: str | Path, meta: dict[
     from mlflow.types import Schema, TensorSpec
 
     from vitpose.models import ModelSpec
+    from vitpose.serving import pip_requirements, register_alias
 
     spec = ModelSpec.from_dict(meta["spec"])
     (h, w), (hh, hw) = spec.img_size, spec.heatmap_size
@@ -128,23 +129,6 @@ def log_onnx_model(tracking_uri: str, run_id: str, path: str | Path, meta: dict[
         info = mlflow.onnx.log_model(
             onnx.load(str(path)), name="onnx", signature=signature, registered_model_name=registered_name,
             metadata={"vitpose": {k: meta[k] for k in ("spec", "keypoints") if k in meta}},
-            pip_requirements=_pip_requirements(),
+            pip_requirements=pip_requirements(("onnx", "onnxruntime", "mlflow", "numpy")),
         )
-    if not registered_name:
-        return None
-    version = str(info.registered_model_version)
-    if alias:
-        mlflow.MlflowClient(tracking_uri).set_registered_model_alias(registered_name, alias, version)
-    return version
-
-
-def _pip_requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    reqs = []
-    for dist in ("onnx", "onnxruntime", "mlflow", "numpy"):
-        try:
-            reqs.append(f"{dist}=={version(dist)}")
-        except PackageNotFoundError:
-            continue
-    return reqs
+    return register_alias(tracking_uri, info, registered_name, alias)

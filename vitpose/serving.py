@@ -163,17 +163,30 @@ def input_example() -> pd.DataFrame:
     return pd.DataFrame({"image": [b64, b64], "boxes": [[[20, 4, 56, 120, 0.9]], None]})
 
 
-def pip_requirements() -> list[str]:
-    """What a fresh environment needs: this package (it carries the model code) at the versions logged with."""
+def pip_requirements(dists: tuple[str, ...] = ("vitpose-distill", "torch", "mlflow", "safetensors", "numpy",
+                                                "pandas", "pillow", "opencv-python-headless")) -> list[str]:
+    """What a fresh environment needs, at the versions logged with (this package carries the model code)."""
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
-    for dist in ("vitpose-distill", "torch", "mlflow", "safetensors", "numpy", "pandas", "pillow", "opencv-python-headless"):
+    for dist in dists:
         try:
             reqs.append(f"{dist}=={version(dist).split('+')[0]}")
         except PackageNotFoundError:
             continue
     return reqs
+
+
+def register_alias(tracking_uri: str, info: Any, registered_name: str | None, alias: str | None) -> str | None:
+    """The version a ``log_model(..., registered_model_name=...)`` created, with ``alias`` pointed at it."""
+    import mlflow
+
+    if not registered_name:
+        return None
+    version = str(info.registered_model_version)
+    if alias:
+        mlflow.MlflowClient(tracking_uri).set_registered_model_alias(registered_name, alias, version)
+    return version
 
 
 # ------------------------------------------------------------------------------------------ log/load
@@ -212,12 +225,7 @@ def log_vitpose_model(
                 pip_requirements=pip_requirements(),
                 registered_model_name=registered_name,
             )
-    if not registered_name:
-        return None
-    version = str(info.registered_model_version)
-    if alias:
-        mlflow.MlflowClient(tracking_uri).set_registered_model_alias(registered_name, alias, version)
-    return version
+    return register_alias(tracking_uri, info, registered_name, alias)
 
 
 def load_vitpose(uri: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -129,7 +129,7 @@ def normalize(crop: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class AugConfig:
-    """Training augmentation knobs; defaults are ViTPose's (mmpose 0.x) recipe plus mild photometrics."""
+    """Training augmentation knobs; defaults are ViTPose's (mmpose 0.x) recipe; photometrics optional."""
 
     scale_factor: float = 0.5  # box scale x N(1, sf) clipped to [1 - sf, 1 + sf]
     rotation_factor: float = (
@@ -141,7 +141,7 @@ class AugConfig:
     half_body_min_joints: int = 8  # half-body only when more than this many joints are labelled
     half_body_padding: float = 1.5
     # Photometric (albumentations). The whole block is applied with photometric_prob; 0 turns it off.
-    photometric_prob: float = 0.5
+    photometric_prob: float = 0.0  # ViTPose uses none; turn on for robustness
     brightness_contrast: float = 0.2
     # Small on purpose: synthetic data tells left from right by hue family, and a large hue shift would
     # make the labels lie.

@@ -148,7 +148,11 @@ class ViTBackbone(nn.Module):
         )
         self.last_norm = norm_layer(embed_dim)
         self.knowledge_tokens: KnowledgeTokens | None = None
+        self.init_weights()
 
+    def init_weights(self) -> None:
+        """ViT initialisation (truncated normal linears and pos_embed). Callable again after construction:
+        under ``deepspeed.zero.Init`` the submodules are already partitioned when ``__init__`` ends."""
         trunc_normal_(self.pos_embed, std=0.02)
         self.apply(_init_vit_weights)
 

@@ -70,6 +70,9 @@ class ClassicDecoder(nn.Module):
             c_in = channels
         self.deconv_layers = nn.Sequential(*layers)
         self.final_layer = nn.Conv2d(channels, num_keypoints, kernel_size=1)
+        self.init_weights()
+
+    def init_weights(self) -> None:
         _init_like_mmpose(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,6 +97,9 @@ class SimpleDecoder(nn.Module):
         self.in_channels = in_channels
         self.num_keypoints = num_keypoints
         self.final_layer = nn.Conv2d(in_channels, num_keypoints, kernel_size=3, padding=1)
+        self.init_weights()
+
+    def init_weights(self) -> None:
         _init_like_mmpose(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -164,6 +164,11 @@ class ViTPose(nn.Module):
         if spec.num_knowledge_tokens:
             self.backbone.add_knowledge_tokens(spec.num_knowledge_tokens, spec.knowledge_token_dim)
 
+    def init_weights(self) -> None:
+        """Re-run the initialisation (see ViTBackbone.init_weights for why it is callable again)."""
+        self.backbone.init_weights()
+        self.keypoint_head.init_weights()
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.keypoint_head(self.backbone(images))
 
