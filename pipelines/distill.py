@@ -161,6 +161,7 @@ def finish(cfg: StudentConfig, results: Any, shared: dict[str, Any], tracking_ur
     from vitpose.serving import log_vitpose_model
 
     metric, parent = cfg.tune.metric, shared["parent_run_id"]
+    sweep.close_trial_runs(results, tracking_uri, parent)
     table = results.get_dataframe(filter_metric=metric, filter_mode="max")
     keep = [c for c in table.columns if c.startswith("config/")] + [c for c in (metric, "val/AR", "epoch", "trial_id")
                                                                      if c in table.columns]

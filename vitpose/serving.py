@@ -291,7 +291,7 @@ def _build(weights: Path, meta: dict[str, Any]) -> tuple[torch.nn.Module, dict[s
                                  "the file); save it with vitpose.models.save_safetensors or keep meta.json beside it")
     model = build_model_from_spec(spec)
     model.load_state_dict(state, strict=True)
-    keep = {k: meta[k] for k in ("keypoints", "source_checkpoint") if k in meta}
+    keep = {k: v for k, v in meta.items() if k != "spec"}  # keypoints, lineage (source, teacher, trial)
     return model.eval(), _with_keypoints({"spec": spec, **keep}, model.spec.num_keypoints)
 
 

@@ -158,6 +158,8 @@ def run_trial(config: dict[str, Any], shared: dict[str, Any]) -> None:
         else:
             teacher = frozen(load_vitpose(shared["teacher_dir"])[0])
     loss = distill_loss(cfg.distill.output.weight if cfg.distill.output.enabled else 0.0, teacher)
+    # The run's final status is set by the driver (close_trial_runs): Tune may stop a trial inside its
+    # last report, before any code after fit() would run.
     try:
         Trainer(cfg, TuneSession(), model=model, loss_fn=loss, datasets=(train_ds, val_ds), tracker=tracker,
                 log_prefix=f"[{trial_id}] ").fit()
@@ -190,3 +192,17 @@ def plot_sweep(table: Any, metric: str, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def close_trial_runs(results: Any, tracking_uri: str, parent_run_id: str) -> None:
+    """Mark each trial's nested MLflow run FINISHED (or FAILED, for trials that errored)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    by_trial = {r.data.tags.get("trial_id"): r for r in runs}
+    for result in results:
+        run = by_trial.get((result.metrics or {}).get("trial_id"))
+        if run is not None and run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "FAILED" if result.error else "FINISHED")

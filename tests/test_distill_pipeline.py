@@ -1,0 +1,117 @@
+"""pipelines/distill.py end to end: a registered teacher, a 2-trial Tune sweep, nested MLflow runs,
+the champion, and an interrupted sweep completed with --resume (real Ray, DeepSpeed, MLflow)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.conftest import REPO, TEST_IMG
+
+pytestmark = pytest.mark.slow
+
+PY = sys.executable
+
+
+def common(root: Path, storage: Path) -> list[str]:
+    sets = [f"data.root={root}", "data.synthetic.train_instances=96", "data.synthetic.val_instances=32",
+            f"model.img_size={TEST_IMG}", "train.batch_size=8", "train.warmup_iters=2", "train.lr_steps=[]",
+            "data.loader_workers=0", f"ray.storage_path={storage}"]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def run(args: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def registry(synthetic_root, tmp_path_factory):
+    """A tracking store holding a (tiny, briefly trained) teacher at models:/vitpose-teacher@current."""
+    folder = tmp_path_factory.mktemp("registry")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
+    out = run(["pipelines/teacher.py", *common(synthetic_root, folder / "ray"), "--set", "model.preset=vitpose_nano",
+               "--set", "train.epochs=1", "--set", "deepspeed.zero_stage=0"], env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return env
+
+
+def child_runs(uri: str, parent: str) -> list:
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("vitpose-distill")
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+
+
+def finished_trials(uri: str, parent: str, epochs: int = 2) -> set[str]:
+    """Trials whose run has logged every epoch (the driver marks statuses only at the end)."""
+    client = mlflow.MlflowClient(uri)
+    return {r.data.tags["trial_id"] for r in child_runs(uri, parent)
+            if len(client.get_metric_history(r.info.run_id, "val/AP")) == epochs}
+
+
+def test_two_trial_sweep_registers_a_champion(registry, synthetic_root, tmp_path):
+    args = ["pipelines/distill.py", *common(synthetic_root, tmp_path), "--set", "train.epochs=2",
+            "--set", "tune.search_space={distill.parts: {grid: [none, both]}}", "--set", "tune.grace_period=2"]
+    out = run(args, registry)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "registered model: models:/vitpose-student@champion (version 1)" in out.stdout
+
+    uri = registry["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(uri)
+    champion = client.get_model_version_by_alias("vitpose-student", "champion")
+    parent = champion.run_id
+    children = child_runs(uri, parent)
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    assert all("val/AP" in r.data.metrics for r in children)
+    artifacts = {a.path for a in client.list_artifacts(parent)}
+    assert {"results.csv", "sweep.png", "knowledge_tokens", "view_bank.json"} <= artifacts
+
+    from vitpose.serving import load_vitpose
+
+    student, meta = load_vitpose("models:/vitpose-student@champion", uri)
+    assert student.spec.embed_dim == 96 and meta["trial_params"]["distill.parts"] in ("none", "both")
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(registry, synthetic_root, tmp_path):
+    uri = registry["MLFLOW_TRACKING_URI"]
+    args = ["pipelines/distill.py", *common(synthetic_root, tmp_path), "--set", "train.epochs=2",
+            "--set", "ray.name=resume-sweep", "--set", "tune.scheduler=fifo", "--set", "tune.max_concurrent_trials=1",
+            "--set", "tune.search_space={distill.parts: {grid: [none, token, output]}}"]
+    proc = subprocess.Popen([PY, *args], cwd=REPO, env=registry, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        parent_file = None
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            files = list(tmp_path.glob("resume-sweep-*/mlflow_run_id.txt"))
+            if files:
+                parent_file = files[0]
+                if finished_trials(uri, parent_file.read_text().strip()):
+                    break
+            assert proc.poll() is None, "sweep ended before it could be interrupted"
+            time.sleep(2)
+        else:
+            pytest.fail("no trial finished in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started: only what this test launched
+        proc.wait()
+    parent = parent_file.read_text().strip()
+    done_before = finished_trials(uri, parent)
+
+    out = run([*args, "--resume"], registry)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resuming sweep" in out.stdout
+    runs = child_runs(uri, parent)
+    assert len({r.data.tags["trial_id"] for r in runs}) == 3 == len(runs), "a trial got a second run"
+    for r in runs:
+        if r.data.tags["trial_id"] in done_before:  # finished trials were not trained again
+            assert len(mlflow.MlflowClient(uri).get_metric_history(r.info.run_id, "train/loss")) == 2
+    # An alias names one version by construction: the champion is now this sweep's best student.
+    champion = mlflow.MlflowClient(uri).get_model_version_by_alias("vitpose-student", "champion")
+    assert champion.run_id == parent
