@@ -504,8 +504,8 @@ class Trainer:
             unique = {p["index"]: p for part in gathered for p in part}  # drop the sampler's padding repeats
             evaluator = CocoKeypointEvaluator(self.val_ds.ann_file)
             metrics = {f"val/{k}": float(v) for k, v in evaluator.evaluate(list(unique.values())).items()}
-            if self.tracker is not None and first_batch is not None:
-                self.tracker.log_predictions(first_batch, self.keypoint_info, epoch + 1)
+            if self.tracker is not None and first_batch is not None and self.cfg.tracking.log_images:
+                self.tracker.log_predictions(first_batch, self.keypoint_info, epoch + 1, self.cfg.tracking.log_images)
         box = [metrics]
         if dist.is_initialized() and self.world > 1:
             dist.broadcast_object_list(box, src=0)

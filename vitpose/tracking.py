@@ -166,13 +166,15 @@ class WorkerTracker:
     def log_epoch(self, metrics: dict[str, float], step: int) -> None:
         log_metrics(self.uri, self.run_id, metrics, step)
 
-    def log_predictions(self, batch: tuple[Any, Any, list[dict]], keypoint_info: dict[str, Any], epoch: int) -> None:
+    def log_predictions(self, batch: tuple[Any, Any, list[dict]], keypoint_info: dict[str, Any], epoch: int,
+                        max_crops: int = 8) -> None:
         from vitpose.visualize import draw_crops_grid
 
         images, heatmaps, _ = batch
-        fig_path = Path(tempfile.mkdtemp()) / f"val_predictions_epoch{epoch:03d}.png"
-        draw_crops_grid(images, heatmaps, keypoint_info, fig_path)
-        self.client.log_artifact(self.run_id, str(fig_path), "predictions")
+        with tempfile.TemporaryDirectory() as tmp:
+            fig_path = Path(tmp) / f"val_predictions_epoch{epoch:03d}.png"
+            draw_crops_grid(images, heatmaps, keypoint_info, fig_path, max_crops=max_crops)
+            self.client.log_artifact(self.run_id, str(fig_path), "predictions")
 
     def close(self) -> None:
         pass
