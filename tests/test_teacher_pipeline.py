@@ -158,7 +158,7 @@ def test_ray_job_submit_against_a_head(synthetic_root, tmp_path):
                 env=env, capture_output=True, text=True, timeout=600,
             )
             # The dashboard answers before its job agent is up; that refusal comes at once, so retry it.
-            if "No available agent" not in submit.stdout + submit.stderr or time.time() > deadline + 60:
+            if "No available agent" not in submit.stdout + submit.stderr or time.time() > deadline + 240:
                 break
             time.sleep(3)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
