@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vitpose import raycluster, tracking
-from vitpose.config import ConfigError, TeacherConfig, load_config, resolve_path, to_dict
+from vitpose.config import ConfigError, TeacherConfig, load_config, one_line, resolve_path, to_dict
 from vitpose.dsconfig import complete_deepspeed_config
 
 DEFAULT_CONFIG = "configs/teacher/synthetic_tiny.yaml"
@@ -38,6 +38,7 @@ def preflight(cfg: TeacherConfig) -> str:
     from vitpose.tracking import check_tracking_uri, resolve_tracking_uri
 
     complete_deepspeed_config(cfg, cfg.ray.num_workers)
+    raycluster.check_address()
     if cfg.data.kind == "coco":
         root = cfg.data.root_path()
         for key in ("train_ann", "train_images", "val_ann", "val_images"):
@@ -50,6 +51,23 @@ def preflight(cfg: TeacherConfig) -> str:
     return uri
 
 
+def check_data(cfg: TeacherConfig) -> None:
+    """Index the datasets here, once, so bad annotations and missing images stop the run (data.on_bad_sample=
+    error) or are counted (skip) before any worker starts. Unreadable images only show while training."""
+    from vitpose.data.coco import BadSampleError
+    from vitpose.engine import build_datasets, ensure_data
+
+    ensure_data(cfg)
+    try:
+        datasets = build_datasets(cfg, is_local_leader=False)
+    except (BadSampleError, FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"data: {err}") from None
+    for split, ds in zip(("train", "val"), datasets, strict=True):
+        if ds.index_bad_counts:
+            print(f"data: {split} set {ds.ann_file}: {len(ds)} instances; skipping bad annotations/images "
+                  f"{ds.index_bad_counts} (data.on_bad_sample=skip)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -57,11 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         tracking_uri = preflight(cfg)
         storage = resolve_path(cfg.ray.storage_path)
         name = raycluster.run_name(storage, cfg.ray.name, args.resume)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-    try:
+        check_data(cfg)
         raycluster.connect()
         raycluster.check_resources(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu,
                                    cfg.ray.gpus_per_worker, cfg.ray.autoscaler)
@@ -69,23 +83,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from vitpose.engine import ensure_data
-
-    ensure_data(cfg)
+    from vitpose.engine import FATAL_FILE
 
     run_dir = storage / name
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FATAL_FILE).unlink(missing_ok=True)  # a resumed run gets its retries back
     id_file = run_dir / "mlflow_run_id.txt"
-    run_id = tracking.start_driver_run(
-        cfg, tracking_uri, cfg.tracking.experiment, name,
-        run_id=id_file.read_text().strip() if id_file.is_file() else None,
-    )
+    resumed_run = id_file.read_text().strip() if id_file.is_file() else None
+    run_id = tracking.start_driver_run(cfg, tracking_uri, cfg.tracking.experiment, name, run_id=resumed_run)
+    if resumed_run:
+        tracking.increment_tag(tracking_uri, run_id, "driver_resumes")
     id_file.write_text(run_id + "\n")
     print(f"MLflow run {run_id} ({tracking_uri}); Ray run folder {run_dir}", flush=True)
 
     result = fit(cfg, name, storage, tracking_uri, run_id)
     if result.error:
-        print(f"error: training failed: {result.error}", file=sys.stderr)
+        print(f"error: training failed: {failure_cause(result.error, run_dir / FATAL_FILE)}", file=sys.stderr)
         tracking.end_run(tracking_uri, run_id, "FAILED")
         return 1
     summary = finish(cfg, result, tracking_uri, run_id)
@@ -95,11 +108,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def failure_cause(error: BaseException, fatal_file: Path) -> str:
+    """One line: the worker's own message, not Ray's wrapping of it with every rank's traceback."""
+    import json
+
+    if fatal_file.is_file():
+        return json.loads(fatal_file.read_text())["message"]
+    failures = getattr(error, "worker_failures", None) or {}
+    first = next(iter(failures.values()), error)
+    cause = getattr(first, "cause", None) or first  # RayTaskError wraps the worker's exception
+    return f"{one_line(cause)} (full traceback in the Ray worker logs above)"
+
+
 def fit(cfg: TeacherConfig, name: str, storage: Path, tracking_uri: str, run_id: str) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from vitpose.engine import train_worker
+    import os
+
+    from vitpose.engine import STATUS_DIR_ENV, train_worker
     from vitpose.raycluster import WORKER_ENV
 
     resources = {"CPU": cfg.ray.cpus_per_worker}
@@ -107,7 +134,8 @@ def fit(cfg: TeacherConfig, name: str, storage: Path, tracking_uri: str, run_id:
         resources["GPU"] = cfg.ray.gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": tracking_uri},
+        train_loop_config={"cfg": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+                           "run_dir": str(storage / name)},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -116,7 +144,8 @@ def fit(cfg: TeacherConfig, name: str, storage: Path, tracking_uri: str, run_id:
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep,
                                                checkpoint_score_attribute="val/AP", checkpoint_score_order="max"),
-            worker_runtime_env={"env_vars": dict(WORKER_ENV)},
+            worker_runtime_env={"env_vars": {**WORKER_ENV, **{k: os.environ[k] for k in (STATUS_DIR_ENV,)
+                                                               if k in os.environ}}},
         ),
     )
     return trainer.fit()
@@ -149,7 +178,12 @@ def finish(cfg: TeacherConfig, result: Any, tracking_uri: str, run_id: str) -> d
     tracking.log_artifact(tracking_uri, run_id, curves)
     tracking.log_metrics(tracking_uri, run_id, {f"best/{k}": v for k, v in best_metrics.items()
                                                 if k.startswith("val/")})
+    bad = {k.removeprefix("bad_samples/"): int(v) for k, v in latest_meta["history"][-1].items()
+           if k.startswith("bad_samples/")}
+    if bad:
+        tracking.log_json(tracking_uri, run_id, latest_meta.get("bad_samples", {}), "bad_samples.json")
     return {
+        **({"bad samples": ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))} if bad else {}),
         "best val AP": f"{best_metrics['val/AP']:.4f} (epoch {best_metrics['epoch']})",
         "MLflow run": run_id,
         "registered model": f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias} (version {version})",

@@ -24,6 +24,14 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message says where and how to fix it."""
 
 
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line; for errors re-raised by DataLoader workers, the original's."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if "Original Traceback" in str(err) and lines:
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(lines) or type(err).__name__
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -267,7 +275,7 @@ def _apply_override(raw: dict[str, Any], item: str, schema: type[Section]) -> No
 
 
 def _explain(err: ValidationError, source: str, schema: type[Section]) -> str:
-    lines = [f"{source}: invalid configuration ({err.error_count()} problem(s)):"]
+    lines = []
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
         dotted = ".".join(loc)
@@ -278,7 +286,9 @@ def _explain(err: ValidationError, source: str, schema: type[Section]) -> str:
             lines.append(f"  {dotted}: unknown key{hint}; allowed keys here: {', '.join(allowed)}")
         else:
             lines.append(f"  {dotted}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+    if len(lines) == 1:  # the common case reads as one line: file, key, what is wrong, the fix
+        return f"{source}: invalid configuration:{lines[0][1:]}"
+    return "\n".join([f"{source}: invalid configuration ({len(lines)} problems):", *lines])
 
 
 def _fields_at(schema: type[Section], loc: list[str]) -> list[str]:

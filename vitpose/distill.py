@@ -113,9 +113,15 @@ def ensure_knowledge_tokens(teacher: torch.nn.Module, teacher_id: str, train_ds:
 
 
 def load_tokens(path: str | Path) -> torch.Tensor:
+    """Tokens from a safetensors file only: a pickle (``.pt``/``.pth``) is refused, never unpickled."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{path}: not a knowledge-token file ({err}); token files are safetensors written "
+                          "by ensure_knowledge_tokens, other formats are not read") from None
     if "tokens" not in tensors or tensors["tokens"].ndim != 2:
         raise ConfigError(f"{path}: not a knowledge-token file (expected a 2-D 'tokens' tensor)")
     return tensors["tokens"]

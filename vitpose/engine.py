@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
-from vitpose.config import TeacherConfig
+from vitpose.config import TeacherConfig, one_line
 from vitpose.dsconfig import complete_deepspeed_config, zero_stage
 from vitpose.losses import keypoint_mse
 
@@ -37,10 +37,47 @@ log = logging.getLogger(__name__)
 CKPT_TAG = "ds"
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
+# Written by a worker whose error a retry cannot fix (bad data, NaN loss), read by the driver: the retried
+# worker group stops at once instead of training up to the same error again, and the driver prints one line.
+FATAL_FILE = "fatal_error.json"
+# When set, every rank keeps ``<dir>/rank<R>.json`` current (pid, epoch, step, phase) for outside watchers.
+STATUS_DIR_ENV = "VITPOSE_WORKER_STATUS_DIR"
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss and the config says to stop (train.on_nonfinite_loss=error)."""
+
+
+class IncompleteCheckpointError(RuntimeError):
+    """A checkpoint folder that was cut off while saving, or changed after, and cannot be resumed from."""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Readers see the old file or the whole new one, never a half-written one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class WorkerStatus:
+    """Where this rank is, in ``$VITPOSE_WORKER_STATUS_DIR/rank<R>.json``; nothing when the variable is unset.
+
+    Lets something outside the worker (an operator, a stall detector, the fault-injection tests) see the pid,
+    epoch, step and phase ('start', 'train', 'eval', 'save', 'report', 'done') without attaching to Ray.
+    """
+
+    def __init__(self, rank: int):
+        folder = os.environ.get(STATUS_DIR_ENV)
+        self.path = Path(folder) / f"rank{rank}.json" if folder else None
+        self.fields: dict[str, Any] = {"pid": os.getpid(), "rank": rank}
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def update(self, **fields: Any) -> None:
+        if self.path is None:
+            return
+        self.fields.update(fields, time=time.time())
+        write_atomic(self.path, json.dumps(self.fields))
 
 
 # --------------------------------------------------------------------------------------------- session
@@ -294,6 +331,7 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, config=self.ds_config
         )
+        load_deepspeed_files_as_weights_only(self.engine)
         self.device = self.engine.device
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
 
@@ -321,6 +359,10 @@ class Trainer:
         self.best_ap = -1.0
         self.history: list[dict[str, float]] = []
         self.restored_at_epochs: list[int] = []  # 0-based epochs at which a run continued from a checkpoint
+        # Instances skipped while loading (unreadable images), by split: index -> reason, the union over
+        # ranks and loader processes, so counts are exact however the data was sharded (and kept on resume).
+        self.skipped: dict[str, dict[int, str]] = {"train": {}, "val": {}}
+        self.status = WorkerStatus(self.rank)
 
     def _build_partitioned(self) -> torch.nn.Module:
         """ZeRO-3: build the model already partitioned, so a model larger than one rank's memory fits.
@@ -352,9 +394,7 @@ class Trainer:
         with self.session.latest_checkpoint() as ckpt_dir:
             if ckpt_dir is None:
                 return False
-            ckpt_dir = Path(ckpt_dir)
-            verify_checkpoint(ckpt_dir)
-            meta = json.loads((ckpt_dir / META_FILE).read_text())
+            ckpt_dir, meta = self._usable_checkpoint(Path(ckpt_dir))
             if meta["world_size"] != self.world:
                 raise RuntimeError(
                     f"{ckpt_dir}: checkpoint was written by {meta['world_size']} workers, this run has {self.world}; "
@@ -369,8 +409,34 @@ class Trainer:
             self.nonfinite_total = meta.get("nonfinite_total", 0)
             self.history = meta.get("history", [])
             self.restored_at_epochs = meta.get("restored_at_epochs", []) + [self.start_epoch]
+            bad = meta.get("bad_samples", {})
+            self.skipped = {split: {int(i): r for i, r in bad.get(split, {}).get("skipped", {}).items()}
+                            for split in ("train", "val")}
             self._say(f"resumed from {ckpt_dir} at epoch {self.start_epoch} (step {self.global_step})")
             return True
+
+    def _usable_checkpoint(self, ckpt_dir: Path) -> tuple[Path, dict[str, Any]]:
+        """``ckpt_dir`` if complete, else the newest complete checkpoint beside it (same run folder).
+
+        Ray hands back the last checkpoint it registered; if that one was damaged afterwards (a truncated
+        file), going back one checkpoint loses an epoch where failing would lose the run.
+        """
+        try:
+            return ckpt_dir, verify_checkpoint(ckpt_dir)
+        except IncompleteCheckpointError as err:
+            damaged = err
+        usable = []
+        for sibling in ckpt_dir.parent.iterdir() if ckpt_dir.parent.is_dir() else []:
+            if sibling != ckpt_dir and sibling.is_dir() and (sibling / META_FILE).is_file():
+                try:
+                    usable.append((verify_checkpoint(sibling)["epoch"], sibling.name, sibling))
+                except IncompleteCheckpointError:
+                    continue
+        if not usable:
+            raise damaged
+        _, _, best = max(usable)
+        self._say(f"warning: {damaged}; resuming from {best} instead")
+        return best, verify_checkpoint(best)
 
     # ------------------------------------------------------------------------------------ train
     def fit(self) -> dict[str, float]:
@@ -378,6 +444,7 @@ class Trainer:
         epochs = self.cfg.train.epochs
         last_metrics: dict[str, float] = {}
         t_start = time.time()
+        self.status.update(phase="start", epoch=self.start_epoch, step=0, global_step=self.global_step)
         for epoch in range(self.start_epoch, epochs):
             stats = self.train_epoch(epoch, epochs, t_start)
             metrics = {
@@ -390,20 +457,52 @@ class Trainer:
             }
             is_eval = (epoch + 1) % self.cfg.train.eval_every == 0 or epoch + 1 == epochs
             if is_eval:
+                self.status.update(phase="eval")
                 metrics.update(self.evaluate(epoch))
                 self.best_ap = max(self.best_ap, metrics["val/AP"])
+            metrics.update(self.bad_sample_metrics())
             self.history.append({k: float(v) for k, v in metrics.items()})
             self._progress_line(epoch, epochs, metrics, t_start)
             if self.tracker is not None and self.rank == 0:
                 self.tracker.log_epoch(metrics, step=epoch + 1)
             if is_eval:
                 with tempfile.TemporaryDirectory(prefix="vitpose-ckpt-") as tmp:
+                    self.status.update(phase="save")
                     self.save_checkpoint(Path(tmp), epoch, metrics)
+                    self.status.update(phase="report")
                     self.session.report(metrics, Path(tmp))
             else:
+                self.status.update(phase="report")
                 self.session.report(metrics, None)
             last_metrics = metrics
+        self.status.update(phase="done")
         return last_metrics
+
+    # ------------------------------------------------------------------------------ bad samples
+    def _note_skipped(self, split: str, batch: dict[str, Any]) -> None:
+        """Record what the dataset skipped to build this batch ("index:reason,..." per item)."""
+        for text in batch.get("skipped", ()):
+            for entry in filter(None, text.split(",")):
+                index, _, reason = entry.partition(":")
+                self.skipped[split][int(index)] = reason
+
+    def bad_sample_metrics(self) -> dict[str, float]:
+        """Bad samples per split and reason: the index's (same on every rank) plus those skipped while
+        loading, merged over ranks. A collective: every rank calls it once per epoch."""
+        if dist.is_initialized() and self.world > 1:
+            parts: list[dict[str, dict[int, str]]] = [None] * self.world  # type: ignore[list-item]
+            dist.all_gather_object(parts, self.skipped)
+            self.skipped = {split: {i: r for part in parts for i, r in part[split].items()} for split in self.skipped}
+        metrics: dict[str, float] = {}
+        for split, ds in (("train", self.train_ds), ("val", self.val_ds)):
+            counts: dict[str, int] = dict(getattr(ds, "index_bad_counts", {}))
+            for reason in self.skipped[split].values():
+                counts[reason] = counts.get(reason, 0) + 1
+            for reason, n in counts.items():
+                metrics[f"bad_samples/{split}/{reason}"] = float(n)
+            if counts:
+                metrics[f"bad_samples/{split}/total"] = float(sum(counts.values()))
+        return metrics
 
     @property
     def current_lr(self) -> float:
@@ -430,6 +529,8 @@ class Trainer:
         for i, batch in enumerate(self.train_loader):
             if i >= self.steps_per_epoch:
                 break
+            self.status.update(phase="train", epoch=epoch + 1, step=i + 1, global_step=self.global_step)
+            self._note_skipped("train", batch)
             set_lr(self.optimizer, self.cfg.train.lr, lr_factor(self.global_step, epoch, self.cfg))
             batch = self._to_device(batch)
             loss, parts = self.loss_fn(self.engine, batch)
@@ -486,6 +587,7 @@ class Trainer:
         predictions: list[dict[str, Any]] = []
         first_batch: tuple[torch.Tensor, np.ndarray, list[dict]] | None = None
         for batch in self.val_loader:
+            self._note_skipped("val", batch)
             images = batch["image"].to(self.device).to(self.dtype)
             heatmaps = self.engine(images).float().cpu()
             flipped = self.engine(images.flip(3)).float().cpu() if self.cfg.train.flip_test else None
@@ -538,9 +640,16 @@ class Trainer:
                 "restored_at_epochs": self.restored_at_epochs,
                 "keypoints": self.keypoint_info,
                 "spec": self.spec.to_dict(),
+                "bad_samples": {split: {"index": dict(getattr(ds, "index_bad_counts", {})),
+                                        "skipped": {str(i): r for i, r in sorted(self.skipped[split].items())}}
+                                for split, ds in (("train", self.train_ds), ("val", self.val_ds))},
             }
-            (out / META_FILE).write_text(json.dumps(meta, indent=1))
-        (out / f"rank{self.rank}.complete").write_text("ok\n")
+            write_atomic(out / META_FILE, json.dumps(meta, indent=1))
+        # Last, and listing the size of every file this rank wrote: verify_checkpoint can then tell a folder
+        # cut off while saving (or truncated later) from a complete one.
+        files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
+                 if p.is_file() and not p.name.endswith((".complete", ".tmp"))}
+        write_atomic(out / f"rank{self.rank}.complete", json.dumps(files, indent=0))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Gathered float32 weights (a collective under ZeRO-3: every rank must call it)."""
@@ -566,15 +675,61 @@ class Trainer:
 
 
 def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
-    """A checkpoint is usable only if its metadata and every rank's completion marker are there."""
+    """A checkpoint is usable only if its metadata and every rank's completion marker are there, and every
+    file a marker lists has the size it was written with. Returns the metadata."""
+    ckpt_dir = Path(ckpt_dir)
+    fix = "it was cut off while saving or changed afterwards; resume from an earlier checkpoint"
     meta_path = ckpt_dir / META_FILE
-    if not meta_path.is_file():
-        raise RuntimeError(f"{ckpt_dir}: incomplete checkpoint (no {META_FILE}); it was cut off while saving")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise IncompleteCheckpointError(f"{ckpt_dir}: incomplete checkpoint (no {META_FILE}); {fix}") from None
+    except (OSError, ValueError) as err:
+        raise IncompleteCheckpointError(f"{ckpt_dir}: incomplete checkpoint ({META_FILE} unreadable: {err}); "
+                                        f"{fix}") from None
     missing = [r for r in range(meta["world_size"]) if not (ckpt_dir / f"rank{r}.complete").is_file()]
     if missing or not (ckpt_dir / MODEL_FILE).is_file():
-        raise RuntimeError(f"{ckpt_dir}: incomplete checkpoint (ranks {missing} did not finish saving)")
+        raise IncompleteCheckpointError(f"{ckpt_dir}: incomplete checkpoint (ranks {missing} did not finish "
+                                        f"saving); {fix}")
+    for r in range(meta["world_size"]):
+        text = (ckpt_dir / f"rank{r}.complete").read_text()
+        if text.strip() == "ok":  # written before markers listed file sizes
+            continue
+        try:
+            written = json.loads(text)
+        except ValueError:
+            raise IncompleteCheckpointError(f"{ckpt_dir}: incomplete checkpoint (rank{r}.complete unreadable); "
+                                            f"{fix}") from None
+        for name, size in written.items():
+            path = ckpt_dir / name
+            actual = path.stat().st_size if path.is_file() else None
+            if actual != size:
+                state = "is missing" if actual is None else f"has {actual} bytes, {size} were written"
+                raise IncompleteCheckpointError(f"{ckpt_dir}: incomplete checkpoint ({name} of rank {r} {state}); "
+                                                f"{fix}")
     return meta
+
+
+def load_deepspeed_files_as_weights_only(engine: Any) -> None:
+    """Make DeepSpeed read its checkpoint files with ``torch.load(weights_only=True)``.
+
+    Its own loader passes ``weights_only=False``, so a crafted ``.pt`` dropped into a checkpoint folder would
+    run code on resume. Its files hold tensors, plain containers and a few DeepSpeed classes, allowed here
+    (found by saving ZeRO 0-3 in fp32 and bf16).
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from vitpose.models.checkpoints import _torch_load
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    def load(path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(allowed):
+            return _torch_load(Path(path))
+
+    engine.checkpoint_engine.load = load
 
 
 def keypoint_info(dataset: Any) -> dict[str, Any]:
@@ -592,9 +747,23 @@ def _fmt_secs(s: float) -> str:
 
 
 # ------------------------------------------------------------------------------------ ray entry
+def unretryable_errors() -> tuple[type[BaseException], ...]:
+    from vitpose.config import ConfigError
+    from vitpose.data.coco import BadSampleError
+
+    return (BadSampleError, NonFiniteLossError, IncompleteCheckpointError, ConfigError)
+
+
 def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train's ``train_loop_per_worker``: config carries the resolved TeacherConfig as a dict."""
+    """Ray Train's ``train_loop_per_worker``: config carries the resolved TeacherConfig as a dict.
+
+    ``run_dir`` (optional) is the run's storage folder, where an error that a retry would only meet again
+    is recorded in ``FATAL_FILE`` (see there).
+    """
     logging.basicConfig(level=logging.WARNING)
+    fatal = Path(config["run_dir"]) / FATAL_FILE if config.get("run_dir") else None
+    if fatal is not None and fatal.is_file():
+        raise RuntimeError(f"not retried: {json.loads(fatal.read_text())['message']}")
     cfg = TeacherConfig.model_validate(config["cfg"])
     session = RaySession()
     tracker = None
@@ -604,6 +773,11 @@ def train_worker(config: dict[str, Any]) -> None:
         tracker = WorkerTracker(config["tracking_uri"], config["mlflow_run_id"])
     try:
         Trainer(cfg, session, tracker=tracker).fit()
+    except unretryable_errors() as err:
+        if fatal is not None:
+            write_atomic(fatal, json.dumps({"rank": session.rank, "type": type(err).__name__,
+                                            "message": one_line(err)}))
+        raise
     finally:
         if tracker is not None:
             tracker.close()

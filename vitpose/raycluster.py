@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from vitpose.config import ConfigError
+from vitpose.config import ConfigError, one_line
 
 # glibc keeps freed large blocks mapped and fragments under DeepSpeed's big flat buffers; returning
 # blocks over 128 KiB to the OS kept ZeRO-3 at ViT-H size from being killed at 22 GiB (STACK-NOTES).
@@ -27,14 +27,28 @@ def connect(num_cpus: int | None = None) -> dict[str, Any]:
 
     if ray.is_initialized():
         return ray.cluster_resources()
-    address = os.environ.get("RAY_ADDRESS")
+    address = check_address()
     runtime_env = {"env_vars": dict(WORKER_ENV)}
     if address:
-        _check_reachable(address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        except ConnectionError as err:  # e.g. RAY_ADDRESS=auto with no cluster on this machine
+            raise ConfigError(f"RAY_ADDRESS={address}: {one_line(err)}; start the head (ray start --head) or "
+                              "unset RAY_ADDRESS to run on a local Ray") from None
     else:
-        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+        # "local": a private Ray, never one that a `ray start` left running on this machine (ray.init()
+        # without an address joins that one, with someone else's workers and resources).
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False,
+                 log_to_driver=True)
     return ray.cluster_resources()
+
+
+def check_address() -> str | None:
+    """``RAY_ADDRESS`` if set, after checking that something answers there (cheap: no Ray started)."""
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_reachable(address)
+    return address or None
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:

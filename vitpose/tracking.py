@@ -134,6 +134,16 @@ def end_run(uri: str, run_id: str, status: str) -> None:
     mlflow.MlflowClient(uri).set_terminated(run_id, status)
 
 
+def increment_tag(uri: str, run_id: str, key: str) -> int:
+    """Count an event (a restart, a resume) in a tag of the run; returns the new count."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    count = int(client.get_run(run_id).data.tags.get(key, "0")) + 1
+    client.set_tag(run_id, key, str(count))
+    return count
+
+
 def start_trial_run(cfg: Section, uri: str, parent_run_id: str, trial_id: str, params: dict[str, Any]) -> str:
     """The nested MLflow run of one sweep trial; a restored trial finds and reuses its own run."""
     import mlflow
@@ -157,9 +167,7 @@ class WorkerTracker:
 
         self.client = mlflow.MlflowClient(uri)
         self.uri, self.run_id = uri, run_id
-        run = self.client.get_run(run_id)
-        attempts = int(run.data.tags.get("worker_group_starts", "0")) + 1
-        self.client.set_tag(run_id, "worker_group_starts", str(attempts))
+        attempts = increment_tag(uri, run_id, "worker_group_starts")
         if attempts > 1:
             self.client.set_tag(run_id, "restarts", str(attempts - 1))
 

@@ -40,14 +40,16 @@ log = logging.getLogger(__name__)
 
 ITEM_KEYS = (
     "image", "target", "target_weight", "keypoints", "center", "scale", "rotation", "flipped",
-    "aug_params", "image_id", "ann_id", "bbox_score", "area", "index",
+    "aug_params", "image_id", "ann_id", "bbox_score", "area", "index", "skipped",
 )  # fmt: skip
 
 
 class BadSampleError(ValueError):
     """An annotation, detection or image that cannot become a training/evaluation sample."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str | None = None):
+        if message is None:  # one argument: how DataLoader workers re-raise it in the main process
+            reason, message = "bad_sample", reason
         super().__init__(message)
         self.reason = reason
 
@@ -161,7 +163,7 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
         self.padding = padding
         self.bad_sample_counts: Counter[str] = Counter()
         self.filtered_counts: Counter[str] = Counter()  # crowd / no keypoints: expected, not bad
-        self._bad_indices: set[int] = set()
+        self._bad_indices: dict[int, str] = {}  # instance index -> reason, found while loading
         self._photometric = Photometric(self.aug) if train and self.aug.photometric_prob > 0 else None
 
         data = _read_json(self.ann_file)
@@ -172,6 +174,9 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
         else:
             instances = self._det_instances(images, det_score_thr)
         self.instances: list[Instance] = instances
+        # Bad samples found while indexing; the same in every process that builds this dataset, unlike
+        # bad_sample_counts, which also grows as this process meets unreadable images.
+        self.index_bad_counts: dict[str, int] = dict(self.bad_sample_counts)
         if self.filtered_counts:
             log.info("%s: filtered %s", self.ann_file.name, dict(self.filtered_counts))
         if self.bad_sample_counts:
@@ -253,7 +258,18 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
                     f"({k} keypoints x 3); fix the annotation or pass on_bad_sample='skip'",
                 )
                 continue
-            kps = np.asarray(kps, dtype=np.float64).reshape(k, 3)
+            try:
+                kps = np.asarray(kps, dtype=np.float64).reshape(k, 3)
+            except (TypeError, ValueError):
+                kps = None
+            if kps is None or not np.isfinite(kps).all():
+                # NaN/inf (JSON allows them) would become NaN targets and a NaN loss, far from the cause.
+                self._bad(
+                    "bad_keypoint_values",
+                    f"{where}: keypoints must be finite numbers (x, y, visibility); fix the annotation or "
+                    "pass on_bad_sample='skip'",
+                )
+                continue
             if not (kps[:, 2] > 0).any() or ann.get("num_keypoints", 1) == 0:
                 self.filtered_counts["no_keypoints"] += 1
                 continue
@@ -422,17 +438,25 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
         order, so the substitute is deterministic); ``item['index']`` tells which instance was returned.
         """
         n = len(self.instances)
+        skipped = []
         for step in range(n):
             i = (index + step) % n
             if i in self._bad_indices:
+                skipped.append(f"{i}:{self._bad_indices[i]}")
                 continue
             try:
-                return self.load(i, self.sample_params(i))
+                item = self.load(i, self.sample_params(i))
             except BadSampleError as e:
                 if self.on_bad_sample == "error":
                     raise
                 # Counted once per instance (per process: DataLoader workers keep their own counts).
-                self._bad_indices.add(i)
+                self._bad_indices[i] = e.reason
                 self.bad_sample_counts[e.reason] += 1
+                skipped.append(f"{i}:{e.reason}")
                 log.warning("skipping bad sample: %s", e)
+                continue
+            # What was skipped to get here ("index:reason,..."), so a trainer can count bad samples
+            # exactly even when they were met in DataLoader worker processes or on other ranks.
+            item["skipped"] = ",".join(skipped)
+            return item
         raise BadSampleError("no_usable_sample", f"every instance of {self.ann_file} failed to load")
