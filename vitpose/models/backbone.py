@@ -9,13 +9,10 @@ official state dict loads with a plain `load_state_dict(strict=True)`.
 from __future__ import annotations
 
 import math
-from functools import partial
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Mlp, trunc_normal_
-from timm.models.vision_transformer import Block
+from timm.layers import DropPath, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 LAYER_NORM_EPS = 1e-6
@@ -51,11 +48,102 @@ def _init_vit_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _mlp_with_hidden(hidden: int, **kwargs) -> Mlp:
-    # timm's Block derives the hidden size as int(dim * mlp_ratio); an explicit size (ViT-g: 6144 for
-    # 1408) must not depend on float rounding, so we override what Block passes.
-    kwargs["hidden_features"] = hidden
-    return Mlp(**kwargs)
+class Linear(nn.Linear):
+    """``nn.Linear`` that keeps its autocast-precision weight between inference calls.
+
+    Under autocast, every call casts the fp32 weight to bf16 again (autocast's own cache lives for one
+    autocast region and only for tensors that require grad): for ViTPose-B that is ~86M weights per
+    forward pass, most of the time of a batch-1 bf16 inference. With grad disabled (inference, a frozen
+    teacher) this layer casts once and reuses the copy while the weight is unchanged (same storage and
+    version counter, so an optimizer step, ``load_state_dict`` or ``.to()`` recasts). Training, fp32 and
+    DeepSpeed-partitioned weights take the plain path. Costs one low-precision weight copy of memory;
+    ``train()``/``eval()`` drop it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        if torch.is_grad_enabled() or not torch.is_autocast_enabled(device_type):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(device_type)
+        w, b = self.weight, self.bias
+        if w.dtype == dtype or hasattr(w, "ds_id"):  # already low precision, or partitioned by ZeRO-3
+            return super().forward(x)
+        key = (dtype, w.device, w.data_ptr(), w._version) + ((b.data_ptr(), b._version) if b is not None else ())
+        cached = self.__dict__.get("_cast")
+        if cached is None or cached[0] != key:
+            cached = (key, w.detach().to(dtype), None if b is None else b.detach().to(dtype))
+            self.__dict__["_cast"] = cached
+        return F.linear(x.to(dtype), cached[1], cached[2])
+
+    def train(self, mode: bool = True) -> Linear:
+        self.__dict__.pop("_cast", None)
+        return super().train(mode)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (exact) -> fc2; timm's ``Mlp`` names."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: one fused qkv Linear, ``F.scaled_dot_product_attention``, the output Linear.
+
+    Same parameters and names as timm's ``Attention`` (``qkv``, ``proj``). The qkv output (B, N, 3C) is
+    split along its middle axis into three (B, N, h, d) views, so that in the backward pass the three
+    gradients stack straight back into qkv's own memory layout (timm's head-major permute costs one extra
+    full copy of the qkv gradient per block). The attention output of the fused kernel is (B, N, h, d)
+    in memory, so merging the heads is a view.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled():
+            # Training in bf16 on a CPU: the fused kernel's bf16 backward is slower than its fp32 one
+            # (ViT-S shapes, one core: 140 vs 104 ms per block, forward + backward), so attention runs in
+            # fp32 there; autocast must not cast it back. Inference keeps the faster bf16 kernel.
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+    Module names are timm's ``vision_transformer.Block`` ones (``norm1``, ``attn.qkv``, ``attn.proj``,
+    ``norm2``, ``mlp.fc1``, ``mlp.fc2``, ``drop_path1/2``), which are the official ViTPose keys.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.attn = Attention(dim, num_heads)
+        self.drop_path1: nn.Module = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.mlp = Mlp(dim, mlp_hidden)  # an explicit hidden size (ViT-g: 6144 for 1408), not a float ratio
+        self.drop_path2: nn.Module = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 class PatchEmbed(nn.Module):
@@ -66,7 +154,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+        # Channels-last: the conv writes (B, Hp, Wp, C) memory, which is the token sequence (B, N, C)
+        # the blocks read, so no transpose copy follows (and the residual stream starts contiguous).
+        return self.proj(x.contiguous(memory_format=torch.channels_last))
 
 
 class KnowledgeTokens(nn.Module):
@@ -131,22 +221,10 @@ class ViTBackbone(nn.Module):
         # Stochastic depth increases linearly over the blocks, as in the official code. Plain Python (not
         # torch.linspace) so the model can also be built on the meta device.
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        norm_layer = partial(nn.LayerNorm, eps=LAYER_NORM_EPS)
         self.blocks = nn.ModuleList(
-            [
-                Block(
-                    dim=embed_dim,
-                    num_heads=num_heads,
-                    mlp_ratio=self.mlp_hidden / embed_dim,
-                    qkv_bias=True,
-                    drop_path=dpr[i],
-                    norm_layer=norm_layer,
-                    mlp_layer=partial(_mlp_with_hidden, self.mlp_hidden),
-                )
-                for i in range(depth)
-            ]
+            [Block(embed_dim, num_heads, self.mlp_hidden, drop_path=dpr[i]) for i in range(depth)]
         )
-        self.last_norm = norm_layer(embed_dim)
+        self.last_norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         self.knowledge_tokens: KnowledgeTokens | None = None
         self.init_weights()
 
@@ -215,8 +293,10 @@ class ViTBackbone(nn.Module):
                 f"img_size {self.img_size} ({self.grid_size[0]}x{self.grid_size[1]} tokens); build the model with "
                 f"img_size={tuple(images.shape[-2:])} (load_checkpoint resizes pos_embed)"
             )
-        x = x.flatten(2).transpose(1, 2)  # (B, N, C)
-        x = x + self.pos_embed[:, 1:] + self.pos_embed[:, :1]
+        # (B, N, C), a view of the channels-last conv output; contiguous() is a no-op then and makes sure
+        # the residual stream is token-major (a transposed stream would make every LayerNorm copy it).
+        x = x.flatten(2).transpose(1, 2).contiguous()
+        x = x + (self.pos_embed[:, 1:] + self.pos_embed[:, :1])
         if self.knowledge_tokens is not None:
             # Appended after the position embedding: the tokens have no position, they attend with all
             # patches in every block and are dropped before the decoder.
@@ -228,7 +308,9 @@ class ViTBackbone(nn.Module):
             else:
                 x = blk(x)
         x = self.last_norm(x[:, : hp * wp])  # (B, N, C): knowledge tokens never reach the heatmaps
-        return x.transpose(1, 2).reshape(b, c, hp, wp)
+        # (B, C, Hp, Wp) as a channels-last view of the tokens: no copy, and the decoder's convolutions
+        # run channels-last.
+        return x.reshape(b, hp, wp, c).permute(0, 3, 1, 2)
 
     # ---- cost ---------------------------------------------------------------------------------------
     def flops(self, batch: int = 1) -> int:

@@ -33,7 +33,13 @@ class FloatBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+        if (
+            x.dtype in (torch.float32, torch.bfloat16)
+            and self.weight.dtype == torch.float32
+            and (self.running_mean is None or self.running_mean.dtype == torch.float32)
+        ):
+            # fp32 parameters and statistics: the kernel computes in fp32 for a bf16 input too (mixed-type
+            # batch norm, bf16 out, as under autocast), without converting the activation there and back.
             return super().forward(x)
         for name in ("running_mean", "running_var"):
             buf = getattr(self, name)
@@ -76,7 +82,10 @@ class ClassicDecoder(nn.Module):
         _init_like_mmpose(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.final_layer(self.deconv_layers(x))
+        # Channels-last through the deconvolutions (oneDNN's fast layout on CPU; a no-op for the backbone's
+        # output, which already is one); heatmaps are handed back in the usual contiguous layout.
+        x = x.contiguous(memory_format=torch.channels_last)
+        return self.final_layer(self.deconv_layers(x)).contiguous()
 
     def flops(self, grid: tuple[int, int], batch: int = 1) -> int:
         """Forward MACs (see ViTBackbone.flops): a transposed conv costs k*k*Cin*Cout per input pixel."""
@@ -104,8 +113,9 @@ class SimpleDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Same order as mmpose's head with upsample=4: relu, then resize (align_corners=False), then conv.
+        x = x.contiguous(memory_format=torch.channels_last)
         x = F.interpolate(F.relu(x), scale_factor=4, mode="bilinear", align_corners=False)
-        return self.final_layer(x)
+        return self.final_layer(x).contiguous()
 
     def flops(self, grid: tuple[int, int], batch: int = 1) -> int:
         """Forward MACs of the 3x3 conv at the upsampled resolution."""
