@@ -263,3 +263,54 @@ def test_summary_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["summary", "vitpose_s", "--img-size", "384", "288", "--decoder", "simple"]) == 0
     out = capsys.readouterr().out
     assert "24 x 18 = 432 tokens" in out and "17 x 96 x 72" in out and "simple decoder" in out
+
+
+# ---- fast paths keep the function ----------------------------------------------------------------------
+
+
+def test_bf16_weight_copy_matches_autocast_and_follows_updates() -> None:
+    model = _small().eval()
+    x = torch.randn(2, 3, 64, 48)
+    fc1 = model.backbone.blocks[0].mlp.fc1
+    h = torch.randn(2, 5, fc1.in_features)
+
+    def bf16(fn, *args) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(*args).float()
+
+    def fresh() -> torch.Tensor:  # same weights, no kept copies yet
+        other = _small().eval()
+        other.load_state_dict(model.state_dict())
+        return bf16(other, x)
+
+    # The layer's kept copy gives what autocast's per-call cast gives.
+    assert torch.equal(bf16(fc1, h), bf16(lambda t: torch.nn.functional.linear(t, fc1.weight, fc1.bias), h))
+    assert fc1.__dict__["_cast"][1].dtype == torch.bfloat16
+    first = bf16(model, x)
+    assert torch.equal(first, fresh())
+    with torch.no_grad():  # an in-place update (an optimizer step) makes the copy stale
+        for p in model.parameters():
+            p.mul_(1.5)
+    assert torch.equal(bf16(model, x), fresh()) and not torch.equal(bf16(model, x), first)
+    model.load_state_dict(_small(num_keypoints=17).state_dict())
+    assert torch.equal(bf16(model, x), fresh())
+    model.train()
+    assert "_cast" not in fc1.__dict__
+    with torch.inference_mode():  # no autocast: plain fp32
+        assert model.eval()(x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("decoder", ["classic", "simple"])
+def test_heatmaps_contiguous_and_backbone_channels_last(decoder: str) -> None:
+    model = _small(decoder=decoder)
+    x = torch.randn(2, 3, 64, 48)
+    feat = model.backbone(x)
+    assert feat.is_contiguous(memory_format=torch.channels_last)
+    out = model(x)
+    assert out.is_contiguous()
+    out.square().mean().backward()  # and trains in bf16 autocast too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16 = model(x)
+    assert out16.dtype == torch.bfloat16
+    out16.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
