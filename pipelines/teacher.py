@@ -96,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     id_file.write_text(run_id + "\n")
     print(f"MLflow run {run_id} ({tracking_uri}); Ray run folder {run_dir}", flush=True)
 
-    result = fit(cfg, name, storage, tracking_uri, run_id)
-    if result.error:
-        print(f"error: training failed: {failure_cause(result.error, run_dir / FATAL_FILE)}", file=sys.stderr)
+    from ray.train import TrainingFailedError
+
+    try:
+        result = fit(cfg, name, storage, tracking_uri, run_id)
+    except TrainingFailedError as err:  # raised once Ray's retries (ray.max_failures) are spent
+        print(f"error: training failed: {failure_cause(err, run_dir / FATAL_FILE)}", file=sys.stderr)
         tracking.end_run(tracking_uri, run_id, "FAILED")
         return 1
     summary = finish(cfg, result, tracking_uri, run_id)

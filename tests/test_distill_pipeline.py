@@ -14,6 +14,7 @@ import mlflow
 import pytest
 
 from tests.conftest import REPO, TEST_IMG
+from tests.faults.procs import Launched, assert_gone_with_the_driver
 
 pytestmark = pytest.mark.slow
 
@@ -83,8 +84,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(registry, s
     args = ["pipelines/distill.py", *common(synthetic_root, tmp_path), "--set", "train.epochs=2",
             "--set", "ray.name=resume-sweep", "--set", "tune.scheduler=fifo", "--set", "tune.max_concurrent_trials=1",
             "--set", "tune.search_space={distill.parts: {grid: [none, token, output]}}"]
-    proc = subprocess.Popen([PY, *args], cwd=REPO, env=registry, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = Launched(args, registry, tmp_path / "first.log")
     try:
         parent_file = None
         deadline = time.time() + 600
@@ -94,24 +94,33 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(registry, s
                 parent_file = files[0]
                 if finished_trials(uri, parent_file.read_text().strip()):
                     break
-            assert proc.poll() is None, "sweep ended before it could be interrupted"
+            assert driver.proc.poll() is None, "sweep ended before it could be interrupted"
             time.sleep(2)
         else:
             pytest.fail("no trial finished in time")
+        ray_procs = driver.snapshot()
+        os.kill(driver.proc.pid, signal.SIGKILL)  # the driver alone, as the OOM killer would
+        driver.wait(30)
+        assert_gone_with_the_driver(ray_procs)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started: only what this test launched
-        proc.wait()
+        driver.cleanup()  # what is left of what this test launched, and nothing else
     parent = parent_file.read_text().strip()
     done_before = finished_trials(uri, parent)
 
+    t0 = time.time()
     out = run([*args, "--resume"], registry)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    print(f"\nFAULT sweep driver SIGKILL after {len(done_before)} of 3 trials finished: --resume completed the "
+          f"sweep in {time.time() - t0:.1f}s")
     assert "resuming sweep" in out.stdout
     runs = child_runs(uri, parent)
     assert len({r.data.tags["trial_id"] for r in runs}) == 3 == len(runs), "a trial got a second run"
     for r in runs:
         if r.data.tags["trial_id"] in done_before:  # finished trials were not trained again
             assert len(mlflow.MlflowClient(uri).get_metric_history(r.info.run_id, "train/loss")) == 2
-    # An alias names one version by construction: the champion is now this sweep's best student.
+    # An alias names one version by construction: the champion is now this sweep's best student, and the
+    # sweep registered exactly one (the killed driver had not got that far; the resumed one did it once).
     champion = mlflow.MlflowClient(uri).get_model_version_by_alias("vitpose-student", "champion")
     assert champion.run_id == parent
+    assert [v.version for v in mlflow.MlflowClient(uri).search_model_versions(f"run_id = '{parent}'")] == [
+        champion.version]

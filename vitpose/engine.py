@@ -750,8 +750,9 @@ def _fmt_secs(s: float) -> str:
 def unretryable_errors() -> tuple[type[BaseException], ...]:
     from vitpose.config import ConfigError
     from vitpose.data.coco import BadSampleError
+    from vitpose.models.checkpoints import CheckpointError
 
-    return (BadSampleError, NonFiniteLossError, IncompleteCheckpointError, ConfigError)
+    return (BadSampleError, NonFiniteLossError, IncompleteCheckpointError, ConfigError, CheckpointError)
 
 
 def train_worker(config: dict[str, Any]) -> None:

@@ -102,6 +102,17 @@ def proc_name(p: psutil.Process) -> str:
         return "?"
 
 
+# Ray's per-node agents notice a dead raylet only after about a minute; everything else goes at once.
+SLOW_TO_EXIT = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def assert_gone_with_the_driver(procs: list[psutil.Process], timeout: float = 30) -> None:
+    """After the driver's SIGKILL: every Ray process it started but the agents exits by itself."""
+    core = [p for p in procs if proc_name(p) not in SLOW_TO_EXIT]
+    _, alive = psutil.wait_procs(core, timeout=timeout)
+    assert not alive, f"still running {timeout:.0f}s after the driver died: {[proc_name(p) for p in alive]}"
+
+
 def read_status(folder: Path, rank: int) -> dict | None:
     try:
         return json.loads((folder / f"rank{rank}.json").read_text())
