@@ -9,6 +9,7 @@ official state dict loads with a plain `load_state_dict(strict=True)`.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -1,0 +1,706 @@
+"""Our ViTPose against the implementation users would otherwise pick (the Hugging Face transformers
+VitPose port), against this machine's matmul peak, with the accuracy of our bf16 path and the cost of
+the data loader: one process, one run, same inputs, written to benchmarks/RESULTS.md.
+
+    pip install -c constraints.txt -e '.[bench]'          # transformers: the peer
+    python benchmarks/compare_peer.py                     # S and B, ~10-15 min on 2 cores
+    python benchmarks/compare_peer.py --models s --reps 3 --skip-ap --skip-loader   # quick look
+
+Sections (the issue's items):
+1. Same function: our preset and ``VitPoseForPoseEstimation`` with the same architecture (hidden, depth,
+   heads, ``out_indices=[depth]``, ``layer_norm_eps=1e-6``, classic decoder); our weights are copied into
+   the peer (the fused qkv split into query/key/value) and the max abs heatmap difference is printed.
+   Our model is built with ``drop_path_rate=0`` (the peer has no stochastic depth, so both compute the
+   same function in training too); BatchNorm statistics and the last conv are randomised/scaled so the
+   heatmaps are O(1) and a difference means something.
+2. Speed, interleaved (ours, peer, peer, ours, ...) after warm-up, medians of ``--reps``: inference at
+   batch 1 and 32 and the training step at batch 16 (forward, MSE loss, backward, AdamW), in fp32 and in
+   bf16 autocast (``torch.autocast('cpu', torch.bfloat16)``) for both. The training step is each
+   implementation's own path: ours with the fused CPU AdamW (``fused=True``), the peer with torch's
+   default AdamW as a transformers user would write it. The "fwd+bwd" row leaves the optimizer out, so
+   the model code alone is compared too. Ratios are ours/peer in images per second (median of the
+   per-repetition ratios).
+3. The machine: fp32 and bf16 matmul throughput at 2048^3 (measured at the start and the end; the
+   higher is the peak) and the model-FLOPs utilisation: analytic FLOPs (2 x the multiply-accumulates of
+   ``model.flops``, x3 for a training step) / time / peak of the row's precision.
+4. Our bf16 accuracy: keypoint AP of a trained small model on the synthetic val set, fp32 vs bf16
+   autocast inference (flip test on, as in training's evaluation). The model is ``--checkpoint`` if given,
+   else a vitpose_tiny teacher trained here with the real engine (configs/teacher/synthetic_tiny.yaml,
+   one process, ZeRO-0) and cached under runs/bench/compare-peer/ (first run: a few minutes).
+5. Data loader vs model: the tiny teacher as configured (configs/teacher/synthetic_tiny.yaml: 2 training
+   workers with 1 CPU thread each, DeepSpeed ZeRO-3 on gloo, one loader process per worker), run by the
+   real engine's ``Trainer.train_epoch``: epochs fed by the real DataLoader vs the same batches as
+   pre-made tensors, interleaved. Workers are started with torch.multiprocessing rather than Ray (Ray
+   adds nothing inside the step loop). Loader start-up (its processes are forked every epoch) counts.
+
+Absolute numbers move with other load on a shared machine (the load average is recorded); the A/B
+interleaving is what makes the ratios comparable. Tests never assert timings: this script prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import itertools
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from vitpose.models import ViTPose, build_model  # noqa: E402
+
+TINY_TEACHER = REPO / "configs" / "teacher" / "synthetic_tiny.yaml"
+CACHE = REPO / "runs" / "bench" / "compare-peer"
+MODELS = {"s": "vitpose_s", "b": "vitpose_b", "l": "vitpose_l", "h": "vitpose_h"}
+INFER_BATCHES = (1, 32)
+TRAIN_BATCH = 16
+MIN_MEASURE_S = 0.4  # batch-1 calls are repeated until one measurement lasts about this long
+LR, WD = 1e-4, 0.05
+
+
+# ------------------------------------------------------------------------------------------ machine
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> set[str]:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def load_average() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg()) + " (1, 5, 15 min)"
+
+
+def machine_info() -> dict[str, Any]:
+    import transformers
+
+    flags = cpu_flags()
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "bf16 in hardware": ", ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags) or "no",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "load average at start": load_average(),
+    }
+
+
+def retain_freed_memory() -> bool:
+    """Keep freed memory in the process (glibc mallopt) instead of returning it to the OS.
+
+    By default glibc hands each large tensor back with munmap when it is freed and the next one is
+    page-faulted in again, zeroed page by page: measured here (ViTPose-S training step at batch 16),
+    ~230k page faults per step and 10-20% of the step in a VM. Applied to the whole process, so it
+    applies to both implementations alike; the same can be had with MALLOC_MMAP_THRESHOLD_ /
+    MALLOC_TRIM_THRESHOLD_ in the environment. --no-retain-memory measures without.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1  # blocks under 1 GiB come from the heap
+    ok &= libc.mallopt(m_trim_threshold, 1 << 40) == 1  # never give the heap's top back
+    ok &= libc.mallopt(m_top_pad, 256 << 20) == 1  # grow the heap in big steps
+    return bool(ok)
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+# --------------------------------------------------------------------------------------------- peer
+def peer_model(ours: ViTPose) -> nn.Module:
+    """transformers' VitPoseForPoseEstimation with our model's architecture (classic decoder)."""
+    from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation
+
+    s = ours.spec
+    if s.decoder != "classic" or s.deconv_channels != 256:
+        raise ValueError("the peer's classic decoder has 256 channels: compare the S/B/L/H presets")
+    if s.mlp_hidden_dim % s.embed_dim:
+        raise ValueError("the peer takes an integer mlp_ratio")
+    backbone = VitPoseBackboneConfig(
+        image_size=list(s.img_size), patch_size=[s.patch_size, s.patch_size], hidden_size=s.embed_dim,
+        num_hidden_layers=s.depth, num_attention_heads=s.num_heads, mlp_ratio=s.mlp_hidden_dim // s.embed_dim,
+        out_indices=[s.depth], layer_norm_eps=1e-6, qkv_bias=True, hidden_act="gelu",
+    )
+    return VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone, use_simple_decoder=False,
+                                                  num_labels=s.num_keypoints))
+
+
+def copy_into_peer(ours: ViTPose, peer: nn.Module) -> None:
+    """Our state dict in the peer's names; the fused qkv is split into query, key and value."""
+    s, d = ours.state_dict(), {}
+    d["backbone.embeddings.patch_embeddings.projection.weight"] = s["backbone.patch_embed.proj.weight"]
+    d["backbone.embeddings.patch_embeddings.projection.bias"] = s["backbone.patch_embed.proj.bias"]
+    d["backbone.embeddings.position_embeddings"] = s["backbone.pos_embed"]
+    pairs = (("norm1", "layernorm_before"), ("norm2", "layernorm_after"), ("attn.proj", "attention.output.dense"),
+             ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"))
+    for i in range(ours.spec.depth):
+        o, p = f"backbone.blocks.{i}.", f"backbone.encoder.layer.{i}."
+        for t in ("weight", "bias"):
+            for a, b in pairs:
+                d[f"{p}{b}.{t}"] = s[f"{o}{a}.{t}"]
+            for name, part in zip(("query", "key", "value"), s[f"{o}attn.qkv.{t}"].chunk(3), strict=True):
+                d[f"{p}attention.attention.{name}.{t}"] = part
+    for t in ("weight", "bias"):
+        d[f"backbone.layernorm.{t}"] = s[f"backbone.last_norm.{t}"]
+    head = (("deconv_layers.0", "deconv1"), ("deconv_layers.1", "batchnorm1"), ("deconv_layers.3", "deconv2"),
+            ("deconv_layers.4", "batchnorm2"), ("final_layer", "conv"))
+    for a, b in head:
+        for k, v in s.items():
+            if k.startswith(f"keypoint_head.{a}."):
+                d[f"head.{b}.{k.rsplit('.', 1)[1]}"] = v
+    result = peer.load_state_dict(d, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys, result
+
+
+def make_loud(model: ViTPose, seed: int = 0) -> None:
+    """Random BatchNorm statistics and a last conv scaled to heatmaps of about 1 (an untrained head gives
+    ~1e-4, where any difference would look small)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.keypoint_head.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+        model.eval()
+        peak = float(model(torch.randn(2, 3, *model.spec.img_size, generator=g)).abs().max())
+        model.keypoint_head.final_layer.weight.div_(peak)
+        model.keypoint_head.final_layer.bias.div_(peak)
+
+
+def heatmaps(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out if isinstance(out, torch.Tensor) else out.heatmaps
+
+
+def autocast(bf16: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def same_function(ours: ViTPose, peer: nn.Module) -> dict[str, float]:
+    x = torch.randn(4, 3, *ours.spec.img_size, generator=torch.Generator().manual_seed(1))
+    out: dict[str, float] = {}
+    ours.eval(), peer.eval()
+    with torch.inference_mode():
+        a, b = heatmaps(ours, x), heatmaps(peer, x)
+        out["max |heatmap|"] = float(a.abs().max())
+        out["eval fp32 max abs diff"] = float((a - b).abs().max())
+        with autocast(True):
+            a16, b16 = heatmaps(ours, x).float(), heatmaps(peer, x).float()
+        out["eval bf16 max abs diff"] = float((a16 - b16).abs().max())
+        out["bf16 vs fp32, ours"] = float((a16 - a).abs().max())
+        out["bf16 vs fp32, peer"] = float((b16 - b).abs().max())
+    # Training mode (BatchNorm on batch statistics) on copies, so running statistics stay as they were.
+    o2, p2 = copy.deepcopy(ours).train(), copy.deepcopy(peer).train()
+    ya, yb = heatmaps(o2, x), heatmaps(p2, x)
+    out["train fp32 max abs diff"] = float((ya - yb).detach().abs().max())
+    ya.square().mean().backward()
+    yb.square().mean().backward()
+    ga = o2.backbone.blocks[0].mlp.fc1.weight.grad
+    gb = p2.backbone.encoder.layer[0].mlp.fc1.weight.grad
+    out["train grad rel diff (block 0 fc1)"] = float((ga - gb).norm() / ga.norm())
+    return out
+
+
+# ------------------------------------------------------------------------------------------- timing
+@dataclass
+class Row:
+    model: str
+    precision: str
+    case: str
+    images: int
+    flops: float  # analytic FLOPs of one call
+    ours: list[float] = field(default_factory=list)  # seconds per call
+    peer: list[float] = field(default_factory=list)
+
+    def ips(self, who: str) -> float:
+        return self.images / statistics.median(getattr(self, who))
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(p / o for o, p in zip(self.ours, self.peer, strict=True))
+
+    def mfu(self, who: str, peak_gflops: float) -> float:
+        return self.flops / statistics.median(getattr(self, who)) / (peak_gflops * 1e9)
+
+
+def infer_fn(model: nn.Module, x: torch.Tensor, bf16: bool, calls: int) -> Callable[[], None]:
+    def run() -> None:
+        with torch.inference_mode(), autocast(bf16):
+            for _ in range(calls):
+                heatmaps(model, x)
+    return run
+
+
+def train_fn(model: nn.Module, opt: torch.optim.Optimizer | None, x: torch.Tensor, y: torch.Tensor,
+             bf16: bool) -> Callable[[], None]:
+    def run() -> None:
+        with autocast(bf16):
+            out = heatmaps(model, x)
+        loss = F.mse_loss(out.float(), y)
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            model.zero_grad(set_to_none=True)
+    return run
+
+
+def interleave(row: Row, ours: Callable[[], None], peer: Callable[[], None], reps: int, calls: int) -> None:
+    ours(), peer()  # warm-up: first-call allocations, oneDNN primitive creation, optimizer state
+    for r in range(reps):
+        order = (("ours", ours), ("peer", peer)) if r % 2 == 0 else (("peer", peer), ("ours", ours))
+        for who, fn in order:
+            t = time.perf_counter()
+            fn()
+            getattr(row, who).append((time.perf_counter() - t) / calls)
+
+
+def calls_for(fn_one: Callable[[], None]) -> int:
+    t = time.perf_counter()
+    fn_one()
+    return max(1, round(MIN_MEASURE_S / max(time.perf_counter() - t, 1e-4)))
+
+
+def bench_model(name: str, reps: int, train_reps: int, split: bool, say: Callable[[str], None]
+                ) -> tuple[dict[str, float], list[Row]]:
+    preset = MODELS[name]
+    torch.manual_seed(0)
+    ours = build_model(preset, drop_path_rate=0.0)
+    make_loud(ours)
+    peer = peer_model(ours)
+    copy_into_peer(ours, peer)
+    diff = same_function(ours, peer)
+    say(f"{preset}: peer attention '{peer.backbone.config._attn_implementation}'; " +
+        ", ".join(f"{k} {v:.2e}" for k, v in diff.items()))
+    h, w = ours.spec.img_size
+    fwd = 2 * ours.flops()  # FLOPs of one image's forward pass
+    rows: list[Row] = []
+    for precision in ("fp32", "bf16"):
+        bf16 = precision == "bf16"
+        ours.eval(), peer.eval()
+        for batch in INFER_BATCHES:
+            x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(batch))
+            calls = calls_for(infer_fn(ours, x, bf16, 1)) if batch == 1 else 1
+            row = Row(preset, precision, f"infer b{batch}", batch, batch * fwd)
+            interleave(row, infer_fn(ours, x, bf16, calls), infer_fn(peer, x, bf16, calls), reps, calls)
+            rows.append(row)
+            say(f"  {precision} {row.case}: ours {row.ips('ours'):.2f} img/s, peer {row.ips('peer'):.2f}, "
+                f"ours/peer {row.ratio:.3f}")
+        x = torch.randn(TRAIN_BATCH, 3, h, w, generator=torch.Generator().manual_seed(7))
+        y = torch.rand(TRAIN_BATCH, ours.spec.num_keypoints, *ours.spec.heatmap_size,
+                       generator=torch.Generator().manual_seed(8))
+        # Fresh copies for training: the optimizer moves the weights, the timing does not care.
+        o_train, p_train = copy.deepcopy(ours).train(), copy.deepcopy(peer).train()
+        cases = [("train b16", True)] + ([("train b16 fwd+bwd", False)] if split else [])
+        for case, with_opt in cases:
+            o_opt = torch.optim.AdamW(o_train.parameters(), lr=LR, weight_decay=WD, fused=True) if with_opt else None
+            p_opt = torch.optim.AdamW(p_train.parameters(), lr=LR, weight_decay=WD) if with_opt else None
+            row = Row(preset, precision, case, TRAIN_BATCH, 3 * TRAIN_BATCH * fwd)
+            interleave(row, train_fn(o_train, o_opt, x, y, bf16), train_fn(p_train, p_opt, x, y, bf16), train_reps, 1)
+            rows.append(row)
+            say(f"  {precision} {row.case}: ours {row.ips('ours'):.2f} img/s, peer {row.ips('peer'):.2f}, "
+                f"ours/peer {row.ratio:.3f}")
+            del o_opt, p_opt
+        del o_train, p_train
+        gc.collect()
+    return diff, rows
+
+
+def profile_tables(name: str, precision: str, rows: int = 14) -> dict[str, str]:
+    """torch.profiler's top operators (self CPU time) of one training step at batch 16, ours and the peer's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    ours = build_model(MODELS[name], drop_path_rate=0.0)
+    peer = peer_model(ours)
+    copy_into_peer(ours, peer)
+    h, w = ours.spec.img_size
+    x = torch.randn(TRAIN_BATCH, 3, h, w)
+    y = torch.rand(TRAIN_BATCH, ours.spec.num_keypoints, *ours.spec.heatmap_size)
+    bf16 = precision == "bf16"
+    out = {}
+    for who, model, fused in (("ours", ours, True), ("peer", peer, False)):
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, **({"fused": True} if fused else {}))
+        step = train_fn(model, opt, x, y, bf16)
+        step(), step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        out[who] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=44)
+    return out
+
+
+# --------------------------------------------------------------------------- 4: bf16 accuracy (AP)
+def tiny_config(overrides: list[str]) -> Any:
+    from vitpose.config import load_config
+
+    data = CACHE / "synthetic"
+    return load_config(TINY_TEACHER, [f"data.root={data}"] + overrides)
+
+
+def set_dist_env(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_ap_model(epochs: int, say: Callable[[str], None]) -> Path:
+    """A vitpose_tiny teacher trained by the engine (one process, ZeRO-0, fp32); cached by its epochs."""
+    out = CACHE / f"ap-model-tiny-{epochs}ep"
+    weights = out / "model.safetensors"
+    if weights.is_file():
+        say(f"trained model: cached {weights.relative_to(REPO)}")
+        return weights
+    from vitpose.engine import LocalSession, Trainer
+
+    set_dist_env(0, 1, free_port())
+    cfg = tiny_config([f"train.epochs={epochs}", f"train.eval_every={epochs}", "deepspeed.zero_stage=0",
+                       "data.loader_workers=1"])
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    session = LocalSession(out / "run")
+    trainer = Trainer(cfg, session)
+    trainer.fit()
+    torch.set_num_threads(threads)
+    last = session.checkpoints[-1]
+    shutil.copy(last / "model.safetensors", weights)
+    (out / "train.json").write_text(json.dumps({"config": str(TINY_TEACHER.relative_to(REPO)), "epochs": epochs,
+                                                "seconds": time.perf_counter() - t0, "reports": session.reports}))
+    shutil.rmtree(out / "run", ignore_errors=True)
+    with contextlib.suppress(Exception):
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    say(f"trained model: {epochs} epochs of vitpose_tiny in {time.perf_counter() - t0:.0f}s -> {weights.relative_to(REPO)}")
+    return weights
+
+
+def bf16_accuracy(checkpoint: Path | None, epochs: int, say: Callable[[str], None]) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    from vitpose.engine import build_datasets, ensure_data
+    from vitpose.evaluation import CocoKeypointEvaluator, decode_batch_to_predictions
+    from vitpose.models import load_model
+
+    path = Path(checkpoint) if checkpoint else train_ap_model(epochs, say)
+    model = load_model(path).eval()
+    # The val crops follow the model (its input and heatmap sizes).
+    cfg = tiny_config([f"model.img_size={list(model.spec.img_size)}", f"model.patch_size={model.spec.patch_size}"])
+    ensure_data(cfg)
+    _, val = build_datasets(cfg, True)
+    loader = DataLoader(val, batch_size=32, num_workers=0)
+    result: dict[str, Any] = {"model": str(path.relative_to(REPO) if path.is_relative_to(REPO) else path),
+                              "preset": model.spec.to_dict(), "val instances": len(val)}
+    for precision in ("fp32", "bf16"):
+        preds = []
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for batch in loader:
+                images = batch["image"]
+                with autocast(precision == "bf16"):
+                    hm, hm_flip = model(images).float(), model(images.flip(3)).float()
+                preds.extend(decode_batch_to_predictions(hm, batch, hm_flip, flip_pairs=val.flip_pairs,
+                                                         input_size=val.input_size))
+        result[f"{precision} seconds"] = time.perf_counter() - t0
+        ap = CocoKeypointEvaluator(val.ann_file).evaluate(preds)
+        result[precision] = {k: float(v) for k, v in ap.items()}
+    with torch.inference_mode():
+        images = next(iter(loader))["image"]
+        ref = model(images)
+        with autocast(True):
+            max_diff = float((model(images).float() - ref).abs().max())
+        result["max |heatmap|"] = float(ref.abs().max())
+    result["bf16 vs fp32 max abs heatmap diff (one batch)"] = max_diff
+    result["AP difference (points)"] = 100 * (result["bf16"]["AP"] - result["fp32"]["AP"])
+    say(f"AP fp32 {100 * result['fp32']['AP']:.2f}, bf16 {100 * result['bf16']['AP']:.2f} "
+        f"(difference {result['AP difference (points)']:+.2f} points)")
+    return result
+
+
+# ----------------------------------------------------------------------- 5: data loader vs tensors
+class _Session:
+    """A session for the engine's Trainer with nothing to report to (timing only)."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world_size, self.local_rank = rank, world, rank
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        pass
+
+    def latest_checkpoint(self) -> Any:
+        return contextlib.nullcontext(None)
+
+
+def _loader_rank(rank: int, world: int, port: int, steps: int, reps: int, queue: Any) -> None:
+    try:
+        set_dist_env(rank, world, port)
+        cfg = tiny_config(["train.eval_every=1000"])
+        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))  # what Ray gives a worker (OMP_NUM_THREADS)
+        from vitpose.engine import Trainer
+
+        trainer = Trainer(cfg, _Session(rank, world))
+        steps = min(steps or trainer.steps_per_epoch, trainer.steps_per_epoch)
+        real_loader = trainer.train_loader
+        trainer.steps_per_epoch = 2
+        trainer.train_epoch(0, 1, time.time())  # warm-up: first steps, DeepSpeed buffers
+        premade = list(itertools.islice(iter(real_loader), steps))  # the same kind of batches, made beforehand
+        trainer.steps_per_epoch = steps
+        times: dict[str, list[float]] = {"loader": [], "tensors": []}
+        for r in range(reps):
+            order = ("loader", "tensors") if r % 2 == 0 else ("tensors", "loader")
+            for kind in order:
+                trainer.train_loader = real_loader if kind == "loader" else premade
+                stats = trainer.train_epoch(1 + r, 1 + reps, time.time())
+                times[kind].append(stats.seconds / max(stats.steps, 1))
+        if rank == 0:
+            queue.put({"steps per epoch": steps, "reps": reps, "batch per worker": cfg.train.batch_size,
+                       "workers": world, "loader processes per worker": cfg.data.loader_workers,
+                       "zero stage": trainer.stage, "img_size": list(trainer.spec.img_size), **times})
+    except BaseException as err:  # the parent must not wait forever
+        queue.put({"error": f"rank {rank}: {type(err).__name__}: {err}"})
+        raise
+
+
+def loader_vs_tensors(steps: int, reps: int, say: Callable[[str], None]) -> dict[str, Any]:
+    import torch.multiprocessing as mp
+
+    from vitpose.engine import ensure_data
+
+    cfg = tiny_config([])
+    ensure_data(cfg)  # before the workers start, so generating the data is not timed
+    world = cfg.ray.num_workers
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_loader_rank, args=(r, world, port, steps, reps, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    result = queue.get(timeout=1800)
+    for p in procs:
+        p.join(timeout=120)
+        if p.is_alive():
+            p.kill()
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    loader, tensors = statistics.median(result["loader"]), statistics.median(result["tensors"])
+    result.update({"loader s/step": loader, "tensors s/step": tensors, "slowdown": loader / tensors - 1})
+    say(f"tiny teacher, {world} workers: {loader:.3f} s/step with the data loader, {tensors:.3f} s/step with "
+        f"pre-made tensors: {100 * result['slowdown']:+.1f}%")
+    return result
+
+
+# -------------------------------------------------------------------------------------------- report
+TARGETS = """Targets (issue 8): ours/peer >= 1.0 on every row at equal precision, >= 1.15 on the training step;
+our bf16 inference >= 1.8x our fp32 at batch 32; training-step MFU >= 75% of the fp32 matmul peak; bf16 AP
+within 0.5 points of fp32; the data loader slows the tiny teacher's step by <= 10%."""
+
+
+def check_targets(rows: list[Row], peaks: dict[str, float], ap: dict[str, Any] | None,
+                  loader: dict[str, Any] | None) -> list[tuple[str, str, bool]]:
+    out = []
+    for r in rows:
+        need = 1.15 if r.case == "train b16" else 1.0
+        out.append((f"{r.model} {r.precision} {r.case}: ours/peer >= {need}", f"{r.ratio:.3f}", r.ratio >= need))
+    by = {(r.model, r.precision, r.case): r for r in rows}
+    for model in dict.fromkeys(r.model for r in rows):
+        f, b = by.get((model, "fp32", "infer b32")), by.get((model, "bf16", "infer b32"))
+        if f and b:
+            speed = b.ips("ours") / f.ips("ours")
+            out.append((f"{model} our bf16 / fp32 inference b32 >= 1.8", f"{speed:.2f}x", speed >= 1.8))
+        for precision in ("fp32", "bf16"):
+            t = by.get((model, precision, "train b16"))
+            if t:
+                mfu = t.mfu("ours", peaks["fp32"])
+                out.append((f"{model} our {precision} training-step MFU >= 75% of the fp32 peak", f"{100 * mfu:.0f}%",
+                            mfu >= 0.75))
+    if ap:
+        d = ap["AP difference (points)"]
+        out.append(("bf16 AP within 0.5 points of fp32", f"{d:+.2f}", abs(d) <= 0.5))
+    if loader:
+        s = loader["slowdown"]
+        out.append(("data loader slows the tiny teacher's step by <= 10%", f"{100 * s:+.1f}%", s <= 0.10))
+    return out
+
+
+def markdown(info: dict[str, Any], peaks: dict[str, Any], diffs: dict[str, dict[str, float]], rows: list[Row],
+             ap: dict[str, Any] | None, loader: dict[str, Any] | None, targets: list[tuple[str, str, bool]],
+             argv: list[str], seconds: float, profiles: dict[str, dict[str, str]]) -> str:
+    L = ["# Performance: ours vs the transformers VitPose port, and vs the machine", "",
+         "Written by `python benchmarks/compare_peer.py " + " ".join(argv) + f"` ({seconds / 60:.1f} min). "
+         "Every number below was measured in that one run; see the script's docstring for what each means.", "",
+         "## Machine", "", "| | |", "| --- | --- |"]
+    L += [f"| {k} | {v} |" for k, v in info.items()]
+    L += [f"| matmul peak fp32 (2048^3) | {peaks['fp32']:.0f} GFLOP/s (start {peaks['fp32 start']:.0f}, end "
+          f"{peaks['fp32 end']:.0f}) |",
+          f"| matmul peak bf16 (2048^3) | {peaks['bf16']:.0f} GFLOP/s (start {peaks['bf16 start']:.0f}, end "
+          f"{peaks['bf16 end']:.0f}) |", ""]
+    L += ["## 1. Same function", "",
+          "Our weights copied into `VitPoseForPoseEstimation` (ours built with drop_path_rate=0; BatchNorm "
+          "statistics randomised, heatmaps scaled to ~1).", ""]
+    if diffs:
+        keys = list(next(iter(diffs.values())))
+        L += ["| model | " + " | ".join(keys) + " |", "| --- |" + " ---: |" * len(keys)]
+        L += [f"| {m} | " + " | ".join(f"{v:.2e}" for v in d.values()) + " |" for m, d in diffs.items()]
+    L += ["", "## 2-3. Speed (images/s, medians) and model-FLOPs utilisation", "",
+          "Interleaved A/B. Ratio = ours/peer (median of per-repetition ratios). MFU = analytic FLOPs / time / "
+          "matmul peak of the row's precision (fp32 rows: fp32 peak; bf16 rows: bf16 peak, and in brackets "
+          "against the fp32 peak). Training step: ours with fused AdamW, peer with torch's default AdamW; "
+          "`fwd+bwd` rows: no optimizer step.", "",
+          "| model | precision | case | ours img/s | peer img/s | ours/peer | ours MFU | peer MFU |",
+          "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        peak = peaks[r.precision]
+        extra = f" ({100 * r.mfu('ours', peaks['fp32']):.0f}% of fp32)" if r.precision == "bf16" else ""
+        L.append(f"| {r.model} | {r.precision} | {r.case} | {r.ips('ours'):.2f} | {r.ips('peer'):.2f} | "
+                 f"**{r.ratio:.3f}** | {100 * r.mfu('ours', peak):.0f}%{extra} | {100 * r.mfu('peer', peak):.0f}% |")
+    L += ["", "## 4. bf16 accuracy", ""]
+    if ap:
+        L += [f"Model: `{ap['model']}` (vitpose_tiny at {ap['preset']['img_size']}), {ap['val instances']} synthetic "
+              "val instances, flip test on.", "", "| | fp32 | bf16 autocast |", "| --- | ---: | ---: |"]
+        for k in ("AP", "AP50", "AP75", "AR"):
+            if k in ap["fp32"]:
+                L.append(f"| {k} | {100 * ap['fp32'][k]:.2f} | {100 * ap['bf16'][k]:.2f} |")
+        L += [f"| eval seconds | {ap['fp32 seconds']:.1f} | {ap['bf16 seconds']:.1f} |", "",
+              f"AP difference bf16 - fp32: **{ap['AP difference (points)']:+.2f} points**; max abs heatmap "
+              f"difference {ap['bf16 vs fp32 max abs heatmap diff (one batch)']:.2e} (max |heatmap| "
+              f"{ap['max |heatmap|']:.2f})."]
+    else:
+        L.append("Skipped (--skip-ap).")
+    L += ["", "## 5. Data loader vs model", ""]
+    if loader:
+        L += [f"Tiny teacher as configured ({TINY_TEACHER.relative_to(REPO)}): {loader['workers']} training workers "
+              f"(1 thread each), {loader['loader processes per worker']} loader process per worker, ZeRO-"
+              f"{loader['zero stage']}, batch {loader['batch per worker']} per worker at {loader['img_size']}; "
+              f"{loader['reps']} interleaved epochs of {loader['steps per epoch']} steps each way.", "",
+              "| feed | s/step (median) | all epochs |", "| --- | ---: | --- |",
+              f"| real DataLoader | {loader['loader s/step']:.3f} | {', '.join(f'{t:.3f}' for t in loader['loader'])} |",
+              f"| pre-made tensors | {loader['tensors s/step']:.3f} | {', '.join(f'{t:.3f}' for t in loader['tensors'])} |",
+              "", f"Slowdown from the loader: **{100 * loader['slowdown']:+.1f}%**."]
+    else:
+        L.append("Skipped (--skip-loader).")
+    L += ["", "## Targets", "", TARGETS, "", "| target | measured | met |", "| --- | ---: | --- |"]
+    L += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in targets]
+    if profiles:
+        L += ["", "## Profiles", "", "torch.profiler, one training step at batch 16 (forward, MSE, backward, AdamW), "
+              "operators by self CPU time."]
+        for title, tables in profiles.items():
+            for who, table in tables.items():
+                L += ["", f"{title}, {who}:", "", "```", table.strip(), "```"]
+    L += ["", f"Load average at the end: {load_average()}.", ""]
+    return "\n".join(L)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="s,b", help="comma list of s, b, l, h, or none (default s,b)")
+    p.add_argument("--reps", type=int, default=5, help="interleaved repetitions of each inference row")
+    p.add_argument("--train-reps", type=int, default=3, help="interleaved repetitions of each training row")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-split", action="store_true", help="leave out the fwd+bwd (no optimizer) rows")
+    p.add_argument("--no-retain-memory", action="store_true",
+                   help="keep glibc's default of returning freed memory to the OS (see retain_freed_memory)")
+    p.add_argument("--checkpoint", type=Path, help="trained model for the AP check (default: train vitpose_tiny)")
+    p.add_argument("--ap-epochs", type=int, default=12, help="epochs of the AP model when trained here")
+    p.add_argument("--skip-ap", action="store_true")
+    p.add_argument("--loader-steps", type=int, default=0, help="steps per timed epoch (0: the config's full epoch)")
+    p.add_argument("--loader-reps", type=int, default=3)
+    p.add_argument("--skip-loader", action="store_true")
+    p.add_argument("--profile", default="s:fp32,s:bf16",
+                   help="comma list of model:precision training steps to profile, ours and the peer's ('' for none)")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    a = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    t_start = time.perf_counter()
+    torch.set_num_threads(a.threads)
+    retained = False if a.no_retain_memory else retain_freed_memory()
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    info = machine_info()
+    info["freed memory kept in the process (mallopt)"] = "yes" if retained else "no"
+    say(" | ".join(f"{k}: {v}" for k, v in info.items()))
+    peaks: dict[str, float] = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        peaks[f"{name} start"] = matmul_gflops(dt)
+    say(f"matmul at start: fp32 {peaks['fp32 start']:.0f} GFLOP/s, bf16 {peaks['bf16 start']:.0f} GFLOP/s")
+
+    diffs, rows = {}, []
+    for name in [m.strip() for m in a.models.split(",") if m.strip() and m.strip() != "none"]:
+        d, r = bench_model(name, a.reps, a.train_reps, not a.no_split, say)
+        diffs[MODELS[name]] = d
+        rows += r
+        gc.collect()
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        peaks[f"{name} end"] = matmul_gflops(dt)
+        peaks[name] = max(peaks[f"{name} start"], peaks[f"{name} end"])
+    say(f"matmul at end: fp32 {peaks['fp32 end']:.0f} GFLOP/s, bf16 {peaks['bf16 end']:.0f} GFLOP/s")
+
+    ap = None if a.skip_ap else bf16_accuracy(a.checkpoint, a.ap_epochs, say)
+    torch.set_num_threads(a.threads)
+    loader = None if a.skip_loader else loader_vs_tensors(a.loader_steps, a.loader_reps, say)
+
+    profiles = {}
+    for item in [i for i in a.profile.split(",") if i]:
+        name, precision = item.split(":") if ":" in item else (item, "fp32")
+        say(f"profiling {MODELS[name]} {precision} training step")
+        profiles[f"{MODELS[name]} {precision}"] = profile_tables(name, precision)
+
+    targets = check_targets(rows, peaks, ap, loader)
+    text = markdown(info, peaks, diffs, rows, ap, loader, targets, argv, time.perf_counter() - t_start, profiles)
+    a.out.write_text(text)
+    say("\n" + text)
+    say(f"written to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
