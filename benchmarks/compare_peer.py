@@ -648,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-retain-memory", action="store_true",
                    help="keep glibc's default of returning freed memory to the OS (see retain_freed_memory)")
     p.add_argument("--checkpoint", type=Path, help="trained model for the AP check (default: train vitpose_tiny)")
-    p.add_argument("--ap-epochs", type=int, default=12, help="epochs of the AP model when trained here")
+    p.add_argument("--ap-epochs", type=int, default=6, help="epochs of the AP model when trained here")
     p.add_argument("--skip-ap", action="store_true")
     p.add_argument("--loader-steps", type=int, default=0, help="steps per timed epoch (0: the config's full epoch)")
     p.add_argument("--loader-reps", type=int, default=3)

@@ -1,0 +1,55 @@
+"""benchmarks/compare_peer.py: the peer (transformers' VitPose) built from our spec computes our function once
+our weights are copied in; the report's arithmetic. Timings are printed by the benchmark, never asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+from vitpose.models import build_model
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("compare_peer", REPO / "benchmarks" / "compare_peer.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compare_peer"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peer_computes_our_function():
+    pytest.importorskip("transformers", reason="the peer comes with the 'bench' extra")
+    bench = load_bench()
+    torch.manual_seed(0)
+    ours = build_model("vitpose_nano", img_size=(64, 48), deconv_channels=256)
+    bench.make_loud(ours)
+    peer = bench.peer_model(ours)
+    bench.copy_into_peer(ours, peer)
+    diff = bench.same_function(ours, peer)
+    assert 0.5 < diff["max |heatmap|"] < 2.0
+    assert diff["eval fp32 max abs diff"] < 1e-5
+    assert diff["train fp32 max abs diff"] < 1e-4
+    assert diff["train grad rel diff (block 0 fc1)"] < 1e-3
+    assert diff["bf16 vs fp32, ours"] < 0.1  # bf16 autocast stays close for both
+    with pytest.raises(ValueError, match="256 channels"):
+        bench.peer_model(build_model("vitpose_nano", device="meta"))
+
+
+def test_rows_ratios_and_targets():
+    bench = load_bench()
+    row = bench.Row("vitpose_s", "fp32", "train b16", 16, 1e12, ours=[1.0, 2.0, 1.0], peer=[2.0, 2.0, 1.5])
+    assert row.ips("ours") == 16.0 and row.ratio == 1.5  # median of per-repetition peer/ours times
+    assert row.mfu("ours", 2000.0) == pytest.approx(0.5)
+    infer32 = bench.Row("vitpose_s", "fp32", "infer b32", 32, 1e11, ours=[1.0], peer=[1.0])
+    infer16 = bench.Row("vitpose_s", "bf16", "infer b32", 32, 1e11, ours=[0.5], peer=[1.0])
+    targets = {name: ok for name, _, ok in bench.check_targets(
+        [row, infer32, infer16], {"fp32": 2000.0, "bf16": 8000.0}, None, {"slowdown": 0.05})}
+    assert targets["vitpose_s fp32 train b16: ours/peer >= 1.15"]
+    assert targets["vitpose_s fp32 infer b32: ours/peer >= 1.0"]  # equal speed is enough there
+    assert targets["vitpose_s our bf16 / fp32 inference b32 >= 1.8"]
+    assert not targets["vitpose_s our fp32 training-step MFU >= 75% of the fp32 peak"]
+    assert targets["data loader slows the tiny teacher's step by <= 10%"]
