@@ -40,6 +40,8 @@ META_FILE = "meta.json"
 # Written by a worker whose error a retry cannot fix (bad data, NaN loss), read by the driver: the retried
 # worker group stops at once instead of training up to the same error again, and the driver prints one line.
 FATAL_FILE = "fatal_error.json"
+# Prefix of the temp folders checkpoints are written to before Ray takes them, followed by "<pid>-".
+SAVE_TMP_PREFIX = "vitpose-ckpt-"
 # When set, every rank keeps ``<dir>/rank<R>.json`` current (pid, epoch, step, phase) for outside watchers.
 STATUS_DIR_ENV = "VITPOSE_WORKER_STATUS_DIR"
 
@@ -440,6 +442,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ train
     def fit(self) -> dict[str, float]:
+        remove_stale_save_dirs()
         self.restore()
         epochs = self.cfg.train.epochs
         last_metrics: dict[str, float] = {}
@@ -466,7 +469,7 @@ class Trainer:
             if self.tracker is not None and self.rank == 0:
                 self.tracker.log_epoch(metrics, step=epoch + 1)
             if is_eval:
-                with tempfile.TemporaryDirectory(prefix="vitpose-ckpt-") as tmp:
+                with tempfile.TemporaryDirectory(prefix=f"{SAVE_TMP_PREFIX}{os.getpid()}-") as tmp:
                     self.status.update(phase="save")
                     self.save_checkpoint(Path(tmp), epoch, metrics)
                     self.status.update(phase="report")
@@ -672,6 +675,21 @@ class Trainer:
         ap = f"  val AP {m['val/AP']:.3f} AR {m['val/AR']:.3f}" if "val/AP" in m else ""
         self._say(f"epoch {epoch + 1}/{epochs}  loss {m['train/loss']:.6f}  lr {m['train/lr']:.2e}  "
                   f"{m['train/images_per_sec']:.1f} img/s{ap}  ETA {_fmt_secs(eta)}")
+
+
+def remove_stale_save_dirs() -> None:
+    """Delete the temp folders of saves cut off by a killed worker (a ViT-g save is gigabytes). Only those
+    whose process is gone: concurrent trainers on this machine keep theirs."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{SAVE_TMP_PREFIX}*-*"):
+        pid = folder.name[len(SAVE_TMP_PREFIX):].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
 
 
 def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:

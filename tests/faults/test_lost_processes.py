@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +32,13 @@ from tests.faults.procs import (
     proc_name,
     wait_for_status,
 )
-from vitpose.engine import MODEL_FILE, STATUS_DIR_ENV, IncompleteCheckpointError, verify_checkpoint
+from vitpose.engine import (
+    MODEL_FILE,
+    SAVE_TMP_PREFIX,
+    STATUS_DIR_ENV,
+    IncompleteCheckpointError,
+    verify_checkpoint,
+)
 
 sys.path.insert(0, str(REPO / "pipelines"))
 import teacher  # noqa: E402
@@ -112,6 +119,8 @@ def test_killed_workers_resume_from_last_checkpoint_and_match_the_uninterrupted_
     assert first["name"].startswith("ray::") and second["name"].startswith("ray::")
     assert first["before"]["global_step"] >= target and first["before"]["epoch"] == 3
     assert second["after"]["phase"] == "save", "the second kill did not land while the checkpoint was written"
+    # The half-written save of the killed rank was removed by its successor.
+    assert not list(Path(tempfile.gettempdir()).glob(f"{SAVE_TMP_PREFIX}{second['before']['pid']}-*"))
 
     ckpt = final_checkpoint(run_dir_of(storage, "worker-kill"))
     meta = verify_checkpoint(ckpt)
