@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -286,6 +288,7 @@ def test_bf16_weight_copy_matches_autocast_and_follows_updates() -> None:
     # The layer's kept copy gives what autocast's per-call cast gives.
     assert torch.equal(bf16(fc1, h), bf16(lambda t: torch.nn.functional.linear(t, fc1.weight, fc1.bias), h))
     assert fc1.__dict__["_cast"][1].dtype == torch.bfloat16
+    assert "_cast" not in copy.deepcopy(fc1).__dict__  # nor pickled with the model
     first = bf16(model, x)
     assert torch.equal(first, fresh())
     with torch.no_grad():  # an in-place update (an optimizer step) makes the copy stale

@@ -58,7 +58,7 @@ class Linear(nn.Linear):
     teacher) this layer casts once and reuses the copy while the weight is unchanged (same storage and
     version counter, so an optimizer step, ``load_state_dict`` or ``.to()`` recasts). Training, fp32 and
     DeepSpeed-partitioned weights take the plain path. Costs one low-precision weight copy of memory;
-    ``train()``/``eval()`` drop it.
+    ``train()``/``eval()`` drop it, and it is never pickled or deep-copied.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,6 +79,12 @@ class Linear(nn.Linear):
     def train(self, mode: bool = True) -> Linear:
         self.__dict__.pop("_cast", None)
         return super().train(mode)
+
+    def __getstate__(self) -> dict:
+        # Never pickled (torch.save of a whole model, MLflow's model logging) nor deep-copied.
+        state = dict(self.__dict__)
+        state.pop("_cast", None)
+        return state
 
 
 class Mlp(nn.Module):
