@@ -41,9 +41,11 @@ def test_peer_computes_our_function():
 
 def test_rows_ratios_and_targets():
     bench = load_bench()
-    row = bench.Row("vitpose_s", "fp32", "train b16", 16, 1e12, ours=[1.0, 2.0, 1.0], peer=[2.0, 2.0, 1.5])
+    row = bench.Row("vitpose_s", "fp32", "train b16", 16, 1e12, ours=[1.0, 2.0, 1.0], peer=[2.0, 2.0, 1.5],
+                    peak=[2000.0, 1000.0, 4000.0])
     assert row.ips("ours") == 16.0 and row.ratio == 1.5  # median of per-repetition peer/ours times
     assert row.mfu("ours", 2000.0) == pytest.approx(0.5)
+    assert row.mfu_adjacent == pytest.approx(0.5)  # per repetition 0.5, 0.5, 0.25 against the matmul beside it
     infer32 = bench.Row("vitpose_s", "fp32", "infer b32", 32, 1e11, ours=[1.0], peer=[1.0])
     infer16 = bench.Row("vitpose_s", "bf16", "infer b32", 32, 1e11, ours=[0.5], peer=[1.0])
     targets = {name: ok for name, _, ok in bench.check_targets(
