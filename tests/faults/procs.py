@@ -168,8 +168,10 @@ class WorkerKiller(threading.Thread):
                 t_kill = time.time()
                 killed.add(status["pid"])
                 after = read_status(self.status_dir, rank)  # the dead worker's last word
-                self.kills.append({"rank": rank, "before": status, "after": after, "time": t_kill,
-                                   "name": name})
+                kill = {"rank": rank, "before": status, "after": after, "time": t_kill, "name": name}
+                self.kills.append(kill)
+                back = wait_for_status(self.status_dir, rank, lambda s: s["pid"] not in killed, self.timeout)
+                kill["recovered_after"] = back["time"] - t_kill  # the replacement restored, about to train
         except BaseException as err:  # reported by the test
             self.error = err
         finally:

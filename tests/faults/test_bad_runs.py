@@ -121,8 +121,8 @@ def test_bad_samples_skipped_and_counted_exactly(corrupted, ray_local, tracking,
     listed = client.download_artifacts(run.info.run_id, "bad_samples.json", str(tmp_path))
     skipped = json.loads(Path(listed).read_text())["train"]["skipped"]
     assert sorted(skipped.values()) == ["unreadable_image"] * corrupted.expected["unreadable_image"]
-    print(f"\nFAULT bad data (skip): {expected['train/total']} bad of {len(json.loads((corrupted.root / TRAIN_ANN).read_text())['annotations'])} "
-          f"train annotations skipped and counted; run {elapsed:.1f}s")
+    print(f"\nFAULT bad data (skip): {len(corrupted.missing)} images missing, {len(corrupted.corrupt)} corrupt; "
+          f"skipped and counted {corrupted.expected} of 96 train annotations; run {elapsed:.1f}s")
 
 
 def test_bad_sample_in_error_mode_stops_at_the_first_one(corrupted, tracking, tmp_path):

@@ -137,8 +137,8 @@ def test_killed_workers_resume_from_last_checkpoint_and_match_the_uninterrupted_
         done = before["global_step"] if before["phase"] == "train" else before["epoch"] * STEPS_PER_EPOCH
         lost = done - resumed * STEPS_PER_EPOCH
         print(f"FAULT worker SIGKILL rank {kill['rank']} in {kill['before']['phase']} of epoch "
-              f"{kill['before']['epoch']} (step {kill['before']['global_step']}): resumed at epoch {resumed + 1}, "
-              f"{lost} finished steps redone")
+              f"{kill['before']['epoch']} (step {kill['before']['global_step']}): training again after "
+              f"{kill['recovered_after']:.1f}s at epoch {resumed + 1}, {lost} finished steps redone")
     print(f"FAULT worker-kill run total {elapsed:.1f}s (seed {SEED}, target step {target})")
 
 
