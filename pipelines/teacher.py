@@ -12,6 +12,8 @@ any worker starts.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = storage / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / FATAL_FILE).unlink(missing_ok=True)  # a resumed run gets its retries back
+    (run_dir / FATAL_FILE).unlink(missing_ok=True)  # its cause may be fixed by now: --resume trains again
     id_file = run_dir / "mlflow_run_id.txt"
     resumed_run = id_file.read_text().strip() if id_file.is_file() else None
     run_id = tracking.start_driver_run(cfg, tracking_uri, cfg.tracking.experiment, name, run_id=resumed_run)
@@ -113,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def failure_cause(error: BaseException, fatal_file: Path) -> str:
     """One line: the worker's own message, not Ray's wrapping of it with every rank's traceback."""
-    import json
-
     if fatal_file.is_file():
         return json.loads(fatal_file.read_text())["message"]
     failures = getattr(error, "worker_failures", None) or {}
@@ -126,8 +126,6 @@ def failure_cause(error: BaseException, fatal_file: Path) -> str:
 def fit(cfg: TeacherConfig, name: str, storage: Path, tracking_uri: str, run_id: str) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    import os
 
     from vitpose.engine import STATUS_DIR_ENV, train_worker
     from vitpose.raycluster import WORKER_ENV
@@ -156,8 +154,6 @@ def fit(cfg: TeacherConfig, name: str, storage: Path, tracking_uri: str, run_id:
 
 def finish(cfg: TeacherConfig, result: Any, tracking_uri: str, run_id: str) -> dict[str, Any]:
     """Register the best checkpoint, log the curves and final metrics; returns what to print."""
-    import json
-
     from vitpose import tracking
     from vitpose.engine import META_FILE, MODEL_FILE, verify_checkpoint
     from vitpose.serving import log_vitpose_model

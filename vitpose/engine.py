@@ -65,7 +65,9 @@ class WorkerStatus:
     """Where this rank is, in ``$VITPOSE_WORKER_STATUS_DIR/rank<R>.json``; nothing when the variable is unset.
 
     Lets something outside the worker (an operator, a stall detector, the fault-injection tests) see the pid,
-    epoch, step and phase ('start', 'train', 'eval', 'save', 'report', 'done') without attaching to Ray.
+    phase ('start', 'train', 'eval', 'save', 'report', 'done'), epoch (1-based, the one in progress; at
+    'start' the number already done), step in the epoch and global_step (steps finished) without attaching
+    to Ray. 'train' is written before each step.
     """
 
     def __init__(self, rank: int):
