@@ -229,7 +229,7 @@ def same_function(ours: ViTPose, peer: nn.Module) -> dict[str, float]:
     ours.eval(), peer.eval()
     with torch.inference_mode():
         a, b = heatmaps(ours, x), heatmaps(peer, x)
-        out["max |heatmap|"] = float(a.abs().max())
+        out["max abs heatmap"] = float(a.abs().max())
         out["eval fp32 max abs diff"] = float((a - b).abs().max())
         with autocast(True):
             a16, b16 = heatmaps(ours, x).float(), heatmaps(peer, x).float()
@@ -471,7 +471,7 @@ def bf16_accuracy(checkpoint: Path | None, epochs: int, say: Callable[[str], Non
         ref = model(images)
         with autocast(True):
             max_diff = float((model(images).float() - ref).abs().max())
-        result["max |heatmap|"] = float(ref.abs().max())
+        result["max abs heatmap"] = float(ref.abs().max())
     result["bf16 vs fp32 max abs heatmap diff (one batch)"] = max_diff
     result["AP difference (points)"] = 100 * (result["bf16"]["AP"] - result["fp32"]["AP"])
     say(f"AP fp32 {100 * result['fp32']['AP']:.2f}, bf16 {100 * result['bf16']['AP']:.2f} "
@@ -495,6 +495,9 @@ class _Session:
 
 def _loader_rank(rank: int, world: int, port: int, steps: int, reps: int, queue: Any) -> None:
     try:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed deprecations, per step
         set_dist_env(rank, world, port)
         cfg = tiny_config(["train.eval_every=1000"])
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))  # what Ray gives a worker (OMP_NUM_THREADS)
@@ -626,8 +629,8 @@ def markdown(info: dict[str, Any], peaks: dict[str, Any], diffs: dict[str, dict[
                 L.append(f"| {k} | {100 * ap['fp32'][k]:.2f} | {100 * ap['bf16'][k]:.2f} |")
         L += [f"| eval seconds | {ap['fp32 seconds']:.1f} | {ap['bf16 seconds']:.1f} |", "",
               f"AP difference bf16 - fp32: **{ap['AP difference (points)']:+.2f} points**; max abs heatmap "
-              f"difference {ap['bf16 vs fp32 max abs heatmap diff (one batch)']:.2e} (max |heatmap| "
-              f"{ap['max |heatmap|']:.2f})."]
+              f"difference {ap['bf16 vs fp32 max abs heatmap diff (one batch)']:.2e} (max abs heatmap "
+              f"{ap['max abs heatmap']:.2f})."]
     else:
         L.append("Skipped (--skip-ap).")
     L += ["", "## 5. Data loader vs model", ""]
@@ -658,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="s,b", help="comma list of s, b, l, h, or none (default s,b)")
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions of each inference row")
-    p.add_argument("--train-reps", type=int, default=3, help="interleaved repetitions of each training row")
+    p.add_argument("--train-reps", type=int, default=4, help="interleaved repetitions of each training row")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-split", action="store_true", help="leave out the fwd+bwd (no optimizer) rows")
     p.add_argument("--no-retain-memory", action="store_true",

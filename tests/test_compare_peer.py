@@ -30,7 +30,7 @@ def test_peer_computes_our_function():
     peer = bench.peer_model(ours)
     bench.copy_into_peer(ours, peer)
     diff = bench.same_function(ours, peer)
-    assert 0.5 < diff["max |heatmap|"] < 2.0
+    assert 0.5 < diff["max abs heatmap"] < 2.0
     assert diff["eval fp32 max abs diff"] < 1e-5
     assert diff["train fp32 max abs diff"] < 1e-4
     assert diff["train grad rel diff (block 0 fc1)"] < 1e-3
