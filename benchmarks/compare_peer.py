@@ -3,7 +3,7 @@ VitPose port), against this machine's matmul peak, with the accuracy of our bf16
 the data loader: one process, one run, same inputs, written to benchmarks/RESULTS.md.
 
     pip install -c constraints.txt -e '.[bench]'          # transformers: the peer
-    python benchmarks/compare_peer.py                     # S and B, ~10-15 min on 2 cores
+    python benchmarks/compare_peer.py                     # S and B, ~15 min on 2 cores
     python benchmarks/compare_peer.py --models s --reps 3 --skip-ap --skip-loader   # quick look
 
 Sections (the issue's items):
@@ -26,15 +26,21 @@ Sections (the issue's items):
 4. Our bf16 accuracy: keypoint AP of a trained small model on the synthetic val set, fp32 vs bf16
    autocast inference (flip test on, as in training's evaluation). The model is ``--checkpoint`` if given,
    else a vitpose_tiny teacher trained here with the real engine (configs/teacher/synthetic_tiny.yaml,
-   one process, ZeRO-0) and cached under runs/bench/compare-peer/ (first run: a few minutes).
+   --ap-epochs epochs, one process, ZeRO-0) and cached under runs/bench/compare-peer/ (first run only:
+   4-12 minutes on 2 cores, depending on other load).
 5. Data loader vs model: the tiny teacher as configured (configs/teacher/synthetic_tiny.yaml: 2 training
    workers with 1 CPU thread each, DeepSpeed ZeRO-3 on gloo, one loader process per worker), run by the
    real engine's ``Trainer.train_epoch``: epochs fed by the real DataLoader vs the same batches as
    pre-made tensors, interleaved. Workers are started with torch.multiprocessing rather than Ray (Ray
    adds nothing inside the step loop). Loader start-up (its processes are forked every epoch) counts.
 
-Absolute numbers move with other load on a shared machine (the load average is recorded); the A/B
-interleaving is what makes the ratios comparable. Tests never assert timings: this script prints them.
+6. torch.profiler tables of both training steps (--profile, default ViTPose-S fp32 and bf16).
+
+The process keeps freed memory instead of handing it back to the OS (see ``retain_freed_memory``; both
+implementations alike; --no-retain-memory to measure without). Absolute numbers move with other load on a
+shared machine (the load average is recorded, and the matmul peak is measured again beside every
+repetition); the A/B interleaving is what makes the ratios comparable. Tests never assert timings: this
+script prints them.
 """
 
 from __future__ import annotations
