@@ -31,9 +31,19 @@ def test_lr_schedule_warmup_then_steps(synthetic_root):
     assert lr_factor(100, 5, cfg) == pytest.approx(0.01)
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_training_lowers_loss_and_resume_is_exact(synthetic_root, tmp_path, stage):
-    cfg = tiny_config(synthetic_root, "train.epochs=3", f"deepspeed.zero_stage={stage}")
+@pytest.mark.parametrize(
+    "stage, sets",
+    [
+        (0, []),
+        (3, []),
+        # Persistent loader processes (the epoch travels with each index) and drop path drawing from the
+        # torch RNG: a resumed run must still draw what the uninterrupted one drew.
+        (0, ["data.loader_workers=1", "model.drop_path_rate=0.1"]),
+    ],
+    ids=["zero0", "zero3", "zero0-loader-procs"],
+)
+def test_training_lowers_loss_and_resume_is_exact(synthetic_root, tmp_path, stage, sets):
+    cfg = tiny_config(synthetic_root, "train.epochs=3", f"deepspeed.zero_stage={stage}", *sets)
     full = LocalSession(tmp_path / "full")
     Trainer(cfg, full).fit()
     losses = [r["train/loss"] for r in full.reports]

@@ -1,0 +1,154 @@
+"""GPU check (not a test; needs a CUDA GPU): the same engine and models as on CPU, device from DeepSpeed.
+
+Run on a GPU machine (no Ray or MLflow needed) as ``python benchmarks/gpu_check.py``; it prints:
+
+1. Engine runs, one process, DeepSpeed on NCCL: the embedded default's model on a small synthetic set,
+   trained 2 epochs under ZeRO-0 fp32, ZeRO-2 bf16 + activation checkpointing and ZeRO-3 bf16 (loss, AP,
+   img/s, checkpoint written), then a restart from the epoch-1 checkpoint that must continue at epoch 2.
+2. Throughput at the paper's 256x192 input, bf16 autocast: inference (batch 64) and the training step
+   (fwd + MSE + bwd + fused AdamW, batch 32) for ViTPose-B/L/H, beside the paper's A100 inference figures.
+3. ViTPose-G: one bf16 training step with activation checkpointing, peak GPU memory.
+
+Nothing here is asserted: the CPU test suite checks behaviour, this shows the GPU path runs and how fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PAPER_A100_FPS = {"vitpose_b": 944, "vitpose_l": 411, "vitpose_h": 241}  # paper Table 9, inference
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def engine_runs(data_root: Path, out: Path) -> None:
+    from vitpose.config import load_config
+    from vitpose.engine import LocalSession, Trainer, ensure_data, verify_checkpoint
+
+    base = [f"data.root={data_root}", "data.synthetic.train_instances=1024", "data.synthetic.val_instances=128",
+            "train.epochs=2", "train.eval_every=1", "train.lr_steps=[]", "data.loader_workers=4",
+            "ray.use_gpu=true"]
+    ensure_data(load_config(REPO / "configs/teacher/synthetic_tiny.yaml", base))
+    runs = {
+        "zero0-fp32": ["deepspeed.zero_stage=0", "train.precision=fp32"],
+        "zero2-bf16-actckpt": ["deepspeed.zero_stage=2", "train.precision=bf16",
+                               "model.activation_checkpointing=true"],
+        "zero3-bf16": ["deepspeed.zero_stage=3", "train.precision=bf16"],
+    }
+    for name, sets in runs.items():
+        cfg = load_config(REPO / "configs/teacher/synthetic_tiny.yaml", base + sets)
+        session = LocalSession(out / name)
+        t = time.time()
+        trainer = Trainer(cfg, session)
+        trainer.fit()
+        r = session.reports
+        meta = verify_checkpoint(session.checkpoints[-1])
+        print(f"[engine] {name}: device {trainer.device}, loss {r[0]['train/loss']:.6f} -> {r[-1]['train/loss']:.6f}, "
+              f"AP {r[-1]['val/AP']:.3f}, {r[-1]['train/images_per_sec']:.0f} img/s, "
+              f"checkpoint epoch {meta['epoch'] + 1} stage {meta['zero_stage']}, {time.time() - t:.1f} s", flush=True)
+        resumed = LocalSession(out / f"{name}-resumed", resume_from=session.checkpoints[0])
+        trainer = Trainer(cfg, resumed)
+        trainer.fit()
+        last = resumed.reports[-1]["train/loss"]
+        print(f"[engine] {name} restarted from epoch 1: continued at epoch {trainer.start_epoch + 1}, "
+              f"final loss {last:.6f} vs {r[-1]['train/loss']:.6f} uninterrupted "
+              f"(rel diff {abs(last - r[-1]['train/loss']) / r[-1]['train/loss']:.1e})", flush=True)
+
+
+def timed(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps
+
+
+def bf16_train_step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor):
+    """fwd + MSE + bwd + fused AdamW under bf16 autocast, as a closure for ``timed``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.mse_loss(model(x).float(), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def throughput(presets: list[str]) -> None:
+    from vitpose.models import build_model
+
+    for name in presets:
+        model = build_model(name, img_size=(256, 192)).cuda()
+        x = torch.randn(64, 3, 256, 192, device="cuda")
+        model.eval()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            infer = 64 / timed(functools.partial(model, x), 10)
+        model.train()
+        train = 32 / timed(bf16_train_step(model, x[:32], torch.rand(32, 17, 64, 48, device="cuda")), 10)
+        print(f"[speed] {name} bf16: inference {infer:.0f} img/s at batch 64 (paper, A100: "
+              f"{PAPER_A100_FPS.get(name, '-')}), training step {train:.0f} img/s at batch 32", flush=True)
+        del model
+        torch.cuda.empty_cache()
+
+
+def giant_step(batch: int) -> None:
+    from vitpose.models import build_model
+
+    torch.cuda.reset_peak_memory_stats()
+    model = build_model("vitpose_g", img_size=(256, 192)).cuda()
+    model.set_grad_checkpointing(True)
+    x = torch.randn(batch, 3, 256, 192, device="cuda")
+    sec = timed(bf16_train_step(model, x, torch.rand(batch, 17, 64, 48, device="cuda")), 3)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"[giant] vitpose_g ({params:.0f}M) bf16 autocast + activation checkpointing, batch {batch}: "
+          f"{batch / sec:.0f} img/s, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: a temp folder)")
+    p.add_argument("--presets", default="vitpose_b,vitpose_l,vitpose_h")
+    p.add_argument("--giant-batch", type=int, default=32)
+    p.add_argument("--skip-engine", action="store_true")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: no CUDA GPU here; this check is for GPU machines (the CPU path is what `make test` checks)")
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, "
+          f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB", flush=True)
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
+                       ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(key, value)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    with tempfile.TemporaryDirectory(prefix="vitpose-gpu-check-") as tmp:
+        out = args.out or Path(tmp)
+        if not args.skip_engine:
+            engine_runs(out / "data", out)
+        throughput([s for s in args.presets.split(",") if s])
+        giant_step(args.giant_batch)
+
+
+if __name__ == "__main__":
+    main()
