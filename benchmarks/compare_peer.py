@@ -25,7 +25,7 @@ Sections (the issue's items):
    ``model.flops``, x3 for a training step) / time / peak of the row's precision.
 4. Our bf16 accuracy: keypoint AP of a trained small model on the synthetic val set, fp32 vs bf16
    autocast inference (flip test on, as in training's evaluation). The model is ``--checkpoint`` if given,
-   else a vitpose_tiny teacher trained here with the real engine (configs/teacher/synthetic_tiny.yaml,
+   else the embedded default teacher trained here with the real engine (configs/teacher/synthetic_tiny.yaml,
    --ap-epochs epochs, one process, ZeRO-0) and cached under runs/bench/compare-peer/ (first run only:
    4-12 minutes on 2 cores, depending on other load).
 5. Data loader vs model: the tiny teacher as configured (configs/teacher/synthetic_tiny.yaml: 2 training
@@ -412,8 +412,9 @@ def free_port() -> int:
 
 
 def train_ap_model(epochs: int, say: Callable[[str], None]) -> Path:
-    """A vitpose_tiny teacher trained by the engine (one process, ZeRO-0, fp32); cached by its epochs."""
-    out = CACHE / f"ap-model-tiny-{epochs}ep"
+    """The embedded default teacher trained by the engine (one process, ZeRO-0); cached by model and epochs."""
+    m = tiny_config([]).model
+    out = CACHE / f"ap-model-{m.preset}-p{m.patch_size or 16}-{epochs}ep"
     weights = out / "model.safetensors"
     if weights.is_file():
         say(f"trained model: cached {weights.relative_to(REPO)}")
@@ -439,7 +440,7 @@ def train_ap_model(epochs: int, say: Callable[[str], None]) -> Path:
 
         if dist.is_initialized():
             dist.destroy_process_group()
-    say(f"trained model: {epochs} epochs of vitpose_tiny in {time.perf_counter() - t0:.0f}s -> {weights.relative_to(REPO)}")
+    say(f"trained model: {epochs} epochs of {m.preset} in {time.perf_counter() - t0:.0f}s -> {weights.relative_to(REPO)}")
     return weights
 
 
@@ -628,7 +629,7 @@ def markdown(info: dict[str, Any], peaks: dict[str, Any], diffs: dict[str, dict[
                  f"{100 * r.mfu('peer', peak):.0f}% |")
     L += ["", "## 4. bf16 accuracy", ""]
     if ap:
-        L += [f"Model: `{ap['model']}` (vitpose_tiny at {ap['preset']['img_size']}), {ap['val instances']} synthetic "
+        L += [f"Model: `{ap['model']}` (embed {ap['preset']['embed_dim']}, depth {ap['preset']['depth']}, patch {ap['preset']['patch_size']} at {ap['preset']['img_size']}), {ap['val instances']} synthetic "
               "val instances, flip test on.", "", "| | fp32 | bf16 autocast |", "| --- | ---: | ---: |"]
         for k in ("AP", "AP50", "AP75", "AR"):
             if k in ap["fp32"]:
@@ -672,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-split", action="store_true", help="leave out the fwd+bwd (no optimizer) rows")
     p.add_argument("--no-retain-memory", action="store_true",
                    help="keep glibc's default of returning freed memory to the OS (see retain_freed_memory)")
-    p.add_argument("--checkpoint", type=Path, help="trained model for the AP check (default: train vitpose_tiny)")
+    p.add_argument("--checkpoint", type=Path, help="trained model for the AP check (default: train the demo teacher)")
     p.add_argument("--ap-epochs", type=int, default=6, help="epochs of the AP model when trained here")
     p.add_argument("--skip-ap", action="store_true")
     p.add_argument("--loader-steps", type=int, default=0, help="steps per timed epoch (0: the config's full epoch)")

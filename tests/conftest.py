@@ -13,7 +13,7 @@ from vitpose.config import StudentConfig, TeacherConfig, load_config
 REPO = Path(__file__).resolve().parents[1]
 TINY_TEACHER = REPO / "configs" / "teacher" / "synthetic_tiny.yaml"
 TINY_DISTILL = REPO / "configs" / "distill" / "synthetic_tiny.yaml"
-# Small enough for CPU tests: a 4x3 token grid, 16x12 heatmaps.
+# Small enough for CPU tests: with the configs' patch 8, an 8x6 token grid and 32x24 heatmaps.
 TEST_IMG = "[64, 48]"
 
 

@@ -31,7 +31,7 @@ def datasets(synthetic_root):
 @pytest.fixture(scope="module")
 def teacher():
     torch.manual_seed(0)
-    return build_model("vitpose_tiny", img_size=(64, 48)).eval()
+    return build_model("vitpose_tiny", img_size=(64, 48), patch_size=8).eval()  # the tests' data: patch 8
 
 
 def test_token_learning_changes_only_the_tokens(teacher, datasets, tmp_path):
@@ -70,7 +70,7 @@ def test_view_bank_equals_online_teacher(teacher, datasets, tmp_path):
     train_ds = datasets[0]
     bank = ViewBank.build(teacher, train_ds, views=2, seed=3, folder=tmp_path / "bank", teacher_id="t",
                           batch_size=16, say=lambda _: None)
-    assert bank.heatmaps.shape == (len(train_ds), 2, 17, 16, 12)
+    assert bank.heatmaps.shape == (len(train_ds), 2, 17, *train_ds.heatmap_size)
     assert bank.info["teacher_forwards"] == 2 * len(train_ds)
     for index, view in [(0, 0), (5, 1), (len(train_ds) - 1, 1)]:
         params = ViewBank.view_params(train_ds, index, view, seed=3)
@@ -91,8 +91,8 @@ def test_view_bank_equals_online_teacher(teacher, datasets, tmp_path):
 
 
 def test_distill_loss_adds_weighted_heatmap_term(teacher):
-    model = build_model("vitpose_nano", img_size=(64, 48)).eval()
-    batch = {"image": torch.randn(2, 3, 64, 48), "target": torch.rand(2, 17, 16, 12),
+    model = build_model("vitpose_nano", img_size=(64, 48), patch_size=8).eval()
+    batch = {"image": torch.randn(2, 3, 64, 48), "target": torch.rand(2, 17, 32, 24),
              "target_weight": torch.ones(2, 17)}
     gt_only, parts = distill_loss(0.0)(model, batch)
     assert set(parts) == {"gt_loss"}

@@ -104,3 +104,15 @@ def test_too_many_nonfinite_skips_stop(synthetic_root, tmp_path):
     cfg = tiny_config(synthetic_root, "train.epochs=1", "deepspeed.zero_stage=0", "train.max_nonfinite_skips=1")
     with pytest.raises(NonFiniteLossError, match="exceed train.max_nonfinite_skips=1"):
         Trainer(cfg, LocalSession(tmp_path / "run"), loss_fn=nan_at({1, 2, 3})).fit()
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_bf16_training_saves_the_fp32_master_weights(synthetic_root, tmp_path, stage):
+    cfg = tiny_config(synthetic_root, "train.epochs=1", "train.precision=bf16", f"deepspeed.zero_stage={stage}")
+    session = LocalSession(tmp_path / "run")
+    Trainer(cfg, session).fit()
+    weights = load_file(str(session.checkpoints[-1] / MODEL_FILE))
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    # Values a bf16 copy could not hold: the optimizer's masters were saved, not the rounded model.
+    w = weights["backbone.blocks.0.mlp.fc1.weight"]
+    assert not torch.equal(w, w.bfloat16().float())

@@ -70,6 +70,7 @@ def test_presets_and_errors() -> None:
         "vitpose_g",
         "vitpose_tiny",
         "vitpose_nano",
+        "vitpose_pico",
     ):
         assert base in names and f"{base}_simple" in names
     assert build_model("vitpose_b_simple", device="meta").spec.decoder == "simple"

@@ -279,6 +279,7 @@ def model_spec_kwargs(cfg: TeacherConfig) -> dict[str, Any]:
         "decoder": m.decoder,
         "img_size": tuple(m.img_size) if m.img_size else None,
         "patch_size": m.patch_size,
+        "deconv_channels": m.deconv_channels,
         "num_keypoints": m.num_keypoints,
         "drop_path_rate": m.drop_path_rate,
     }
@@ -683,14 +684,31 @@ class Trainer:
         write_atomic(out / f"rank{self.rank}.complete", json.dumps(files, indent=0))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Gathered float32 weights (a collective under ZeRO-3: every rank must call it)."""
+        """Gathered float32 weights (a collective under ZeRO-3: every rank must call it).
+
+        Trained in bf16/fp16 under ZeRO 1-3, the weights saved are the optimizer's fp32 master copy, not the
+        low-precision copy the model computes with (which would round every weight to 8 bits of mantissa).
+        DeepSpeed's bf16 optimizer without ZeRO (stage 0) keeps its masters out of reach: bf16 values there.
+        """
         module = self.engine.module
+        masters: dict[str, torch.Tensor] = {}
+        if self.dtype != torch.float32 and self.stage >= 1:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            for name, param in module.named_parameters():
+                full = safe_get_full_fp32_param(param)  # a collective under ZeRO-3, same order on every rank
+                if full is not None:
+                    masters[name] = full
+
+        def gathered() -> dict[str, torch.Tensor]:
+            return {k: masters.get(k, v).detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
         if self.stage == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+                return gathered()
+        return gathered()
 
     # ----------------------------------------------------------------------------------- output
     def _say(self, text: str) -> None:

@@ -113,6 +113,9 @@ _SIZES: dict[str, dict[str, Any]] = {
     "vitpose_nano": dict(
         embed_dim=96, depth=3, num_heads=3, drop_path_rate=0.0, layer_decay_rate=0.75, deconv_channels=64
     ),
+    "vitpose_pico": dict(
+        embed_dim=64, depth=2, num_heads=2, drop_path_rate=0.0, layer_decay_rate=0.75, deconv_channels=32
+    ),
 }
 
 PRESETS: dict[str, ModelSpec] = {}
