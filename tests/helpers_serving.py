@@ -37,6 +37,8 @@ TINY_OVERRIDES = [
     "train.epochs=4", "train.batch_size=16", "train.lr=2e-3", "train.warmup_iters=5", "train.eval_every=4",
     "train.lr_steps=[]",
     "deepspeed.config=configs/deepspeed/zero0.json",
+    # fp32: the CLI's AP must equal the engine's to 1e-6, and the engine evaluates in the training precision.
+    "train.precision=fp32",
 ]  # fmt: skip
 
 

@@ -79,7 +79,8 @@ def test_two_workers_each_zero_stage(stage, ray_local, tracking, synthetic_root,
 
     model, model_meta = load_vitpose(f"models:/vitpose-teacher@stage{stage}", tracking)
     assert isinstance(model, ViTPose) and model_meta["keypoints"]["names"][0] == "nose"
-    assert model(torch.zeros(1, 3, 64, 48)).shape == (1, 17, 16, 12)
+    assert model(torch.zeros(1, 3, 64, 48)).shape == (1, 17, *model.spec.heatmap_size)
+    assert model.spec.patch_size == 8 and model.spec.heatmap_size == (32, 24)  # the config's patch 8, kept
 
 
 def crash_once_loop(config: dict) -> None:
