@@ -140,7 +140,9 @@ def run_sweep(cfg: StudentConfig, shared: dict[str, Any], storage: Path, name: s
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
         return tuner.fit()
     t = cfg.tune
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs, grace_period=t.grace_period,
+    # "epoch", not Tune's own iteration count: a trial restored from a checkpoint Tune had not recorded
+    # (see TuneSession.latest_checkpoint) reports epochs its counter has not seen.
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=t.grace_period,
                                reduction_factor=t.reduction_factor) if t.scheduler == "asha" else FIFOScheduler())
     tuner = tune.Tuner(
         trainable,

@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import REPO, TEST_IMG
 from tests.faults.procs import Launched, assert_gone_with_the_driver
+from vitpose.engine import IncompleteCheckpointError, verify_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -49,11 +50,26 @@ def child_runs(uri: str, parent: str) -> list:
     return client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
 
 
-def finished_trials(uri: str, parent: str, epochs: int = 2) -> set[str]:
-    """Trials whose run has logged every epoch (the driver marks statuses only at the end)."""
+def finished_trials(uri: str, parent: str, storage: Path, epochs: int = 2) -> set[str]:
+    """Trials whose run has logged every epoch and whose final checkpoint is complete in the trial's folder.
+
+    The driver marks run statuses only at the end; a trial logs its last epoch to MLflow before it saves
+    the checkpoint, and one killed in between has not finished (it trains its last epoch again).
+    """
     client = mlflow.MlflowClient(uri)
     return {r.data.tags["trial_id"] for r in child_runs(uri, parent)
-            if len(client.get_metric_history(r.info.run_id, "val/AP")) == epochs}
+            if len(client.get_metric_history(r.info.run_id, "val/AP")) == epochs
+            and final_checkpoint_saved(storage, r.data.tags["trial_id"], epochs)}
+
+
+def final_checkpoint_saved(storage: Path, trial_id: str, epochs: int) -> bool:
+    for folder in storage.rglob(f"*{trial_id}*/checkpoint_*"):
+        try:
+            if verify_checkpoint(folder)["epoch"] == epochs - 1:
+                return True
+        except IncompleteCheckpointError:
+            continue
+    return False
 
 
 def test_two_trial_sweep_registers_a_champion(registry, synthetic_root, tmp_path):
@@ -92,7 +108,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(registry, s
             files = list(tmp_path.glob("resume-sweep-*/mlflow_run_id.txt"))
             if files:
                 parent_file = files[0]
-                if finished_trials(uri, parent_file.read_text().strip()):
+                if finished_trials(uri, parent_file.read_text().strip(), tmp_path):
                     break
             assert driver.proc.poll() is None, "sweep ended before it could be interrupted"
             time.sleep(2)
@@ -105,7 +121,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(registry, s
     finally:
         driver.cleanup()  # what is left of what this test launched, and nothing else
     parent = parent_file.read_text().strip()
-    done_before = finished_trials(uri, parent)
+    done_before = finished_trials(uri, parent, tmp_path)
 
     t0 = time.time()
     out = run([*args, "--resume"], registry)

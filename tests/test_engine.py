@@ -17,6 +17,7 @@ from vitpose.engine import (
     Trainer,
     gt_loss,
     lr_factor,
+    newest_complete_checkpoint,
     verify_checkpoint,
 )
 
@@ -62,6 +63,20 @@ def test_training_lowers_loss_and_resume_is_exact(synthetic_root, tmp_path, stag
     assert resumed.reports[-1]["train/loss"] == pytest.approx(full.reports[-1]["train/loss"], rel=1e-5)
     history = json.loads((resumed.checkpoints[-1] / "meta.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
+
+    # Restored from the final checkpoint (a sweep driver killed before it recorded the last report): no
+    # training, the final result is reported again with a checkpoint of the same weights.
+    again = LocalSession(tmp_path / "again", resume_from=full.checkpoints[-1])
+    final = Trainer(cfg, again).fit()
+    assert again.reports == [final] and final["epoch"] == 3 and final["val/AP"] == full.reports[-1]["val/AP"]
+    assert load_file(again.checkpoints[0] / MODEL_FILE).keys() == load_file(full.checkpoints[-1] / MODEL_FILE).keys()
+    assert all(torch.equal(a, b) for a, b in zip(load_file(again.checkpoints[0] / MODEL_FILE).values(),
+                                                  load_file(full.checkpoints[-1] / MODEL_FILE).values()))
+
+    # What a restored Tune trial resumes from: the newest checkpoint that is complete.
+    assert newest_complete_checkpoint(tmp_path / "full") == full.checkpoints[-1]
+    (full.checkpoints[-1] / "rank0.complete").unlink()
+    assert newest_complete_checkpoint(tmp_path / "full") == full.checkpoints[-2]
 
 
 def test_incomplete_checkpoint_is_refused(synthetic_root, tmp_path):

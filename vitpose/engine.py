@@ -158,10 +158,20 @@ class TuneSession(Session):
         tune.report(metrics, checkpoint=ckpt)
 
     def latest_checkpoint(self) -> Any:
+        """The newest complete checkpoint in the trial's folder, else the one Tune restored.
+
+        Tune's record of a trial's checkpoints is written by the driver every ~10 s; a driver killed between
+        a trial persisting a checkpoint and the next snapshot would restart that trial from an older one (or
+        from scratch) and train its last epochs again.
+        """
         from contextlib import nullcontext
 
         from ray import tune
 
+        trial_dir = Path(tune.get_context().get_trial_dir())
+        newest = newest_complete_checkpoint(trial_dir) if trial_dir.is_dir() else None
+        if newest is not None:
+            return nullcontext(newest)
         ckpt = tune.get_checkpoint()
         return ckpt.as_directory() if ckpt is not None else nullcontext(None)
 
@@ -452,16 +462,9 @@ class Trainer:
             return ckpt_dir, verify_checkpoint(ckpt_dir)
         except IncompleteCheckpointError as err:
             damaged = err
-        usable = []
-        for sibling in ckpt_dir.parent.iterdir() if ckpt_dir.parent.is_dir() else []:
-            if sibling != ckpt_dir and sibling.is_dir() and (sibling / META_FILE).is_file():
-                try:
-                    usable.append((verify_checkpoint(sibling)["epoch"], sibling.name, sibling))
-                except IncompleteCheckpointError:
-                    continue
-        if not usable:
+        best = newest_complete_checkpoint(ckpt_dir.parent) if ckpt_dir.parent.is_dir() else None
+        if best is None:
             raise damaged
-        _, _, best = max(usable)
         self._say(f"warning: {damaged}; resuming from {best} instead")
         return best, verify_checkpoint(best)
 
@@ -473,6 +476,12 @@ class Trainer:
         last_metrics: dict[str, float] = {}
         t_start = time.time()
         self.status.update(phase="start", epoch=self.start_epoch, step=0, global_step=self.global_step)
+        if self.history and self.start_epoch >= epochs:
+            # Restored from the final checkpoint: the run had finished, but whoever records results may not
+            # have taken the last report (a driver killed in between), so it is made again, without training.
+            self._say(f"all {epochs} epochs were done before the restart; reporting the final result again")
+            self._report(epochs - 1, self.history[-1], with_checkpoint=True)
+            return dict(self.history[-1])
         for epoch in range(self.start_epoch, epochs):
             stats = self.train_epoch(epoch, epochs, t_start)
             metrics = {
@@ -493,18 +502,21 @@ class Trainer:
             self._progress_line(epoch, epochs, metrics, t_start)
             if self.tracker is not None and self.rank == 0:
                 self.tracker.log_epoch(metrics, step=epoch + 1)
-            if is_eval:
-                with tempfile.TemporaryDirectory(prefix=f"{SAVE_TMP_PREFIX}{os.getpid()}-") as tmp:
-                    self.status.update(phase="save")
-                    self.save_checkpoint(Path(tmp), epoch, metrics)
-                    self.status.update(phase="report")
-                    self.session.report(metrics, Path(tmp))
-            else:
-                self.status.update(phase="report")
-                self.session.report(metrics, None)
+            self._report(epoch, metrics, with_checkpoint=is_eval)
             last_metrics = metrics
         self.status.update(phase="done")
         return last_metrics
+
+    def _report(self, epoch: int, metrics: dict[str, float], with_checkpoint: bool) -> None:
+        if not with_checkpoint:
+            self.status.update(phase="report")
+            self.session.report(metrics, None)
+            return
+        with tempfile.TemporaryDirectory(prefix=f"{SAVE_TMP_PREFIX}{os.getpid()}-") as tmp:
+            self.status.update(phase="save")
+            self.save_checkpoint(Path(tmp), epoch, metrics)
+            self.status.update(phase="report")
+            self.session.report(metrics, Path(tmp))
 
     # ------------------------------------------------------------------------------ bad samples
     def _note_skipped(self, split: str, batch: dict[str, Any]) -> None:
@@ -736,6 +748,18 @@ def remove_stale_save_dirs() -> None:
             shutil.rmtree(folder, ignore_errors=True)
         except PermissionError:  # alive, someone else's
             pass
+
+
+def newest_complete_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint directly under ``folder`` with the highest epoch that passes ``verify_checkpoint``."""
+    usable = []
+    for sub in folder.iterdir():
+        if sub.is_dir() and (sub / META_FILE).is_file():
+            try:
+                usable.append((verify_checkpoint(sub)["epoch"], sub.name, sub))
+            except IncompleteCheckpointError:
+                continue
+    return max(usable)[2] if usable else None
 
 
 def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:

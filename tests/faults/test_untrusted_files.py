@@ -60,7 +60,7 @@ def test_deepspeed_shard_with_a_payload_is_refused_on_resume(synthetic_root, tmp
     verify_checkpoint(ckpt)
 
     trainer = Trainer(cfg, LocalSession(tmp_path / "resumed", resume_from=ckpt))
-    with pytest.raises(UnsafeCheckpointError, match=r"refusing to load .*optim_states\.pt: .*references pathlib"):
+    with pytest.raises(UnsafeCheckpointError, match=r"refusing to load .*optim_states\.pt: .*references [^)]*pathlib"):
         trainer.restore()
     assert not marker.exists()
 

@@ -118,7 +118,7 @@ def _torch_load(path: Path) -> Any:
         if not names and "Unsupported global" not in str(e) and "Unsupported class" not in str(e):
             raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {e}") from None
         if names:
-            detail = f" (it references {', '.join(names)})"
+            detail = f" (it references {', '.join(sorted(names))})"
         else:
             detail = next((f" ({ln.strip()})" for ln in str(e).splitlines() if "Unsupported" in ln), "")
         raise UnsafeCheckpointError(

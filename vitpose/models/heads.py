@@ -32,6 +32,10 @@ class FloatBatchNorm2d(nn.BatchNorm2d):
     low-precision statistics would drift anyway; same state-dict keys as ``nn.BatchNorm2d``.
     """
 
+    # Read by DeepSpeed (>= 0.19, data_types.keep_in_fp32_modules "auto"): under zero.Init it would otherwise
+    # make these bf16, and a checkpoint's fp32 statistics would be rounded when loaded into them on resume.
+    _keep_in_fp32_modules_strict = ["running_mean", "running_var"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             x.dtype in (torch.float32, torch.bfloat16)
