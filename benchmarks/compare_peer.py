@@ -500,13 +500,13 @@ class _Session:
         return contextlib.nullcontext(None)
 
 
-def _loader_rank(rank: int, world: int, port: int, steps: int, reps: int, queue: Any) -> None:
+def _loader_rank(rank: int, world: int, port: int, steps: int, reps: int, sets: list[str], queue: Any) -> None:
     try:
         import warnings
 
         warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed deprecations, per step
         set_dist_env(rank, world, port)
-        cfg = tiny_config(["train.eval_every=1000"])
+        cfg = tiny_config(["train.eval_every=1000", *sets])
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))  # what Ray gives a worker (OMP_NUM_THREADS)
         from vitpose.engine import Trainer
 
@@ -533,18 +533,18 @@ def _loader_rank(rank: int, world: int, port: int, steps: int, reps: int, queue:
         raise
 
 
-def loader_vs_tensors(steps: int, reps: int, say: Callable[[str], None]) -> dict[str, Any]:
+def loader_vs_tensors(steps: int, reps: int, say: Callable[[str], None], sets: list[str] = ()) -> dict[str, Any]:
     import torch.multiprocessing as mp
 
     from vitpose.engine import ensure_data
 
-    cfg = tiny_config([])
+    cfg = tiny_config(list(sets))
     ensure_data(cfg)  # before the workers start, so generating the data is not timed
     world = cfg.ray.num_workers
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_loader_rank, args=(r, world, port, steps, reps, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_loader_rank, args=(r, world, port, steps, reps, list(sets), queue)) for r in range(world)]
     for p in procs:
         p.start()
     result = queue.get(timeout=1800)
@@ -678,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-ap", action="store_true")
     p.add_argument("--loader-steps", type=int, default=0, help="steps per timed epoch (0: the config's full epoch)")
     p.add_argument("--loader-reps", type=int, default=3)
+    p.add_argument("--loader-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override of the tiny teacher's config for the loader section (repeatable), "
+                        "e.g. data.loader_workers=1 to measure a loader process per worker")
     p.add_argument("--skip-loader", action="store_true")
     p.add_argument("--profile", default="s:fp32,s:bf16",
                    help="comma list of model:precision training steps to profile, ours and the peer's ('' for none)")
@@ -714,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = None if a.skip_ap else bf16_accuracy(a.checkpoint, a.ap_epochs, say)
     torch.set_num_threads(a.threads)
-    loader = None if a.skip_loader else loader_vs_tensors(a.loader_steps, a.loader_reps, say)
+    loader = None if a.skip_loader else loader_vs_tensors(a.loader_steps, a.loader_reps, say, a.loader_set)
 
     profiles = {}
     for item in [i for i in a.profile.split(",") if i]:

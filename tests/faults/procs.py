@@ -27,7 +27,7 @@ def cli_args(root: Path, storage: Path, *extra: str) -> list[str]:
     sets = [f"data.root={root}", "data.synthetic.train_instances=96", "data.synthetic.val_instances=32",
             "model.preset=vitpose_nano", "model.img_size=[64, 48]", "train.batch_size=8", "train.epochs=4",
             "train.eval_every=1", "train.warmup_iters=2", "train.lr_steps=[]", "data.loader_workers=0",
-            "deepspeed.zero_stage=3", "train.precision=fp32", f"ray.storage_path={storage}", "tracking.log_images=0",
+            "deepspeed.zero_stage=3", "train.precision=bf16", f"ray.storage_path={storage}", "tracking.log_images=0",
             *extra]
     return [a for s in sets for a in ("--set", s)]
 
