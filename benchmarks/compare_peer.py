@@ -29,10 +29,13 @@ Sections (the issue's items):
    --ap-epochs epochs, one process, ZeRO-0) and cached under runs/bench/compare-peer/ (first run only:
    4-12 minutes on 2 cores, depending on other load).
 5. Data loader vs model: the tiny teacher as configured (configs/teacher/synthetic_tiny.yaml: 2 training
-   workers with 1 CPU thread each, DeepSpeed ZeRO-3 on gloo, one loader process per worker), run by the
-   real engine's ``Trainer.train_epoch``: epochs fed by the real DataLoader vs the same batches as
-   pre-made tensors, interleaved. Workers are started with torch.multiprocessing rather than Ray (Ray
-   adds nothing inside the step loop). Loader start-up (its processes are forked every epoch) counts.
+   workers with 1 CPU thread each, DeepSpeed ZeRO-3 on gloo, items loaded in the worker's own process,
+   decoded images cached), run by the real engine's ``Trainer.train_epoch``: epochs fed by the real
+   DataLoader vs the same batches as pre-made tensors, interleaved (the loader's first epoch, which fills
+   the image cache, is a warm-up and not timed). The slowdown is the median of the per-repetition ratios
+   (each pair ran back to back, so slow drifts in other load cancel). Workers are started with
+   torch.multiprocessing rather than Ray (Ray adds nothing inside the step loop). ``--loader-set`` measures
+   other settings, e.g. ``data.loader_workers=1`` (a loader process per worker).
 
 6. torch.profiler tables of both training steps (--profile, default ViTPose-S fp32 and bf16).
 
@@ -513,10 +516,11 @@ def _loader_rank(rank: int, world: int, port: int, steps: int, reps: int, sets: 
         trainer = Trainer(cfg, _Session(rank, world))
         steps = min(steps or trainer.steps_per_epoch, trainer.steps_per_epoch)
         real_loader = trainer.train_loader
-        trainer.steps_per_epoch = 2
-        trainer.train_epoch(0, 1, time.time())  # warm-up: first steps, DeepSpeed buffers
-        premade = list(itertools.islice(iter(real_loader), steps))  # the same kind of batches, made beforehand
         trainer.steps_per_epoch = steps
+        # Warm-up, untimed: DeepSpeed's buffers, the loader processes (if any) and half the image cache (a
+        # rank meets the other half over the next epochs, as in training).
+        trainer.train_epoch(0, 1 + reps, time.time())
+        premade = list(itertools.islice(iter(real_loader), steps))  # the same kind of batches, made beforehand
         times: dict[str, list[float]] = {"loader": [], "tensors": []}
         for r in range(reps):
             order = ("loader", "tensors") if r % 2 == 0 else ("tensors", "loader")
@@ -527,6 +531,7 @@ def _loader_rank(rank: int, world: int, port: int, steps: int, reps: int, sets: 
         if rank == 0:
             queue.put({"steps per epoch": steps, "reps": reps, "batch per worker": cfg.train.batch_size,
                        "workers": world, "loader processes per worker": cfg.data.loader_workers,
+                       "image cache MB": cfg.data.image_cache_mb,
                        "zero stage": trainer.stage, "img_size": list(trainer.spec.img_size), **times})
     except BaseException as err:  # the parent must not wait forever
         queue.put({"error": f"rank {rank}: {type(err).__name__}: {err}"})
@@ -555,7 +560,8 @@ def loader_vs_tensors(steps: int, reps: int, say: Callable[[str], None], sets: l
     if "error" in result:
         raise RuntimeError(result["error"])
     loader, tensors = statistics.median(result["loader"]), statistics.median(result["tensors"])
-    result.update({"loader s/step": loader, "tensors s/step": tensors, "slowdown": loader / tensors - 1})
+    paired = statistics.median(a / b for a, b in zip(result["loader"], result["tensors"]))
+    result.update({"loader s/step": loader, "tensors s/step": tensors, "slowdown": paired - 1})
     say(f"tiny teacher, {world} workers: {loader:.3f} s/step with the data loader, {tensors:.3f} s/step with "
         f"pre-made tensors: {100 * result['slowdown']:+.1f}%")
     return result
@@ -643,13 +649,14 @@ def markdown(info: dict[str, Any], peaks: dict[str, Any], diffs: dict[str, dict[
     L += ["", "## 5. Data loader vs model", ""]
     if loader:
         L += [f"Tiny teacher as configured ({TINY_TEACHER.relative_to(REPO)}): {loader['workers']} training workers "
-              f"(1 thread each), {loader['loader processes per worker']} loader process per worker, ZeRO-"
+              f"(1 thread each), {loader['loader processes per worker']} loader processes per worker (0: items "
+              f"loaded in the worker's own process), image cache {loader['image cache MB']:g} MB, ZeRO-"
               f"{loader['zero stage']}, batch {loader['batch per worker']} per worker at {loader['img_size']}; "
               f"{loader['reps']} interleaved epochs of {loader['steps per epoch']} steps each way.", "",
               "| feed | s/step (median) | all epochs |", "| --- | ---: | --- |",
               f"| real DataLoader | {loader['loader s/step']:.3f} | {', '.join(f'{t:.3f}' for t in loader['loader'])} |",
               f"| pre-made tensors | {loader['tensors s/step']:.3f} | {', '.join(f'{t:.3f}' for t in loader['tensors'])} |",
-              "", f"Slowdown from the loader: **{100 * loader['slowdown']:+.1f}%**."]
+              "", f"Slowdown from the loader (median of the per-epoch-pair ratios): **{100 * loader['slowdown']:+.1f}%**."]
     else:
         L.append("Skipped (--skip-loader).")
     L += ["", "## Targets", "", TARGETS, "", "| target | measured | met |", "| --- | ---: | --- |"]

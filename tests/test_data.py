@@ -453,3 +453,25 @@ def test_image_size_mismatch_is_reported(tmp_path):
     _rewrite(tmp_path, data)
     with pytest.raises(BadSampleError, match=r"1\.jpg.*120x90.*121x90"):
         _ds(tmp_path, "error")[0]
+
+
+def test_image_cache_gives_the_same_items_within_its_budget(tmp_path):
+    """Decoded images kept in memory: same items as decoding every time, read-only, and no more than the
+    budget (each 120x90 RGB image is 32,400 bytes; a 0.07 MB budget holds two of the three)."""
+    _write_dataset(tmp_path)
+    plain = TopDownCocoDataset(tmp_path / "ann.json", tmp_path / "images", train=True, aug_seed=3)
+    cached = TopDownCocoDataset(tmp_path / "ann.json", tmp_path / "images", train=True, aug_seed=3,
+                                image_cache_mb=0.07)
+    for epoch in (0, 1):
+        plain.set_epoch(epoch), cached.set_epoch(epoch)
+        for i in range(len(plain)):
+            a, b = plain[i], cached[i]
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["target"], b["target"])
+    assert sorted(cached._image_cache) == ["1.jpg", "2.jpg"] and not plain._image_cache
+    kept = cached._image_cache["1.jpg"]
+    assert cached.read_image(0) is kept and not kept.flags.writeable
+    (tmp_path / "images" / "1.jpg").unlink()  # served from memory now; 3.jpg was never kept
+    assert cached[0]["index"] == 0
+    (tmp_path / "images" / "3.jpg").unlink()
+    with pytest.raises(BadSampleError, match="3.jpg"):
+        cached.load(4)

@@ -102,6 +102,7 @@ class DataConfig(Section):
     det_score_thr: float = Field(0.0, ge=0.0, le=1.0)
     on_bad_sample: Literal["error", "skip"] = "error"
     loader_workers: int = Field(1, ge=0)
+    image_cache_mb: float = Field(0.0, ge=0.0, description="decoded images kept per loading process (0: none)")
     aug: AugSection = AugSection()
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
 

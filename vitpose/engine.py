@@ -269,7 +269,8 @@ def build_datasets(cfg: TeacherConfig, is_local_leader: bool) -> tuple[Any, Any]
     common = dict(input_size=tuple(spec.img_size), heatmap_size=tuple(spec.heatmap_size),
                   on_bad_sample=cfg.data.on_bad_sample)
     train = TopDownCocoDataset(root / cfg.data.train_ann, root / cfg.data.train_images, train=True,
-                               aug=AugConfig(**cfg.data.aug.model_dump()), aug_seed=cfg.train.seed, **common)
+                               aug=AugConfig(**cfg.data.aug.model_dump()), aug_seed=cfg.train.seed,
+                               image_cache_mb=cfg.data.image_cache_mb, **common)
     val = TopDownCocoDataset(
         root / cfg.data.val_ann,
         root / cfg.data.val_images,
@@ -561,7 +562,6 @@ class Trainer:
     def train_epoch(self, epoch: int, epochs: int, t_start: float) -> EpochStats:
         self.engine.train()
         self.train_sampler.set_epoch(epoch)
-        self.train_ds.set_epoch(epoch)
         t0 = last_print = time.time()
         batches = iter(self.train_loader)
         # Seeded after the loader started: whether it started fresh or reused its processes must not move
