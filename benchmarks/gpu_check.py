@@ -39,7 +39,9 @@ def free_port() -> int:
 
 def engine_runs(data_root: Path, out: Path) -> None:
     from vitpose.config import load_config
-    from vitpose.engine import LocalSession, Trainer, ensure_data, verify_checkpoint
+    from safetensors.torch import load_file
+
+    from vitpose.engine import MODEL_FILE, LocalSession, Trainer, ensure_data, verify_checkpoint
 
     base = [f"data.root={data_root}", "data.synthetic.train_instances=1024", "data.synthetic.val_instances=128",
             "train.epochs=2", "train.eval_every=1", "train.lr_steps=[]", "data.loader_workers=4",
@@ -66,9 +68,12 @@ def engine_runs(data_root: Path, out: Path) -> None:
         trainer = Trainer(cfg, resumed)
         trainer.fit()
         last = resumed.reports[-1]["train/loss"]
+        ours, theirs = (load_file(s.checkpoints[-1] / MODEL_FILE) for s in (resumed, session))
+        worst = max((ours[k].float() - theirs[k].float()).abs().max().item() for k in theirs)
         print(f"[engine] {name} restarted from epoch 1: continued at epoch {trainer.start_epoch + 1}, "
               f"final loss {last:.6f} vs {r[-1]['train/loss']:.6f} uninterrupted "
-              f"(rel diff {abs(last - r[-1]['train/loss']) / r[-1]['train/loss']:.1e})", flush=True)
+              f"(rel diff {abs(last - r[-1]['train/loss']) / r[-1]['train/loss']:.1e}); saved weights and "
+              f"BatchNorm statistics differ by at most {worst:.1e}", flush=True)
 
 
 def timed(fn, reps: int) -> float:
@@ -130,7 +135,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None, help="run folder (default: a temp folder)")
     p.add_argument("--presets", default="vitpose_b,vitpose_l,vitpose_h")
-    p.add_argument("--giant-batch", type=int, default=32)
+    p.add_argument("--giant-batch", type=int, default=32, help="0 skips the ViTPose-G step")
     p.add_argument("--skip-engine", action="store_true")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -147,7 +152,8 @@ def main() -> None:
         if not args.skip_engine:
             engine_runs(out / "data", out)
         throughput([s for s in args.presets.split(",") if s])
-        giant_step(args.giant_batch)
+        if args.giant_batch > 0:
+            giant_step(args.giant_batch)
 
 
 if __name__ == "__main__":
