@@ -318,3 +318,47 @@ def test_heatmaps_contiguous_and_backbone_channels_last(decoder: str) -> None:
     assert out16.dtype == torch.bfloat16
     out16.float().square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_explicit_attention_is_the_fused_kernels_function() -> None:
+    # The bf16 CPU training path (two batched matmuls) against F.scaled_dot_product_attention: the same
+    # function in fp32, and in bf16 (forward and gradients) as close to the fp32 result as the fused
+    # kernel's own bf16 result is, within bf16 rounding.
+    from vitpose.models.backbone import explicit_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 3, 40, 16) * 2).unbind(0)
+    torch.testing.assert_close(explicit_attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                               rtol=1e-5, atol=1e-6)
+
+    def run(fn, dtype: torch.dtype) -> list[torch.Tensor]:
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.float().mul(torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return [out.float()] + [t.grad.float() for t in leaves]
+
+    ref = run(explicit_attention, torch.float32)
+    ours = run(explicit_attention, torch.bfloat16)
+    fused = run(torch.nn.functional.scaled_dot_product_attention, torch.bfloat16)
+    for r, o, f in zip(ref, ours, fused, strict=True):
+        scale = r.abs().max()
+        assert (o - r).abs().max() / scale < 0.03
+        assert (o - r).abs().max() <= 3 * (f - r).abs().max() + 1e-3 * scale
+
+
+def test_bf16_training_takes_the_explicit_attention_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import vitpose.models.backbone as backbone
+
+    calls = []
+    real = backbone.explicit_attention
+    monkeypatch.setattr(backbone, "explicit_attention", lambda *a: calls.append(1) or real(*a))
+    model = _small().train()
+    x = torch.randn(2, 3, 64, 48)
+    model(x)  # fp32: the fused kernel
+    assert not calls
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)  # bf16 inference: the fused kernel
+    assert not calls
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().mean().backward()
+    assert len(calls) == len(model.backbone.blocks)
