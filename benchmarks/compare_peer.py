@@ -560,7 +560,7 @@ def loader_vs_tensors(steps: int, reps: int, say: Callable[[str], None], sets: l
     if "error" in result:
         raise RuntimeError(result["error"])
     loader, tensors = statistics.median(result["loader"]), statistics.median(result["tensors"])
-    paired = statistics.median(a / b for a, b in zip(result["loader"], result["tensors"]))
+    paired = statistics.median(a / b for a, b in zip(result["loader"], result["tensors"], strict=True))
     result.update({"loader s/step": loader, "tensors s/step": tensors, "slowdown": paired - 1})
     say(f"tiny teacher, {world} workers: {loader:.3f} s/step with the data loader, {tensors:.3f} s/step with "
         f"pre-made tensors: {100 * result['slowdown']:+.1f}%")

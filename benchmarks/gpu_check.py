@@ -38,9 +38,9 @@ def free_port() -> int:
 
 
 def engine_runs(data_root: Path, out: Path) -> None:
-    from vitpose.config import load_config
     from safetensors.torch import load_file
 
+    from vitpose.config import load_config
     from vitpose.engine import MODEL_FILE, LocalSession, Trainer, ensure_data, verify_checkpoint
 
     base = [f"data.root={data_root}", "data.synthetic.train_instances=1024", "data.synthetic.val_instances=128",

@@ -71,7 +71,7 @@ def test_training_lowers_loss_and_resume_is_exact(synthetic_root, tmp_path, stag
     assert again.reports == [final] and final["epoch"] == 3 and final["val/AP"] == full.reports[-1]["val/AP"]
     assert load_file(again.checkpoints[0] / MODEL_FILE).keys() == load_file(full.checkpoints[-1] / MODEL_FILE).keys()
     assert all(torch.equal(a, b) for a, b in zip(load_file(again.checkpoints[0] / MODEL_FILE).values(),
-                                                  load_file(full.checkpoints[-1] / MODEL_FILE).values()))
+                                                  load_file(full.checkpoints[-1] / MODEL_FILE).values(), strict=True))
 
     # What a restored Tune trial resumes from: the newest checkpoint that is complete.
     assert newest_complete_checkpoint(tmp_path / "full") == full.checkpoints[-1]
