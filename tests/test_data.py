@@ -13,12 +13,15 @@ from PIL import Image
 
 from vitpose.data.coco import ITEM_KEYS, BadSampleError, TopDownCocoDataset, load_image
 from vitpose.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     AugConfig,
     AugParams,
     Photometric,
     apply_aug,
     box_to_center_scale,
     flip_pairs_from_names,
+    normalize,
     sample_aug_params,
     udp_warp_matrix,
     val_crop,
@@ -475,3 +478,12 @@ def test_image_cache_gives_the_same_items_within_its_budget(tmp_path):
     (tmp_path / "images" / "3.jpg").unlink()
     with pytest.raises(BadSampleError, match="3.jpg"):
         cached.load(4)
+
+
+def test_normalize_is_imagenet_mean_std_in_chw() -> None:
+    crop = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    for c in (crop, crop[5:25, 3:19]):  # contiguous and a view
+        expected = (c.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+        out = normalize(c)
+        assert out.dtype == np.float32 and out.flags["C_CONTIGUOUS"] and out.shape == (3, *c.shape[:2])
+        np.testing.assert_allclose(out, expected.transpose(2, 0, 1), rtol=0, atol=1e-6)
