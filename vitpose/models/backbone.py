@@ -108,8 +108,8 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     take 22 ms per block instead of 45-50 (the fused kernel in bf16, or in fp32 as this path did before);
     the whole bf16 training step of ViTPose-S and -B is 1.18x faster. The price is the usual one of
     mixed-precision attention without a fused kernel: the scores are rounded to bf16 before the softmax
-    (which accumulates in fp32), and the backward pass keeps the (B, h, N, N) scores and probabilities
-    (28 MB per ViT-B block at batch 16). Inference and fp32 keep the fused kernel.
+    (which accumulates in fp32), and the backward pass keeps the (B, h, N, N) probabilities (14 MB per
+    ViT-B block at batch 16). Inference and fp32 keep the fused kernel.
     """
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     return scores.softmax(dim=-1) @ v
