@@ -60,7 +60,7 @@ def encode(
     )
     weight = ((vis > 0) & inside & np.isfinite(mu).all(-1)).astype(np.float32)
     # Both axes' 1-D Gaussians in one pass over a shared grid (..., K, 2, L): an item's encoding is a few
-    # dozen numpy calls on tiny arrays, so fewer calls is what makes it cheaper (55 -> 38 us per item).
+    # dozen numpy calls on tiny arrays, so fewer calls is what makes it cheaper (57-60 -> 41-43 us per item).
     grid = np.arange(max(hm_h, hm_w), dtype=np.float64)
     d = grid - mu[..., None]
     g = np.exp(-(d * d) / (2 * sigma**2))
