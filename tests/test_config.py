@@ -113,3 +113,34 @@ def test_deepspeed_config_that_contradicts_ours_is_refused(tmp_path):
         complete_deepspeed_config(cfg, world_size=2)
     assert str(bad) in str(err.value) and "train_micro_batch_size_per_gpu" in str(err.value)
     assert "64" in str(err.value) and "4" in str(err.value)
+
+
+def test_a_config_inherits_its_base_and_overrides_it(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "data.yaml").write_text("data:\n  loader_workers: 3\n  aug:\n    flip_prob: 0.1\n"
+                                                   "train:\n  lr_steps: [1, 2]\n")
+    (tmp_path / "run.yaml").write_text("_base_: base/data.yaml\ndata:\n  aug:\n    rotation_factor: 5.0\n"
+                                       "train:\n  lr_steps: [7]\n")
+    cfg = load_config(tmp_path / "run.yaml")
+    assert cfg.data.loader_workers == 3 and cfg.data.aug.flip_prob == 0.1  # from the base
+    assert cfg.data.aug.rotation_factor == 5.0  # sections merge key by key
+    assert cfg.train.lr_steps == [7]  # a list replaces the base's
+
+
+def test_shipped_configs_share_their_data_block_through_a_base():
+    teacher = load_config(REPO_ROOT / "configs/teacher/synthetic_tiny.yaml")
+    student = load_config(REPO_ROOT / "configs/distill/synthetic_tiny.yaml", schema=StudentConfig)
+    assert teacher.data == student.data and teacher.data.image_cache_mb == 512
+    for size in "blhg":
+        cfg = load_config(REPO_ROOT / f"configs/teacher/coco_vitpose_{size}.yaml")
+        assert cfg.model.preset == f"vitpose_{size}" and cfg.train.lr_steps == [170, 200] and cfg.data.kind == "coco"
+
+
+def test_base_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="include each other"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("_base_: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: _base_ 'nowhere.yaml' not found"):
+        load_config(tmp_path / "c.yaml")

@@ -110,7 +110,7 @@ class DataConfig(Section):
         return resolve_path(self.root)
 
 
-class TrainConfig(Section):
+class TrainSettings(Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1, description="micro batch per worker")
     grad_accum: int = Field(1, ge=1)
@@ -131,7 +131,7 @@ class TrainConfig(Section):
     max_nonfinite_skips: int = Field(10, ge=0)
 
     @model_validator(mode="after")
-    def _steps_increase(self) -> TrainConfig:
+    def _steps_increase(self) -> TrainSettings:
         if self.lr_steps != sorted(self.lr_steps):
             raise ValueError(f"lr_steps {self.lr_steps} must be increasing epochs")
         return self
@@ -171,10 +171,12 @@ class TrackingConfig(Section):
     _alias = field_validator("alias")(_alias_not_reserved)
 
 
-class TeacherConfig(Section):
+class TrainingConfig(Section):
+    """Everything one training run needs, teacher or student: the trainer and the builders take this."""
+
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
+    train: TrainSettings = TrainSettings()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -216,7 +218,13 @@ class TuneConfig(Section):
     _alias = field_validator("alias")(_alias_not_reserved)
 
 
-class StudentConfig(TeacherConfig):
+# A teacher run is a plain training run; the name says which pipeline a config file is for.
+TeacherConfig = TrainingConfig
+
+
+class StudentConfig(TrainingConfig):
+    """A training run of a student plus the distillation settings and the sweep around it."""
+
     distill: DistillConfig = DistillConfig()
     tune: TuneConfig = TuneConfig()
 
@@ -242,12 +250,7 @@ def load_config(
         file = resolve_path(path) if not Path(path).exists() else Path(path)
         if not file.is_file():
             raise ConfigError(f"{path}: config file not found (give a path like configs/teacher/synthetic_tiny.yaml)")
-        try:
-            raw = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        raw = _read_with_bases(file, chain=())
     for item in overrides or []:
         _apply_override(raw, item, schema)
     if overrides:
@@ -256,6 +259,43 @@ def load_config(
         return schema.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_explain(err, source, schema)) from None
+
+
+BASE_KEY = "_base_"
+
+
+def _read_with_bases(file: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """A YAML file's mapping, on top of the files its ``_base_`` names (a path or a list, relative to it).
+
+    Sections merge key by key; a value (lists included) replaces the base's.
+    """
+    if file.resolve() in chain:
+        loop = " -> ".join(str(p) for p in (*chain, file.resolve()))
+        raise ConfigError(f"{file}: {BASE_KEY} files include each other ({loop}); remove one {BASE_KEY}")
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{file}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    bases = raw.pop(BASE_KEY, [])
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        base_file = (file.parent / base).resolve()
+        if not base_file.is_file():
+            raise ConfigError(f"{file}: {BASE_KEY} {base!r} not found (looked for {base_file}); paths are "
+                              "relative to the file that names them")
+        _merge(merged, _read_with_bases(base_file, (*chain, file.resolve())))
+    _merge(merged, raw)
+    return merged
+
+
+def _merge(into: dict[str, Any], over: dict[str, Any]) -> None:
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def _apply_override(raw: dict[str, Any], item: str, schema: type[Section]) -> None:
