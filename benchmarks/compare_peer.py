@@ -58,7 +58,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import sys
 import time
@@ -76,6 +75,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from vitpose.models import ViTPose, build_model  # noqa: E402
+from vitpose.train.session import NullSession, free_port, single_process_env  # noqa: E402
 
 TINY_TEACHER = REPO / "configs" / "teacher" / "synthetic_tiny.yaml"
 CACHE = REPO / "runs" / "bench" / "compare-peer"
@@ -405,14 +405,7 @@ def tiny_config(overrides: list[str]) -> Any:
 
 
 def set_dist_env(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    os.environ.update(single_process_env(rank, world, port))
 
 
 def train_ap_model(epochs: int, say: Callable[[str], None]) -> Path:
@@ -423,7 +416,8 @@ def train_ap_model(epochs: int, say: Callable[[str], None]) -> Path:
     if weights.is_file():
         say(f"trained model: cached {weights.relative_to(REPO)}")
         return weights
-    from vitpose.engine import LocalSession, Trainer
+    from vitpose.train.loop import Trainer
+    from vitpose.train.session import LocalSession
 
     set_dist_env(0, 1, free_port())
     cfg = tiny_config([f"train.epochs={epochs}", f"train.eval_every={epochs}", "deepspeed.zero_stage=0",
@@ -451,7 +445,7 @@ def train_ap_model(epochs: int, say: Callable[[str], None]) -> Path:
 def bf16_accuracy(checkpoint: Path | None, epochs: int, say: Callable[[str], None]) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
-    from vitpose.engine import build_datasets, ensure_data
+    from vitpose.build import build_datasets, ensure_data
     from vitpose.evaluation import CocoKeypointEvaluator, decode_batch_to_predictions
     from vitpose.models import load_model
 
@@ -491,19 +485,6 @@ def bf16_accuracy(checkpoint: Path | None, epochs: int, say: Callable[[str], Non
 
 
 # ----------------------------------------------------------------------- 5: data loader vs tensors
-class _Session:
-    """A session for the engine's Trainer with nothing to report to (timing only)."""
-
-    def __init__(self, rank: int, world: int) -> None:
-        self.rank, self.world_size, self.local_rank = rank, world, rank
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        pass
-
-    def latest_checkpoint(self) -> Any:
-        return contextlib.nullcontext(None)
-
-
 def _loader_rank(rank: int, world: int, port: int, steps: int, reps: int, sets: list[str], queue: Any) -> None:
     try:
         import warnings
@@ -512,22 +493,22 @@ def _loader_rank(rank: int, world: int, port: int, steps: int, reps: int, sets: 
         set_dist_env(rank, world, port)
         cfg = tiny_config(["train.eval_every=1000", *sets])
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))  # what Ray gives a worker (OMP_NUM_THREADS)
-        from vitpose.engine import Trainer
+        from vitpose.train.loop import Trainer
 
-        trainer = Trainer(cfg, _Session(rank, world))
+        trainer = Trainer(cfg, NullSession(rank, world))
         steps = min(steps or trainer.steps_per_epoch, trainer.steps_per_epoch)
         real_loader = trainer.train_loader
         trainer.steps_per_epoch = steps
         # Warm-up, untimed: DeepSpeed's buffers, the loader processes (if any) and half the image cache (a
         # rank meets the other half over the next epochs, as in training).
-        trainer.train_epoch(0, 1 + reps, time.time())
+        trainer.train_epoch(0, 1 + reps)
         premade = list(itertools.islice(iter(real_loader), steps))  # the same kind of batches, made beforehand
         times: dict[str, list[float]] = {"loader": [], "tensors": []}
         for r in range(reps):
             order = ("loader", "tensors") if r % 2 == 0 else ("tensors", "loader")
             for kind in order:
                 trainer.train_loader = real_loader if kind == "loader" else premade
-                stats = trainer.train_epoch(1 + r, 1 + reps, time.time())
+                stats = trainer.train_epoch(1 + r, 1 + reps)
                 times[kind].append(stats.seconds / max(stats.steps, 1))
         if rank == 0:
             queue.put({"steps per epoch": steps, "reps": reps, "batch per worker": cfg.train.batch_size,
@@ -542,7 +523,7 @@ def _loader_rank(rank: int, world: int, port: int, steps: int, reps: int, sets: 
 def loader_vs_tensors(steps: int, reps: int, say: Callable[[str], None], sets: list[str] = ()) -> dict[str, Any]:
     import torch.multiprocessing as mp
 
-    from vitpose.engine import ensure_data
+    from vitpose.build import ensure_data
 
     cfg = tiny_config(list(sets))
     ensure_data(cfg)  # before the workers start, so generating the data is not timed

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -25,23 +24,22 @@ from pathlib import Path
 
 import torch
 
+from vitpose.train.session import single_process_env
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 PAPER_A100_FPS = {"vitpose_b": 944, "vitpose_l": 411, "vitpose_h": 241}  # paper Table 9, inference
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def engine_runs(data_root: Path, out: Path) -> None:
     from safetensors.torch import load_file
 
+    from vitpose.build import ensure_data
     from vitpose.config import load_config
-    from vitpose.engine import MODEL_FILE, LocalSession, Trainer, ensure_data, verify_checkpoint
+    from vitpose.train.checkpoint import MODEL_FILE, verify_checkpoint
+    from vitpose.train.loop import Trainer
+    from vitpose.train.session import LocalSession
 
     base = [f"data.root={data_root}", "data.synthetic.train_instances=1024", "data.synthetic.val_instances=128",
             "train.epochs=2", "train.eval_every=1", "train.lr_steps=[]", "data.loader_workers=4",
@@ -142,8 +140,7 @@ def main() -> None:
         sys.exit("error: no CUDA GPU here; this check is for GPU machines (the CPU path is what `make test` checks)")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, "
           f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB", flush=True)
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
-                       ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+    for key, value in single_process_env().items():
         os.environ.setdefault(key, value)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
+
+from vitpose.train.session import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024**3
@@ -39,12 +39,6 @@ def rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ------------------------------------------------------------------------------------------- worker
 def worker(a: argparse.Namespace) -> None:
     import torch
@@ -54,17 +48,8 @@ def worker(a: argparse.Namespace) -> None:
     import deepspeed  # noqa: F401  (counted in the baseline, like torch)
 
     from vitpose.config import TeacherConfig, load_config
-    from vitpose.engine import Session, Trainer
-
-    class BenchSession(Session):
-        def __init__(self, rank: int, world: int):
-            self.rank, self.world_size, self.local_rank = rank, world, rank
-
-        def report(self, metrics, checkpoint_dir) -> None:  # nothing is kept: memory only
-            pass
-
-        def latest_checkpoint(self):
-            return nullcontext(None)
+    from vitpose.train.loop import Trainer
+    from vitpose.train.session import NullSession
 
     sets = [
         f"model.preset={a.preset}", "model.img_size=[256, 192]",
@@ -77,10 +62,10 @@ def worker(a: argparse.Namespace) -> None:
     cfg = load_config(REPO / "configs/teacher/synthetic_tiny.yaml", sets, schema=TeacherConfig)
     baseline = rss_bytes("VmRSS")
     t0 = time.time()
-    trainer = Trainer(cfg, BenchSession(a.rank, a.world))
+    trainer = Trainer(cfg, NullSession(a.rank, a.world))
     after_init = rss_bytes("VmRSS")
     t1 = time.time()
-    stats = trainer.train_epoch(0, 1, t1)
+    stats = trainer.train_epoch(0, 1)
     t2 = time.time()
     params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.engine.module.parameters())
     result = {

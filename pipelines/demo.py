@@ -13,19 +13,22 @@ import time
 import distill
 import teacher
 
+from vitpose.console import say
 
-def main() -> int:
+
+def main(argv: list[str] | None = None) -> int:
+    verbose = ["--verbose"] if "--verbose" in (argv if argv is not None else sys.argv[1:]) else []
     t0 = time.time()
-    print("== 1/2 teacher: python pipelines/teacher.py", flush=True)
-    rc = teacher.main([])
+    say("== 1/2 teacher: python pipelines/teacher.py")
+    rc = teacher.main(verbose)
     if rc:
         return rc
-    print(f"== 2/2 distillation sweep: python pipelines/distill.py ({time.time() - t0:.0f} s so far)", flush=True)
-    rc = distill.main([])
+    say(f"== 2/2 distillation sweep: python pipelines/distill.py ({time.time() - t0:.0f} s so far)")
+    rc = distill.main(verbose)
     if rc:
         return rc
-    print(f"== demo finished in {time.time() - t0:.0f} s; look at it: .venv/bin/mlflow ui "
-          "--backend-store-uri sqlite:///runs/mlflow.db", flush=True)
+    say(f"== demo finished in {time.time() - t0:.0f} s; look at it: .venv/bin/mlflow ui "
+        "--backend-store-uri sqlite:///runs/mlflow.db")
     return 0
 
 

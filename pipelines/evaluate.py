@@ -7,7 +7,7 @@
 
 Person boxes come from the ground truth, or from a detector's COCO results file (--det-file); the flip test
 is on unless --no-flip-test. The crops, decode, rescoring, OKS-NMS and pycocotools COCOeval are the ones the
-training engine uses (``vitpose.predict.PosePredictor.predict_dataset`` + ``vitpose.evaluation``), so the
+training loop uses (``vitpose.inference.PosePredictor.predict_dataset`` + ``vitpose.evaluation``), so the
 AP printed here is the AP training reported for the same checkpoint and data.
 
 Prints COCOeval's 10-number summary; writes ``OUT/keypoint_results.json`` (COCO results format, after
@@ -25,12 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from vitpose.config import DataConfig, resolve_path
+from vitpose.pipeline import UsageError, guarded
 
 DEFAULTS = DataConfig()
-
-
-class UsageError(Exception):
-    """Something on the command line is wrong; the message says what and how to fix it."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -83,7 +80,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], str, Path, dic
     """Run the evaluation; returns (metrics, COCOeval summary text, output folder, settings)."""
     from vitpose.data.coco import TopDownCocoDataset
     from vitpose.evaluation import CocoKeypointEvaluator
-    from vitpose.predict import PosePredictor, resolve_device
+    from vitpose.inference import PosePredictor, resolve_device
 
     ann, images, det = resolve_inputs(args)
     predictor = PosePredictor.from_uri(args.model, args.tracking_uri, flip_test=not args.no_flip_test,
@@ -137,16 +134,12 @@ def log_to_mlflow(args: argparse.Namespace, metrics: dict[str, float], out: Path
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from vitpose.config import ConfigError
-    from vitpose.data.coco import BadSampleError
-    from vitpose.models import CheckpointError
+    return guarded(lambda: run(args))
 
-    try:
-        metrics, summary, out, settings = evaluate(args)
-        run_id = log_to_mlflow(args, metrics, out, settings) if args.mlflow_run_name else None
-    except (UsageError, ConfigError, CheckpointError, BadSampleError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def run(args: argparse.Namespace) -> int:
+    metrics, summary, out, settings = evaluate(args)
+    run_id = log_to_mlflow(args, metrics, out, settings) if args.mlflow_run_name else None
     boxes = f"detections {settings['det_file']}" if settings["det_file"] else "ground-truth boxes"
     print(f"{args.model} on {settings['ann']} ({settings['instances']} instances, {boxes}, "
           f"flip test {'on' if settings['flip_test'] else 'off'}, {settings['crops_per_second']} crops/s)")

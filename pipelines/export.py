@@ -19,13 +19,11 @@ import re
 import sys
 from pathlib import Path
 
-
-class UsageError(Exception):
-    """Something on the command line is wrong; the message says what and how to fix it."""
+from vitpose.pipeline import guarded
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from vitpose.export import DEFAULT_OPSET
+    from vitpose.onnx_export import DEFAULT_OPSET
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
@@ -72,18 +70,16 @@ def source_run(uri: str, tracking_uri: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from vitpose import tracking
-    from vitpose.config import ConfigError
-    from vitpose.export import check_parity, export_onnx, log_onnx_model, onnx_session
-    from vitpose.models import CheckpointError
-    from vitpose.serving import load_vitpose
+    return guarded(lambda: run(args))
 
-    try:
-        tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
-        model, meta = load_vitpose(args.model, tracking_uri)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def run(args: argparse.Namespace) -> int:
+    from vitpose import tracking
+    from vitpose.model_store import load_vitpose
+    from vitpose.onnx_export import check_parity, export_onnx, log_onnx_model, onnx_session
+
+    tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    model, meta = load_vitpose(args.model, tracking_uri)
     out = args.out or default_out(args.model)
     path = export_onnx(model, out, opset=args.opset, meta=meta)
     print(f"exported {args.model} -> {path} ({path.stat().st_size / 1e6:.1f} MB, opset {args.opset}, dynamic batch)")
@@ -98,19 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"parity ok: {worst:.3e} <= {args.atol}")
     if args.register:
-        try:
-            tracking.check_tracking_uri(tracking_uri)
-            run_id = source_run(args.model, tracking_uri)
-            if run_id is None:
-                import mlflow
+        tracking.check_tracking_uri(tracking_uri)
+        run_id = source_run(args.model, tracking_uri)
+        if run_id is None:
+            import mlflow
 
-                exp_id = tracking.ensure_experiment(args.experiment, tracking_uri)
-                run_id = mlflow.MlflowClient(tracking_uri).create_run(
-                    exp_id, tags={"mlflow.runName": f"export-{path.stem}", "vitpose.model": args.model}).info.run_id
-            version = log_onnx_model(tracking_uri, run_id, path, meta, args.register, args.alias)
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            exp_id = tracking.ensure_experiment(args.experiment, tracking_uri)
+            run_id = mlflow.MlflowClient(tracking_uri).create_run(
+                exp_id, tags={"mlflow.runName": f"export-{path.stem}", "vitpose.model": args.model}).info.run_id
+        version = log_onnx_model(tracking_uri, run_id, path, meta, args.register, args.alias)
         where = f"models:/{args.register}@{args.alias}" if args.alias else f"models:/{args.register}/{version}"
         print(f"registered {where} (version {version}, mlflow.onnx flavour, run {run_id})")
     return 0

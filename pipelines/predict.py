@@ -25,12 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vitpose.pipeline import UsageError, guarded
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 CHUNK = 8  # images whose crops share forward passes; bounds memory on folders of large photos
-
-
-class UsageError(Exception):
-    """Something on the command line or in an input file is wrong; the message says what and how to fix it."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -119,19 +117,17 @@ def _filter(boxes: Any, thr: float) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from vitpose.config import ConfigError
-    from vitpose.models import CheckpointError
-    from vitpose.predict import BadRequest, PosePredictor, decode_image, parse_boxes, resolve_device
+    return guarded(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitpose.inference import BadRequest, PosePredictor, decode_image, parse_boxes, resolve_device
 
     t0 = time.perf_counter()
-    try:
-        images = collect_images(args.inputs)
-        boxes = load_boxes(args.boxes, [p for p, _ in images]) if args.boxes else {}
-        predictor = PosePredictor.from_uri(args.model, args.tracking_uri, flip_test=not args.no_flip_test,
-                                           device=resolve_device(args.device))
-    except (UsageError, ConfigError, CheckpointError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    images = collect_images(args.inputs)
+    boxes = load_boxes(args.boxes, [p for p, _ in images]) if args.boxes else {}
+    predictor = PosePredictor.from_uri(args.model, args.tracking_uri, flip_test=not args.no_flip_test,
+                                       device=resolve_device(args.device))
     from PIL import Image
 
     from vitpose.visualize import draw_persons

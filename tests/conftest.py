@@ -3,29 +3,28 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
 from vitpose.config import StudentConfig, TeacherConfig, load_config
+from vitpose.train.session import single_process_env
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_TEACHER = REPO / "configs" / "teacher" / "synthetic_tiny.yaml"
 TINY_DISTILL = REPO / "configs" / "distill" / "synthetic_tiny.yaml"
 # Small enough for CPU tests: with the configs' patch 8, an 8x6 token grid and 32x24 heatmaps.
 TEST_IMG = "[64, 48]"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Real COCO val2017 images with their keypoints and the paper's detector boxes (licences in its README).
+MINI = REPO / "tests" / "data" / "coco_val2017_mini"
+MINI_ANN = MINI / "annotations" / "person_keypoints_val2017_mini.json"
+MINI_DETS = MINI / "annotations" / "person_detections_AP_H_56_mini.json"
+MINI_IMAGES = MINI / "images"
 
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
-    from vitpose.engine import ensure_data
+    from vitpose.build import ensure_data
 
     root = tmp_path_factory.mktemp("synthetic")
     ensure_data(tiny_config(root))
@@ -35,9 +34,7 @@ def synthetic_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def single_process_dist_env():
     """DeepSpeed in-process (world size 1) needs a rendezvous address; each test session its own port."""
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+    for key, value in single_process_env().items():
         os.environ.setdefault(key, value)
     yield
 

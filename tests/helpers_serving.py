@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,13 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
+from vitpose.train.session import free_port, single_process_env
 
 REPO = Path(__file__).resolve().parents[1]
-MINI = REPO.parent / "shared" / "data" / "coco_val2017_mini"
-MINI_ANN = MINI / "annotations" / "person_keypoints_val2017_mini.json"
-MINI_DETS = MINI / "annotations" / "person_detections_AP_H_56_mini.json"
-MINI_IMAGES = MINI / "images"
 MLFLOW_BIN = Path(sys.executable).parent / "mlflow"
 
 # The tiny model the CLI tests train (about a minute on two cores). It learns little in that time (val AP
@@ -41,17 +36,6 @@ TINY_OVERRIDES = [
     "train.precision=fp32",
 ]  # fmt: skip
 
-
-def needs_mini() -> None:
-    """Skip the calling test when the shared mini COCO folder is not beside the repository."""
-    if not (MINI_ANN.is_file() and MINI_DETS.is_file()):
-        pytest.skip(f"mini COCO fixture not found at {MINI} (CI clones shared/ beside the repo)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sqlite_store(root: Path) -> tuple[str, str]:
@@ -81,8 +65,8 @@ def random_model(path: Path, *, preset: str = "vitpose_nano", img_size: tuple[in
     """An untrained model's weights (safetensors with its spec) and a meta with COCO keypoints."""
     import torch
 
+    from vitpose.inference import default_keypoint_info
     from vitpose.models import build_model, save_safetensors
-    from vitpose.predict import default_keypoint_info
 
     torch.manual_seed(seed)
     model = build_model(preset, img_size=img_size)
@@ -103,8 +87,7 @@ class TrainedModel:
 def train_tiny_model(out: Path, timeout: float = 600) -> TrainedModel:
     """Train ``TINY_OVERRIDES`` in a subprocess (see the module docstring) and return what it made."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, **single_process_env(), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, __file__, str(out)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -115,7 +98,8 @@ def train_tiny_model(out: Path, timeout: float = 600) -> TrainedModel:
 
 def _train_main(out: Path) -> None:
     from vitpose.config import load_config
-    from vitpose.engine import LocalSession, Trainer
+    from vitpose.train.loop import Trainer
+    from vitpose.train.session import LocalSession
 
     data_root = out / "data"
     cfg = load_config(REPO / "configs/teacher/synthetic_tiny.yaml", [*TINY_OVERRIDES, f"data.root={data_root}"])

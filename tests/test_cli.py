@@ -16,12 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import MINI, MINI_DETS, MINI_IMAGES
 from tests.helpers_serving import (
-    MINI,
-    MINI_DETS,
-    MINI_IMAGES,
     REPO,
-    needs_mini,
     sqlite_store,
     train_tiny_model,
 )
@@ -71,7 +68,7 @@ def test_evaluate_reproduces_the_engine_ap(trained, tmp_path, capsys):
     # Prediction level: the CLI's fused flip pass equals the engine's two separate passes, instance by instance.
     from vitpose.data.coco import TopDownCocoDataset
     from vitpose.evaluation import decode_batch_to_predictions
-    from vitpose.predict import PosePredictor
+    from vitpose.inference import PosePredictor
 
     predictor = PosePredictor.from_uri(str(trained.checkpoint), batch_size=7)
     ds = TopDownCocoDataset(trained.data_root / "annotations/person_keypoints_val.json",
@@ -89,7 +86,6 @@ def test_evaluate_reproduces_the_engine_ap(trained, tmp_path, capsys):
 
 
 def test_evaluate_with_detections_flip_off_and_mlflow_logging(trained, tmp_path, capsys):
-    needs_mini()
     import mlflow
 
     uri, _ = sqlite_store(tmp_path / "mlflow")
@@ -154,7 +150,6 @@ def test_predict_draws_skeletons_and_writes_keypoints(trained, tmp_path, capsys)
 
 
 def test_predict_folder_with_coco_detections_and_whole_images(trained, tmp_path):
-    needs_mini()
     out = tmp_path / "mini"
     assert predict_cli.main(["--model", str(trained.checkpoint), str(MINI_IMAGES), "--boxes", str(MINI_DETS),
                              "--box-score-thr", "0.5", "--out", str(out)]) == 0

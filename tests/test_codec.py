@@ -4,25 +4,20 @@ GT keypoints -> dataset crop -> heatmaps -> decode -> image -> COCOeval on the r
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
+from tests.conftest import MINI
+from tests.conftest import MINI_ANN as ANN
+from tests.conftest import MINI_DETS as DETS
 from vitpose.data.coco import TopDownCocoDataset
 from vitpose.data.codec import decode, encode, flip_back, to_image_coords
 from vitpose.data.transforms import AugParams, affine_points, udp_warp_matrix
 from vitpose.evaluation import CocoKeypointEvaluator, decode_batch_to_predictions
 
-MINI = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco_val2017_mini"
-ANN = MINI / "annotations" / "person_keypoints_val2017_mini.json"
-DETS = MINI / "annotations" / "person_detections_AP_H_56_mini.json"
 INPUT, HEATMAP = (256, 192), (64, 48)
 
-needs_mini = pytest.mark.skipif(
-    not ANN.is_file(), reason=f"mini COCO fixture not found at {MINI} (CI clones shared/ beside the repo)"
-)
 
 
 def mmpose_udp_target(joints, visible, image_size_wh, heatmap_size_wh, sigma):
@@ -161,7 +156,6 @@ def _gt_predictions(dataset: TopDownCocoDataset, flip: bool) -> list[dict]:
     )
 
 
-@needs_mini
 def test_round_trip_gt_boxes_reaches_ap_one():
     ds = TopDownCocoDataset(ANN, MINI / "images", train=False)
     evaluator = CocoKeypointEvaluator(ANN)
@@ -182,7 +176,6 @@ def _box_iou(a, b):
     return inter / (aw * ah + bw * bh - inter)
 
 
-@needs_mini
 def test_round_trip_detection_boxes_with_oks_nms():
     """Detector boxes (118, many duplicates and false positives): heatmaps from the GT pose best matching
     each box (IoU >= 0.5), blank heatmaps otherwise; rescoring + OKS-NMS must keep it near perfect."""

@@ -11,7 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import MINI
+from tests.conftest import MINI_ANN as ANN
+from tests.conftest import MINI_DETS as DETS
 from vitpose.data.coco import ITEM_KEYS, BadSampleError, TopDownCocoDataset, load_image
+from vitpose.data.keypoints import flip_pairs_from_names
 from vitpose.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -20,19 +24,12 @@ from vitpose.data.transforms import (
     Photometric,
     apply_aug,
     box_to_center_scale,
-    flip_pairs_from_names,
     normalize,
     sample_aug_params,
     udp_warp_matrix,
     val_crop,
 )
 
-MINI = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco_val2017_mini"
-ANN = MINI / "annotations" / "person_keypoints_val2017_mini.json"
-DETS = MINI / "annotations" / "person_detections_AP_H_56_mini.json"
-needs_mini = pytest.mark.skipif(
-    not ANN.is_file(), reason=f"mini COCO fixture not found at {MINI} (CI clones shared/ beside the repo)"
-)
 COCO_NAMES = [
     "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
     "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
@@ -42,7 +39,6 @@ COCO_PAIRS = [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 
 
 
 # ------------------------------------------------------------------------------------ mini COCO
-@needs_mini
 def test_mini_coco_index_and_item_format():
     ds = TopDownCocoDataset(ANN, MINI / "images", train=False)
     assert len(ds) == 12  # 14 annotations, 2 without keypoints filtered
@@ -64,7 +60,6 @@ def test_mini_coco_index_and_item_format():
     assert inst.scale[1] == pytest.approx(346.68 * 1.25, rel=1e-4)
 
 
-@needs_mini
 def test_mini_coco_detections_and_threshold():
     ds = TopDownCocoDataset(ANN, MINI / "images", train=False, det_file=DETS)
     assert len(ds) == 118
@@ -79,7 +74,6 @@ def test_mini_coco_detections_and_threshold():
         TopDownCocoDataset(ANN, MINI / "images", train=True, det_file=DETS)
 
 
-@needs_mini
 def test_training_views_are_seeded_and_replayable():
     ds = TopDownCocoDataset(ANN, MINI / "images", train=True, aug_seed=7)
     a, b = ds[3], ds[3]

@@ -7,20 +7,15 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
+from vitpose.build import build_datasets
 from vitpose.config import ConfigError
-from vitpose.distill import (
-    BankedViews,
-    TokenSetting,
-    ViewBank,
-    build_student,
-    distill_loss,
-    ensure_knowledge_tokens,
-    learn_knowledge_tokens,
-    load_tokens,
-)
-from vitpose.engine import LocalSession, Trainer, build_datasets
+from vitpose.distill.bank import BankedViews, ViewBank
+from vitpose.distill.space import apply_params, search_space, token_settings
+from vitpose.distill.student import build_student, distill_loss
+from vitpose.distill.tokens import TokenSetting, ensure_knowledge_tokens, learn_knowledge_tokens, load_tokens
 from vitpose.models import build_model
-from vitpose.sweep import apply_params, search_space, token_settings
+from vitpose.train.loop import Trainer
+from vitpose.train.session import LocalSession
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import REPO, TEST_IMG
 from tests.faults.procs import Launched, assert_gone_with_the_driver
-from vitpose.engine import IncompleteCheckpointError, verify_checkpoint
+from vitpose.train.checkpoint import IncompleteCheckpointError, verify_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +89,7 @@ def test_two_trial_sweep_registers_a_champion(registry, synthetic_root, tmp_path
     artifacts = {a.path for a in client.list_artifacts(parent)}
     assert {"results.csv", "sweep.png", "knowledge_tokens", "view_bank.json"} <= artifacts
 
-    from vitpose.serving import load_vitpose
+    from vitpose.model_store import load_vitpose
 
     student, meta = load_vitpose("models:/vitpose-student@champion", uri)
     assert student.spec.embed_dim == 64 and meta["trial_params"]["distill.parts"] in ("none", "both")  # vitpose_pico

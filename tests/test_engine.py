@@ -10,16 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_config
-from vitpose.engine import (
-    MODEL_FILE,
-    LocalSession,
-    NonFiniteLossError,
-    Trainer,
-    gt_loss,
-    lr_factor,
-    newest_complete_checkpoint,
-    verify_checkpoint,
-)
+from vitpose.train.checkpoint import MODEL_FILE, newest_complete_checkpoint, verify_checkpoint
+from vitpose.train.loop import NonFiniteLossError, Trainer, gt_loss, lr_factor
+from vitpose.train.session import LocalSession
 
 
 def test_lr_schedule_warmup_then_steps(synthetic_root):

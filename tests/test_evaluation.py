@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import MINI_ANN as ANN
 from vitpose.data.codec import encode
 from vitpose.evaluation import (
     COCO_SIGMAS,
@@ -17,12 +18,6 @@ from vitpose.evaluation import (
     CocoKeypointEvaluator,
     decode_batch_to_predictions,
     oks_nms,
-)
-
-MINI = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "coco_val2017_mini"
-ANN = MINI / "annotations" / "person_keypoints_val2017_mini.json"
-needs_mini = pytest.mark.skipif(
-    not ANN.is_file(), reason=f"mini COCO fixture not found at {MINI} (CI clones shared/ beside the repo)"
 )
 
 
@@ -80,7 +75,6 @@ def _gt_as_predictions(ann_file: Path, noise: float = 0.0, seed: int = 0) -> lis
     return preds
 
 
-@needs_mini
 def test_perfect_noisy_and_empty_predictions(tmp_path):
     ev = CocoKeypointEvaluator(ANN)
     stats = ev.evaluate(_gt_as_predictions(ANN), results_file=tmp_path / "out" / "results.json")
@@ -98,7 +92,6 @@ def test_perfect_noisy_and_empty_predictions(tmp_path):
         ev.evaluate([stray])
 
 
-@needs_mini
 def test_rescoring_and_duplicate_suppression():
     ev = CocoKeypointEvaluator(ANN)
     preds = _gt_as_predictions(ANN)
@@ -115,7 +108,6 @@ def test_rescoring_and_duplicate_suppression():
     assert len(no_nms.rescore_and_nms([*preds, dup])) == len(preds) + 1
 
 
-@needs_mini
 def test_image_subset():
     ev = CocoKeypointEvaluator(ANN)
     preds = [p for p in _gt_as_predictions(ANN) if p["image_id"] == 785]

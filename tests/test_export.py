@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from tests.helpers_serving import REPO, random_model, register_model, sqlite_store
-from vitpose.export import check_parity, export_onnx, onnx_session, sample_crops
-from vitpose.serving import load_vitpose
+from vitpose.model_store import load_vitpose
+from vitpose.onnx_export import check_parity, export_onnx, onnx_session, sample_crops
 
 
 def load_cli():

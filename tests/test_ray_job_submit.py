@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
 from tests.test_teacher_pipeline import args
+from vitpose.train.session import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -15,17 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import MINI_DETS, MINI_IMAGES
 from tests.helpers_serving import (
-    MINI_DETS,
-    MINI_IMAGES,
     ModelServer,
-    needs_mini,
     random_model,
     register_model,
     sqlite_store,
 )
-from vitpose.predict import BadRequest, PosePredictor, decode_image, default_keypoint_info, parse_boxes
-from vitpose.serving import ModelNotFoundError, load_vitpose
+from vitpose.inference import BadRequest, PosePredictor, decode_image, default_keypoint_info, parse_boxes
+from vitpose.model_store import ModelNotFoundError, load_vitpose
 
 
 def encode(arr: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
@@ -218,7 +216,6 @@ def _b64(data: bytes) -> str:
 
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_real_requests_and_survives_bad_ones(registry, tmp_path):
-    needs_mini()
     import mlflow
 
     image_path = MINI_IMAGES / "000000196141.jpg"

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from vitpose.data.coco import TopDownCocoDataset
+from vitpose.data.keypoints import COCO_KEYPOINTS
 from vitpose.data.synthetic import (
-    COCO_KEYPOINTS,
     MARKER,
     SynthConfig,
     ensure_synthetic_dataset,

@@ -12,7 +12,8 @@ import mlflow
 import pytest
 import torch
 
-from tests.conftest import REPO, TEST_IMG, free_port
+from tests.conftest import REPO, TEST_IMG
+from vitpose.train.session import free_port
 
 sys.path.insert(0, str(REPO / "pipelines"))
 import teacher  # noqa: E402
@@ -74,8 +75,8 @@ def test_two_workers_each_zero_stage(stage, ray_local, tracking, synthetic_root,
     pictures = client.list_artifacts(run.info.run_id, "predictions")
     assert pictures and pictures[0].path.endswith(".png")
 
+    from vitpose.model_store import load_vitpose
     from vitpose.models import ViTPose
-    from vitpose.serving import load_vitpose
 
     model, model_meta = load_vitpose(f"models:/vitpose-teacher@stage{stage}", tracking)
     assert isinstance(model, ViTPose) and model_meta["keypoints"]["names"][0] == "nose"
@@ -86,7 +87,8 @@ def test_two_workers_each_zero_stage(stage, ray_local, tracking, synthetic_root,
 def crash_once_loop(config: dict) -> None:
     """The real worker loop, but rank 1 dies hard near the end of epoch 3 of the first attempt."""
     from vitpose.config import TeacherConfig
-    from vitpose.engine import RaySession, Trainer, gt_loss
+    from vitpose.train.loop import Trainer, gt_loss
+    from vitpose.train.session import RaySession
 
     marker = Path(config["marker"])
     session = RaySession()

@@ -1,6 +1,6 @@
 """Keypoint evaluation: model heatmaps -> per-instance predictions -> rescoring -> OKS-NMS -> COCOeval.
 
-Owns the path from network output to COCO keypoint AP, shared by the training engine and the evaluate CLI:
+Owns the path from network output to COCO keypoint AP, shared by the training loop (vitpose.train.loop) and the evaluate CLI:
 
 * ``decode_batch_to_predictions``: a batch of heatmaps (optionally merged with flip-test heatmaps) plus
   the batch's meta (``center``, ``scale``, ``image_id``, ``bbox_score``) -> prediction dicts in image

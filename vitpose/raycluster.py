@@ -17,18 +17,24 @@ from urllib.parse import urlparse
 from vitpose.config import ConfigError, one_line
 
 # glibc keeps freed large blocks mapped and fragments under DeepSpeed's big flat buffers; returning
-# blocks over 128 KiB to the OS kept ZeRO-3 at ViT-H size from being killed at 22 GiB (STACK-NOTES).
+# blocks over 128 KiB to the OS kept ZeRO-3 at ViT-H size from being killed at 22 GiB (measured on 2 CPU ranks).
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "false"}
+
+_started_here = False  # connect() started or joined Ray in this process (not a caller's own ray.init)
 
 
 def connect(num_cpus: int | None = None) -> dict[str, Any]:
     """Start or join Ray; returns the cluster's total resources."""
     import ray
 
+    global _started_here
     if ray.is_initialized():
         return ray.cluster_resources()
+    _started_here = True
+    from vitpose.console import worker_env
+
     address = check_address()
-    runtime_env = {"env_vars": dict(WORKER_ENV)}
+    runtime_env = {"env_vars": {**WORKER_ENV, **worker_env()}}
     if address:
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
@@ -41,6 +47,16 @@ def connect(num_cpus: int | None = None) -> dict[str, Any]:
         ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False,
                  log_to_driver=True)
     return ray.cluster_resources()
+
+
+def disconnect() -> None:
+    """Leave Ray (stopping a local one) if ``connect`` joined it; a Ray the caller started is left alone."""
+    global _started_here
+    if _started_here:
+        import ray
+
+        ray.shutdown()
+        _started_here = False
 
 
 def check_address() -> str | None:
@@ -69,27 +85,34 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float,
-                    autoscaler: bool = False, what: str = "ray") -> None:
-    """Refuse requests the cluster cannot satisfy now, unless it has an autoscaler to add nodes."""
+                    autoscaler: bool = False, keys: tuple[str, str] = ("ray.num_workers", "ray.cpus_per_worker")) -> None:
+    """Refuse requests the cluster cannot satisfy now, unless it has an autoscaler to add nodes.
+
+    ``keys`` name the config keys the worker count and CPUs per worker came from, so the message says which
+    to change (a teacher run's ``ray.*``, a sweep's trial resources).
+    """
     import ray
 
+    count_key, cpus_key = keys
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     problems = []
     if use_gpu and gpus < gpus_per_worker * num_workers:
         problems.append(
-            f"{what}.use_gpu=true asks for {gpus_per_worker * num_workers:g} GPUs but the Ray cluster has "
-            f"{gpus:g}; set {what}.use_gpu=false (CPU training) or connect to a GPU cluster with RAY_ADDRESS"
+            f"ray.use_gpu=true asks for {gpus_per_worker * num_workers:g} GPUs but the Ray cluster has "
+            f"{gpus:g}; set ray.use_gpu=false (CPU training) or connect to a GPU cluster with RAY_ADDRESS"
         )
     need = cpus_per_worker * num_workers
     if need > cpus:
         problems.append(
-            f"{what}.num_workers={num_workers} x {what}.cpus_per_worker={cpus_per_worker:g} needs {need:g} CPUs but "
-            f"the Ray cluster has {cpus:g}; lower {what}.num_workers or {what}.cpus_per_worker "
-            f"(or set {what}.autoscaler=true if the cluster adds nodes on demand)"
+            f"{count_key}={num_workers} x {cpus_key}={cpus_per_worker:g} needs {need:g} CPUs but the Ray cluster "
+            f"has {cpus:g}; lower {count_key} or {cpus_key} (or set ray.autoscaler=true if the cluster adds nodes "
+            "on demand)"
         )
     if problems and autoscaler:
-        print("warning: " + "; ".join(problems) + f" (waiting for the autoscaler, {what}.autoscaler=true)", flush=True)
+        from vitpose.console import say
+
+        say("warning: " + "; ".join(problems) + " (waiting for the autoscaler, ray.autoscaler=true)")
     elif problems:
         raise ConfigError(problems[0])
 

@@ -24,7 +24,7 @@ confidence] x K]}`` in original image pixels), ``num_persons``, ``whole_image_bo
 ``bin/`` on ``PATH``).
 
 Both columns are typed ``Any`` in the signature on purpose: MLflow's typed columns refuse integer box
-coordinates for a ``double`` array and bytes for a ``string``; ``vitpose.predict`` validates them instead,
+coordinates for a ``double`` array and bytes for a ``string``; ``vitpose.inference`` validates them instead,
 with messages that say what to send.
 """
 
@@ -39,14 +39,10 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-import torch
 
-from vitpose.config import ConfigError
+from vitpose.model_store import META
 
-WEIGHTS = "model.safetensors"
-META = "vitpose_meta.json"
 PYFUNC_PATH = "model"
-CHECKPOINT_META = "meta.json"  # what vitpose.engine writes beside the weights in a checkpoint folder
 
 # The models-from-code entry point logged with every model. It only names the class in the installed package,
 # so loading a model runs our code, never code unpickled from the artifact store.
@@ -59,18 +55,16 @@ set_model(VitPosePyfunc())
 '''
 
 
-class ModelNotFoundError(ConfigError):
-    """A model URI that names nothing loadable; the message says what was tried."""
-
-
 # --------------------------------------------------------------------------------------------- pyfunc
 class VitPosePyfunc(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc around ``vitpose.predict.PosePredictor`` (artifacts ``weights`` and ``meta``)."""
+    """MLflow pyfunc around ``vitpose.inference.PosePredictor`` (artifacts ``weights`` and ``meta``)."""
 
     def load_context(self, context: Any) -> None:
-        from vitpose.predict import PosePredictor, resolve_device
+        from vitpose.inference import PosePredictor, resolve_device
+        from vitpose.model_store import build_from_files
 
-        model, meta = _build(Path(context.artifacts["weights"]), json.loads(Path(context.artifacts["meta"]).read_text()))
+        model, meta = build_from_files(Path(context.artifacts["weights"]),
+                                       json.loads(Path(context.artifacts["meta"]).read_text()))
         self.predictor = PosePredictor(model, meta, device=resolve_device())
         # The server runs each request in its own thread. Concurrent forwards would each claim every core's
         # intra-op threads and slow all of them down (measured: 2 threads on a busy 2-core CPU ran a batch-1
@@ -81,7 +75,7 @@ class VitPosePyfunc(mlflow.pyfunc.PythonModel):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
-        from vitpose.predict import BadRequest, decode_image, parse_boxes
+        from vitpose.inference import BadRequest, decode_image, parse_boxes
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "image" not in frame.columns:
@@ -105,7 +99,7 @@ class VitPosePyfunc(mlflow.pyfunc.PythonModel):
 def _rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
     """One dict per image. MLflow hands a single-column columnar request ({"inputs": {"image": [a, b]}}) over
     as ONE row whose cell is the list of images; those are split back into rows here."""
-    from vitpose.predict import is_missing
+    from vitpose.inference import is_missing
 
     rows = []
     for row in frame.to_dict("records"):
@@ -201,7 +195,7 @@ def log_vitpose_model(
     """Log the pyfunc model under ``run_id``; register it (and point ``alias`` at it) when a name is given.
 
     ``meta`` needs ``spec`` (``ModelSpec.to_dict()``) and should carry ``keypoints`` (names, flip pairs,
-    1-based skeleton, as ``vitpose.engine.keypoint_info`` makes them; COCO's are assumed for 17 keypoints
+    1-based skeleton, as ``vitpose.data.keypoints.keypoint_info`` makes them; COCO's are assumed for 17 keypoints
     otherwise). Returns the registered version, or None when not registering.
     """
     import mlflow
@@ -228,34 +222,17 @@ def log_vitpose_model(
     return register_alias(tracking_uri, info, registered_name, alias)
 
 
-def load_vitpose(uri: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A ``ViTPose`` (eval mode, CPU) and its meta from a registry / run URI, a folder or a weights file.
+def register_checkpoint(tracking_uri: str, run_id: str, checkpoint: Any, registered_name: str, alias: str,
+                        lineage: dict[str, Any] | None = None) -> str | None:
+    """Log the weights of a training checkpoint (a Ray ``Checkpoint``) as the run's model, register it and
+    point ``alias`` at the new version. ``lineage`` (teacher, trial parameters, ...) is kept in the meta."""
+    from vitpose.train.checkpoint import MODEL_FILE, verify_checkpoint
 
-    Accepted: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/model``, a training checkpoint
-    folder (``model.safetensors`` + ``meta.json``, ours or Ray's), a downloaded MLflow model folder, a
-    ``.safetensors`` file we wrote, an official ``.pth`` file.
-    """
-    from vitpose.models import load_model
-
-    if uri.startswith(("models:/", "runs:/")):
-        folder = _download(uri, tracking_uri)
-        return _build(folder / "artifacts" / WEIGHTS, json.loads((folder / "artifacts" / META).read_text()))
-    path = Path(uri).expanduser()
-    if path.is_dir():
-        for folder in (path, path / "artifacts"):  # a checkpoint folder, or an MLflow model folder
-            if (folder / WEIGHTS).is_file():
-                meta_file = next((f for f in (folder / META, folder / CHECKPOINT_META) if f.is_file()), None)
-                meta = json.loads(meta_file.read_text()) if meta_file else {}
-                return _build(folder / WEIGHTS, meta)
-        raise ModelNotFoundError(f"model folder {path} has no {WEIGHTS} (nor artifacts/{WEIGHTS}); give a training "
-                                 "checkpoint folder, an MLflow model folder, or the weights file itself")
-    if path.is_file():
-        model = load_model(path)
-        return model.eval(), _with_keypoints({"spec": model.spec.to_dict()}, model.spec.num_keypoints)
-    raise ModelNotFoundError(
-        f"model {uri!r} not found: give models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a checkpoint "
-        f"folder with {WEIGHTS}, or a .safetensors/.pth file"
-    )
+    with checkpoint.as_directory() as folder:
+        meta = verify_checkpoint(Path(folder))
+        model_meta = {"spec": meta["spec"], "keypoints": meta["keypoints"], "source_checkpoint": checkpoint.path,
+                      **(lineage or {})}
+        return log_vitpose_model(tracking_uri, run_id, Path(folder) / MODEL_FILE, model_meta, registered_name, alias)
 
 
 def _check_weights(weights: Path, spec: dict[str, Any]) -> None:
@@ -281,49 +258,3 @@ def _check_weights(weights: Path, spec: dict[str, Any]) -> None:
         )
 
 
-def _build(weights: Path, meta: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from vitpose.models import build_model_from_spec, read_checkpoint
-
-    state, file_spec = read_checkpoint(weights)
-    spec = meta.get("spec") or (file_spec.to_dict() if file_spec else None)
-    if spec is None:
-        raise ModelNotFoundError(f"{weights}: no model spec stored with the weights (no 'spec' in the meta, none in "
-                                 "the file); save it with vitpose.models.save_safetensors or keep meta.json beside it")
-    model = build_model_from_spec(spec)
-    model.load_state_dict(state, strict=True)
-    keep = {k: v for k, v in meta.items() if k != "spec"}  # keypoints, lineage (source, teacher, trial)
-    return model.eval(), _with_keypoints({"spec": spec, **keep}, model.spec.num_keypoints)
-
-
-def _with_keypoints(meta: dict[str, Any], num_keypoints: int) -> dict[str, Any]:
-    # Weights saved without their dataset's keypoint definition (an official .pth, a bare .safetensors) get
-    # COCO's for 17 keypoints; the meta records that it was assumed.
-    if "keypoints" not in meta:
-        from vitpose.predict import default_keypoint_info
-
-        meta["keypoints"] = default_keypoint_info(num_keypoints)
-        meta["keypoints_assumed"] = True
-    return meta
-
-
-def _download(uri: str, tracking_uri: str | None) -> Path:
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from vitpose.tracking import check_tracking_uri, resolve_tracking_uri
-
-    resolved = resolve_tracking_uri(tracking_uri)
-    check_tracking_uri(resolved)  # an unreachable server is a clear error here, not a "model not found"
-    mlflow.set_tracking_uri(resolved)
-    try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
-    except MlflowException as err:
-        first = err.message.splitlines()[0] if err.message else str(err)
-        raise ModelNotFoundError(f"model {uri!r} not found in the MLflow store {resolved}: {first}. Check the name, alias or "
-                                 f"version (mlflow ui --backend-store-uri {resolved}), or point MLFLOW_TRACKING_URI "
-                                 "at the store that holds the model") from None
-    folder = Path(local)
-    if not (folder / "artifacts" / META).is_file():
-        raise ModelNotFoundError(f"{uri} is not a vitpose pose model (no artifacts/{META}); ONNX exports are served "
-                                 "by onnxruntime, not loaded here; register with vitpose.serving.log_vitpose_model")
-    return folder

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from vitpose.config import ConfigError, Section, TeacherConfig, dump_config, flatten, resolve_path
+from vitpose.config import ConfigError, Section, dump_config, flatten, resolve_path
 
 DEFAULT_DB = "runs/mlflow.db"
 DEFAULT_ARTIFACTS = "runs/mlartifacts"
@@ -183,10 +183,3 @@ class WorkerTracker:
             fig_path = Path(tmp) / f"val_predictions_epoch{epoch:03d}.png"
             draw_crops_grid(images, heatmaps, keypoint_info, fig_path, max_crops=max_crops)
             self.client.log_artifact(self.run_id, str(fig_path), "predictions")
-
-    def close(self) -> None:
-        pass
-
-
-def teacher_run_name(cfg: TeacherConfig) -> str:
-    return f"{cfg.ray.name}-{cfg.model.preset}"

@@ -123,7 +123,7 @@ def read_status(folder: Path, rank: int) -> dict | None:
 
 def wait_for_status(folder: Path, rank: int, when: Callable[[dict], bool], timeout: float,
                     alive: Callable[[], bool] = lambda: True) -> dict:
-    """Poll a worker's status file (see vitpose.engine.WorkerStatus) until ``when`` holds."""
+    """Poll a worker's status file (see vitpose.train.session.WorkerStatus) until ``when`` holds."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         status = read_status(folder, rank)

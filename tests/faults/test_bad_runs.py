@@ -22,7 +22,7 @@ from tests.conftest import REPO
 from tests.faults.procs import PY, cli_args
 from vitpose.config import one_line
 from vitpose.data.coco import BadSampleError, TopDownCocoDataset
-from vitpose.engine import FATAL_FILE
+from vitpose.train.worker import FATAL_FILE
 
 sys.path.insert(0, str(REPO / "pipelines"))
 import teacher  # noqa: E402

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
 from tests.faults.procs import PY, cli_args
+from vitpose.train.session import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -32,13 +32,8 @@ from tests.faults.procs import (
     proc_name,
     wait_for_status,
 )
-from vitpose.engine import (
-    MODEL_FILE,
-    SAVE_TMP_PREFIX,
-    STATUS_DIR_ENV,
-    IncompleteCheckpointError,
-    verify_checkpoint,
-)
+from vitpose.train.checkpoint import MODEL_FILE, SAVE_TMP_PREFIX, IncompleteCheckpointError, verify_checkpoint
+from vitpose.train.session import STATUS_DIR_ENV
 
 sys.path.insert(0, str(REPO / "pipelines"))
 import teacher  # noqa: E402
@@ -214,7 +209,8 @@ def test_resume_passes_over_a_damaged_latest_checkpoint(synthetic_root, tmp_path
     """The latest checkpoint (what Ray would hand back) truncated after it was registered: the worker
     resumes from the newest complete one beside it and still ends where the uninterrupted run ended."""
     from tests.conftest import tiny_config
-    from vitpose.engine import LocalSession, Trainer
+    from vitpose.train.loop import Trainer
+    from vitpose.train.session import LocalSession
 
     cfg = tiny_config(synthetic_root, "train.epochs=3", "deepspeed.zero_stage=0", "train.max_steps_per_epoch=3")
     full = LocalSession(tmp_path / "run")

@@ -44,7 +44,9 @@ def test_deepspeed_shard_with_a_payload_is_refused_on_resume(synthetic_root, tmp
     where one shard was replaced (and the size list rewritten to match) must refuse, not run the payload."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    from vitpose.engine import LocalSession, Trainer, verify_checkpoint
+    from vitpose.train.checkpoint import verify_checkpoint
+    from vitpose.train.loop import Trainer
+    from vitpose.train.session import LocalSession
 
     cfg = tiny_config(synthetic_root, "train.epochs=1", "train.max_steps_per_epoch=1", "deepspeed.zero_stage=1")
     session = LocalSession(tmp_path / "run")
@@ -67,7 +69,7 @@ def test_deepspeed_shard_with_a_payload_is_refused_on_resume(synthetic_root, tmp
 
 def test_knowledge_token_file_with_a_payload_is_refused(tmp_path):
     """Token files are read as safetensors only: a pickle under that name is an error, never unpickled."""
-    from vitpose.distill import load_tokens
+    from vitpose.distill.tokens import load_tokens
 
     marker = tmp_path / "code_ran"
     path = tmp_path / "tokens-0123456789abcdef.safetensors"

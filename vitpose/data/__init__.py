@@ -11,8 +11,8 @@ from typing import Any
 
 _EXPORTS = {
     "TopDownCocoDataset": "coco",
-    "BadSampleError": "coco",
-    "load_image": "coco",
+    "BadSampleError": "files",
+    "load_image": "files",
     "AugConfig": "transforms",
     "AugParams": "transforms",
     "sample_aug_params": "transforms",

@@ -10,7 +10,6 @@ annotation and the fix (``on_bad_sample='error'``) or skipped and counted (``'sk
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter
@@ -20,9 +19,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from vitpose.data.codec import encode
+from vitpose.data.files import BadSampleError, load_image, read_json
+from vitpose.data.keypoints import flip_pairs_from_names, upper_body_ids_from_names
 from vitpose.data.transforms import (
     IDENTITY,
     AugConfig,
@@ -30,10 +31,8 @@ from vitpose.data.transforms import (
     Photometric,
     apply_aug,
     box_to_center_scale,
-    flip_pairs_from_names,
     normalize,
     sample_aug_params,
-    upper_body_ids_from_names,
 )
 
 log = logging.getLogger(__name__)
@@ -42,37 +41,6 @@ ITEM_KEYS = (
     "image", "target", "target_weight", "keypoints", "center", "scale", "rotation", "flipped",
     "aug_params", "image_id", "ann_id", "bbox_score", "area", "index", "skipped",
 )  # fmt: skip
-
-
-class BadSampleError(ValueError):
-    """An annotation, detection or image that cannot become a training/evaluation sample."""
-
-    def __init__(self, reason: str, message: str | None = None):
-        if message is None:  # one argument: how DataLoader workers re-raise it in the main process
-            reason, message = "bad_sample", reason
-        super().__init__(message)
-        self.reason = reason
-
-
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file to uint8 RGB (H, W, 3): EXIF orientation applied, grayscale/RGBA/palette -> RGB.
-
-    Raises ``FileNotFoundError`` or ``OSError``/``UnidentifiedImageError`` from Pillow; callers add context.
-    """
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)  # phone pictures store rotation in EXIF; annotations follow display
-        if im.mode != "RGB":
-            # RGBA/LA/P with transparency: drop alpha (COCO-style annotations never refer to it).
-            im = im.convert("RGB")
-        return np.asarray(im, dtype=np.uint8).copy()
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-export or re-download it") from e
 
 
 @dataclass(frozen=True)
@@ -172,7 +140,7 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
         self._image_cache_left = int(image_cache_mb * 2**20)
         self._photometric = Photometric(self.aug) if train and self.aug.photometric_prob > 0 else None
 
-        data = _read_json(self.ann_file)
+        data = read_json(self.ann_file)
         self._read_categories(data)
         images = {int(im["id"]): im for im in data.get("images", [])}
         if self.det_file is None:
@@ -315,7 +283,7 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
 
     def _det_instances(self, images: dict[int, dict], score_thr: float) -> list[Instance]:
         assert self.det_file is not None
-        dets = _read_json(self.det_file)
+        dets = read_json(self.det_file)
         if not isinstance(dets, list):
             raise ValueError(
                 f"{self.det_file}: expected a COCO results list [{{image_id, category_id, bbox, score}}, ...]"

@@ -31,25 +31,6 @@ if TYPE_CHECKING:
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
-# Names that make a joint "lower body" for the half-body augmentation; everything else is upper body.
-# Derived from names rather than COCO indices so other keypoint sets (e.g. with feet) work too.
-_LOWER_BODY_WORDS = ("hip", "knee", "ankle", "foot", "heel", "toe")
-
-
-def flip_pairs_from_names(names: list[str]) -> list[tuple[int, int]]:
-    """Index pairs (left, right) of keypoints named ``left_X`` / ``right_X``."""
-    index = {name: i for i, name in enumerate(names)}
-    return [
-        (i, index["right_" + name[5:]])
-        for i, name in enumerate(names)
-        if name.startswith("left_") and "right_" + name[5:] in index
-    ]
-
-
-def upper_body_ids_from_names(names: list[str]) -> list[int]:
-    return [i for i, n in enumerate(names) if not any(w in n.lower() for w in _LOWER_BODY_WORDS)]
-
-
 def box_to_center_scale(
     box_xywh: np.ndarray | list[float], aspect_ratio: float, padding: float = 1.25
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -106,7 +106,7 @@ def _numpy_safe_globals() -> list[Any]:
     return allowed
 
 
-def _torch_load(path: Path) -> Any:
+def torch_load_weights_only(path: Path) -> Any:
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -146,7 +146,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelSpe
         if SPEC_KEY in metadata:
             spec_dict = json.loads(metadata[SPEC_KEY])
     else:
-        obj = _torch_load(path)
+        obj = torch_load_weights_only(path)
         if not isinstance(obj, dict):
             raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
         if "state_dict" in obj:

@@ -2,7 +2,7 @@
 
 Owns: `ModelSpec` (every architectural choice, stored with checkpoints), the named presets (paper sizes
 S/B/L/H, our plain ViT-g, and tiny CPU sizes, each with a `_simple` decoder variant), `build_model`, and
-the model-level helpers the engine needs (parameter count, analytic FLOPs, spec round trip).
+the model-level helpers the training loop needs (parameter count, analytic FLOPs, spec round trip).
 """
 
 from __future__ import annotations

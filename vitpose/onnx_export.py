@@ -2,7 +2,7 @@
 and logging the ONNX file to MLflow as the ``onnx`` flavour.
 
 Owns the network-only export: normalised crops ``images`` (N, 3, H, W) float32 in, ``heatmaps``
-(N, K, H/4, W/4) out. Cropping, the flip test and decoding stay in Python (``vitpose.predict``), so the
+(N, K, H/4, W/4) out. Cropping, the flip test and decoding stay in Python (``vitpose.inference``), so the
 ONNX file carries the model's ``ModelSpec`` and keypoint metadata (names, flip pairs, skeleton) in its
 ``metadata_props`` for whoever rebuilds that part in another runtime.
 """

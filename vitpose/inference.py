@@ -10,7 +10,7 @@ the predict and evaluate CLIs and the benchmarks:
 * ``PosePredictor``: crops every box with the evaluation transform, runs the crops of *all* images of a
   call through the model in shared batches (the flip-test pass rides in the same forward), decodes with
   UDP and maps back to the image; ``predict_dataset`` does the same for a ``TopDownCocoDataset`` so the
-  evaluate CLI measures exactly what the training engine measures.
+  evaluate CLI measures exactly what the training loop measures.
 
 This module knows nothing about MLflow; errors a caller can fix are ``BadRequest`` with the field, the
 value and what to send instead.
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitpose.data.keypoints import default_keypoint_info
 from vitpose.data.transforms import box_to_center_scale, normalize, udp_warp_matrix, warp_crop
 
 # More boxes than this in one image is almost certainly a client bug (unfiltered detector output), and
@@ -172,18 +173,6 @@ def parse_boxes(boxes: Any, width: int, height: int) -> list[list[float]] | None
 
 
 # -------------------------------------------------------------------------------------------- predictor
-def default_keypoint_info(num_keypoints: int) -> dict[str, Any]:
-    """COCO's names, flip pairs and skeleton for a 17-keypoint model that came without them; generic names
-    (and no flip test, which would need the left/right pairs) otherwise."""
-    if num_keypoints == 17:
-        from vitpose.data.synthetic import COCO_KEYPOINTS, COCO_SKELETON
-        from vitpose.data.transforms import flip_pairs_from_names
-
-        return {"names": list(COCO_KEYPOINTS), "flip_pairs": [list(p) for p in flip_pairs_from_names(COCO_KEYPOINTS)],
-                "skeleton": [list(s) for s in COCO_SKELETON]}
-    return {"names": [f"kp{i}" for i in range(num_keypoints)], "flip_pairs": [], "skeleton": []}
-
-
 def resolve_device(requested: str | None = None) -> str:
     """``requested`` if torch can allocate on it, else a ``ConfigError`` saying so; None: cuda when available."""
     from vitpose.config import ConfigError
@@ -201,7 +190,7 @@ def resolve_device(requested: str | None = None) -> str:
 class PosePredictor:
     """A loaded ViTPose and its keypoint metadata, ready for (image, boxes) → keypoints.
 
-    ``meta`` is what ``vitpose.serving.load_vitpose`` returns: ``spec`` and ``keypoints`` (``names``,
+    ``meta`` is what ``vitpose.model_store.load_vitpose`` returns: ``spec`` and ``keypoints`` (``names``,
     ``flip_pairs``, 1-based ``skeleton``). ``batch_size`` counts crops per forward pass (the flip-test
     pass doubles the tensor, not the number of passes).
     """
@@ -228,7 +217,7 @@ class PosePredictor:
     @classmethod
     def from_uri(cls, uri: str, tracking_uri: str | None = None, **kwargs: Any) -> PosePredictor:
         """Load from ``models:/...``, ``runs:/...``, a checkpoint folder or a weights file (see ``load_vitpose``)."""
-        from vitpose.serving import load_vitpose
+        from vitpose.model_store import load_vitpose
 
         model, meta = load_vitpose(uri, tracking_uri)
         return cls(model, meta, **kwargs)
@@ -313,7 +302,7 @@ class PosePredictor:
     # ------------------------------------------------------------------------------------- datasets
     def predict_dataset(self, dataset: Any, *, num_workers: int = 0) -> list[dict[str, Any]]:
         """Every instance of a ``TopDownCocoDataset`` (``train=False``) → prediction dicts for
-        ``CocoKeypointEvaluator.evaluate``; the same crops, decode and flip merge as the training engine."""
+        ``CocoKeypointEvaluator.evaluate``; the same crops, decode and flip merge as the training loop."""
         from torch.utils.data import DataLoader
 
         from vitpose.evaluation import decode_batch_to_predictions
@@ -324,7 +313,7 @@ class PosePredictor:
         if dataset.num_keypoints != self.num_keypoints:
             raise ValueError(f"{dataset.ann_file} has {dataset.num_keypoints} keypoints, the model predicts "
                              f"{self.num_keypoints}; evaluate on a dataset with the model's keypoints")
-        # The dataset's pairs, like the engine: they are the ground truth's definition of left and right.
+        # The dataset's pairs, like the training loop: they are the ground truth's definition of left and right.
         flip_pairs = [tuple(p) for p in dataset.flip_pairs]
         flip = self._flip_requested and bool(flip_pairs)
         loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=num_workers)

@@ -1,0 +1,108 @@
+"""Config sections -> the objects a run is made of: the datasets and the model.
+
+Training, distillation, the pipelines and the benchmarks all build through here, so a model or a dataset
+built for a sweep's preparation is the one the trainer would have built. Nothing here trains.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vitpose.config import TrainingConfig
+
+
+def ensure_data(cfg: TrainingConfig) -> None:
+    """Generate the synthetic dataset of ``cfg`` when it is missing or was made with other knobs."""
+    if cfg.data.kind != "synthetic":
+        return
+    from vitpose.data.synthetic import SynthConfig, ensure_synthetic_dataset
+
+    s = cfg.data.synthetic
+    knobs = SynthConfig(clutter=s.clutter, max_figures=s.max_figures, occlusion_prob=s.occlusion_prob,
+                        pose_variety=s.pose_variety)
+    ensure_synthetic_dataset(cfg.data.root_path(), train_instances=s.train_instances,
+                             val_instances=s.val_instances, seed=s.seed, cfg=knobs)
+
+
+def build_datasets(cfg: TrainingConfig, is_local_leader: bool) -> tuple[Any, Any]:
+    """The (train, val) top-down datasets; the local leader generates synthetic data first if needed, the
+    other ranks wait for it."""
+    import torch.distributed as dist
+
+    from vitpose.data.coco import TopDownCocoDataset
+    from vitpose.data.transforms import AugConfig
+    from vitpose.models import build_model
+
+    if is_local_leader:
+        ensure_data(cfg)
+    if dist.is_initialized():
+        dist.barrier()
+    root = cfg.data.root_path()
+    # The model decides the crop and heatmap sizes (heatmaps are 4x its token grid), the data follows.
+    spec = build_model(cfg.model.preset, device="meta", **model_spec_kwargs(cfg)).spec
+    common = dict(input_size=tuple(spec.img_size), heatmap_size=tuple(spec.heatmap_size),
+                  on_bad_sample=cfg.data.on_bad_sample)
+    train = TopDownCocoDataset(root / cfg.data.train_ann, root / cfg.data.train_images, train=True,
+                               aug=AugConfig(**cfg.data.aug.model_dump()), aug_seed=cfg.train.seed,
+                               image_cache_mb=cfg.data.image_cache_mb, **common)
+    val = TopDownCocoDataset(
+        root / cfg.data.val_ann,
+        root / cfg.data.val_images,
+        train=False,
+        det_file=(root / cfg.data.val_det_file) if cfg.data.val_det_file else None,
+        det_score_thr=cfg.data.det_score_thr,
+        **common,
+    )
+    return train, val
+
+
+def model_spec_kwargs(cfg: TrainingConfig) -> dict[str, Any]:
+    """Our config's model section as ``build_model`` overrides (None = keep the preset's value)."""
+    m = cfg.model
+    kw: dict[str, Any] = {
+        "decoder": m.decoder,
+        "img_size": tuple(m.img_size) if m.img_size else None,
+        "patch_size": m.patch_size,
+        "deconv_channels": m.deconv_channels,
+        "num_keypoints": m.num_keypoints,
+        "drop_path_rate": m.drop_path_rate,
+    }
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def build_model_from_config(cfg: TrainingConfig, **extra: Any) -> torch.nn.Module:
+    """The model of ``cfg.model``, initialised from ``model.init_checkpoint`` when one is given.
+    ``extra`` goes to ``build_model`` (e.g. knowledge-token slots of a student)."""
+    from vitpose.models import build_model, load_checkpoint
+
+    model = build_model(cfg.model.preset, **model_spec_kwargs(cfg), **extra)
+    if cfg.model.init_checkpoint:
+        load_checkpoint(model, cfg.model.init_checkpoint)
+    if cfg.model.activation_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def build_partitioned_model(cfg: TrainingConfig, ds_config: dict[str, Any], rank: int) -> torch.nn.Module:
+    """ZeRO-3: the model built already partitioned, so a model larger than one rank's memory fits.
+
+    zero.Init partitions each submodule as soon as it is built, so the model's own initialisation (and an
+    init checkpoint) is applied again on gathered parameters, from rank 0.
+    """
+    import deepspeed
+
+    from vitpose.models import build_model, load_checkpoint
+
+    torch.manual_seed(cfg.train.seed)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = build_model(cfg.model.preset, **model_spec_kwargs(cfg))
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+        if rank == 0:
+            model.init_weights()
+            if cfg.model.init_checkpoint:
+                load_checkpoint(model, cfg.model.init_checkpoint)
+    if cfg.model.activation_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model

@@ -1,0 +1,64 @@
+"""The student side of distillation: a frozen teacher, a student carrying knowledge tokens, and the loss.
+
+``build_student`` puts stored knowledge tokens into a student (frozen); ``distill_loss`` is the ground-truth
+heatmap MSE plus a weighted MSE to the teacher's heatmaps, read from the view bank
+(``batch["teacher_heatmaps"]``) or computed online by the teacher.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vitpose.build import build_model_from_config
+from vitpose.config import ConfigError
+from vitpose.losses import heatmap_distill_mse, keypoint_mse
+
+
+def check_same_keypoints(teacher_meta: dict[str, Any], dataset: Any, teacher_uri: str) -> None:
+    names = (teacher_meta.get("keypoints") or {}).get("names")
+    if names is not None and list(names) != list(dataset.keypoint_names):
+        raise ConfigError(
+            f"teacher {teacher_uri} predicts keypoints {names[:4]}... ({len(names)}) but the dataset "
+            f"{dataset.ann_file} has {list(dataset.keypoint_names)[:4]}... ({len(dataset.keypoint_names)}); "
+            "distill on data with the teacher's keypoint set"
+        )
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode (BatchNorm statistics and drop path fixed) and no gradients anywhere."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def build_student(cfg: Any, tokens: torch.Tensor | None) -> torch.nn.Module:
+    """The student of ``cfg.model`` with frozen knowledge tokens (projected to its width) when given."""
+    if tokens is None:
+        return build_model_from_config(cfg)
+    model = build_model_from_config(cfg, num_knowledge_tokens=tokens.shape[0], knowledge_token_dim=tokens.shape[1])
+    model.backbone.set_knowledge_tokens(tokens, trainable=False)
+    return model
+
+
+def distill_loss(output_weight: float, teacher: torch.nn.Module | None = None):
+    """GT loss + ``output_weight`` x MSE to teacher heatmaps (from the batch, else ``teacher`` online)."""
+
+    def loss_fn(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        heatmaps = model(batch["image"])
+        gt = keypoint_mse(heatmaps, batch["target"], batch["target_weight"])
+        if output_weight <= 0:
+            return gt, {"gt_loss": float(gt.detach())}
+        if "teacher_heatmaps" in batch:
+            target = batch["teacher_heatmaps"]
+        elif teacher is not None:
+            with torch.no_grad():
+                target = teacher(batch["image"].float())
+        else:
+            raise RuntimeError("output distillation needs a view bank or an online teacher")
+        kd = heatmap_distill_mse(heatmaps, target, output_weight)
+        return gt + kd, {"gt_loss": float(gt.detach()), "kd_loss": float(kd.detach())}
+
+    return loss_fn

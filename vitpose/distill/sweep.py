@@ -1,0 +1,212 @@
+"""The distillation sweep, driver side: prepare once, run the Tune trials, hand over the champion.
+
+``run_sweep(cfg, resume)`` is what ``pipelines/distill.py`` calls. Before any trial: the teacher is fetched
+from the registry to the sweep folder, the knowledge tokens of every token setting in the search space are
+learned once, and (output distillation in bank mode) the teacher's heatmaps are stored once in the view bank.
+Every trial is an MLflow run nested under the sweep's run, which also gets a results table and a plot; the
+best student is registered with the alias ``tune.alias``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from vitpose import console, raycluster, tracking
+from vitpose.build import build_datasets, ensure_data
+from vitpose.config import ConfigError, StudentConfig, resolve_path, to_dict
+from vitpose.distill.bank import ViewBank, bank_key
+from vitpose.distill.space import needs_bank, search_space, token_settings
+from vitpose.distill.student import check_same_keypoints
+from vitpose.distill.tokens import ensure_knowledge_tokens
+from vitpose.distill.trial import SweepContext, run_trial
+from vitpose.dsconfig import complete_deepspeed_config
+from vitpose.pipeline import best_checkpoint, print_summary, read_run_id, write_run_id
+
+TOKEN_DIR = "runs/distill/tokens"
+BANK_DIR = "runs/distill/banks"
+
+
+def run_sweep(cfg: StudentConfig, resume: bool = False) -> int:
+    """Prepare, sweep, register and summarise; returns the exit code (1 when every trial failed)."""
+    tracking_uri = preflight(cfg)
+    storage = resolve_path(cfg.ray.storage_path)
+    name = raycluster.run_name(storage, cfg.ray.name, resume)
+    raycluster.connect()
+    raycluster.check_resources(1, cfg.tune.cpus_per_trial, cfg.ray.use_gpu, cfg.ray.gpus_per_worker,
+                               cfg.ray.autoscaler, keys=("one trial", "tune.cpus_per_trial"))
+    sweep_dir = storage / name
+    ensure_data(cfg)
+    context = prepare(cfg, sweep_dir, tracking_uri, name)
+    results = run_tune(cfg, context, storage, name, resume)
+    if results.num_errors and results.num_terminated == 0:
+        tracking.end_run(tracking_uri, context.parent_run_id, "FAILED")
+        console.error(f"every trial failed; first error: {results.errors[0]}")
+        return 1
+    summary = finish(cfg, results, context, sweep_dir)
+    tracking.end_run(tracking_uri, context.parent_run_id, "FINISHED")
+    print_summary(summary)
+    return 0
+
+
+def preflight(cfg: StudentConfig) -> str:
+    """Checks that need no Ray and no teacher; returns the tracking URI."""
+    complete_deepspeed_config(cfg, 1)
+    search_space(cfg)
+    if cfg.train.eval_every != 1:
+        raise ConfigError(f"train.eval_every={cfg.train.eval_every}: sweeps evaluate every epoch (ASHA compares "
+                          "trials on val AP each epoch); set train.eval_every=1")
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    tracking.check_tracking_uri(uri)
+    return uri
+
+
+def fetch_teacher(cfg: StudentConfig, tracking_uri: str, folder: Path) -> tuple[Any, dict[str, Any], str]:
+    """The teacher model, its meta, and an id that names exactly these weights (for the token and bank keys);
+    kept in ``folder`` so online-teacher trials load it from there, not from the registry."""
+    from safetensors.torch import save_file
+
+    from vitpose.model_store import META, WEIGHTS, load_vitpose
+
+    teacher, meta = load_vitpose(cfg.distill.teacher_uri, tracking_uri)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(folder / WEIGHTS))
+    (folder / META).write_text(json.dumps(meta, indent=1))
+    digest = hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()[:12]
+    return teacher, meta, f"{cfg.distill.teacher_uri}#{digest}"
+
+
+def prepare(cfg: StudentConfig, sweep_dir: Path, tracking_uri: str, name: str) -> SweepContext:
+    """Everything the trials share: the teacher, the sweep's MLflow run, tokens per setting, the view bank."""
+    teacher, teacher_meta, teacher_id = fetch_teacher(cfg, tracking_uri, sweep_dir / "teacher")
+    train_ds, _ = build_datasets(cfg, is_local_leader=True)
+    check_same_keypoints(teacher_meta, train_ds, cfg.distill.teacher_uri)
+    student_size = tuple(cfg.model.img_size) if cfg.model.img_size else None
+    if student_size and tuple(teacher.spec.img_size) != student_size:
+        raise ConfigError(f"teacher input {list(teacher.spec.img_size)} differs from model.img_size "
+                          f"{list(student_size)}; distillation compares heatmaps of the same crops: set "
+                          f"model.img_size={list(teacher.spec.img_size)}")
+    parent = tracking.start_driver_run(cfg, tracking_uri, cfg.tracking.experiment, name,
+                                       extra_tags={"teacher": teacher_id}, run_id=read_run_id(sweep_dir))
+    write_run_id(sweep_dir, parent)
+    console.say(f"MLflow sweep run {parent} ({tracking_uri}); sweep folder {sweep_dir}")
+
+    token_dir = resolve_path(TOKEN_DIR)
+    for setting in token_settings(cfg):
+        path = ensure_knowledge_tokens(teacher, teacher_id, train_ds, setting, token_dir)
+        tracking.log_artifact(tracking_uri, parent, path, "knowledge_tokens")
+    bank_dir = None
+    if needs_bank(cfg):
+        o = cfg.distill.output
+        bank_dir = resolve_path(BANK_DIR) / bank_key(teacher_id, o.views, cfg.train.seed, cfg.data.root)
+        bank = ViewBank.build(teacher, train_ds, o.views, cfg.train.seed, bank_dir, teacher_id)
+        tracking.log_json(tracking_uri, parent, bank.info, "view_bank.json")
+    return SweepContext(base_config=to_dict(cfg), tracking_uri=tracking_uri, parent_run_id=parent,
+                        teacher_dir=str(sweep_dir / "teacher"), teacher_id=teacher_id, token_dir=str(token_dir),
+                        bank_dir=str(bank_dir) if bank_dir else None)
+
+
+def run_tune(cfg: StudentConfig, context: SweepContext, storage: Path, name: str, resume: bool) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
+                                    {"CPU": cfg.tune.cpus_per_trial})
+    path = str(storage / name)
+    if resume and tune.Tuner.can_restore(path):
+        console.say(f"resuming sweep {path}: finished trials are kept, unfinished ones continue")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        return tuner.fit()
+    t = cfg.tune
+    # "epoch", not Tune's own iteration count: a trial restored from a checkpoint Tune had not recorded
+    # (see TuneSession.latest_checkpoint) reports epochs its counter has not seen.
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=t.grace_period,
+                               reduction_factor=t.reduction_factor) if t.scheduler == "asha" else FIFOScheduler())
+    tuner = tune.Tuner(
+        trainable,
+        param_space=search_space(cfg),
+        tune_config=tune.TuneConfig(metric=t.metric, mode="max", scheduler=scheduler, num_samples=t.num_samples,
+                                    max_concurrent_trials=t.max_concurrent_trials),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=t.metric,
+                                                                          checkpoint_score_order="max"),
+                                  failure_config=tune.FailureConfig(max_failures=1)),
+    )
+    return tuner.fit()
+
+
+def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: Path) -> dict[str, Any]:
+    """Results table and plot on the sweep run; the best student registered with the alias."""
+    from vitpose.serving import register_checkpoint
+
+    metric, parent, uri = cfg.tune.metric, context.parent_run_id, context.tracking_uri
+    close_trial_runs(results, uri, parent)
+    table = results.get_dataframe(filter_metric=metric, filter_mode="max")
+    keep = [c for c in table.columns if c.startswith("config/")] + [c for c in (metric, "val/AR", "epoch", "trial_id")
+                                                                     if c in table.columns]
+    table = table[keep].sort_values(metric, ascending=False)
+    table_path = sweep_dir / "results.csv"
+    table.to_csv(table_path, index=False)
+    tracking.log_artifact(uri, parent, table_path)
+    tracking.log_artifact(uri, parent, plot_sweep(table, metric, sweep_dir / "sweep.png"))
+    for _, row in table.iterrows():
+        settings = ", ".join(f"{c.removeprefix('config/')}={row[c]}" for c in table.columns if c.startswith("config/"))
+        console.say(f"  trial {row.get('trial_id', '?')}: {metric} {row[metric]:.4f} after epoch "
+                    f"{int(row.get('epoch', 0))} ({settings})")
+
+    best = results.get_best_result(metric=metric, mode="max", scope="all")
+    ckpt, metrics = best_checkpoint(best, metric)
+    version = register_checkpoint(uri, parent, ckpt, cfg.tune.registered_model, cfg.tune.alias,
+                                  lineage={"teacher": context.teacher_id, "trial_params": best.config})
+    tracking.log_metrics(uri, parent, {f"best/{metric}": metrics[metric]})
+    return {
+        "trials": f"{len(results)} ({results.num_errors} failed)",
+        "best val AP": f"{metrics[metric]:.4f} with {best.config}",
+        "registered model": f"models:/{cfg.tune.registered_model}@{cfg.tune.alias} (version {version})",
+        "results table": str(table_path),
+        "MLflow sweep run": parent,
+        "look at it": f"mlflow ui --backend-store-uri {uri}",
+    }
+
+
+def plot_sweep(table: Any, metric: str, path: Path) -> Path:
+    """Val AP against each searched setting, one panel per setting (categorical ones as strip plots)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [c for c in table.columns if c.startswith("config/")]
+    fig, axes = plt.subplots(1, max(len(columns), 1), figsize=(4 * max(len(columns), 1), 3.2), squeeze=False)
+    for ax, col in zip(axes[0], columns, strict=False):
+        values = table[col]
+        if values.map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all():
+            ax.scatter(values, table[metric])
+        else:
+            labels = sorted({str(v) for v in values})
+            ax.scatter([labels.index(str(v)) for v in values], table[metric])
+            ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel(col.removeprefix("config/"))
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def close_trial_runs(results: Any, tracking_uri: str, parent_run_id: str) -> None:
+    """Mark each trial's nested MLflow run FINISHED (or FAILED, for trials that errored)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    by_trial = {r.data.tags.get("trial_id"): r for r in runs}
+    for result in results:
+        run = by_trial.get((result.metrics or {}).get("trial_id"))
+        if run is not None and run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "FAILED" if result.error else "FINISHED")

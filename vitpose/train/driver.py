@@ -1,0 +1,155 @@
+"""A teacher run, driver side: checks before any worker starts, the Ray Train ``TorchTrainer`` over
+``vitpose.train.worker``, and the hand-off (best checkpoint registered in MLflow, curves, summary).
+
+``train_teacher(cfg, resume)`` is what ``pipelines/teacher.py`` calls. Everything that can be wrong with the
+config, the data, the tracking store or the cluster raises ``ConfigError`` before training starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from vitpose import console, raycluster, tracking
+from vitpose.build import build_datasets, ensure_data
+from vitpose.config import ConfigError, TeacherConfig, one_line, resolve_path, to_dict
+from vitpose.dsconfig import complete_deepspeed_config
+from vitpose.pipeline import best_checkpoint, print_summary, read_run_id, write_run_id
+from vitpose.train.checkpoint import META_FILE
+from vitpose.train.session import STATUS_DIR_ENV
+from vitpose.train.worker import WorkerJob, clear_fatal, read_fatal, train_worker
+
+
+def train_teacher(cfg: TeacherConfig, resume: bool = False) -> int:
+    """Train, register and summarise; returns the exit code (1 when training failed)."""
+    from ray.train import TrainingFailedError
+
+    tracking_uri = preflight(cfg)
+    storage = resolve_path(cfg.ray.storage_path)
+    name = raycluster.run_name(storage, cfg.ray.name, resume)
+    check_data(cfg)
+    raycluster.connect()
+    raycluster.check_resources(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu,
+                               cfg.ray.gpus_per_worker, cfg.ray.autoscaler)
+
+    run_dir = storage / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clear_fatal(run_dir)
+    resumed_run = read_run_id(run_dir)
+    run_id = tracking.start_driver_run(cfg, tracking_uri, cfg.tracking.experiment, name, run_id=resumed_run)
+    if resumed_run:
+        tracking.increment_tag(tracking_uri, run_id, "driver_resumes")
+    write_run_id(run_dir, run_id)
+    console.say(f"MLflow run {run_id} ({tracking_uri}); Ray run folder {run_dir}")
+
+    job = WorkerJob(config=to_dict(cfg), run_dir=str(run_dir), tracking_uri=tracking_uri, mlflow_run_id=run_id)
+    try:
+        result = fit(cfg, job, name, storage)
+    except TrainingFailedError as err:  # raised once Ray's retries (ray.max_failures) are spent
+        tracking.end_run(tracking_uri, run_id, "FAILED")
+        console.error(f"training failed: {failure_cause(err, run_dir)}")
+        return 1
+    summary = finish(cfg, result, tracking_uri, run_id)
+    tracking.end_run(tracking_uri, run_id, "FINISHED")
+    print_summary(summary)
+    return 0
+
+
+def preflight(cfg: TeacherConfig) -> str:
+    """Checks that need no Ray: DeepSpeed JSON, data folders, tracking store. Returns the tracking URI."""
+    complete_deepspeed_config(cfg, cfg.ray.num_workers)
+    raycluster.check_address()
+    if cfg.data.kind == "coco":
+        root = cfg.data.root_path()
+        for key in ("train_ann", "train_images", "val_ann", "val_images"):
+            path = root / getattr(cfg.data, key)
+            if not path.exists():
+                raise ConfigError(f"data.{key}: {path} does not exist; set data.root to your COCO folder "
+                                  f"(with annotations/ and images) or data.{key} to the right relative path")
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    tracking.check_tracking_uri(uri)
+    return uri
+
+
+def check_data(cfg: TeacherConfig) -> None:
+    """Index the datasets here, once, so bad annotations and missing images stop the run (data.on_bad_sample=
+    error) or are counted (skip) before any worker starts. Unreadable images only show while training."""
+    from vitpose.data.coco import BadSampleError
+
+    ensure_data(cfg)
+    try:
+        datasets = build_datasets(cfg, is_local_leader=False)
+    except (BadSampleError, FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"data: {err}") from None
+    for split, ds in zip(("train", "val"), datasets, strict=True):
+        if ds.index_bad_counts:
+            console.say(f"data: {split} set {ds.ann_file}: {len(ds)} instances; skipping bad annotations/images "
+                        f"{ds.index_bad_counts} (data.on_bad_sample=skip)")
+
+
+def failure_cause(error: BaseException, run_dir: Path) -> str:
+    """One line: the worker's own message, not Ray's wrapping of it with every rank's traceback."""
+    recorded = read_fatal(run_dir)
+    if recorded:
+        return recorded
+    failures = getattr(error, "worker_failures", None) or {}
+    first = next(iter(failures.values()), error)
+    cause = getattr(first, "cause", None) or first  # RayTaskError wraps the worker's exception
+    return f"{one_line(cause)} (full traceback in the log file)"
+
+
+def fit(cfg: TeacherConfig, job: WorkerJob, name: str, storage: Path) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = cfg.ray.gpus_per_worker
+    env = {**raycluster.WORKER_ENV, **console.worker_env(),
+           **{k: os.environ[k] for k in (STATUS_DIR_ENV,) if k in os.environ}}
+    trainer = TorchTrainer(
+        functools.partial(train_worker, job),
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep,
+                                               checkpoint_score_attribute="val/AP", checkpoint_score_order="max"),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    return trainer.fit()
+
+
+def finish(cfg: TeacherConfig, result: Any, tracking_uri: str, run_id: str) -> dict[str, Any]:
+    """Register the best checkpoint, log the curves and final metrics; returns what to print."""
+    from vitpose.serving import register_checkpoint
+    from vitpose.visualize import plot_curves
+
+    best_ckpt, best_metrics = best_checkpoint(result, "val/AP")
+    version = register_checkpoint(tracking_uri, run_id, best_ckpt, cfg.tracking.registered_model,
+                                  cfg.tracking.alias)
+    with (result.checkpoint or best_ckpt).as_directory() as folder:
+        latest_meta = json.loads((Path(folder) / META_FILE).read_text())
+    curves = plot_curves(latest_meta["history"], resolve_path("runs") / "tmp" / run_id / "training_curves.png")
+    tracking.log_artifact(tracking_uri, run_id, curves)
+    tracking.log_metrics(tracking_uri, run_id, {f"best/{k}": v for k, v in best_metrics.items()
+                                                if k.startswith("val/")})
+    bad = {k.removeprefix("bad_samples/"): int(v) for k, v in latest_meta["history"][-1].items()
+           if k.startswith("bad_samples/")}
+    if bad:
+        tracking.log_json(tracking_uri, run_id, latest_meta.get("bad_samples", {}), "bad_samples.json")
+    return {
+        **({"bad samples": ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))} if bad else {}),
+        "best val AP": f"{best_metrics['val/AP']:.4f} (epoch {best_metrics['epoch']})",
+        "MLflow run": run_id,
+        "registered model": f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias} (version {version})",
+        "best checkpoint": best_ckpt.path,
+        "tracking URI": tracking_uri,
+        "look at it": f"mlflow ui --backend-store-uri {tracking_uri}",
+    }

@@ -1,0 +1,416 @@
+"""The training loop shared by teacher training and distillation trials: ``Trainer.fit()``.
+
+One ``Trainer`` trains one model on one worker: DeepSpeed (ZeRO stage and precision from config) over the
+paper's layer-decayed AdamW groups, the paper's warm-up and step schedule, epochs of sharded batches, COCO
+evaluation with the flip test, and a checkpoint plus a report to its ``Session`` after each evaluation.
+What it is built from (datasets, model) comes from ``vitpose.build``; where reports and checkpoints go,
+from ``vitpose.train.session``; the checkpoint folder's format, from ``vitpose.train.checkpoint``.
+
+Resuming is exact at epoch boundaries: data order and augmentation are seeded by (seed, epoch, index)
+and the torch RNG by (seed, epoch, rank), so a restored run does what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from vitpose.build import build_datasets, build_model_from_config, build_partitioned_model
+from vitpose.config import TrainingConfig
+from vitpose.console import say
+from vitpose.data.keypoints import keypoint_info
+from vitpose.data.sampling import EpochKeyed, EpochShardSampler
+from vitpose.dsconfig import complete_deepspeed_config, zero_stage
+from vitpose.losses import keypoint_mse
+from vitpose.train.bad_samples import BadSampleLedger
+from vitpose.train.checkpoint import (
+    CKPT_TAG,
+    META_FILE,
+    SAVE_TMP_PREFIX,
+    IncompleteCheckpointError,
+    gather_fp32_state_dict,
+    load_deepspeed_files_as_weights_only,
+    newest_complete_checkpoint,
+    remove_stale_save_dirs,
+    verify_checkpoint,
+    write_atomic,
+    write_rank_marker,
+    write_weights,
+)
+from vitpose.train.session import Session, WorkerStatus
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss and the config says to stop (train.on_nonfinite_loss=error)."""
+
+
+def lr_factor(step: int, epoch: int, cfg: TrainingConfig) -> float:
+    """mmcv's linear warm-up (per iteration) times step decay (per epoch), as in the paper's recipe."""
+    t = cfg.train
+    decay = t.lr_gamma ** sum(epoch >= s for s in t.lr_steps)
+    if step < t.warmup_iters:
+        return decay * (1.0 - (1.0 - step / t.warmup_iters) * (1.0 - t.warmup_ratio))
+    return decay
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * factor * group.get("lr_scale", 1.0)
+    return base_lr * factor
+
+
+@dataclass
+class EpochStats:
+    loss_sum: float = 0.0
+    steps: int = 0
+    images: int = 0
+    skipped_nonfinite: int = 0
+    seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.steps, 1)
+
+
+LossFn = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]
+
+
+def gt_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    heatmaps = model(batch["image"])
+    return keypoint_mse(heatmaps, batch["target"], batch["target_weight"]), {}
+
+
+class Trainer:
+    """DeepSpeed training of one model on one worker; ``fit()`` runs the whole schedule.
+
+    Args:
+        cfg: the run's config (teacher or student; ``model``/``data``/``train``/``deepspeed`` are read).
+        session: where reports and checkpoints go and where a resume starts from.
+        model: a model built by the caller (a student with knowledge tokens); default: ``cfg.model``.
+        loss_fn: ``(model, batch) -> (loss, parts)``; default the ground-truth heatmap loss.
+        datasets: (train, val) built by the caller (e.g. a view-bank training set); default from ``cfg.data``.
+        tracker: rank 0's MLflow handle (per-epoch metrics and pictures), or None.
+        log_prefix: put before every console line (a sweep's trial id).
+    """
+
+    def __init__(self, cfg: TrainingConfig, session: Session, *, model: torch.nn.Module | None = None,
+                 loss_fn: LossFn = gt_loss, datasets: tuple[Any, Any] | None = None, tracker: Any = None,
+                 log_prefix: str = ""):
+        import deepspeed
+
+        from vitpose.models import param_groups_layer_decay
+
+        self.cfg, self.session, self.loss_fn, self.tracker = cfg, session, loss_fn, tracker
+        self.prefix = log_prefix
+        self.rank, self.world = session.rank, session.world_size
+        # Always: DeepSpeed's comm layer must wrap the process group even when Ray already made it.
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.ds_config = complete_deepspeed_config(cfg, self.world)
+        self.stage = zero_stage(self.ds_config)
+        self.train_ds, self.val_ds = datasets or build_datasets(cfg, session.local_rank == 0)
+        self.keypoint_info = keypoint_info(self.train_ds)
+
+        if model is None:
+            model = (build_partitioned_model(cfg, self.ds_config, self.rank) if self.stage == 3
+                     else build_model_from_config(cfg))
+        self.spec = model.spec
+        layer_decay = cfg.model.layer_decay if cfg.model.layer_decay is not None else model.spec.layer_decay_rate
+        groups = param_groups_layer_decay(model, cfg.train.lr, cfg.train.weight_decay, layer_decay)
+        groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
+                                                                 config=self.ds_config)
+        load_deepspeed_files_as_weights_only(self.engine)
+        self.device = self.engine.device
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+        self._build_loaders()
+
+        self.start_epoch = 0
+        self.global_step = 0
+        self.nonfinite_total = 0
+        self.best_ap = -1.0
+        self.history: list[dict[str, float]] = []
+        self.restored_at_epochs: list[int] = []  # 0-based epochs at which a run continued from a checkpoint
+        self.bad_samples = BadSampleLedger({"train": self.train_ds, "val": self.val_ds}, self.world)
+        self.status = WorkerStatus(self.rank)
+
+    def _build_loaders(self) -> None:
+        cfg, workers = self.cfg, self.cfg.data.loader_workers
+        self.train_sampler = EpochShardSampler(len(self.train_ds), self.rank, self.world, True, cfg.train.seed,
+                                               with_epoch=True)
+        self.val_sampler = EpochShardSampler(len(self.val_ds), self.rank, self.world, False, cfg.train.seed)
+        self.train_loader = DataLoader(
+            EpochKeyed(self.train_ds), batch_size=cfg.train.batch_size, sampler=self.train_sampler,
+            drop_last=True, num_workers=workers, persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+        self.val_loader = DataLoader(self.val_ds, batch_size=cfg.train.batch_size, sampler=self.val_sampler,
+                                     num_workers=workers, persistent_workers=workers > 0)
+        self.steps_per_epoch = len(self.train_loader)
+        if cfg.train.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training set has {len(self.train_ds)} instances, fewer than one batch per worker "
+                f"({cfg.train.batch_size} x {self.world} workers): lower train.batch_size"
+            )
+
+    # ------------------------------------------------------------------------------------ fit
+    def fit(self) -> dict[str, float]:
+        """Resume if there is a checkpoint, then train, evaluate, report and checkpoint epoch by epoch."""
+        remove_stale_save_dirs()
+        self.restore()
+        epochs = self.cfg.train.epochs
+        last_metrics: dict[str, float] = {}
+        t_start = time.time()
+        self.status.update(phase="start", epoch=self.start_epoch, step=0, global_step=self.global_step)
+        if self.history and self.start_epoch >= epochs:
+            # Restored from the final checkpoint: the run had finished, but whoever records results may not
+            # have taken the last report (a driver killed in between), so it is made again, without training.
+            self._say(f"all {epochs} epochs were done before the restart; reporting the final result again")
+            self._report(epochs - 1, self.history[-1], with_checkpoint=True)
+            return dict(self.history[-1])
+        for epoch in range(self.start_epoch, epochs):
+            stats = self.train_epoch(epoch, epochs)
+            metrics = {
+                "epoch": epoch + 1,
+                "train/loss": stats.loss,
+                "train/lr": self.current_lr,
+                "train/images_per_sec": stats.images * self.world / max(stats.seconds, 1e-9),
+                "train/nonfinite_skipped": self.nonfinite_total,
+                **{f"train/{k}": v for k, v in stats.extra.items()},
+            }
+            is_eval = (epoch + 1) % self.cfg.train.eval_every == 0 or epoch + 1 == epochs
+            if is_eval:
+                self.status.update(phase="eval")
+                metrics.update(self.evaluate(epoch))
+                self.best_ap = max(self.best_ap, metrics["val/AP"])
+            metrics.update(self.bad_samples.metrics())
+            self.history.append({k: float(v) for k, v in metrics.items()})
+            self._progress_line(epoch, epochs, metrics, t_start)
+            if self.tracker is not None and self.rank == 0:
+                self.tracker.log_epoch(metrics, step=epoch + 1)
+            self._report(epoch, metrics, with_checkpoint=is_eval)
+            last_metrics = metrics
+        self.status.update(phase="done")
+        return last_metrics
+
+    def train_epoch(self, epoch: int, epochs: int) -> EpochStats:
+        self.engine.train()
+        self.train_sampler.set_epoch(epoch)
+        t0 = last_print = time.time()
+        batches = iter(self.train_loader)
+        # Seeded after the loader started: whether it started fresh or reused its processes must not move
+        # the torch RNG (drop path), or a resumed run would differ from the uninterrupted one.
+        torch.manual_seed(self.cfg.train.seed * 1_000_003 + epoch * 1009 + self.rank)
+        stats = EpochStats()
+        extra_sums: dict[str, float] = {}
+        for i, batch in enumerate(batches):
+            if i >= self.steps_per_epoch:
+                break
+            self.status.update(phase="train", epoch=epoch + 1, step=i + 1, global_step=self.global_step)
+            self.bad_samples.note("train", batch)
+            set_lr(self.optimizer, self.cfg.train.lr, lr_factor(self.global_step, epoch, self.cfg))
+            batch = self._to_device(batch)
+            loss, parts = self.loss_fn(self.engine, batch)
+            if not self._all_finite(loss):
+                self._handle_nonfinite(epoch, i, batch)
+                stats.skipped_nonfinite += 1
+                continue
+            self.engine.backward(loss)
+            self.engine.step()
+            self.global_step += 1
+            stats.loss_sum += float(loss.detach())
+            stats.steps += 1
+            stats.images += batch["image"].shape[0]
+            for k, v in parts.items():
+                extra_sums[k] = extra_sums.get(k, 0.0) + v
+            now = time.time()
+            if self.rank == 0 and now - last_print > 30:
+                last_print = now
+                rate = stats.images * self.world / (now - t0)
+                left = (self.steps_per_epoch - i - 1) * self.cfg.train.batch_size * self.world / max(rate, 1e-9)
+                self._say(f"  epoch {epoch + 1}/{epochs} step {i + 1}/{self.steps_per_epoch} "
+                          f"loss {stats.loss:.6f} {rate:.1f} img/s, epoch ETA {_fmt_secs(left)}")
+        stats.seconds = time.time() - t0
+        stats.extra = {k: v / max(stats.steps, 1) for k, v in extra_sums.items()}
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """COCO keypoint AP/AR on the val set (flip test per config), gathered over ranks; the same dict on
+        every rank. Rank 0 also draws the first batch's predictions to the tracker."""
+        from vitpose.evaluation import CocoKeypointEvaluator, decode_batch_to_predictions
+
+        self.engine.eval()
+        predictions: list[dict[str, Any]] = []
+        first_batch: tuple[torch.Tensor, np.ndarray, list[dict]] | None = None
+        for batch in self.val_loader:
+            self.bad_samples.note("val", batch)
+            images = batch["image"].to(self.device).to(self.dtype)
+            heatmaps = self.engine(images).float().cpu()
+            flipped = self.engine(images.flip(3)).float().cpu() if self.cfg.train.flip_test else None
+            preds = decode_batch_to_predictions(
+                heatmaps, batch, flipped, flip_pairs=self.val_ds.flip_pairs, input_size=self.val_ds.input_size
+            )
+            predictions.extend(preds)
+            if first_batch is None:
+                first_batch = (batch["image"].float(), heatmaps.numpy(), preds)
+        gathered: list[list[dict[str, Any]]] = [predictions]
+        if dist.is_initialized() and self.world > 1:
+            gathered = [None] * self.world  # type: ignore[list-item]
+            dist.all_gather_object(gathered, predictions)
+        metrics = {}
+        if self.rank == 0:
+            unique = {p["index"]: p for part in gathered for p in part}  # drop the sampler's padding repeats
+            evaluator = CocoKeypointEvaluator(self.val_ds.ann_file)
+            metrics = {f"val/{k}": float(v) for k, v in evaluator.evaluate(list(unique.values())).items()}
+            if self.tracker is not None and first_batch is not None and self.cfg.tracking.log_images:
+                self.tracker.log_predictions(first_batch, self.keypoint_info, epoch + 1, self.cfg.tracking.log_images)
+        box = [metrics]
+        if dist.is_initialized() and self.world > 1:
+            dist.broadcast_object_list(box, src=0)
+        self.engine.train()
+        return box[0]
+
+    # ----------------------------------------------------------------------- checkpoint and resume
+    def _report(self, epoch: int, metrics: dict[str, float], with_checkpoint: bool) -> None:
+        if not with_checkpoint:
+            self.status.update(phase="report")
+            self.session.report(metrics, None)
+            return
+        with tempfile.TemporaryDirectory(prefix=f"{SAVE_TMP_PREFIX}{os.getpid()}-") as tmp:
+            self.status.update(phase="save")
+            self.save_checkpoint(Path(tmp), epoch, metrics)
+            self.status.update(phase="report")
+            self.session.report(metrics, Path(tmp))
+
+    def save_checkpoint(self, out: Path, epoch: int, metrics: dict[str, float]) -> None:
+        """DeepSpeed's sharded state (all ranks) + full weights and metadata (rank 0) + completion markers."""
+        self.engine.save_checkpoint(str(out), tag=CKPT_TAG)
+        state = gather_fp32_state_dict(self.engine, self.stage, low_precision=self.dtype != torch.float32)
+        if self.rank == 0:
+            if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+                raise NonFiniteLossError(f"refusing to save a checkpoint with NaN/inf weights at epoch {epoch + 1}")
+            write_weights(out, state, self.spec.to_dict())
+            meta = {
+                "epoch": epoch,
+                "global_step": self.global_step,
+                "world_size": self.world,
+                "zero_stage": self.stage,
+                "best_ap": self.best_ap,
+                "nonfinite_total": self.nonfinite_total,
+                "metrics": metrics,
+                "history": self.history,
+                "restored_at_epochs": self.restored_at_epochs,
+                "keypoints": self.keypoint_info,
+                "spec": self.spec.to_dict(),
+                "bad_samples": self.bad_samples.to_meta(),
+            }
+            write_atomic(out / META_FILE, json.dumps(meta, indent=1))
+        write_rank_marker(out, self.rank)
+
+    def restore(self) -> bool:
+        """Continue from the session's checkpoint, if it has one; True when it did."""
+        with self.session.latest_checkpoint() as ckpt_dir:
+            if ckpt_dir is None:
+                return False
+            ckpt_dir, meta = self._usable_checkpoint(Path(ckpt_dir))
+            if meta["world_size"] != self.world:
+                raise RuntimeError(
+                    f"{ckpt_dir}: checkpoint was written by {meta['world_size']} workers, this run has {self.world}; "
+                    "resume with the same ray.num_workers"
+                )
+            path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=CKPT_TAG)
+            if path is None:
+                raise RuntimeError(f"{ckpt_dir}: DeepSpeed could not load tag '{CKPT_TAG}'")
+            self.start_epoch = meta["epoch"] + 1
+            self.global_step = meta["global_step"]
+            self.best_ap = meta.get("best_ap", -1.0)
+            self.nonfinite_total = meta.get("nonfinite_total", 0)
+            self.history = meta.get("history", [])
+            self.restored_at_epochs = meta.get("restored_at_epochs", []) + [self.start_epoch]
+            self.bad_samples.restore(meta.get("bad_samples", {}))
+            self._say(f"resumed from {ckpt_dir} at epoch {self.start_epoch} (step {self.global_step})")
+            return True
+
+    def _usable_checkpoint(self, ckpt_dir: Path) -> tuple[Path, dict[str, Any]]:
+        """``ckpt_dir`` if complete, else the newest complete checkpoint beside it (same run folder).
+
+        Ray hands back the last checkpoint it registered; if that one was damaged afterwards (a truncated
+        file), going back one checkpoint loses an epoch where failing would lose the run.
+        """
+        try:
+            return ckpt_dir, verify_checkpoint(ckpt_dir)
+        except IncompleteCheckpointError as err:
+            damaged = err
+        best = newest_complete_checkpoint(ckpt_dir.parent) if ckpt_dir.parent.is_dir() else None
+        if best is None:
+            raise damaged
+        self._say(f"warning: {damaged}; resuming from {best} instead")
+        return best, verify_checkpoint(best)
+
+    # ------------------------------------------------------------------------------ step helpers
+    @property
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_scale", 1.0))
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(self.device, non_blocking=True)
+                if k == "image":
+                    v = v.to(self.dtype)
+            out[k] = v
+        return out
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        # Every rank must take the same decision, or ZeRO's collectives in backward would hang. The flag lives
+        # on the engine's device: NCCL reduces only GPU tensors.
+        flag = (~torch.isfinite(loss.detach()).all()).float().reshape(1).to(self.device)
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(flag)
+        return flag.item() == 0.0
+
+    def _handle_nonfinite(self, epoch: int, batch_index: int, batch: dict[str, Any]) -> None:
+        self.nonfinite_total += 1
+        where = (f"epoch {epoch + 1}, step {self.global_step + 1}, batch {batch_index} "
+                 f"(instances {batch['index'][:8].tolist() if 'index' in batch else '?'}...)")
+        t = self.cfg.train
+        if t.on_nonfinite_loss == "error":
+            raise NonFiniteLossError(f"non-finite loss at {where}; set train.on_nonfinite_loss=skip to skip such steps")
+        if self.nonfinite_total > t.max_nonfinite_skips:
+            raise NonFiniteLossError(
+                f"non-finite loss at {where}: {self.nonfinite_total} skipped steps exceed "
+                f"train.max_nonfinite_skips={t.max_nonfinite_skips}; lower train.lr or check the data"
+            )
+        self._say(f"warning: non-finite loss at {where}; step skipped ({self.nonfinite_total} so far)")
+
+    # ----------------------------------------------------------------------------------- output
+    def _say(self, text: str) -> None:
+        if self.rank == 0:
+            say(f"{self.prefix}{text}")
+
+    def _progress_line(self, epoch: int, epochs: int, m: dict[str, float], t_start: float) -> None:
+        done = epoch + 1 - self.start_epoch
+        eta = (time.time() - t_start) / max(done, 1) * (epochs - epoch - 1)
+        ap = f"  val AP {m['val/AP']:.3f} AR {m['val/AR']:.3f}" if "val/AP" in m else ""
+        self._say(f"epoch {epoch + 1}/{epochs}  loss {m['train/loss']:.6f}  lr {m['train/lr']:.2e}  "
+                  f"{m['train/images_per_sec']:.1f} img/s{ap}  ETA {_fmt_secs(eta)}")
+
+
+def _fmt_secs(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

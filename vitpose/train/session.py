@@ -1,0 +1,185 @@
+"""Where the training loop reports to and resumes from: a local folder, Ray Train, or a Ray Tune trial.
+
+The ``Trainer`` only sees the ``Session`` surface (rank, world size, ``report``, ``latest_checkpoint``), so
+the same loop runs in a notebook (``LocalSession``), under Ray Train on every worker (``RaySession``), as a
+Tune trial (``TuneSession``) or in a benchmark that keeps nothing (``NullSession``). ``WorkerStatus`` lets
+something outside a worker see where it is, and ``single_process_env`` gives a one-rank process group its
+own rendezvous port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from vitpose.train.checkpoint import (
+    IncompleteCheckpointError,
+    newest_complete_checkpoint,
+    verify_checkpoint,
+    write_atomic,
+)
+
+# When set, every rank keeps ``<dir>/rank<R>.json`` current (pid, epoch, step, phase) for outside watchers.
+STATUS_DIR_ENV = "VITPOSE_WORKER_STATUS_DIR"
+
+
+class Session:
+    """What the loop reports to and resumes from; every kind of run shares this surface."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        raise NotImplementedError
+
+    def latest_checkpoint(self) -> AbstractContextManager[Any]:
+        """A context manager yielding the directory of the checkpoint to resume from, or None."""
+        raise NotImplementedError
+
+
+class NullSession(Session):
+    """Keeps nothing and never resumes: for benchmarks that only time or measure the loop."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size, self.local_rank = rank, world_size, rank
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        pass
+
+    def latest_checkpoint(self) -> AbstractContextManager[Any]:
+        return nullcontext(None)
+
+
+class LocalSession(Session):
+    """Single process, no Ray: checkpoints are copied under ``out_dir``; used by tests and notebooks."""
+
+    def __init__(self, out_dir: str | Path, resume_from: str | Path | None = None):
+        self.out_dir = Path(out_dir)
+        self.resume_from = Path(resume_from) if resume_from else None
+        self.reports: list[dict[str, Any]] = []
+        self.checkpoints: list[Path] = []
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is not None:
+            dest = self.out_dir / f"checkpoint_{len(self.checkpoints):06d}"
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.copytree(checkpoint_dir, tmp)
+            os.replace(tmp, dest)  # atomic: a half-copied checkpoint is never visible under its name
+            self.checkpoints.append(dest)
+
+    def latest_checkpoint(self) -> AbstractContextManager[Any]:
+        return nullcontext(self.resume_from)
+
+
+class RaySession(Session):
+    """One worker of a Ray Train worker group."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.local_rank = ctx.get_local_rank()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    def latest_checkpoint(self) -> AbstractContextManager[Any]:
+        """Ray's last registered checkpoint, or a newer complete one beside it in the run folder.
+
+        Ray registers a reported checkpoint after the report returns; a driver killed in between leaves the
+        newer checkpoint on disk but unregistered, and resuming from Ray's record would train it again.
+        """
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return nullcontext(None)
+        registered = Path(ckpt.path)
+        if registered.is_dir():  # a local or shared run folder (object storage: Ray's record only)
+            newest = newest_complete_checkpoint(registered.parent)
+            if newest is not None and newest != registered and _epoch(newest) > _epoch(registered):
+                return nullcontext(newest)
+        return ckpt.as_directory()
+
+
+def _epoch(ckpt_dir: Path) -> int:
+    try:
+        return int(verify_checkpoint(ckpt_dir)["epoch"])
+    except IncompleteCheckpointError:
+        return -1
+
+
+class TuneSession(Session):
+    """One Ray Tune trial = one training process (students are small); reports go to Tune and ASHA."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        from ray import tune
+
+        ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=ckpt)
+
+    def latest_checkpoint(self) -> AbstractContextManager[Any]:
+        """The newest complete checkpoint in the trial's folder, else the one Tune restored.
+
+        Tune's record of a trial's checkpoints is written by the driver every ~10 s; a driver killed between
+        a trial persisting a checkpoint and the next snapshot would restart that trial from an older one (or
+        from scratch) and train its last epochs again.
+        """
+        from ray import tune
+
+        trial_dir = Path(tune.get_context().get_trial_dir())
+        newest = newest_complete_checkpoint(trial_dir) if trial_dir.is_dir() else None
+        if newest is not None:
+            return nullcontext(newest)
+        ckpt = tune.get_checkpoint()
+        return ckpt.as_directory() if ckpt is not None else nullcontext(None)
+
+
+class WorkerStatus:
+    """Where this rank is, in ``$VITPOSE_WORKER_STATUS_DIR/rank<R>.json``; nothing when the variable is unset.
+
+    Lets something outside the worker (an operator, a stall detector, the fault-injection tests) see the pid,
+    phase ('start', 'train', 'eval', 'save', 'report', 'done'), epoch (1-based, the one in progress; at
+    'start' the number already done), step in the epoch and global_step (steps finished) without attaching
+    to Ray. 'train' is written before each step.
+    """
+
+    def __init__(self, rank: int):
+        folder = os.environ.get(STATUS_DIR_ENV)
+        self.path = Path(folder) / f"rank{rank}.json" if folder else None
+        self.fields: dict[str, Any] = {"pid": os.getpid(), "rank": rank}
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def update(self, **fields: Any) -> None:
+        if self.path is None:
+            return
+        self.fields.update(fields, time=time.time())
+        write_atomic(self.path, json.dumps(self.fields))
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_env(rank: int = 0, world_size: int = 1, port: int | None = None) -> dict[str, str]:
+    """The environment torch.distributed reads for a process group on this machine: set it with
+    ``os.environ.update``. Each group needs its own port, so concurrent runs never meet."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port or free_port()), "RANK": str(rank),
+            "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size)}

@@ -1,0 +1,85 @@
+"""The Ray Train entry point of a teacher run, and the fatal-error protocol between workers and driver.
+
+What crosses from the driver to every worker is one frozen ``WorkerJob``. A worker that meets an error a
+retry cannot fix (bad data, a NaN loss, a broken checkpoint or config) records it in the run folder's
+``fatal_error.json`` before raising: a worker group Ray restarts reads it and stops at once instead of
+training up to the same error again, and the driver prints that one message instead of Ray's tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vitpose.config import TrainingConfig, one_line
+from vitpose.train.checkpoint import IncompleteCheckpointError, write_atomic
+
+FATAL_FILE = "fatal_error.json"
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """Everything a training worker needs from the driver.
+
+    Args:
+        config: the resolved run config as plain data (``to_dict``), validated again on the worker.
+        run_dir: the run's storage folder (where ``fatal_error.json`` goes); None records nothing.
+        tracking_uri: the MLflow store of the driver's run.
+        mlflow_run_id: the driver's run, which rank 0 logs epochs and pictures to; None logs nothing.
+    """
+
+    config: dict[str, Any]
+    run_dir: str | None = None
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+
+    def fatal_file(self) -> Path | None:
+        return Path(self.run_dir) / FATAL_FILE if self.run_dir else None
+
+
+def unretryable_errors() -> tuple[type[BaseException], ...]:
+    from vitpose.config import ConfigError
+    from vitpose.data.coco import BadSampleError
+    from vitpose.models.checkpoints import CheckpointError
+    from vitpose.train.loop import NonFiniteLossError
+
+    return (BadSampleError, NonFiniteLossError, IncompleteCheckpointError, ConfigError, CheckpointError)
+
+
+def read_fatal(run_dir: Path) -> str | None:
+    """The message a worker recorded as not worth retrying, if any."""
+    path = Path(run_dir) / FATAL_FILE
+    return json.loads(path.read_text())["message"] if path.is_file() else None
+
+
+def clear_fatal(run_dir: Path) -> None:
+    """Forget an earlier run's fatal error: its cause may be fixed by now, and --resume trains again."""
+    (Path(run_dir) / FATAL_FILE).unlink(missing_ok=True)
+
+
+def train_worker(job: WorkerJob) -> None:
+    """What Ray Train runs on every worker (bound with ``functools.partial``): one ``Trainer.fit()``."""
+    from vitpose.train.loop import Trainer
+    from vitpose.train.session import RaySession
+
+    logging.basicConfig(level=logging.WARNING)
+    fatal = job.fatal_file()
+    if fatal is not None and fatal.is_file():
+        raise RuntimeError(f"not retried: {json.loads(fatal.read_text())['message']}")
+    cfg = TrainingConfig.model_validate(job.config)
+    session = RaySession()
+    tracker = None
+    if session.rank == 0 and job.mlflow_run_id and job.tracking_uri:
+        from vitpose.tracking import WorkerTracker
+
+        tracker = WorkerTracker(job.tracking_uri, job.mlflow_run_id)
+    try:
+        Trainer(cfg, session, tracker=tracker).fit()
+    except unretryable_errors() as err:
+        if fatal is not None:
+            write_atomic(fatal, json.dumps({"rank": session.rank, "type": type(err).__name__,
+                                            "message": one_line(err)}))
+        raise
