@@ -49,52 +49,14 @@ def _init_vit_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` that keeps its autocast-precision weight between inference calls.
-
-    Under autocast, every call casts the fp32 weight to bf16 again (autocast's own cache lives for one
-    autocast region and only for tensors that require grad): for ViTPose-B that is ~86M weights per
-    forward pass, most of the time of a batch-1 bf16 inference. With grad disabled (inference, a frozen
-    teacher) this layer casts once and reuses the copy while the weight is unchanged (same storage and
-    version counter, so an optimizer step, ``load_state_dict`` or ``.to()`` recasts). Training, fp32 and
-    DeepSpeed-partitioned weights take the plain path. Costs one low-precision weight copy of memory;
-    ``train()``/``eval()`` drop it, and it is never pickled or deep-copied.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        device_type = x.device.type
-        if torch.is_grad_enabled() or not torch.is_autocast_enabled(device_type):
-            return super().forward(x)
-        dtype = torch.get_autocast_dtype(device_type)
-        w, b = self.weight, self.bias
-        if w.dtype == dtype or hasattr(w, "ds_id"):  # already low precision, or partitioned by ZeRO-3
-            return super().forward(x)
-        key = (dtype, w.device, w.data_ptr(), w._version) + ((b.data_ptr(), b._version) if b is not None else ())
-        cached = self.__dict__.get("_cast")
-        if cached is None or cached[0] != key:
-            cached = (key, w.detach().to(dtype), None if b is None else b.detach().to(dtype))
-            self.__dict__["_cast"] = cached
-        return F.linear(x.to(dtype), cached[1], cached[2])
-
-    def train(self, mode: bool = True) -> Linear:
-        self.__dict__.pop("_cast", None)
-        return super().train(mode)
-
-    def __getstate__(self) -> dict:
-        # Never pickled (torch.save of a whole model, MLflow's model logging) nor deep-copied.
-        state = dict(self.__dict__)
-        state.pop("_cast", None)
-        return state
-
-
 class Mlp(nn.Module):
     """fc1 -> GELU (exact) -> fc2; timm's ``Mlp`` names."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.fc1 = Linear(dim, hidden)
+        self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
-        self.fc2 = Linear(hidden, dim)
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -129,8 +91,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = Linear(dim, dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape

@@ -1,0 +1,83 @@
+"""bf16 inference on the CPU: the model cast to bf16 once (what ``PosePredictor(dtype=torch.bfloat16)``, and
+so serving, runs) against fp32 and against bf16 autocast over fp32 weights (which casts every weight on
+every call), side by side.
+
+    python benchmarks/bf16_inference.py                        # vitpose_s and vitpose_b, batch 1 and 32
+
+Timed: ``PosePredictor.heatmaps`` on normalised 256x192 crops, flip test off, the network alone. Paths are
+interleaved in a rotating order within each repetition so load from other processes hits them alike; the
+table shows medians and the median of the per-repetition ratios to fp32. Also printed: the largest heatmap
+difference of each bf16 path from fp32 (random weights; speed does not depend on their values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from vitpose.inference import PosePredictor
+from vitpose.models import build_model
+from vitpose.onnx_export import sample_crops
+
+BATCH1_CALLS = 8
+
+
+def paths(preset: str) -> dict[str, Any]:
+    torch.manual_seed(0)
+    fp32 = PosePredictor(build_model(preset).eval(), flip_test=False)
+    cast = PosePredictor(build_model(preset).eval(), flip_test=False, dtype=torch.bfloat16)
+    cast.model.load_state_dict(fp32.model.state_dict())
+
+    def autocast(x: torch.Tensor) -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fp32.heatmaps(x)
+
+    return {"fp32": fp32.heatmaps, "bf16 weights": cast.heatmaps, "bf16 autocast": autocast}
+
+
+def measure(fn: Any, x: torch.Tensor, calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn(x)
+    return calls * x.shape[0] / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--presets", nargs="+", default=["vitpose_s", "vitpose_b"])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--reps", type=int, default=5)
+    a = p.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = []
+    for preset in a.presets:
+        fns = paths(preset)
+        names = list(fns)
+        for batch in a.batches:
+            x = sample_crops(batch, (256, 192))
+            ref = fns["fp32"](x)[0]
+            diffs = {n: float(abs(fns[n](x)[0] - ref).max()) for n in names[1:]}  # also the warm-up
+            calls = BATCH1_CALLS if batch == 1 else 1
+            samples: dict[str, list[float]] = {n: [] for n in names}
+            for r in range(a.reps):
+                for name in names[r % len(names):] + names[: r % len(names)]:
+                    samples[name].append(measure(fns[name], x, calls))
+            row = {"preset": preset, "batch": batch, **{n: statistics.median(v) for n, v in samples.items()}}
+            for n in names[1:]:
+                row[f"{n}/fp32"] = statistics.median(s / f for s, f in zip(samples[n], samples["fp32"], strict=True))
+            rows.append(row)
+            print(f"{preset} batch {batch}: " + ", ".join(f"{n} {row[n]:.1f} img/s" for n in names)
+                  + "; max |heatmap - fp32| " + ", ".join(f"{n} {d:.2e}" for n, d in diffs.items()), flush=True)
+    print(f"\n{'preset':<12}{'batch':>6}{'fp32 img/s':>12}{'bf16 weights':>14}{'bf16 autocast':>15}"
+          f"{'weights/fp32':>14}{'autocast/fp32':>15}")
+    for r in rows:
+        print(f"{r['preset']:<12}{r['batch']:>6}{r['fp32']:>12.1f}{r['bf16 weights']:>14.1f}{r['bf16 autocast']:>15.1f}"
+              f"{r['bf16 weights/fp32']:>13.2f}x{r['bf16 autocast/fp32']:>14.2f}x")
+
+
+if __name__ == "__main__":
+    main()
