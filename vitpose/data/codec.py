@@ -4,7 +4,10 @@
   at the exact sub-pixel location ``kp_input * (hm - 1) / (input - 1)``, cut to the 3-sigma window around
   the rounded location; weight 0 for unlabelled joints and for joints whose window misses the heatmap.
 * ``decode``: argmax, then mmpose's ``post_dark_udp`` refinement (Gaussian blur kernel 11, log, one
-  Newton/Taylor step), vectorised over the batch; returns heatmap-space coords and the raw maxima.
+  Newton/Taylor step), vectorised over the batch; returns heatmap-space coords and the raw maxima. It is
+  the path of ViTPose's test config (``use_udp=True``, ``target_type='GaussianHeatmap'``; ``post_process``
+  plays no part there) and matches mmpose to float32 rounding except for maxima <= 0
+  (``tests/test_codec_reference.py``).
 * ``flip_back``: heatmaps of a horizontally mirrored crop -> heatmaps of the original crop. Under UDP the
   mirror of crop pixel x is ``w_in - 1 - x`` and of heatmap pixel u is ``w_hm - 1 - u``, and the two grids
   are aligned at both ends, so mirroring the heatmap's W axis is exact: no one-pixel shift is needed
@@ -97,13 +100,18 @@ def _blur(heatmaps: np.ndarray, kernel: int) -> np.ndarray:
 def decode(heatmaps, blur_kernel: int = 11) -> tuple[np.ndarray, np.ndarray]:
     """Heatmaps (N, K, h, w) -> (coords (N, K, 2) as heatmap-pixel x, y; scores (N, K) = raw maxima).
 
-    mmpose ``post_dark_udp``: blur (kernel 11), clip to [1e-3, 50], log, then one Taylor step
-    ``x - H^-1 g`` with central differences around the argmax. Two guards mmpose lacks: the step is taken
-    only where the Hessian is negative definite (a real maximum, else the step points anywhere), and it is
-    clipped to half a heatmap pixel per axis: the argmax of a symmetric peak is the pixel nearest its
-    mode, so a longer step is an artefact, mostly of the blur's mirrored border near the heatmap edge
-    (measured on encoded targets: mean error 0.51 vs 0.90 input px unclipped, all of it within 4 heatmap
-    pixels of the edge; the interior is exact to 1e-4 px either way).
+    mmpose 0.x ``post_dark_udp`` (``mmpose/core/evaluation/top_down_eval.py``, what ViTPose's
+    ``keypoints_from_heatmaps`` runs with ``use_udp=True``): argmax, blur (kernel 11, OpenCV's default
+    reflected border), clip to [1e-3, 50], log, then one Newton step ``x - (H + eps I)^-1 g`` with
+    central differences around the argmax (edge-replicated border, ``eps`` = float32 epsilon), applied
+    whatever its length and whatever the Hessian's sign, like mmpose. ``blur_kernel <= 0``: argmax only.
+
+    One deliberate difference: a joint whose maximum is <= 0 keeps its argmax (refining it would be a
+    no-op anyway: its blurred map is clipped flat). mmpose puts it at (-1, -1), then refines that with
+    values read past the start of the heatmap, from the previous joint's or crop's memory (for the batch's
+    first joint, the last one's), so its answer depends on the rest of the batch; in
+    ``benchmarks/codec_ap.py`` the argmax never scores lower than mmpose. A singular ``H + eps I`` (where
+    mmpose's matrix inverse raises) leaves the argmax unrefined.
     """
     hm = as_numpy(heatmaps).astype(np.float32)
     if hm.ndim != 4:
@@ -120,25 +128,29 @@ def decode(heatmaps, blur_kernel: int = 11) -> tuple[np.ndarray, np.ndarray]:
     ki = np.arange(k)[None, :]
 
     def at(dx: int, dy: int) -> np.ndarray:
-        return pad[bi, ki, py + dy, px + dx].astype(np.float64)
+        return pad[bi, ki, py + dy, px + dx]
 
     i0 = at(0, 0)
     ix1, ix1_ = at(1, 0), at(-1, 0)
     iy1, iy1_ = at(0, 1), at(0, -1)
     ix1y1, ix1_y1_ = at(1, 1), at(-1, -1)
+    # The reference's arithmetic: differences of the float32 log-heatmap taken in float32, then the 2x2 solve
+    # in float64 with float32's epsilon on the diagonal (mmpose's guard against a singular Hessian).
     dx = 0.5 * (ix1 - ix1_)
     dy = 0.5 * (iy1 - iy1_)
     dxx = ix1 - 2 * i0 + ix1_
     dyy = iy1 - 2 * i0 + iy1_
-    dxy = 0.5 * (ix1y1 - ix1 - iy1 + 2 * i0 - ix1_ - iy1_ + ix1_y1_)
+    dxy = 0.5 * (ix1y1 - ix1 - iy1 + i0 + i0 - ix1_ - iy1_ + ix1_y1_)
+    eps = float(np.finfo(np.float32).eps)
+    dx, dy, dxy = (v.astype(np.float64) for v in (dx, dy, dxy))
+    dxx, dyy = (v.astype(np.float64) + eps for v in (dxx, dyy))
     det = dxx * dyy - dxy**2
-    ok = (dxx < 0) & (det > 1e-12)
+    ok = (det != 0) & np.isfinite(det) & (maxvals > 0)  # maxima <= 0 keep their argmax, see above
     safe_det = np.where(ok, det, 1.0)
-    # H^-1 g for a 2x2 Hessian, written out.
+    # (H + eps I)^-1 g for a 2x2 Hessian, written out.
     off_x = (dyy * dx - dxy * dy) / safe_det
     off_y = (dxx * dy - dxy * dx) / safe_det
-    offset = np.stack([off_x, off_y], axis=-1)
-    offset = np.where(ok[..., None], np.clip(offset, -0.5, 0.5), 0.0)
+    offset = np.where(ok[..., None], np.stack([off_x, off_y], axis=-1), 0.0)
     return coords - offset, maxvals
 
 
