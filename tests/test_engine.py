@@ -124,3 +124,21 @@ def test_bf16_training_saves_the_fp32_master_weights(synthetic_root, tmp_path, s
     # Values a bf16 copy could not hold: the optimizer's masters were saved, not the rounded model.
     w = weights["backbone.blocks.0.mlp.fc1.weight"]
     assert not torch.equal(w, w.bfloat16().float())
+
+
+def test_zero3_bf16_keeps_batchnorm_statistics_in_fp32(synthetic_root):
+    """What the deepspeed floor in pyproject.toml rests on: DeepSpeed >= 0.19 honours the head's
+    ``_keep_in_fp32_modules_strict`` under ``zero.Init``, so the statistics a bf16 run saves and resumes are
+    fp32. An older DeepSpeed (or a floor below 0.19 resolving to one) turns them bf16 and this fails."""
+    import deepspeed
+
+    from vitpose.build import build_partitioned_model
+    from vitpose.dsconfig import complete_deepspeed_config
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = tiny_config(synthetic_root, "deepspeed.zero_stage=3", "train.precision=bf16")
+    model = build_partitioned_model(cfg, complete_deepspeed_config(cfg, 1), rank=0)
+    stats = {n: b.dtype for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))}
+    assert stats and set(stats.values()) == {torch.float32}, stats
+    weights = {p.dtype for n, p in model.named_parameters() if n.startswith("backbone.blocks")}
+    assert weights == {torch.bfloat16}  # the rest does train in bf16: the check is not vacuous
