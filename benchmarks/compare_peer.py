@@ -413,7 +413,7 @@ def tiny_config(overrides: list[str]) -> Any:
     from vitpose.config import load_config
 
     data = CACHE / "synthetic"
-    return load_config(TINY_TEACHER, [f"data.root={data}"] + overrides)
+    return load_config(TINY_TEACHER, [f"data.root={data}", "data.synthetic.generate=true"] + overrides)
 
 
 def set_dist_env(rank: int, world: int, port: int) -> None:

@@ -41,7 +41,7 @@ def engine_runs(data_root: Path, out: Path) -> None:
     from vitpose.train.loop import Trainer
     from vitpose.train.session import LocalSession
 
-    base = [f"data.root={data_root}", "data.synthetic.train_instances=1024", "data.synthetic.val_instances=128",
+    base = [f"data.root={data_root}", "data.synthetic.generate=true", "data.synthetic.train_instances=1024", "data.synthetic.val_instances=128",
             "train.epochs=2", "train.eval_every=1", "train.lr_steps=[]", "data.loader_workers=4",
             "ray.use_gpu=true"]
     ensure_data(load_config(REPO / "configs/teacher/synthetic_tiny.yaml", base))

@@ -69,7 +69,7 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
                          "--data-root (COCO: val2017)")
     det = None
     if args.det_file:
-        tried = [Path(args.det_file), root / args.det_file]
+        tried = list(dict.fromkeys([Path(args.det_file), root / args.det_file]))  # one entry when absolute
         det = next((t for t in tried if t.is_file()), None)
         if det is None:
             raise UsageError(f"--det-file {args.det_file}: not found (tried {', '.join(map(str, tried))})")

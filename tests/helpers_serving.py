@@ -102,7 +102,8 @@ def _train_main(out: Path) -> None:
     from vitpose.train.session import LocalSession
 
     data_root = out / "data"
-    cfg = load_config(REPO / "configs/teacher/synthetic_tiny.yaml", [*TINY_OVERRIDES, f"data.root={data_root}"])
+    cfg = load_config(REPO / "configs/teacher/synthetic_tiny.yaml",
+                      [*TINY_OVERRIDES, f"data.root={data_root}", "data.synthetic.generate=true"])
     session = LocalSession(out / "checkpoints")
     Trainer(cfg, session).fit()
     evaluated = [(ckpt, rep) for ckpt, rep in zip(session.checkpoints, [r for r in session.reports if "val/AP" in r],

@@ -307,7 +307,7 @@ def test_unreadable_and_missing_files(tmp_path: Path) -> None:
         read_checkpoint(missing)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(CheckpointError, match="garbage.pth is not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="garbage.pth is not a PyTorch weights file"):
         read_checkpoint(garbage)
     torch.save({"state_dict": {"a": 1}}, tmp_path / "ints.pth")
     with pytest.raises(CheckpointError, match="not tensors"):

@@ -73,6 +73,11 @@ def test_export_cli_prints_parity_and_refuses_bad_input(tmp_path, capsys):
     assert "not registering" in capsys.readouterr().err
     assert cli.main(["--model", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.startswith("error: model")
+    # A file that is not a checkpoint: one line saying so, not torch's advice to unpickle with weights_only=False.
+    (tmp_path / "fake.pth").write_text("not a checkpoint\n")
+    assert cli.main(["--model", str(tmp_path / "fake.pth")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {tmp_path / 'fake.pth'} is not a PyTorch weights file") and "weights_only" not in line
 
 
 @pytest.mark.slow

@@ -14,12 +14,21 @@ from vitpose.config import TrainingConfig
 
 
 def ensure_data(cfg: TrainingConfig) -> None:
-    """Generate the synthetic dataset of ``cfg`` when it is missing or was made with other knobs."""
+    """Generate the synthetic dataset of ``cfg`` when it is missing or was made with other knobs.
+
+    Only into the default root, a folder that exists, or with ``data.synthetic.generate``: a typo in
+    ``data.root`` is an error, not ten epochs on a dataset generated where nobody will look.
+    """
     if cfg.data.kind != "synthetic":
         return
+    from vitpose.config import ConfigError, DataConfig
     from vitpose.data.synthetic import SynthConfig, ensure_synthetic_dataset
 
     s = cfg.data.synthetic
+    root = cfg.data.root_path()
+    if not root.exists() and cfg.data.root != DataConfig().root and not s.generate:
+        raise ConfigError(f"data.root: {root} does not exist; fix the path, or generate the synthetic dataset "
+                          f"there with --set data.synthetic.generate=true (default root: {DataConfig().root})")
     knobs = SynthConfig(clutter=s.clutter, max_figures=s.max_figures, occlusion_prob=s.occlusion_prob,
                         pose_variety=s.pose_variety)
     ensure_synthetic_dataset(cfg.data.root_path(), train_instances=s.train_instances,

@@ -77,6 +77,8 @@ class SyntheticDataConfig(Section):
     max_figures: int = Field(2, ge=1, le=8)
     occlusion_prob: float = Field(0.15, ge=0.0, le=1.0)
     pose_variety: float = Field(0.5, ge=0.0, le=1.0)
+    generate: bool = Field(False, description="generate into a data.root folder that does not exist yet (the "
+                                              "default root is always generated)")
 
 
 class AugSection(Section):

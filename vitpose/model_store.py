@@ -93,7 +93,7 @@ def _download(uri: str, tracking_uri: str | None) -> Path:
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
     except MlflowException as err:
-        first = err.message.splitlines()[0] if err.message else str(err)
+        first = (err.message.splitlines()[0] if err.message else str(err)).rstrip(".")
         raise ModelNotFoundError(f"model {uri!r} not found in the MLflow store {resolved}: {first}. Check the name, alias or "
                                  f"version (mlflow ui --backend-store-uri {resolved}), or point MLFLOW_TRACKING_URI "
                                  "at the store that holds the model") from None

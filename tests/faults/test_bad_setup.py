@@ -49,6 +49,9 @@ def cases(root: Path, tmp: Path) -> dict[str, Case]:
                                     "unset MLFLOW_TRACKING_URI"]),
         "silent Ray address": Case([], {"RAY_ADDRESS": f"127.0.0.1:{ray_port}"},
                                    [f"RAY_ADDRESS=127.0.0.1:{ray_port}: nothing answers", "unset RAY_ADDRESS"]),
+        "typo in the synthetic root": Case(["--set", f"data.root={tmp / 'no-such-folder'}"], {},
+                                           [f"data.root: {tmp / 'no-such-folder'} does not exist",
+                                            "--set data.synthetic.generate=true"]),
         "missing dataset folder": Case(["--set", "data.kind=coco", "--set", f"data.root={tmp / 'no-coco'}"], {},
                                        [f"data.train_ann: {tmp / 'no-coco'}/annotations/person_keypoints_train.json "
                                         "does not exist", "set data.root to your COCO folder"]),
@@ -86,5 +89,6 @@ def test_bad_setup_fails_fast_with_one_clear_line(outcomes, name):
     for fragment in todo[name].expect:
         assert fragment in errors[0], f"{fragment!r} not in {errors[0]!r}"
     assert "MLflow run" not in out.stdout and not storage.exists(), "training was started"
+    assert not (storage.parent / "no-such-folder").exists(), "a dataset was generated at the typo"
     assert seconds < 60
     print(f"\nFAULT bad setup ({name}): exit 2 after {seconds:.1f}s: {errors[0][:150]}")

@@ -116,7 +116,7 @@ def torch_load_weights_only(path: Path) -> Any:
         except Exception:  # not a zip checkpoint: rely on the message of `e`
             names = []
         if not names and "Unsupported global" not in str(e) and "Unsupported class" not in str(e):
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {e}") from None
+            raise CheckpointError(f"{path} is not a PyTorch weights file (torch could not read it: {_why(e)}); {_GIVE}") from None
         if names:
             detail = f" (it references {', '.join(sorted(names))})"
         else:
@@ -127,9 +127,21 @@ def torch_load_weights_only(path: Path) -> Any:
             "e.g. torch.save({'state_dict': ckpt['state_dict']}, 'clean.pth')."
         ) from None
     except Exception as e:  # truncated or foreign files fail anywhere in the unpickler
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint: {type(e).__name__}: {e}"
-        ) from None
+        raise CheckpointError(f"{path} is not a PyTorch weights file (torch could not read it: {_why(e)}); {_GIVE}") from None
+
+
+_GIVE = "give an official ViTPose .pth, a .safetensors file we wrote, or a training checkpoint folder"
+
+
+def _why(err: Exception) -> str:
+    """The line of torch's message that says what is wrong with the file, without its advice (which is to
+    unpickle with weights_only=False, the one thing not to do with a file of unknown origin)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith(("Unsupported operand", "invalid load key", "PytorchStreamReader", "EOF", "Ran out")):
+            return ln
+    specific = [ln for ln in lines if "weights_only" not in ln and "torch.load" not in ln and "issue" not in ln]
+    return (specific or [type(err).__name__])[-1][:200]
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelSpec | None]:
