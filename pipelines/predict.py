@@ -4,8 +4,10 @@
     python pipelines/predict.py --model runs/ray/.../checkpoint_000007 images/ --boxes dets.json --box-score-thr 0.5
 
 For each image it writes ``OUT/<name>_pose.png`` (skeletons drawn: limb colours by side, dot size by
-keypoint confidence, hollow rings below --score-thr, each box labelled with the instance score) and one
-``OUT/keypoints.json`` with every person's keypoints in image pixels.
+keypoint confidence, joints and limbs below --score-thr faded, the threshold written on the picture, each box
+labelled with the instance score) and one ``OUT/keypoints.json`` with every person's keypoints in image pixels.
+An image that cannot be read is reported and skipped; the others go on. Exit code: 0 all written, 1 some
+skipped (listed at the end), 2 nothing written or a usage error.
 
 --boxes takes a JSON file in one of three shapes:
   * ``[[x, y, w, h(, score)], ...]``: the boxes of the single image given;
@@ -39,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--boxes", type=Path, help="person boxes JSON (see above); default: each whole image is one person")
     p.add_argument("--box-score-thr", type=float, default=0.0, help="drop boxes scored below this (default 0)")
     p.add_argument("--score-thr", type=float, default=0.3,
-                   help="keypoints below this confidence are drawn as hollow rings, limbs to them not drawn (default 0.3)")
+                   help="keypoints below this confidence, and limbs to them, are drawn faded (default 0.3)")
     p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default ./predictions)")
     p.add_argument("--no-flip-test", action="store_true", help="one pass per box instead of two (faster, less accurate)")
     p.add_argument("--device", help="torch device, e.g. cuda:0 (default: cuda when available, else cpu)")
@@ -47,17 +49,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def collect_images(inputs: list[Path]) -> list[tuple[Path, bool]]:
-    """(path, named explicitly) for every image; folders contribute their image files, sorted."""
-    found: list[tuple[Path, bool]] = []
+def collect_images(inputs: list[Path]) -> list[Path]:
+    """Every image to predict: files as given, folders contribute their image files, sorted."""
+    found: list[Path] = []
     for item in inputs:
         if item.is_dir():
             files = sorted(f for f in item.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
             if not files:
                 raise UsageError(f"{item}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
-            found += [(f, False) for f in files]
+            found += files
         elif item.is_file():
-            found.append((item, True))
+            found.append(item)
         else:
             raise UsageError(f"{item}: no such file or folder")
     return found
@@ -125,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     images = collect_images(args.inputs)
-    boxes = load_boxes(args.boxes, [p for p, _ in images]) if args.boxes else {}
+    boxes = load_boxes(args.boxes, images) if args.boxes else {}
     predictor = PosePredictor.from_uri(args.model, args.tracking_uri, flip_test=not args.no_flip_test,
                                        device=resolve_device(args.device))
     from PIL import Image
@@ -134,21 +136,22 @@ def run(args: argparse.Namespace) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
+    skipped: list[tuple[Path, str]] = []
     used_names: set[str] = set()
     for start in range(0, len(images), CHUNK):
         chunk = []
-        for path, explicit in images[start : start + CHUNK]:
+        for path in images[start : start + CHUNK]:
             try:
                 image = decode_image(path.read_bytes())
                 # Parsed here, not inside the batch, so an error names the image its boxes belong to.
                 parsed = parse_boxes(_filter(boxes.get(path), args.box_score_thr), image.shape[1], image.shape[0])
-            except BadRequest as err:
-                if explicit or path in boxes:
-                    print(f"error: {path}: {err}", file=sys.stderr)
-                    return 2
+            except (BadRequest, OSError) as err:  # one bad file does not stop the others
                 print(f"warning: skipping {path}: {err}", file=sys.stderr)
+                skipped.append((path, str(err).split(";")[0]))
                 continue
             chunk.append((path, image, parsed))
+        if not chunk:
+            continue
         results = predictor.predict_batch([(image, b) for _, image, b in chunk])
         for (path, image, _), result in zip(chunk, results, strict=True):
             name = f"{path.stem}_pose.png"
@@ -166,8 +169,16 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model, "flip_test": predictor.flip_test, "keypoint_names": predictor.names,
         "skeleton": predictor.keypoint_info.get("skeleton", []), "images": records,
     }, indent=1))
-    print(f"wrote {len(records)} picture(s) and {out_json} in {time.perf_counter() - t0:.1f}s")
-    return 0 if records else 2
+    print(f"wrote {len(records)} picture(s) and {out_json} in {time.perf_counter() - t0:.1f}s; threshold "
+          f"--score-thr {args.score_thr:g} (keypoints below it drawn faded)")
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(images)} image(s):", file=sys.stderr)
+        for path, why in skipped:
+            print(f"  {path}: {why}", file=sys.stderr)
+    if not records:
+        print(f"error: no picture written: all {len(images)} input(s) were skipped (reasons above)", file=sys.stderr)
+        return 2
+    return 1 if skipped else 0
 
 
 if __name__ == "__main__":

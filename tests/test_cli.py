@@ -168,6 +168,20 @@ def test_predict_folder_with_coco_detections_and_whole_images(trained, tmp_path)
     assert [e["whole_image_box"] for e in result["images"]] == [True, True] and result["flip_test"] is False
 
 
+def test_predict_reports_an_unreadable_image_and_goes_on(trained, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("000000000785.jpg", "000000040083.jpg"):
+        shutil.copy(MINI_IMAGES / name, folder / name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 cut off mid-download")
+    out = tmp_path / "pred"
+    assert predict_cli.main(["--model", str(trained.checkpoint), str(folder), "--out", str(out)]) == 1  # partial
+    captured = capsys.readouterr()
+    assert len(list(out.glob("*_pose.png"))) == 2
+    assert "skipped 1 of 3 image(s):" in captured.err and "broken.jpg: image:" in captured.err
+    assert "wrote 2 picture(s)" in captured.out and "--score-thr 0.3" in captured.out
+
+
 def test_predict_user_errors_exit_2_without_a_traceback(trained, tmp_path, capsys):
     uri, _ = sqlite_store(tmp_path / "store")
     image = MINI_IMAGES / "000000000785.jpg" if MINI_IMAGES.is_dir() else None

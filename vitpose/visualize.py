@@ -2,9 +2,10 @@
 
 Owns every drawing of predictions: ``draw_skeleton`` (one person), ``draw_persons`` (a full image with the
 predictor's output), ``draw_crops_grid`` (model-input crops, logged by training) and ``plot_curves``.
-Limb colours say the side (left blue, right orange, centre green); a joint's dot grows with its confidence
-and joints below the score threshold are drawn as small hollow rings, so uncertain joints stay visible
-without being mistaken for confident ones.
+Limb colours say the side (left blue, right orange, centre green); a joint's dot grows with its confidence.
+Joints and limbs below the score threshold are drawn faded (the same colours, mostly transparent), so a
+prediction the model is unsure of stays visible without being mistaken for a confident one, and
+``draw_persons`` writes the threshold on the picture.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
 SIDE_COLOURS = {"left": (40, 120, 255), "right": (255, 140, 20), "centre": (40, 200, 90)}
-LOW_CONFIDENCE = (170, 170, 170)
+FADED_ALPHA = 90  # of 255: how much of a below-threshold joint or limb shows over the image
 
 
 def side_of(name: str) -> str:
@@ -43,23 +44,33 @@ def draw_skeleton(
     """Draw one person's keypoints (K, 2) with confidences (K,) on ``image`` (modified and returned).
 
     Limbs join joints that are both above ``score_thr``; a confident joint's dot has radius
-    ``radius * (0.35 + 0.65 * confidence)``; the others are hollow grey rings.
+    ``radius * (0.35 + 0.65 * confidence)``. Joints below it, and limbs touching one, are drawn faded.
     """
     names = keypoint_info["names"]
     keypoints = np.asarray(keypoints, dtype=np.float64)
     scores = np.asarray(scores, dtype=np.float64)
+    confident = scores >= score_thr
+    limbs = [(a - 1, b - 1) for a, b in keypoint_info.get("skeleton", [])]  # COCO skeletons are 1-based
+    faded = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    draw_faded = ImageDraw.Draw(faded)
+    for a, b in limbs:
+        if not (confident[a] and confident[b]):
+            draw_faded.line([tuple(keypoints[a]), tuple(keypoints[b])], fill=(*limb_colour(names, a, b), FADED_ALPHA),
+                            width=max(1, width - 1))
+    for k in np.flatnonzero(~confident):
+        x, y = keypoints[k]
+        r = radius * 0.6
+        draw_faded.ellipse([x - r, y - r, x + r, y + r], fill=(*SIDE_COLOURS[side_of(names[k])], FADED_ALPHA),
+                           outline=(255, 255, 255, FADED_ALPHA))
+    image.paste(Image.alpha_composite(image.convert("RGBA"), faded).convert(image.mode))
     draw = ImageDraw.Draw(image)
-    for a, b in keypoint_info.get("skeleton", []):
-        a, b = a - 1, b - 1  # COCO skeletons are 1-based
-        if scores[a] >= score_thr and scores[b] >= score_thr:
+    for a, b in limbs:
+        if confident[a] and confident[b]:
             draw.line([tuple(keypoints[a]), tuple(keypoints[b])], fill=limb_colour(names, a, b), width=width)
-    for k, (x, y) in enumerate(keypoints):
-        if scores[k] >= score_thr:
-            r = radius * (0.35 + 0.65 * float(np.clip(scores[k], 0, 1)))
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=SIDE_COLOURS[side_of(names[k])], outline=(255, 255, 255))
-        else:
-            r = radius * 0.5
-            draw.ellipse([x - r, y - r, x + r, y + r], outline=LOW_CONFIDENCE, width=1)
+    for k in np.flatnonzero(confident):
+        x, y = keypoints[k]
+        r = radius * (0.35 + 0.65 * float(np.clip(scores[k], 0, 1)))
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=SIDE_COLOURS[side_of(names[k])], outline=(255, 255, 255))
     return image
 
 
@@ -86,6 +97,11 @@ def draw_persons(image: np.ndarray | Image.Image, result: dict[str, Any], keypoi
         draw.text((tx, ty), label, fill=(255, 255, 255), font=font)
         kps = np.asarray(person["keypoints"], dtype=np.float64)
         draw_skeleton(canvas, kps[:, :2], kps[:, 2], keypoint_info, score_thr, width=width + 1, radius=radius)
+        draw = ImageDraw.Draw(canvas)  # draw_skeleton pasted over the canvas
+    legend = f"keypoints below confidence {score_thr:.2f} drawn faded"
+    box = draw.textbbox((2, canvas.height - 2), legend, font=font, anchor="lb")
+    draw.rectangle(box, fill=(0, 0, 0))
+    draw.text((2, canvas.height - 2), legend, fill=(255, 255, 255), font=font, anchor="lb")
     return canvas
 
 
