@@ -39,6 +39,8 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
 from vitpose.model_store import META
 
@@ -53,6 +55,28 @@ from vitpose.serving import VitPosePyfunc
 
 set_model(VitPosePyfunc())
 '''
+
+
+class BadInput(MlflowException):
+    """HTTP 400 whose body is our reason alone.
+
+    The scoring server rewrites the message of any ``MlflowException`` a model raises to
+    ``Failed to predict data '<the whole request>'. Error: <reason>``, which puts kilobytes of base64 before
+    the one line that says what to fix; assignments that only add such a prefix are ignored here.
+    """
+
+    def __init__(self, reason: str):
+        self._reason = reason
+        super().__init__(reason, error_code=BAD_REQUEST)
+
+    @property
+    def message(self) -> str:
+        return self._reason
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not value.endswith(self._reason):
+            self._reason = value
 
 
 # --------------------------------------------------------------------------------------------- pyfunc
@@ -72,15 +96,12 @@ class VitPosePyfunc(mlflow.pyfunc.PythonModel):
         self._forward_lock = threading.Lock()
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import BAD_REQUEST
-
         from vitpose.inference import BadRequest, decode_image, parse_boxes
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "image" not in frame.columns:
-            raise MlflowException("input has no 'image' column; send one row per image with 'image' (base64 of "
-                                  "the JPEG/PNG bytes) and optional 'boxes'", error_code=BAD_REQUEST)
+            raise BadInput("input has no 'image' column; send one row per image with 'image' (base64 of "
+                           "the JPEG/PNG bytes) and optional 'boxes'")
         items = []
         for i, row in enumerate(_rows(frame)):
             try:
@@ -89,7 +110,7 @@ class VitPosePyfunc(mlflow.pyfunc.PythonModel):
                 # Boxes are checked now, so a bad row fails before any model time is spent on the others.
                 parse_boxes(row.get("boxes"), image.shape[1], image.shape[0])
             except BadRequest as err:
-                raise MlflowException(f"row {i}: {err}", error_code=BAD_REQUEST) from None
+                raise BadInput(f"row {i}: {err}") from None
         flip = (params or {}).get("flip_test")
         with self._forward_lock:
             results = self.predictor.predict_batch(items, flip=None if flip is None else bool(flip))
@@ -129,7 +150,9 @@ def signature() -> Any:
         Property("keypoints", Array(Array(DataType.double))),
     ])
     return ModelSignature(
-        inputs=Schema([ColSpec(AnyType(), "image"), ColSpec(AnyType(), "boxes", required=False)]),
+        # "image" is required in fact; predict() checks it, so a request without it gets our reason, first,
+        # instead of MLflow's schema error after a dump of the request.
+        inputs=Schema([ColSpec(AnyType(), "image", required=False), ColSpec(AnyType(), "boxes", required=False)]),
         outputs=Schema([
             ColSpec(Array(person), "persons"),
             ColSpec(DataType.long, "num_persons"),
