@@ -119,3 +119,23 @@ def test_search_space_and_trial_configs(synthetic_root):
         search_space(sampled_tokens)
     grid = tiny_config(synthetic_root, "tune.search_space={distill.token.num_tokens: {grid: [1, 2]}}", student=True)
     assert [s.num_tokens for s in token_settings(grid)] == [1, 2]
+
+
+def test_sweep_plot_follows_each_trial_and_marks_stopped_ones(tmp_path):
+    from types import SimpleNamespace
+
+    import pandas as pd
+    from PIL import Image
+
+    from vitpose.distill.sweep import plot_sweep, trial_curves
+
+    def result(parts: str, aps: list[float]) -> SimpleNamespace:
+        frame = pd.DataFrame({"epoch": range(1, len(aps) + 1), "val/AP": aps})
+        return SimpleNamespace(metrics_dataframe=frame, config={"distill.parts": parts}, metrics={})
+
+    curves = trial_curves([result("both", [0.1, 0.2, 0.3, 0.4]), result("token", [0.1, 0.15])], "val/AP")
+    assert curves == {"parts=both": [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)], "parts=token": [(1, 0.1), (2, 0.15)]}
+    table = pd.DataFrame({"config/distill.parts": ["both", "token"], "val/AP": [0.4, 0.15], "epoch": [4, 2]})
+    path = plot_sweep(table, "val/AP", tmp_path / "sweep.png", curves, epochs=4)
+    with Image.open(path) as im:
+        assert im.size[0] > 2 * im.size[1]  # the per-epoch panel beside the per-setting one

@@ -150,7 +150,8 @@ def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: P
     table_path = sweep_dir / "results.csv"
     table.to_csv(table_path, index=False)
     tracking.log_artifact(uri, parent, table_path)
-    tracking.log_artifact(uri, parent, plot_sweep(table, metric, sweep_dir / "sweep.png"))
+    plot = plot_sweep(table, metric, sweep_dir / "sweep.png", trial_curves(results, metric), cfg.train.epochs)
+    tracking.log_artifact(uri, parent, plot)
     for _, row in table.iterrows():
         settings = ", ".join(f"{c.removeprefix('config/')}={row[c]}" for c in table.columns if c.startswith("config/"))
         console.say(f"  trial {row.get('trial_id', '?')}: {metric} {row[metric]:.4f} after epoch "
@@ -171,26 +172,59 @@ def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: P
     }
 
 
-def plot_sweep(table: Any, metric: str, path: Path) -> Path:
-    """Val AP against each searched setting, one panel per setting (categorical ones as strip plots)."""
+def trial_curves(results: Any, metric: str) -> dict[str, list[tuple[int, float]]]:
+    """Per trial, its settings as a label and the (epoch, metric) it reported, in order."""
+    curves = {}
+    for result in results:
+        frame = result.metrics_dataframe
+        if frame is None or metric not in frame or "epoch" not in frame:
+            continue
+        rows = frame[["epoch", metric]].dropna()
+        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted((result.config or {}).items()))
+        curves[label or str((result.metrics or {}).get("trial_id"))] = [(int(e), float(v)) for e, v in rows.values]
+    return curves
+
+
+def plot_sweep(table: Any, metric: str, path: Path, curves: dict[str, list[tuple[int, float]]], epochs: int) -> Path:
+    """Left: each trial's metric against epoch, a trial that the scheduler stopped early ending in an x.
+    Right: the best metric of each trial against each searched setting, stopped trials hollow and labelled
+    with the epoch they stopped at (their number is not comparable with a finished trial's)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     columns = [c for c in table.columns if c.startswith("config/")]
-    fig, axes = plt.subplots(1, max(len(columns), 1), figsize=(4 * max(len(columns), 1), 3.2), squeeze=False)
-    for ax, col in zip(axes[0], columns, strict=False):
+    panels = 1 + max(len(columns), 1)
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False)
+    curve_ax = axes[0][0]
+    for label, points in curves.items():
+        xs, ys = zip(*points, strict=True) if points else ((), ())
+        (line,) = curve_ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        if xs and xs[-1] < epochs:
+            curve_ax.plot(xs[-1], ys[-1], marker="x", markersize=9, color=line.get_color())
+    curve_ax.set_xlabel("epoch")
+    curve_ax.set_ylabel(metric)
+    curve_ax.set_title("x: stopped early by the scheduler", fontsize=9)
+    curve_ax.grid(alpha=0.3)
+    if curves:
+        curve_ax.legend(fontsize=7)
+    stopped = table["epoch"] < epochs  # the epoch of each trial's best row: below the last, it was stopped
+    for ax, col in zip(axes[0][1:], columns, strict=False):
         values = table[col]
-        if values.map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all():
-            ax.scatter(values, table[metric])
-        else:
-            labels = sorted({str(v) for v in values})
-            ax.scatter([labels.index(str(v)) for v in values], table[metric])
+        numeric = values.map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all()
+        labels = sorted({str(v) for v in values})
+        xs = values if numeric else values.map(str).map({label: i for i, label in enumerate(labels)})
+        ax.scatter(xs[~stopped], table[metric][~stopped], label="finished")
+        ax.scatter(xs[stopped], table[metric][stopped], facecolors="none", edgecolors="tab:red", label="stopped early")
+        for x, y, ep in zip(xs[stopped], table[metric][stopped], table["epoch"][stopped], strict=True):
+            ax.annotate(f"stopped @ epoch {int(ep)}", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        if not numeric:
             ax.set_xticks(range(len(labels)), labels)
         ax.set_xlabel(col.removeprefix("config/"))
-        ax.set_ylabel(metric)
+        ax.set_ylabel(f"best {metric}")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
