@@ -369,7 +369,7 @@ def test_missing_image_file(tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"this is not a jpeg at all" * 10, "truncated"])
-def test_corrupt_jpeg(tmp_path, content):
+def test_corrupt_jpeg(tmp_path, content, caplog):
     _write_dataset(tmp_path)
     path = tmp_path / "images" / "2.jpg"
     if content == "truncated":
@@ -381,8 +381,11 @@ def test_corrupt_jpeg(tmp_path, content):
     with pytest.raises(BadSampleError, match=r"2\.jpg.*annotation id 102.*cannot be decoded") as e:
         ds[2]
     assert e.value.reason == "unreadable_image"
+    assert str(e.value).endswith("; or skip such samples: --set data.on_bad_sample=skip")  # the CLI form
     ds = _ds(tmp_path, "skip")
     item = ds[2]  # replaced by the next usable instance, deterministically
+    # Skipping already: the warning names the file and the fix, not the option that is on.
+    assert "cannot be decoded" in caplog.text and "on_bad_sample" not in caplog.text
     assert item["index"] == 4 and item["ann_id"] == 104
     assert ds[3]["index"] == 4
     assert ds.bad_sample_counts == {"unreadable_image": 2}

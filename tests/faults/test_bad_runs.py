@@ -139,7 +139,7 @@ def test_bad_sample_in_error_mode_stops_at_the_first_one(corrupted, tracking, tm
     first = corrupted.first_bad
     assert line.startswith("error: data: ") and f"annotation id {first['id']} " in line
     assert str(corrupted.root / TRAIN_ANN) in line or str(corrupted.root / "images" / "train") in line
-    assert "on_bad_sample='skip'" in line
+    assert "--set data.on_bad_sample=skip" in line
     assert not (tmp_path / "ray").exists(), "a run was started"
     print(f"\nFAULT bad data (error): stopped in {elapsed:.1f}s at annotation {first['id']}")
 
@@ -157,7 +157,7 @@ def test_unreadable_image_in_error_mode_names_file_and_annotation(corrupted):
         next(iter(loader))
     line = one_line(err.value)
     assert f"images/train/{victim['file_name']}" in line and f"annotation id {ds.instances[index].ann_id})" in line
-    assert "cannot be decoded" in line and "on_bad_sample='skip'" in line
+    assert "cannot be decoded" in line and "--set data.on_bad_sample=skip" in line
 
 
 def test_nan_loss_stops_the_run_naming_step_and_batch(ray_local, tracking, synthetic_root, tmp_path, capsys):

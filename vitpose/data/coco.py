@@ -178,8 +178,12 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
 
     def _bad(self, reason: str, message: str) -> None:
         if self.on_bad_sample == "error":
-            raise BadSampleError(reason, message)
+            raise BadSampleError(reason, message + self._skip_hint())
         self.bad_sample_counts[reason] += 1
+
+    def _skip_hint(self) -> str:
+        """How to go on without such samples, in the form a user types; said only when it would change things."""
+        return "; or skip such samples: --set data.on_bad_sample=skip" if self.on_bad_sample == "error" else ""
 
     def _image_path_ok(self, im: dict, checked: dict[int, bool], where: str) -> bool:
         image_id = int(im["id"])
@@ -189,7 +193,7 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
             self._bad(
                 "missing_image",
                 f"image file {self.image_dir / im['file_name']} not found ({where}); "
-                "restore the file or remove its image/annotations from the json, or pass on_bad_sample='skip'",
+                "restore the file or remove its image/annotations from the json",
             )
         return checked[image_id]
 
@@ -198,8 +202,7 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
         if not (np.isfinite(box).all() and w > 0 and h > 0):
             self._bad(
                 "zero_area_box",
-                f"{where}: box {box} has zero area in {self.ann_file}; fix or drop the annotation, "
-                "or pass on_bad_sample='skip'",
+                f"{where}: box {box} has zero area in {self.ann_file}; fix or drop the annotation",
             )
             return False
         width, height = im.get("width", 0), im.get("height", 0)
@@ -207,7 +210,7 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
             self._bad(
                 "box_outside_image",
                 f"{where}: box {box} lies outside image {im['file_name']} ({width}x{height}); fix or drop the "
-                "annotation, or pass on_bad_sample='skip'",
+                "annotation",
             )
             return False
         return True
@@ -229,7 +232,7 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
                 self._bad(
                     "bad_keypoint_count",
                     f"{where}: has {0 if kps is None else len(kps)} keypoint values, expected {3 * k} "
-                    f"({k} keypoints x 3); fix the annotation or pass on_bad_sample='skip'",
+                    f"({k} keypoints x 3); fix the annotation",
                 )
                 continue
             try:
@@ -240,8 +243,7 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
                 # NaN/inf (JSON allows them) would become NaN targets and a NaN loss, far from the cause.
                 self._bad(
                     "bad_keypoint_values",
-                    f"{where}: keypoints must be finite numbers (x, y, visibility); fix the annotation or "
-                    "pass on_bad_sample='skip'",
+                    f"{where}: keypoints must be finite numbers (x, y, visibility); fix the annotation",
                 )
                 continue
             if not (kps[:, 2] > 0).any() or ann.get("num_keypoints", 1) == 0:
@@ -251,8 +253,7 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
             if im is None:
                 self._bad(
                     "unknown_image_id",
-                    f"{where}: image id {ann['image_id']} is not in 'images'; fix the json or pass "
-                    "on_bad_sample='skip'",
+                    f"{where}: image id {ann['image_id']} is not in 'images'; fix the json",
                 )
                 continue
             if not self._image_path_ok(im, checked, where) or not self._box_ok(list(ann["bbox"]), im, where):
@@ -303,7 +304,7 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
                 self._bad(
                     "unknown_image_id",
                     f"{where}: image id {det['image_id']} is not in {self.ann_file}; detections must come "
-                    "from the same image set (or pass on_bad_sample='skip')",
+                    "from the same image set",
                 )
                 continue
             box = [float(v) for v in det["bbox"]]
@@ -363,18 +364,18 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
             image = load_image(path)
         except FileNotFoundError as e:
             raise BadSampleError(
-                "missing_image", f"{where} not found; restore it or pass on_bad_sample='skip'"
+                "missing_image", f"{where} not found; restore it{self._skip_hint()}"
             ) from e
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise BadSampleError(
                 "unreadable_image",
-                f"{where} cannot be decoded ({e}); replace the file or pass on_bad_sample='skip'",
+                f"{where} cannot be decoded ({e}); replace the file{self._skip_hint()}",
             ) from e
         if inst.width and inst.height and image.shape[:2] != (inst.height, inst.width):
             raise BadSampleError(
                 "image_size_mismatch",
                 f"{where} decodes to {image.shape[1]}x{image.shape[0]} (after EXIF rotation) but the json says "
-                f"{inst.width}x{inst.height}; fix 'width'/'height' or the file, or pass on_bad_sample='skip'",
+                f"{inst.width}x{inst.height}; fix 'width'/'height' or the file{self._skip_hint()}",
             )
         if image.nbytes <= self._image_cache_left:
             image.setflags(write=False)  # shared by every later view of this image: no in-place edits
