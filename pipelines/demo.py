@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     rc = distill.main(verbose)
     if rc:
         return rc
-    say(f"== demo finished in {time.time() - t0:.0f} s; look at it: .venv/bin/mlflow ui "
-        "--backend-store-uri sqlite:///runs/mlflow.db")
+    say(f"== demo finished in {time.time() - t0:.0f} s; look at it: .venv/bin/mlflow ui --backend-store-uri "
+        "sqlite:///runs/mlflow.db, then http://127.0.0.1:5000/#/?workflowType=machine_learning")
     return 0
 
 

@@ -55,19 +55,27 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         )
 
 
+# MLflow 3's UI opens an experiment without this tag as a GenAI one (traces, "Evaluations"); ours are model
+# training, so the runs table, their charts and artifacts are what it should open on.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(name: str, uri: str) -> str:
     import mlflow
 
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if not all(exp.tags.get(k) == v for k, v in EXPERIMENT_KIND.items()):
+            for key, value in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     # A local store gets an explicit artifact folder so runs from any working directory (and Ray
     # workers) write artifacts to the same place.
     location = None
     if uri.startswith("sqlite:///"):
         location = resolve_path(DEFAULT_ARTIFACTS).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
 def system_info() -> dict[str, str]:
@@ -103,6 +111,18 @@ def start_driver_run(cfg: Section, uri: str, experiment: str, run_name: str, ext
         with tempfile.TemporaryDirectory() as tmp:
             client.log_artifact(run_id, str(dump_config(cfg, Path(tmp) / "config.yaml")))
     return run_id
+
+
+def ui_link(uri: str, run_id: str) -> str:
+    """Where to see a run: the page itself, opened in the UI's model-training view (MLflow 3 starts a fresh
+    browser in its GenAI view, where our runs read as "Evaluations")."""
+    import mlflow
+
+    exp = mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id
+    page = f"#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000/{page}"
 
 
 def log_json(uri: str, run_id: str, data: Any, name: str) -> None:

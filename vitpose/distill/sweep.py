@@ -168,7 +168,7 @@ def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: P
         "registered model": f"models:/{cfg.tune.registered_model}@{cfg.tune.alias} (version {version})",
         "results table": str(table_path),
         "MLflow sweep run": parent,
-        "look at it": f"mlflow ui --backend-store-uri {uri}",
+        "look at it": tracking.ui_link(uri, parent),
     }
 
 

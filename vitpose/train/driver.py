@@ -151,5 +151,5 @@ def finish(cfg: TeacherConfig, result: Any, tracking_uri: str, run_id: str) -> d
         "registered model": f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias} (version {version})",
         "best checkpoint": best_ckpt.path,
         "tracking URI": tracking_uri,
-        "look at it": f"mlflow ui --backend-store-uri {tracking_uri}",
+        "look at it": tracking.ui_link(tracking_uri, run_id),
     }
