@@ -54,10 +54,11 @@ def latest_meta(storage: Path) -> dict:
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_two_workers_each_zero_stage(stage, ray_local, tracking, synthetic_root, tmp_path):
+def test_two_workers_each_zero_stage(stage, ray_local, tracking, synthetic_root, tmp_path, capsys):
     storage = tmp_path / "ray"
     assert teacher.main(args(synthetic_root, storage, f"deepspeed.zero_stage={stage}",
                              f"tracking.alias=stage{stage}")) == 0
+    printed = capsys.readouterr().out
     meta = latest_meta(storage)
     assert meta["world_size"] == 2 and meta["zero_stage"] == stage
     losses = [h["train/loss"] for h in meta["history"]]
@@ -71,7 +72,10 @@ def test_two_workers_each_zero_stage(stage, ray_local, tracking, synthetic_root,
     assert {"train/loss", "train/lr", "train/images_per_sec", "val/AP", "val/AR"} <= set(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "predictions"} <= artifacts
+    assert {"config.yaml", "predictions", "training_curves.png"} <= artifacts
+    # Where to look, opened in the UI's model-training view (not MLflow 3's default GenAI view).
+    assert f"/runs/{run.info.run_id}?workflowType=machine_learning" in printed
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     pictures = client.list_artifacts(run.info.run_id, "predictions")
     assert pictures and pictures[0].path.endswith(".png")
 
