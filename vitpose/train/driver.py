@@ -20,7 +20,7 @@ from vitpose.dsconfig import complete_deepspeed_config
 from vitpose.pipeline import best_checkpoint, print_summary, read_run_id, write_run_id
 from vitpose.train.checkpoint import META_FILE
 from vitpose.train.session import STATUS_DIR_ENV
-from vitpose.train.worker import WorkerJob, clear_fatal, read_fatal, train_worker
+from vitpose.train.worker import WorkerJob, clear_fatal, read_fatal, stop_on_fatal_error, train_worker
 
 
 def train_teacher(cfg: TeacherConfig, resume: bool = False) -> int:
@@ -121,6 +121,7 @@ def fit(cfg: TeacherConfig, job: WorkerJob, name: str, storage: Path) -> Any:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep,
                                                checkpoint_score_attribute="val/AP", checkpoint_score_order="max"),
             worker_runtime_env={"env_vars": env},
+            callbacks=[stop_on_fatal_error(Path(job.run_dir))] if job.run_dir else None,
         ),
     )
     return trainer.fit()

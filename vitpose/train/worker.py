@@ -40,6 +40,29 @@ class WorkerJob:
         return Path(self.run_dir) / FATAL_FILE if self.run_dir else None
 
 
+class FatalTrainingError(RuntimeError):
+    """Raised in Ray Train's controller to end a run whose worker recorded an error a retry cannot fix."""
+
+
+def stop_on_fatal_error(run_dir: Path) -> Any:
+    """A Ray Train callback that ends the run at the first worker error recorded in ``fatal_error.json``.
+
+    Ray Train retries every worker-group error up to ``ray.max_failures``; for bad data or a NaN loss that
+    means starting every worker again only to meet the same error. An exception raised from this callback
+    reaches the controller as an error its failure policy does not retry, so the run stops the first time
+    and the driver reports the recorded message.
+    """
+    from ray.train import UserCallback
+
+    class StopOnFatalError(UserCallback):
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            message = read_fatal(run_dir)
+            if message is not None:
+                raise FatalTrainingError(f"not retried: {message}")
+
+    return StopOnFatalError()
+
+
 def unretryable_errors() -> tuple[type[BaseException], ...]:
     from vitpose.config import ConfigError
     from vitpose.data.coco import BadSampleError
