@@ -82,11 +82,14 @@ def model_spec_kwargs(cfg: TrainingConfig) -> dict[str, Any]:
 
 
 def build_model_from_config(cfg: TrainingConfig, **extra: Any) -> torch.nn.Module:
-    """The model of ``cfg.model``, initialised from ``model.init_checkpoint`` when one is given.
-    ``extra`` goes to ``build_model`` (e.g. knowledge-token slots of a student)."""
+    """The model of ``cfg.model``, initialised from ``train.seed`` (the same seed, the same initial weights,
+    whatever ran before in the process) and then from ``model.init_checkpoint`` when one is given. ``extra``
+    goes to ``build_model`` (e.g. knowledge-token slots of a student)."""
     from vitpose.models import build_model, load_checkpoint
 
-    model = build_model(cfg.model.preset, **model_spec_kwargs(cfg), **extra)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left where it was
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model.preset, **model_spec_kwargs(cfg), **extra)
     if cfg.model.init_checkpoint:
         load_checkpoint(model, cfg.model.init_checkpoint)
     if cfg.model.activation_checkpointing:
