@@ -4,6 +4,7 @@
     python pipelines/distill.py --config configs/distill/synthetic_tiny.yaml --set tune.num_samples=2
     ray job submit --working-dir . -- python pipelines/distill.py --config ...
     python pipelines/distill.py --resume                              # finish an interrupted sweep
+    python pipelines/distill.py --plan [--json]                       # what each arm would do; no training
 
 Before any trial: the teacher is fetched once, the knowledge tokens of every token setting in the search
 space are learned once, and (output distillation in bank mode) the teacher's heatmaps are stored once in
@@ -17,7 +18,7 @@ import argparse
 import sys
 
 from vitpose.config import StudentConfig, load_config
-from vitpose.distill.sweep import run_sweep
+from vitpose.distill.sweep import plan_sweep, run_sweep
 from vitpose.pipeline import common_args, run
 
 DEFAULT_CONFIG = "configs/distill/synthetic_tiny.yaml"
@@ -25,9 +26,19 @@ DEFAULT_CONFIG = "configs/distill/synthetic_tiny.yaml"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    args = common_args(parser, DEFAULT_CONFIG).parse_args(argv)
-    return run(lambda: run_sweep(load_config(args.config, args.set, schema=StudentConfig), args.resume),
-               "distill", args.verbose)
+    common_args(parser, DEFAULT_CONFIG)
+    parser.add_argument("--plan", action="store_true",
+                        help="print what each arm would train (parameters, tokens, teacher heatmaps, views) and stop")
+    parser.add_argument("--json", action="store_true", help="with --plan: the plan as one JSON object on the last line")
+    args = parser.parse_args(argv)
+    if args.json and not args.plan:
+        parser.error("--json goes with --plan")
+
+    def body() -> int:
+        cfg = load_config(args.config, args.set, schema=StudentConfig)
+        return plan_sweep(cfg, args.json) if args.plan else run_sweep(cfg, args.resume)
+
+    return run(body, "distill", args.verbose)
 
 
 if __name__ == "__main__":

@@ -173,12 +173,12 @@ def test_round_trip(tmp_path: Path, fmt: str) -> None:
         assert set(ckpt) == {"state_dict", "meta"}
 
 
-def test_round_trip_with_knowledge_tokens_from_wider_teacher(tmp_path: Path) -> None:
+def test_round_trip_with_knowledge_tokens(tmp_path: Path) -> None:
     model = _trained_like()
-    model.backbone.set_knowledge_tokens(torch.randn(2, 192), trainable=False)
+    model.backbone.set_knowledge_tokens(torch.randn(2, model.spec.embed_dim), trainable=False)
     save_safetensors(model, tmp_path / "student.safetensors")
     loaded = load_model(tmp_path / "student.safetensors").eval()
-    assert loaded.spec == model.spec and loaded.spec.knowledge_token_dim == 192
+    assert loaded.spec == model.spec and loaded.spec.num_knowledge_tokens == 2
     x = torch.randn(1, 3, 64, 48)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))

@@ -3,6 +3,7 @@ the champion, and an interrupted sweep completed with --resume (real Ray, DeepSp
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -87,12 +88,36 @@ def test_two_trial_sweep_registers_a_champion(registry, synthetic_root, tmp_path
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
     assert all("val/AP" in r.data.metrics for r in children)
     artifacts = {a.path for a in client.list_artifacts(parent)}
-    assert {"results.csv", "sweep.png", "knowledge_tokens", "view_bank.json"} <= artifacts
+    assert {"results.csv", "sweep.png", "knowledge_tokens", "view_banks"} <= artifacts
+    # The champion is the trial with the best val AP after its LAST epoch (never its best epoch on val), and
+    # the registered weights are that epoch's.
+    history = {r.data.tags["sweep_params"]: client.get_metric_history(r.info.run_id, "val/AP") for r in children}
+    last = {params: sorted(h, key=lambda m: m.step)[-1].value for params, h in history.items()}
+    assert client.get_run(parent).data.metrics["champion/val/AP"] == pytest.approx(max(last.values()))
 
     from vitpose.model_store import load_vitpose
 
     student, meta = load_vitpose("models:/vitpose-student@champion", uri)
-    assert student.spec.embed_dim == 64 and meta["trial_params"]["distill.parts"] in ("none", "both")  # vitpose_pico
+    assert student.spec.embed_dim == 64  # vitpose_pico
+    assert last[str(meta["trial_params"])] == max(last.values())  # the champion's (ties: either)
+    assert meta["epoch"] == 2  # the last epoch's weights
+
+
+def test_plan_prints_each_arm_without_training(registry, synthetic_root, tmp_path):
+    out = run(["pipelines/distill.py", *common(synthetic_root, tmp_path), "--plan", "--json"], registry)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    plan = json.loads(out.stdout.strip().splitlines()[-1])
+    assert list(plan["arms"]) == ["none", "token", "random_token", "output", "both"]
+    assert {a["token_trainable_params"] for a in plan["arms"].values()} == {0}
+    assert len({json.dumps(a["views"], sort_keys=True) for a in plan["arms"].values()}) == 1  # one data stream
+    assert [plan["arms"][a]["teacher_outputs"] for a in ("none", "output", "both")] == [None, "bank", "bank"]
+    assert [plan["arms"][a]["tokens"] for a in ("none", "token", "random_token")] == [None, "teacher", "random"]
+    assert plan["teacher"]["embed_dim"] == 96 and plan["arms"]["none"]["trainable_params"] > 0
+    assert not list(tmp_path.glob("*/checkpoint_*")), "a plan trains nothing"
+
+    missing = {**registry, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}"}
+    out = run(["pipelines/distill.py", *common(synthetic_root, tmp_path), "--plan", "--json"], missing)
+    assert out.returncode == 2 and "vitpose-teacher" in out.stderr and "Traceback" not in out.stderr + out.stdout
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(registry, synthetic_root, tmp_path):

@@ -16,7 +16,8 @@ from vitpose.models import (
     param_groups_layer_decay,
 )
 from vitpose.models.__main__ import main as cli_main
-from vitpose.models.backbone import token_grid
+from vitpose.models.backbone import fixed_lift, initial_knowledge_tokens, token_grid
+from vitpose.models.vitpose import PRESETS
 
 # ---- sizes against the paper (DESIGN.md §3), on the meta device: no memory, no time --------------------
 
@@ -155,42 +156,52 @@ def test_knowledge_tokens_change_output_not_shape() -> None:
     # The head starts at std 0.001, so heatmaps are tiny: compare relative to their scale.
     assert (after - before).abs().max() > 1e-2 * before.abs().max()
     assert (feat_after - feat_before).abs().mean() > 1e-2
-    assert model.spec.num_knowledge_tokens == 2 and model.spec.knowledge_token_dim is None
-    assert len(model.backbone.knowledge_token_params()) == 1  # same width: no projection
+    assert model.spec.num_knowledge_tokens == 2
+    assert len(model.backbone.knowledge_token_params()) == 1  # the tokens alone
     assert model.backbone.flops() > _small().backbone.flops()
 
 
-def test_knowledge_tokens_from_wider_teacher_frozen() -> None:
-    teacher = _small("vitpose_tiny")
-    teacher.backbone.add_knowledge_tokens(1)
-    tokens = teacher.backbone.knowledge_tokens.tokens  # (1, 192)
-    student = _small("vitpose_nano")
-    student.backbone.set_knowledge_tokens(tokens, trainable=False)
+def test_tokens_learned_through_a_fixed_lift_reach_the_student_unchanged() -> None:
+    """Token learning on a wider teacher holds the tokens in the student's width, lifted by a fixed matrix;
+    the student gets exactly those tokens, frozen, with nothing trainable between them and its blocks."""
+    teacher, student = _small("vitpose_tiny"), _small("vitpose_nano")  # 192 and 96 wide
+    lift = fixed_lift(96, 192, seed=0)
+    torch.testing.assert_close(lift.T @ lift, torch.eye(96), atol=1e-5, rtol=0)  # norm-preserving
+    learning = teacher.backbone.set_knowledge_tokens(initial_knowledge_tokens(1, 96, seed=0), trainable=True,
+                                                     lift=lift)
+    assert [n for n, _ in learning.named_parameters()] == ["tokens"]  # the lift is a buffer: never trained
+    assert "backbone.knowledge_tokens.lift" not in teacher.state_dict()
+    teacher(torch.randn(2, 3, 64, 48)).square().mean().backward()
+    assert learning.tokens.grad is not None and learning.tokens.grad.abs().sum() > 0
+    torch.testing.assert_close(learning(), learning.tokens @ lift.T)
+
+    student.backbone.set_knowledge_tokens(learning.tokens, trainable=False)
     kt = student.backbone.knowledge_tokens
-    assert isinstance(kt.proj, nn.Linear) and kt.proj.weight.shape == (96, 192)
-    assert torch.equal(kt.tokens, tokens) and kt.tokens.data_ptr() != tokens.data_ptr()
-    assert not kt.tokens.requires_grad and kt.proj.weight.requires_grad
-    assert student.spec.knowledge_token_dim == 192
+    assert torch.equal(kt(), learning.tokens) and kt.tokens.data_ptr() != learning.tokens.data_ptr()
+    assert sum(p.numel() for p in kt.parameters() if p.requires_grad) == 0
+    with pytest.raises(ValueError, match="width 192 do not fit this backbone"):
+        student.backbone.set_knowledge_tokens(torch.zeros(1, 192))
 
     student.train()
-    out = student(torch.randn(2, 3, 64, 48))
-    assert out.shape == (2, 17, 16, 12)
-    out.square().mean().backward()
-    assert kt.tokens.grad is None and kt.proj.weight.grad is not None
-
-    # The spec rebuilds the same structure (what the engine stores with a student checkpoint).
-    rebuilt = build_model_from_spec(student.spec)
+    student(torch.randn(2, 3, 64, 48)).square().mean().backward()
+    assert kt.tokens.grad is None
+    rebuilt = build_model_from_spec(student.spec)  # what the engine stores with a student checkpoint
     assert rebuilt.state_dict().keys() == student.state_dict().keys()
+    assert torch.equal(initial_knowledge_tokens(2, 96, 5), initial_knowledge_tokens(2, 96, 5))
+    assert not torch.equal(initial_knowledge_tokens(2, 96, 5), initial_knowledge_tokens(2, 96, 6))
 
-    student.backbone.set_knowledge_tokens(tokens, trainable=True)
-    assert student.backbone.knowledge_tokens.tokens.requires_grad
+
+def test_a_student_with_a_token_projection_is_refused_with_a_reason() -> None:
+    with pytest.raises(ValueError, match="distill it again"):
+        ModelSpec.from_dict({**PRESETS["vitpose_nano"].to_dict(), "num_knowledge_tokens": 1,
+                             "knowledge_token_dim": 192})
 
 
 # ---- layer-wise lr decay -------------------------------------------------------------------------------
 
 
 def test_layer_decay_groups() -> None:
-    model = build_model("vitpose_nano", device="meta", num_knowledge_tokens=2, knowledge_token_dim=192)
+    model = build_model("vitpose_nano", device="meta", num_knowledge_tokens=2)
     depth, rate = 3, 0.75
     groups = param_groups_layer_decay(model, lr=1e-3, weight_decay=0.1, layer_decay=rate)
 

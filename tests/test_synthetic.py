@@ -159,9 +159,15 @@ def test_cli(tmp_path, capsys):
         SynthConfig(clutter=2.0)
 
 
-def test_generation_speed_2000_instances(tmp_path):
+def test_the_default_training_split_has_what_it_promises(tmp_path):
+    """The demo's 2000-instance split: that many annotated people on 1-2 per image, every image on disk and
+    referenced (the generation speed is printed for the record; tests do not time)."""
     t0 = time.perf_counter()
-    generate_split(tmp_path, "train", 2000, 0, SynthConfig())
+    ann = generate_split(tmp_path, "train", 2000, 0, SynthConfig())
     dt = time.perf_counter() - t0
-    n_images = len(list((tmp_path / "images" / "train").iterdir()))
-    print(f"\nsynthetic: 2000 instances ({n_images} images) in {dt:.2f}s = {2000 / dt:.0f} instances/s")
+    data = _load(ann)
+    files = {p.name for p in (tmp_path / "images" / "train").iterdir()}
+    print(f"\nsynthetic: 2000 instances ({len(files)} images) in {dt:.2f}s = {2000 / dt:.0f} instances/s")
+    assert sum(a["num_keypoints"] > 0 for a in data["annotations"]) == 2000
+    assert files == {im["file_name"] for im in data["images"]} and 1000 <= len(files) <= 2000
+    assert {a["image_id"] for a in data["annotations"]} == {im["id"] for im in data["images"]}

@@ -42,7 +42,6 @@ def build_datasets(cfg: TrainingConfig, is_local_leader: bool) -> tuple[Any, Any
 
     from vitpose.data.coco import TopDownCocoDataset
     from vitpose.data.transforms import AugConfig
-    from vitpose.models import build_model
 
     if is_local_leader:
         ensure_data(cfg)
@@ -50,7 +49,7 @@ def build_datasets(cfg: TrainingConfig, is_local_leader: bool) -> tuple[Any, Any
         dist.barrier()
     root = cfg.data.root_path()
     # The model decides the crop and heatmap sizes (heatmaps are 4x its token grid), the data follows.
-    spec = build_model(cfg.model.preset, device="meta", **model_spec_kwargs(cfg)).spec
+    spec = model_spec(cfg)
     common = dict(input_size=tuple(spec.img_size), heatmap_size=tuple(spec.heatmap_size),
                   on_bad_sample=cfg.data.on_bad_sample)
     train = TopDownCocoDataset(root / cfg.data.train_ann, root / cfg.data.train_images, train=True,
@@ -65,6 +64,13 @@ def build_datasets(cfg: TrainingConfig, is_local_leader: bool) -> tuple[Any, Any
         **common,
     )
     return train, val
+
+
+def model_spec(cfg: TrainingConfig) -> Any:
+    """The ``ModelSpec`` of ``cfg.model`` (built on the meta device: no memory, no weights)."""
+    from vitpose.models import build_model
+
+    return build_model(cfg.model.preset, device="meta", **model_spec_kwargs(cfg)).spec
 
 
 def model_spec_kwargs(cfg: TrainingConfig) -> dict[str, Any]:

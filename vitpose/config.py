@@ -186,6 +186,8 @@ class TrainingConfig(Section):
 
 class TokenConfig(Section):
     enabled: bool = True
+    random: bool = Field(False, description="control arm: the tokens at their seeded initialisation, never "
+                         "trained on the teacher (the token's effect is token minus this)")
     num_tokens: int = Field(1, ge=1)
     epochs: int = Field(2, ge=1, description="epochs of token learning on the frozen teacher")
     lr: float = Field(1e-3, gt=0.0)
@@ -194,7 +196,9 @@ class TokenConfig(Section):
 class OutputDistillConfig(Section):
     enabled: bool = True
     weight: float = Field(1.0, ge=0.0)
-    mode: Literal["bank", "online"] = "bank"
+    mode: Literal["bank", "online"] = Field("bank", description="the training views of EVERY arm: bank = V stored "
+                                            "views per instance with the teacher's heatmaps (GT-only arms ignore "
+                                            "them); online = a fresh seeded draw per epoch, the teacher run per batch")
     views: int = Field(4, ge=1, description="augmented views per instance stored in the view bank")
 
 
@@ -214,6 +218,8 @@ class TuneConfig(Section):
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1.0)
     cpus_per_trial: float = Field(1.0, gt=0.0)
+    gpus_per_trial: float = Field(0.0, ge=0.0, description="GPUs per trial; a fraction shares one GPU (0.25: four "
+                                  "small students per GPU)")
     registered_model: str = "vitpose-student"
     alias: str = "champion"
 

@@ -1,7 +1,10 @@
 """The view bank: the teacher's heatmaps for V seeded augmented views of every training instance, stored
 once per sweep with the parameters of each view (fast knowledge distillation, Shen & Xing 2022), so trials
 pay for the teacher once instead of on every step. ``BankedViews`` makes a dataset draw its augmentation
-from those views. ``bank_key`` names a bank by what produced it.
+from those views; in bank mode every arm of a sweep trains on them, so arms differ only in their loss.
+
+``view_stream`` says what identifies the views a student trains on; ``bank_key`` names a bank by
+everything that produced it (teacher, data, crop size, augmentation, seed, views per instance).
 """
 
 from __future__ import annotations
@@ -18,15 +21,40 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from vitpose.build import model_spec
+from vitpose.config import StudentConfig
 from vitpose.console import say as console_say
 from vitpose.data.coco import BadSampleError
 from vitpose.data.transforms import AugParams
 from vitpose.distill.student import frozen
 
+# Data settings that change how crops are loaded, never which crops there are.
+LOADING_ONLY = {"loader_workers", "image_cache_mb"}
 
-def bank_key(teacher_id: str, views: int, seed: int, data_root: str) -> str:
-    """The folder name of the bank these inputs produce."""
-    return hashlib.sha256(f"{teacher_id}|{views}|{seed}|{data_root}".encode()).hexdigest()[:16]
+
+def data_identity(cfg: StudentConfig) -> str:
+    """A digest of everything that decides the training crops of ``cfg``: the data section (files,
+    augmentation, synthetic knobs) and the crop and heatmap sizes, not how the crops are loaded."""
+    data = cfg.data.model_dump(mode="json", exclude=LOADING_ONLY)
+    data["root"] = str(cfg.data.root_path())
+    spec = model_spec(cfg)
+    text = json.dumps({"data": data, "img_size": list(spec.img_size), "heatmap": list(spec.heatmap_size)},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def view_stream(cfg: StudentConfig) -> dict[str, Any]:
+    """What identifies the training views of a student of ``cfg`` (the same for every arm of a comparison):
+    bank mode, V stored views per instance; online mode, a fresh seeded draw per (epoch, instance)."""
+    o = cfg.distill.output
+    return {"source": o.mode, "data": data_identity(cfg), "seed": cfg.train.seed,
+            "views_per_instance": o.views if o.mode == "bank" else None}
+
+
+def bank_key(teacher_id: str, cfg: StudentConfig) -> str:
+    """The folder name of the bank a trial of ``cfg`` trains on."""
+    text = json.dumps({"teacher": teacher_id, **view_stream(cfg)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class ViewBank:
@@ -39,6 +67,9 @@ class ViewBank:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        if not (self.folder / "bank.json").is_file():
+            raise FileNotFoundError(f"{self.folder}: no view bank here (bank.json missing); the sweep builds it "
+                                    "before the trials (run the sweep again, or with --resume)")
         self.info = json.loads((self.folder / "bank.json").read_text())
         self.heatmaps = np.load(self.folder / "heatmaps.npy", mmap_mode="r")
         self.params = np.load(self.folder / "params.npy")
@@ -51,7 +82,8 @@ class ViewBank:
 
     @classmethod
     def build(cls, teacher: torch.nn.Module, dataset: Any, views: int, seed: int, folder: Path,
-              teacher_id: str, batch_size: int = 64, say: Callable[[str], None] = console_say) -> ViewBank:
+              teacher_id: str, batch_size: int = 64, say: Callable[[str], None] = console_say,
+              device: torch.device | str = "cpu") -> ViewBank:
         folder = Path(folder)
         if (folder / "bank.json").is_file():
             bank = cls(folder)
@@ -59,7 +91,7 @@ class ViewBank:
                     and bank.info.get("instances") == len(dataset):
                 say(f"view bank reused from {folder}")
                 return bank
-        teacher = frozen(teacher)
+        teacher = frozen(teacher).to(device)
         n, k = len(dataset), teacher.spec.num_keypoints
         h, w = teacher.spec.heatmap_size
         tmp = folder.with_name(folder.name + ".building")
@@ -74,7 +106,7 @@ class ViewBank:
             if not pending:
                 return
             with torch.no_grad():
-                out = teacher(torch.stack([p[2] for p in pending])).float().numpy()
+                out = teacher(torch.stack([p[2] for p in pending]).to(device)).float().cpu().numpy()
             for (i, v, _), hm in zip(pending, out, strict=True):
                 heat[i, v] = hm.astype(np.float16)
             pending.clear()

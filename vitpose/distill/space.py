@@ -6,15 +6,20 @@ ablation arms (which distillation parts are on); every other key is a dotted con
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Any
 
 from vitpose.config import ConfigError, StudentConfig
+from vitpose.distill.bank import view_stream
 from vitpose.distill.tokens import TokenSetting
 
-PARTS = {"none": (False, False), "token": (True, False), "output": (False, True), "both": (True, True)}
-# A virtual key: which distillation parts are on, as the paper's ablation names them.
+# Arm -> (tokens: None | "teacher" | "random", output distillation on). random_token is the control of token:
+# the same K frozen tokens at the initialisation token learning starts from, never trained on the teacher.
+PARTS = {"none": (None, False), "token": ("teacher", False), "random_token": ("random", False),
+         "output": (None, True), "both": ("teacher", True)}
+ARMS = list(PARTS)
+# A virtual key: which distillation parts are on, as the paper's ablation names them (plus the control).
 PARTS_KEY = "distill.parts"
-TOKEN_KEYS = ("distill.token.num_tokens", "distill.token.epochs", "distill.token.lr")
 
 
 def search_space(cfg: StudentConfig) -> dict[str, Any]:
@@ -24,7 +29,7 @@ def search_space(cfg: StudentConfig) -> dict[str, Any]:
     space = cfg.tune.search_space
     if not space:
         raise ConfigError("tune.search_space is empty: give at least one key, e.g. "
-                          "{distill.parts: {grid: [none, token, output, both]}}")
+                          "{distill.parts: {grid: [none, token, random_token, output, both]}}")
     out: dict[str, Any] = {}
     for key, spec in space.items():
         if len(spec) != 1:
@@ -36,9 +41,6 @@ def search_space(cfg: StudentConfig) -> dict[str, Any]:
             _check_path(cfg, key)
         if key == PARTS_KEY and any(v not in PARTS for v in values):
             raise ConfigError(f"tune.search_space.{key}: values must be among {list(PARTS)}, got {values}")
-        if key in TOKEN_KEYS and kind not in ("grid", "choice"):
-            raise ConfigError(f"tune.search_space.{key}: token settings must be grid or choice (tokens are "
-                              "learned once per setting before the trials)")
         if kind == "grid":
             out[key] = tune.grid_search(list(values))
         elif kind == "choice":
@@ -54,7 +56,7 @@ def search_space(cfg: StudentConfig) -> dict[str, Any]:
 def _check_path(cfg: StudentConfig, key: str) -> None:
     node: Any = cfg
     for part in key.split("."):
-        if not hasattr(node, "model_fields") or part not in type(node).model_fields:
+        if not hasattr(type(node), "model_fields") or part not in type(node).model_fields:
             raise ConfigError(f"tune.search_space: {key!r} is not a config key (and not {PARTS_KEY})")
         node = getattr(node, part)
 
@@ -64,8 +66,9 @@ def apply_params(base: StudentConfig, params: dict[str, Any]) -> StudentConfig:
     data = base.model_dump(mode="json")
     for key, value in params.items():
         if key == PARTS_KEY:
-            token_on, output_on = PARTS[value]
-            data["distill"]["token"]["enabled"] = token_on
+            tokens, output_on = PARTS[value]
+            data["distill"]["token"]["enabled"] = tokens is not None
+            data["distill"]["token"]["random"] = tokens == "random"
             data["distill"]["output"]["enabled"] = output_on
             continue
         node = data
@@ -79,26 +82,47 @@ def apply_params(base: StudentConfig, params: dict[str, Any]) -> StudentConfig:
         raise ConfigError(f"trial parameters {params} give an invalid config: {err}") from None
 
 
-def token_settings(cfg: StudentConfig) -> list[Any]:
-    """Every distinct token setting the sweep can ask for (learned before the trials start)."""
-    space = cfg.tune.search_space
-    parts = next(iter(space[PARTS_KEY].values())) if PARTS_KEY in space else None
-    if parts is not None and not any(PARTS[p][0] for p in parts):
-        return []
-    if parts is None and not cfg.distill.token.enabled and "distill.token.enabled" not in space:
-        return []
-    values = [next(iter(space[k].values())) if k in space else [None] for k in TOKEN_KEYS]
-    settings = []
-    for combo in itertools.product(*values):
-        searched = {k: v for k, v in zip(TOKEN_KEYS, combo, strict=True) if v is not None}
-        settings.append(TokenSetting.from_config(apply_params(cfg, searched)))
-    return list(dict.fromkeys(settings))
+def preparation(cfg: StudentConfig) -> tuple[TokenSetting | None, str | None]:
+    """What a trial of ``cfg`` needs made before the trials: learned tokens (None for no tokens or random
+    ones) and the view bank it trains on (its ``view_stream``, None in online mode)."""
+    t = cfg.distill.token
+    tokens = TokenSetting.from_config(cfg) if t.enabled and not t.random else None
+    bank = json.dumps(view_stream(cfg), sort_keys=True) if cfg.distill.output.mode == "bank" else None
+    return tokens, bank
 
 
-def needs_bank(cfg: StudentConfig) -> bool:
-    if cfg.distill.output.mode != "bank":
-        return False
+def trial_preparations(cfg: StudentConfig) -> list[StudentConfig]:
+    """One trial config per distinct ``preparation`` the sweep can ask for (tokens and banks are made once,
+    before the trials). A searched key that changes them must be grid or choice: a sampled value would ask
+    for tokens or a bank nobody made, so it is refused here with the key's name."""
     space = cfg.tune.search_space
-    if PARTS_KEY in space:
-        return any(PARTS[p][1] for p in next(iter(space[PARTS_KEY].values())))
-    return cfg.distill.output.enabled or "distill.output.enabled" in space
+    arms = list(arm_configs(cfg).values())
+    enumerated: dict[str, list[Any]] = {}
+    for key, spec in space.items():
+        kind, values = next(iter(spec.items()))
+        if key == PARTS_KEY:
+            enumerated[key] = list(values)
+            continue
+        if all(len({preparation(apply_params(arm, {key: v})) for v in values}) == 1 for arm in arms):
+            continue  # e.g. train.lr: the same tokens and bank whatever its value
+        if kind not in ("grid", "choice"):
+            raise ConfigError(f"tune.search_space.{key}: a {kind} value changes the knowledge tokens or the view "
+                              "bank, which are made once before the trials; search it with grid or choice")
+        enumerated[key] = list(values)
+    configs: dict[tuple[Any, ...], StudentConfig] = {}
+    for combo in itertools.product(*enumerated.values()):
+        trial = apply_params(cfg, dict(zip(enumerated, combo, strict=True)))
+        configs.setdefault(preparation(trial), trial)
+    return list(configs.values())
+
+
+def arm_configs(cfg: StudentConfig) -> dict[str, StudentConfig]:
+    """The sweep's arms (the ``distill.parts`` values searched) as configs; the base config's own arm when
+    the parts are not searched."""
+    space = cfg.tune.search_space
+    if PARTS_KEY not in space:
+        t, o = cfg.distill.token, cfg.distill.output
+        name = next((a for a, parts in PARTS.items()
+                     if parts == (("random" if t.random else "teacher") if t.enabled else None, o.enabled)), "none")
+        return {name: cfg}
+    return {arm: apply_params(cfg, {PARTS_KEY: arm}) for arm in next(iter(space[PARTS_KEY].values()))}

@@ -35,10 +35,10 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def build_student(cfg: Any, tokens: torch.Tensor | None) -> torch.nn.Module:
-    """The student of ``cfg.model`` with frozen knowledge tokens (projected to its width) when given."""
+    """The student of ``cfg.model`` with frozen knowledge tokens (in its own width) when given."""
     if tokens is None:
         return build_model_from_config(cfg)
-    model = build_model_from_config(cfg, num_knowledge_tokens=tokens.shape[0], knowledge_token_dim=tokens.shape[1])
+    model = build_model_from_config(cfg, num_knowledge_tokens=tokens.shape[0])
     model.backbone.set_knowledge_tokens(tokens, trainable=False)
     return model
 
@@ -54,8 +54,11 @@ def distill_loss(output_weight: float, teacher: torch.nn.Module | None = None):
         if "teacher_heatmaps" in batch:
             target = batch["teacher_heatmaps"]
         elif teacher is not None:
+            images = batch["image"]
+            if next(teacher.parameters()).device != images.device:
+                teacher.to(images.device)  # once: the trial's device (a GPU share under tune.gpus_per_trial)
             with torch.no_grad():
-                target = teacher(batch["image"].float())
+                target = teacher(images.float())
         else:
             raise RuntimeError("output distillation needs a view bank or an online teacher")
         kd = heatmap_distill_mse(heatmaps, target, output_weight)

@@ -14,16 +14,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vitpose import console, raycluster, tracking
 from vitpose.build import build_datasets, ensure_data
 from vitpose.config import ConfigError, StudentConfig, resolve_path, to_dict
-from vitpose.distill.bank import ViewBank, bank_key
-from vitpose.distill.space import needs_bank, search_space, token_settings
+from vitpose.distill.bank import ViewBank, bank_key, data_identity
+from vitpose.distill.space import preparation, search_space, trial_preparations
 from vitpose.distill.student import check_same_keypoints
 from vitpose.distill.tokens import ensure_knowledge_tokens
 from vitpose.distill.trial import SweepContext, run_trial
 from vitpose.dsconfig import complete_deepspeed_config
-from vitpose.pipeline import best_checkpoint, print_summary, read_run_id, write_run_id
+from vitpose.pipeline import print_summary, read_run_id, write_run_id
 
 TOKEN_DIR = "runs/distill/tokens"
 BANK_DIR = "runs/distill/banks"
@@ -35,8 +37,10 @@ def run_sweep(cfg: StudentConfig, resume: bool = False) -> int:
     storage = resolve_path(cfg.ray.storage_path)
     name = raycluster.run_name(storage, cfg.ray.name, resume)
     raycluster.connect()
-    raycluster.check_resources(1, cfg.tune.cpus_per_trial, cfg.ray.use_gpu, cfg.ray.gpus_per_worker,
-                               cfg.ray.autoscaler, keys=("one trial", "tune.cpus_per_trial"))
+    t = cfg.tune
+    raycluster.check_resources(1, t.cpus_per_trial, t.gpus_per_trial > 0, t.gpus_per_trial, cfg.ray.autoscaler,
+                               keys=("one trial", "tune.cpus_per_trial"),
+                               gpu_fix=f"set tune.gpus_per_trial=0 (it is {t.gpus_per_trial:g}) for CPU trials")
     sweep_dir = storage / name
     ensure_data(cfg)
     context = prepare(cfg, sweep_dir, tracking_uri, name)
@@ -51,10 +55,25 @@ def run_sweep(cfg: StudentConfig, resume: bool = False) -> int:
     return 0
 
 
+def plan_sweep(cfg: StudentConfig, as_json: bool = False) -> int:
+    """``--plan``: the sweep's arms as they would train, from the registered teacher; nothing is trained."""
+    from vitpose.distill.plan import print_plan, sweep_plan
+
+    plan = sweep_plan(cfg, preflight(cfg))
+    print_plan(plan)
+    if as_json:
+        console.say(json.dumps(plan))
+    return 0
+
+
 def preflight(cfg: StudentConfig) -> str:
     """Checks that need no Ray and no teacher; returns the tracking URI."""
     complete_deepspeed_config(cfg, 1)
     search_space(cfg)
+    trial_preparations(cfg)  # refuses sampled keys that would change the tokens or the bank
+    if cfg.ray.use_gpu:
+        raise ConfigError("ray.use_gpu is for teacher runs; a sweep's trials get GPUs from tune.gpus_per_trial "
+                          "(e.g. 0.25: four students per GPU)")
     if cfg.train.eval_every != 1:
         raise ConfigError(f"train.eval_every={cfg.train.eval_every}: sweeps evaluate every epoch (ASHA compares "
                           "trials on val AP each epoch); set train.eval_every=1")
@@ -93,27 +112,37 @@ def prepare(cfg: StudentConfig, sweep_dir: Path, tracking_uri: str, name: str) -
     write_run_id(sweep_dir, parent)
     console.say(f"MLflow sweep run {parent} ({tracking_uri}); sweep folder {sweep_dir}")
 
-    token_dir = resolve_path(TOKEN_DIR)
-    for setting in token_settings(cfg):
-        path = ensure_knowledge_tokens(teacher, teacher_id, train_ds, setting, token_dir)
-        tracking.log_artifact(tracking_uri, parent, path, "knowledge_tokens")
-    bank_dir = None
-    if needs_bank(cfg):
-        o = cfg.distill.output
-        bank_dir = resolve_path(BANK_DIR) / bank_key(teacher_id, o.views, cfg.train.seed, cfg.data.root)
-        bank = ViewBank.build(teacher, train_ds, o.views, cfg.train.seed, bank_dir, teacher_id)
-        tracking.log_json(tracking_uri, parent, bank.info, "view_bank.json")
+    token_dir, bank_root = resolve_path(TOKEN_DIR), resolve_path(BANK_DIR)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the driver's: a GPU head learns on its GPU
+    uses_bank = False
+    datasets = {(data_identity(cfg), cfg.train.seed): train_ds}  # the crops follow the data and the seed
+    for trial in trial_preparations(cfg):
+        setting, stream = preparation(trial)
+        key = (data_identity(trial), trial.train.seed)
+        if key not in datasets:
+            datasets[key] = build_datasets(trial, is_local_leader=True)[0]
+        trial_train = datasets[key]
+        if setting is not None:
+            path = ensure_knowledge_tokens(teacher, teacher_id, trial_train, setting, token_dir, device=device)
+            tracking.log_artifact(tracking_uri, parent, path, "knowledge_tokens")
+        if stream is not None:
+            uses_bank = True
+            o = trial.distill.output
+            bank = ViewBank.build(teacher, trial_train, o.views, trial.train.seed,
+                                  bank_root / bank_key(teacher_id, trial), teacher_id, device=device)
+            tracking.log_json(tracking_uri, parent, {**bank.info, "stream": json.loads(stream)},
+                              f"view_banks/{bank.folder.name}.json")
     return SweepContext(base_config=to_dict(cfg), tracking_uri=tracking_uri, parent_run_id=parent,
                         teacher_dir=str(sweep_dir / "teacher"), teacher_id=teacher_id, token_dir=str(token_dir),
-                        bank_dir=str(bank_dir) if bank_dir else None)
+                        bank_dir=str(bank_root) if uses_bank else None)
 
 
 def run_tune(cfg: StudentConfig, context: SweepContext, storage: Path, name: str, resume: bool) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
-                                    {"CPU": cfg.tune.cpus_per_trial})
+    resources = {"CPU": cfg.tune.cpus_per_trial, "GPU": cfg.tune.gpus_per_trial}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
     path = str(storage / name)
     if resume and tune.Tuner.can_restore(path):
         console.say(f"resuming sweep {path}: finished trials are kept, unfinished ones continue")
@@ -130,7 +159,8 @@ def run_tune(cfg: StudentConfig, context: SweepContext, storage: Path, name: str
         tune_config=tune.TuneConfig(metric=t.metric, mode="max", scheduler=scheduler, num_samples=t.num_samples,
                                     max_concurrent_trials=t.max_concurrent_trials),
         run_config=tune.RunConfig(name=name, storage_path=str(storage),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=t.metric,
+                                  # The newest two: a trial's number is its final epoch, never its best on val.
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="epoch",
                                                                           checkpoint_score_order="max"),
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
@@ -138,12 +168,16 @@ def run_tune(cfg: StudentConfig, context: SweepContext, storage: Path, name: str
 
 
 def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: Path) -> dict[str, Any]:
-    """Results table and plot on the sweep run; the best student registered with the alias."""
+    """Results table and plot on the sweep run; the champion registered with the alias.
+
+    A trial's number is its metric after its last epoch (choosing each trial's best epoch on the validation
+    set would select on the data it is measured on); the champion is the trial with the best such number.
+    """
     from vitpose.serving import register_checkpoint
 
     metric, parent, uri = cfg.tune.metric, context.parent_run_id, context.tracking_uri
     close_trial_runs(results, uri, parent)
-    table = results.get_dataframe(filter_metric=metric, filter_mode="max")
+    table = results.get_dataframe()  # each trial's last report
     keep = [c for c in table.columns if c.startswith("config/")] + [c for c in (metric, "val/AR", "epoch", "trial_id")
                                                                      if c in table.columns]
     table = table[keep].sort_values(metric, ascending=False)
@@ -154,22 +188,31 @@ def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: P
     tracking.log_artifact(uri, parent, plot)
     for _, row in table.iterrows():
         settings = ", ".join(f"{c.removeprefix('config/')}={row[c]}" for c in table.columns if c.startswith("config/"))
-        console.say(f"  trial {row.get('trial_id', '?')}: {metric} {row[metric]:.4f} after epoch "
+        console.say(f"  trial {row.get('trial_id', '?')}: {metric} {row[metric]:.4f} at its last epoch, "
                     f"{int(row.get('epoch', 0))} ({settings})")
 
-    best = results.get_best_result(metric=metric, mode="max", scope="all")
-    ckpt, metrics = best_checkpoint(best, metric)
+    best = results.get_best_result(metric=metric, mode="max", scope="last")
+    ckpt, metrics = final_checkpoint(best, metric)
     version = register_checkpoint(uri, parent, ckpt, cfg.tune.registered_model, cfg.tune.alias,
-                                  lineage={"teacher": context.teacher_id, "trial_params": best.config})
-    tracking.log_metrics(uri, parent, {f"best/{metric}": metrics[metric]})
+                                  lineage={"teacher": context.teacher_id, "trial_params": best.config,
+                                           "epoch": metrics["epoch"]})
+    tracking.log_metrics(uri, parent, {f"champion/{metric}": metrics[metric]})
     return {
         "trials": f"{len(results)} ({results.num_errors} failed)",
-        "best val AP": f"{metrics[metric]:.4f} with {best.config}",
+        "champion val AP": f"{metrics[metric]:.4f} (last epoch) with {best.config}",
         "registered model": f"models:/{cfg.tune.registered_model}@{cfg.tune.alias} (version {version})",
         "results table": str(table_path),
         "MLflow sweep run": parent,
         "look at it": tracking.ui_link(uri, parent),
     }
+
+
+def final_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:
+    """The (checkpoint, metrics) of a trial's last epoch."""
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m and "epoch" in m]
+    if not candidates:
+        raise RuntimeError(f"trial {result.path} finished without a checkpoint that has {metric}; nothing to register")
+    return max(candidates, key=lambda cm: cm[1]["epoch"])
 
 
 def trial_curves(results: Any, metric: str) -> dict[str, list[tuple[int, float]]]:
@@ -187,7 +230,7 @@ def trial_curves(results: Any, metric: str) -> dict[str, list[tuple[int, float]]
 
 def plot_sweep(table: Any, metric: str, path: Path, curves: dict[str, list[tuple[int, float]]], epochs: int) -> Path:
     """Left: each trial's metric against epoch, a trial that the scheduler stopped early ending in an x.
-    Right: the best metric of each trial against each searched setting, stopped trials hollow and labelled
+    Right: the last metric of each trial against each searched setting, stopped trials hollow and labelled
     with the epoch they stopped at (their number is not comparable with a finished trial's)."""
     import matplotlib
 
@@ -209,7 +252,7 @@ def plot_sweep(table: Any, metric: str, path: Path, curves: dict[str, list[tuple
     curve_ax.grid(alpha=0.3)
     if curves:
         curve_ax.legend(fontsize=7)
-    stopped = table["epoch"] < epochs  # the epoch of each trial's best row: below the last, it was stopped
+    stopped = table["epoch"] < epochs  # a trial whose last report is before the last epoch was stopped
     for ax, col in zip(axes[0][1:], columns, strict=False):
         values = table[col]
         numeric = values.map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all()
@@ -222,7 +265,7 @@ def plot_sweep(table: Any, metric: str, path: Path, curves: dict[str, list[tuple
         if not numeric:
             ax.set_xticks(range(len(labels)), labels)
         ax.set_xlabel(col.removeprefix("config/"))
-        ax.set_ylabel(f"best {metric}")
+        ax.set_ylabel(f"{metric}, last epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

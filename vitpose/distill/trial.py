@@ -14,10 +14,10 @@ from typing import Any
 
 from vitpose.build import build_datasets
 from vitpose.config import StudentConfig
-from vitpose.distill.bank import BankedViews, ViewBank
+from vitpose.distill.bank import BankedViews, ViewBank, bank_key
 from vitpose.distill.space import apply_params
 from vitpose.distill.student import build_student, distill_loss, frozen
-from vitpose.distill.tokens import TokenSetting, load_tokens, token_file
+from vitpose.distill.tokens import tokens_for
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,8 @@ class SweepContext:
         tracking_uri: the MLflow store; parent_run_id: the sweep's run, parent of every trial's run.
         teacher_dir: the teacher fetched to local storage (model.safetensors + vitpose_meta.json).
         teacher_id: names exactly those weights (registry URI + content digest); keys tokens and bank.
-        token_dir: where the knowledge-token files are; bank_dir: the view bank, None without one.
+        token_dir: where the knowledge-token files are; bank_dir: the folder of the view banks (one per
+        ``bank_key``), None in online mode.
     """
 
     base_config: dict[str, Any]
@@ -43,6 +44,7 @@ class SweepContext:
 
 def run_trial(params: dict[str, Any], context: SweepContext) -> None:
     """Tune's function trainable (bound with ``tune.with_parameters(run_trial, context=...)``)."""
+    import ray
     from ray import tune
 
     from vitpose.model_store import load_vitpose
@@ -58,19 +60,19 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     run_id = start_trial_run(cfg, context.tracking_uri, context.parent_run_id, trial_id, params)
     tracker = WorkerTracker(context.tracking_uri, run_id)
+    # Which GPU share Ray gave this trial (tune.gpus_per_trial), as the run's record of where it trained.
+    tracker.client.set_tag(run_id, "ray_gpu_ids", ",".join(str(g) for g in ray.get_gpu_ids()) or "none")
 
     train_ds, val_ds = build_datasets(cfg, is_local_leader=False)
-    tokens = None
-    if cfg.distill.token.enabled:
-        tokens = load_tokens(token_file(Path(context.token_dir), TokenSetting.from_config(cfg), context.teacher_id))
-    model = build_student(cfg, tokens)
-    teacher = None
-    if cfg.distill.output.enabled:
-        if cfg.distill.output.mode == "bank":
-            train_ds = BankedViews(train_ds, ViewBank(Path(context.bank_dir)), cfg.train.seed)
-        else:
-            teacher = frozen(load_vitpose(context.teacher_dir)[0])
-    loss = distill_loss(cfg.distill.output.weight if cfg.distill.output.enabled else 0.0, teacher)
+    model = build_student(cfg, tokens_for(cfg, Path(context.token_dir), context.teacher_id))
+    out = cfg.distill.output
+    if out.mode == "bank":
+        # Every arm trains on the bank's views, whether or not its loss reads the stored heatmaps: arms of one
+        # comparison then differ in their loss only.
+        bank = ViewBank(Path(context.bank_dir) / bank_key(context.teacher_id, cfg))
+        train_ds = BankedViews(train_ds, bank, cfg.train.seed)
+    teacher = frozen(load_vitpose(context.teacher_dir)[0]) if out.enabled and out.mode == "online" else None
+    loss = distill_loss(out.weight if out.enabled else 0.0, teacher)
     # The run's final status is set by the driver (close_trial_runs): Tune may stop a trial inside its
     # last report, before any code after fit() would run.
     Trainer(cfg, TuneSession(), model=model, loss_fn=loss, datasets=(train_ds, val_ds), tracker=tracker,

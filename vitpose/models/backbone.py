@@ -139,33 +139,47 @@ class PatchEmbed(nn.Module):
         return self.proj(x.contiguous(memory_format=torch.channels_last))
 
 
-class KnowledgeTokens(nn.Module):
-    """K learnable tokens of width `source_dim`, projected to the backbone width.
+def initial_knowledge_tokens(num_tokens: int, dim: int, seed: int) -> torch.Tensor:
+    """The tokens token learning starts from (trunc normal, std .02, drawn from ``seed`` alone).
 
-    The tokens may come from a teacher of another width (paper §3.4 does not say how; DESIGN.md: a learnable
-    linear projection trained with the student, identity when the widths match).
+    Also the ``random_token`` control arm: the same tokens before they ever saw the teacher.
+    """
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    gen = torch.Generator().manual_seed(int(seed))
+    return nn.init.trunc_normal_(torch.empty(num_tokens, dim), std=0.02, generator=gen)
+
+
+def fixed_lift(token_dim: int, embed_dim: int, seed: int) -> torch.Tensor:
+    """A fixed (embed_dim, token_dim) matrix with orthonormal columns (rows when token_dim > embed_dim),
+    drawn from ``seed``: maps student-width tokens into a teacher of another width, norm-preserving."""
+    gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+    q, r = torch.linalg.qr(torch.randn(max(embed_dim, token_dim), min(embed_dim, token_dim), generator=gen))
+    q = q * torch.sign(torch.diagonal(r))  # a unique Q for the draw (QR's sign ambiguity removed)
+    return q if embed_dim >= token_dim else q.T
+
+
+class KnowledgeTokens(nn.Module):
+    """K tokens appended to the patch tokens (paper §3.4), nothing trainable between them and the blocks.
+
+    A student holds them in its own width, frozen. Token learning on a teacher of another width holds them in
+    the student's width too, entering the teacher through ``lift``: a fixed, seeded buffer (never trained), so
+    the tokens a student receives are exactly the ones that were optimised on the teacher. With equal widths
+    there is no lift, which is the paper's method as written.
     """
 
-    def __init__(self, num_tokens: int, source_dim: int, embed_dim: int) -> None:
+    def __init__(self, tokens: torch.Tensor, lift: torch.Tensor | None = None) -> None:
         super().__init__()
-        if num_tokens < 1:
-            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
-        self.tokens = nn.Parameter(torch.zeros(num_tokens, source_dim))
-        self.proj: nn.Module = nn.Identity() if source_dim == embed_dim else nn.Linear(source_dim, embed_dim)
-        trunc_normal_(self.tokens, std=0.02)
-        if isinstance(self.proj, nn.Linear):
-            _init_vit_weights(self.proj)
+        self.tokens = nn.Parameter(tokens.detach().clone())
+        # Not part of the state dict: it exists only on the teacher copy used for token learning.
+        self.register_buffer("lift", None if lift is None else lift.detach().clone(), persistent=False)
 
     @property
     def num_tokens(self) -> int:
         return self.tokens.shape[0]
 
-    @property
-    def source_dim(self) -> int:
-        return self.tokens.shape[1]
-
     def forward(self) -> torch.Tensor:
-        return self.proj(self.tokens)  # (K, C)
+        return self.tokens if self.lift is None else self.tokens @ self.lift.T  # (K, C)
 
 
 class ViTBackbone(nn.Module):
@@ -224,43 +238,37 @@ class ViTBackbone(nn.Module):
     def num_knowledge_tokens(self) -> int:
         return 0 if self.knowledge_tokens is None else self.knowledge_tokens.num_tokens
 
-    @property
-    def knowledge_token_dim(self) -> int | None:
-        return None if self.knowledge_tokens is None else self.knowledge_tokens.source_dim
-
     def _param_device_dtype(self) -> tuple[torch.device, torch.dtype]:
         w = self.patch_embed.proj.weight
         return w.device, w.dtype
 
-    def add_knowledge_tokens(self, num_tokens: int, source_dim: int | None = None) -> KnowledgeTokens:
-        """Append `num_tokens` freshly initialised (trunc normal, std .02) trainable tokens.
-
-        Replaces any tokens already present. `source_dim` defaults to the backbone width (no projection).
-        """
-        device, dtype = self._param_device_dtype()
-        source_dim = self.embed_dim if source_dim is None else source_dim
-        with torch.device(device):
-            self.knowledge_tokens = KnowledgeTokens(num_tokens, source_dim, self.embed_dim).to(dtype)
-        return self.knowledge_tokens
-
-    def set_knowledge_tokens(self, tokens: torch.Tensor, trainable: bool = False) -> KnowledgeTokens:
-        """Use given tokens (K, C_src), e.g. learned on a teacher; a new C_src -> C projection when widths differ.
-
-        The tokens are copied; `trainable=False` freezes them (paper §3.4 step 2). The projection, if any, is
-        new and trainable: it is learned with the student.
-        """
+    def set_knowledge_tokens(self, tokens: torch.Tensor, trainable: bool = False,
+                             lift: torch.Tensor | None = None) -> KnowledgeTokens:
+        """Append the tokens (K, C) (a copy), replacing any present; ``trainable=False`` freezes them (paper
+        §3.4 step 2). Tokens of another width need ``lift`` (``fixed_lift``): token learning on a teacher."""
         if tokens.dim() == 3 and tokens.shape[0] == 1:
             tokens = tokens[0]
         if tokens.dim() != 2:
-            raise ValueError(f"knowledge tokens must have shape (K, C_src), got {tuple(tokens.shape)}")
-        module = self.add_knowledge_tokens(tokens.shape[0], tokens.shape[1])
-        with torch.no_grad():
-            module.tokens.copy_(tokens.detach())
-        module.tokens.requires_grad_(trainable)
-        return module
+            raise ValueError(f"knowledge tokens must have shape (K, C), got {tuple(tokens.shape)}")
+        width = self.embed_dim if lift is None else lift.shape[1]
+        if tokens.shape[1] != width or (lift is not None and lift.shape[0] != self.embed_dim):
+            raise ValueError(
+                f"knowledge tokens of width {tokens.shape[1]} do not fit this backbone (width {self.embed_dim}"
+                + ("" if lift is None else f", lift {tuple(lift.shape)}") + "): a student takes tokens learned "
+                "in its own width (vitpose.distill.tokens learns them so)"
+            )
+        device, dtype = self._param_device_dtype()
+        self.knowledge_tokens = KnowledgeTokens(tokens.to(device, dtype),
+                                                None if lift is None else lift.to(device, dtype))
+        self.knowledge_tokens.tokens.requires_grad_(trainable)
+        return self.knowledge_tokens
+
+    def add_knowledge_tokens(self, num_tokens: int, seed: int = 0) -> KnowledgeTokens:
+        """Append ``num_tokens`` trainable tokens at their seeded initialisation (``initial_knowledge_tokens``)."""
+        return self.set_knowledge_tokens(initial_knowledge_tokens(num_tokens, self.embed_dim, seed), trainable=True)
 
     def knowledge_token_params(self) -> list[nn.Parameter]:
-        """Parameters of the knowledge tokens (tokens, then projection); empty without tokens."""
+        """Parameters of the knowledge tokens (the tokens alone; a lift is a buffer); empty without tokens."""
         return [] if self.knowledge_tokens is None else list(self.knowledge_tokens.parameters())
 
     # ---- forward ------------------------------------------------------------------------------------
@@ -305,10 +313,7 @@ class ViTBackbone(nn.Module):
         patch = n * c * 3 * self.patch_size**2
         linears = t * (3 * c * c + c * c + 2 * c * hidden)  # qkv, proj, fc1, fc2
         attention = 2 * t * t * c  # q @ k^T and attn @ v over all heads
-        tokens = 0
-        if self.knowledge_tokens is not None and isinstance(self.knowledge_tokens.proj, nn.Linear):
-            tokens = self.num_knowledge_tokens * self.knowledge_token_dim * c
-        return batch * (patch + self.depth * (linears + attention) + tokens)
+        return batch * (patch + self.depth * (linears + attention))
 
 
 def _check_grid(n: int, grid: tuple[int, int]) -> None:

@@ -215,6 +215,12 @@ def infer_spec_from_state_dict(
         gh, gw = guess_grid(state_dict[POS_EMBED].shape[1] - 1)
         img_size = (gh * patch, gw * patch)
     tokens = state_dict.get(KNOWLEDGE_PREFIX + "tokens")
+    if tokens is not None and (tokens.ndim != 2 or tokens.shape[1] != embed_dim) \
+            or KNOWLEDGE_PREFIX + "proj.weight" in state_dict:
+        raise CheckpointError(
+            "the file's knowledge tokens are not in the backbone's width (or come with a trainable projection): "
+            "a student distilled before tokens had a fixed mapping; distill it again"
+        )
     heads = embed_dim // 64 if embed_dim % 64 == 0 else 1
     for preset in PRESETS.values():
         if (preset.embed_dim, preset.depth) == (embed_dim, depth):
@@ -231,7 +237,6 @@ def infer_spec_from_state_dict(
         decoder="classic" if classic else "simple",
         deconv_channels=deconv,
         num_knowledge_tokens=0 if tokens is None else tokens.shape[0],
-        knowledge_token_dim=None if tokens is None or tokens.shape[1] == embed_dim else tokens.shape[1],
     )
 
 
@@ -250,7 +255,7 @@ def _suggest(state_dict: dict[str, torch.Tensor], file_spec: ModelSpec | None) -
     preset = PRESETS[name]
     overrides = [
         f"{f}={getattr(spec, f)!r}"
-        for f in ("num_keypoints", "deconv_channels", "num_knowledge_tokens", "knowledge_token_dim")
+        for f in ("num_keypoints", "deconv_channels", "num_knowledge_tokens")
         if getattr(spec, f) != getattr(preset, f)
         and not (f == "deconv_channels" and spec.decoder == "simple")
     ]

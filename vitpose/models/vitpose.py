@@ -38,8 +38,7 @@ class ModelSpec:
     num_keypoints: int = 17
     decoder: Decoder = "classic"
     deconv_channels: int = 256  # classic decoder only
-    num_knowledge_tokens: int = 0
-    knowledge_token_dim: int | None = None  # width of the tokens before projection; None -> embed_dim
+    num_knowledge_tokens: int = 0  # frozen tokens in the backbone's own width (a distilled student)
 
     def __post_init__(self) -> None:
         # Normalise what YAML/JSON hands us (lists) so specs compare equal after a round trip.
@@ -57,8 +56,6 @@ class ModelSpec:
             problems.append(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}")
         if self.num_knowledge_tokens < 0:
             problems.append(f"num_knowledge_tokens must be >= 0, got {self.num_knowledge_tokens}")
-        if self.knowledge_token_dim is not None and self.num_knowledge_tokens == 0:
-            problems.append("knowledge_token_dim is set but num_knowledge_tokens is 0")
         if problems:
             raise ValueError("invalid ModelSpec: " + "; ".join(problems))
 
@@ -89,6 +86,11 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         names = {f.name for f in dataclasses.fields(cls)}
+        d = dict(d)
+        if d.pop("knowledge_token_dim", None) is not None:
+            raise ValueError("knowledge_token_dim is set: this student was distilled before knowledge tokens had "
+                             "a fixed mapping (it carries a trainable projection of teacher-width tokens, which "
+                             "the paper's method does not have); distill it again")
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown ModelSpec fields {unknown}; valid fields: {sorted(names)}")
@@ -165,7 +167,7 @@ class ViTPose(nn.Module):
         else:
             self.keypoint_head = SimpleDecoder(spec.embed_dim, spec.num_keypoints)
         if spec.num_knowledge_tokens:
-            self.backbone.add_knowledge_tokens(spec.num_knowledge_tokens, spec.knowledge_token_dim)
+            self.backbone.add_knowledge_tokens(spec.num_knowledge_tokens)
 
     def init_weights(self) -> None:
         """Re-run the initialisation (see ViTBackbone.init_weights for why it is callable again)."""
@@ -178,13 +180,7 @@ class ViTPose(nn.Module):
     @property
     def spec(self) -> ModelSpec:
         """The spec that rebuilds this model, including knowledge tokens added after construction."""
-        k = self.backbone.num_knowledge_tokens
-        dim = self.backbone.knowledge_token_dim
-        return dataclasses.replace(
-            self._spec,
-            num_knowledge_tokens=k,
-            knowledge_token_dim=None if dim is None or dim == self._spec.embed_dim else dim,
-        )
+        return dataclasses.replace(self._spec, num_knowledge_tokens=self.backbone.num_knowledge_tokens)
 
     @property
     def heatmap_size(self) -> tuple[int, int]:

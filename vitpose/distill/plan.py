@@ -1,0 +1,82 @@
+"""What a sweep would do, without training: ``pipelines/distill.py --plan [--json]``.
+
+Per arm: its trainable parameters, the trainable parameters between the stored knowledge tokens and the
+student (0 by construction: tokens enter frozen, with nothing learnable on the way), where the teacher's
+heatmaps come from, and what identifies its training views (equal across arms, so arms differ in their loss
+only). It reads the registered teacher, so a plan also proves the teacher is there and fits the students.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vitpose import console
+from vitpose.config import ConfigError, StudentConfig
+from vitpose.distill.bank import view_stream
+from vitpose.distill.space import arm_configs, preparation, trial_preparations
+from vitpose.distill.student import build_student
+from vitpose.distill.tokens import TokenSetting, random_tokens
+from vitpose.models import match_preset
+
+
+def trainable(module: torch.nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def arm_plan(arm: StudentConfig) -> dict[str, Any]:
+    """One arm's row of the plan (the student is built as a trial builds it, with tokens of the right shape)."""
+    t, o = arm.distill.token, arm.distill.output
+    tokens = None
+    if t.enabled:
+        setting = TokenSetting.from_config(arm)
+        tokens = random_tokens(setting, setting.width or 0)  # the stored ones have this shape
+    student = build_student(arm, tokens)
+    return {
+        "trainable_params": trainable(student),
+        "token_trainable_params": trainable(student.backbone.knowledge_tokens),
+        "tokens": ("random" if t.random else "teacher") if t.enabled else None,
+        "teacher_outputs": o.mode if o.enabled else None,
+        "output_weight": o.weight if o.enabled else 0.0,
+        "views": view_stream(arm),
+    }
+
+
+def sweep_plan(cfg: StudentConfig, tracking_uri: str) -> dict[str, Any]:
+    from vitpose.model_store import load_vitpose
+
+    teacher, meta = load_vitpose(cfg.distill.teacher_uri, tracking_uri)
+    spec = teacher.spec
+    arms = {name: arm_plan(arm) for name, arm in arm_configs(cfg).items()}
+    student = next(iter(arm_configs(cfg).values()))
+    if student.model.img_size and tuple(student.model.img_size) != tuple(spec.img_size):
+        raise ConfigError(f"teacher {cfg.distill.teacher_uri} takes {list(spec.img_size)} crops, model.img_size is "
+                          f"{list(student.model.img_size)}; set model.img_size={list(spec.img_size)}")
+    preps = [preparation(c) for c in trial_preparations(cfg)]
+    return {
+        "teacher": {"uri": cfg.distill.teacher_uri, "preset": match_preset(spec), "embed_dim": spec.embed_dim,
+                    "depth": spec.depth, "params": sum(p.numel() for p in teacher.parameters()),
+                    "img_size": list(spec.img_size), "keypoints": len((meta.get("keypoints") or {}).get("names") or [])
+                    or spec.num_keypoints},
+        "arms": arms,
+        "prepared_before_trials": {"token_files": len({p[0] for p in preps if p[0]}),
+                                   "view_banks": len({p[1] for p in preps if p[1]})},
+        "search_space": cfg.tune.search_space,
+        "selection": f"each trial's {cfg.tune.metric} after its last epoch",
+    }
+
+
+def print_plan(plan: dict[str, Any]) -> None:
+    t = plan["teacher"]
+    console.say(f"teacher {t['uri']}: {t['preset'] or 'custom'} ({t['params'] / 1e6:.2f}M params, width "
+                f"{t['embed_dim']}, input {t['img_size'][0]}x{t['img_size'][1]})")
+    for name, arm in plan["arms"].items():
+        views = arm["views"]
+        console.say(f"  arm {name:<12} trainable {arm['trainable_params']:>9,}  tokens {arm['tokens'] or '-':<7} "
+                    f"(trainable on the way in: {arm['token_trainable_params']})  teacher heatmaps "
+                    f"{arm['teacher_outputs'] or '-':<6}  views {views['source']} data {views['data']} "
+                    f"seed {views['seed']}")
+    p = plan["prepared_before_trials"]
+    console.say(f"before the trials: {p['token_files']} token file(s), {p['view_banks']} view bank(s); "
+                f"selection: {plan['selection']}")
