@@ -114,7 +114,7 @@ def prepare(cfg: StudentConfig, sweep_dir: Path, tracking_uri: str, name: str) -
 
     token_dir, bank_root = resolve_path(TOKEN_DIR), resolve_path(BANK_DIR)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the driver's: a GPU head learns on its GPU
-    uses_bank = False
+    banks: set[str] = set()
     datasets = {(data_identity(cfg), cfg.train.seed): train_ds}  # the crops follow the data and the seed
     for trial in trial_preparations(cfg):
         setting, stream = preparation(trial)
@@ -125,8 +125,8 @@ def prepare(cfg: StudentConfig, sweep_dir: Path, tracking_uri: str, name: str) -
         if setting is not None:
             path = ensure_knowledge_tokens(teacher, teacher_id, trial_train, setting, token_dir, device=device)
             tracking.log_artifact(tracking_uri, parent, path, "knowledge_tokens")
-        if stream is not None:
-            uses_bank = True
+        if stream is not None and stream not in banks:
+            banks.add(stream)
             o = trial.distill.output
             bank = ViewBank.build(teacher, trial_train, o.views, trial.train.seed,
                                   bank_root / bank_key(teacher_id, trial), teacher_id, device=device)
@@ -134,7 +134,7 @@ def prepare(cfg: StudentConfig, sweep_dir: Path, tracking_uri: str, name: str) -
                               f"view_banks/{bank.folder.name}.json")
     return SweepContext(base_config=to_dict(cfg), tracking_uri=tracking_uri, parent_run_id=parent,
                         teacher_dir=str(sweep_dir / "teacher"), teacher_id=teacher_id, token_dir=str(token_dir),
-                        bank_dir=str(bank_root) if uses_bank else None)
+                        bank_dir=str(bank_root) if banks else None)
 
 
 def run_tune(cfg: StudentConfig, context: SweepContext, storage: Path, name: str, resume: bool) -> Any:
@@ -188,8 +188,8 @@ def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: P
     tracking.log_artifact(uri, parent, plot)
     for _, row in table.iterrows():
         settings = ", ".join(f"{c.removeprefix('config/')}={row[c]}" for c in table.columns if c.startswith("config/"))
-        console.say(f"  trial {row.get('trial_id', '?')}: {metric} {row[metric]:.4f} at its last epoch, "
-                    f"{int(row.get('epoch', 0))} ({settings})")
+        console.say(f"  trial {row.get('trial_id', '?')}: {metric} {row[metric]:.4f} after epoch "
+                    f"{int(row.get('epoch', 0))}, its last ({settings})")
 
     best = results.get_best_result(metric=metric, mode="max", scope="last")
     ckpt, metrics = final_checkpoint(best, metric)
