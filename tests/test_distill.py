@@ -197,5 +197,8 @@ def test_student_initialisation_follows_train_seed(synthetic_root):
     again = build_student(cfg, None).state_dict()
     other = build_student(tiny_config(synthetic_root, "train.seed=1", student=True), None).state_dict()
     assert all(torch.equal(first[k], again[k]) for k in first)
+    with_tokens = build_student(cfg, torch.randn(1, 96)).state_dict()  # the token arms start from the same weights
+    assert with_tokens.keys() - first.keys() == {"backbone.knowledge_tokens.tokens"}
+    assert all(torch.equal(first[k], with_tokens[k]) for k in first)
     weights = [k for k in first if k.endswith("weight") and first[k].ndim > 1]
     assert all(not torch.equal(first[k], other[k]) for k in weights)

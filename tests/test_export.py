@@ -3,6 +3,7 @@ the export CLI (refusal above tolerance, clean errors) and registration as the m
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import shutil
@@ -14,7 +15,7 @@ import torch
 
 from tests.helpers_serving import REPO, random_model, register_model, sqlite_store
 from vitpose.model_store import load_vitpose
-from vitpose.onnx_export import check_parity, export_onnx, onnx_session, sample_crops
+from vitpose.onnx_export import INPUT_NAME, check_parity, export_onnx, onnx_session, sample_crops
 
 
 def load_cli():
@@ -49,6 +50,22 @@ def test_onnx_matches_pytorch_at_any_batch(tmp_path, tokens):
     assert json.loads(props["vitpose_keypoints"])["names"][0] == "nose"
     graph_input = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
     assert graph_input[0].dim_param == "batch" and [d.dim_value for d in graph_input[1:]] == [3, 128, 96]
+
+
+def test_onnx_matches_a_trained_model_on_real_crops(trained_teacher, tmp_path):
+    """The trained teacher (val AP ~0.3), carrying frozen knowledge tokens as a distilled student does, on
+    validation crops: heatmaps of the size the codec decodes, so 1e-4 is far below anything that matters."""
+    model, _, (_, val) = trained_teacher
+    student = copy.deepcopy(model)
+    student.backbone.set_knowledge_tokens(torch.randn(1, model.spec.embed_dim) * 0.02, trainable=False)
+    path = export_onnx(student, tmp_path / "trained.onnx")
+    crops = torch.stack([val[i]["image"] for i in range(8)])
+    with torch.no_grad():
+        expected = student(crops).numpy()
+    got = onnx_session(path).run(None, {INPUT_NAME: crops.numpy()})[0]
+    assert np.abs(expected).max() > 0.3  # a trained model's peaks
+    assert np.abs(got - expected).max() <= 1e-4
+    assert np.abs(got - model(crops).detach().numpy()).max() > 1e-3  # the tokens are in the exported graph
 
 
 def test_sample_crops_are_seeded_and_image_like():

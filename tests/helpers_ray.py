@@ -1,0 +1,51 @@
+"""A `ray start --head` that a test starts and stops: own ports, own temp dir, loopback only."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from vitpose.train.session import free_port
+
+RAY = Path(sys.executable).parent / "ray"
+
+
+@dataclass(frozen=True)
+class Head:
+    gcs: str  # RAY_ADDRESS for drivers: 127.0.0.1:<port>
+    dashboard: str  # --address for the `ray job` CLI
+
+
+@contextmanager
+def ray_head(env: dict[str, str], *extra: str, num_cpus: int = 2) -> Iterator[Head]:
+    """A head with ``extra`` ``ray start`` flags (e.g. ``--num-gpus=1``), up when this yields."""
+    port, dash = free_port(), free_port()
+    # Ray's socket paths must stay under 107 characters: pytest's tmp_path is too deep for them.
+    head_tmp = tempfile.mkdtemp(prefix="vp-ray-", dir="/tmp")
+    # Another Ray (a test module's local one) may be running: give the head's agents their own ports, or its
+    # job agent cannot bind the defaults and every submission is refused.
+    agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    head = subprocess.Popen([str(RAY), "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
+                             "--node-ip-address=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+                             "--dashboard-host=127.0.0.1", f"--temp-dir={head_tmp}", *agent_ports, *extra], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        gcs = f"127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while subprocess.run([str(RAY), "status", "--address", gcs], env=env, capture_output=True).returncode:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.time() < deadline, "Ray head did not come up in 90 s"
+            time.sleep(2)
+        yield Head(gcs=gcs, dashboard=f"http://127.0.0.1:{dash}")
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+        shutil.rmtree(head_tmp, ignore_errors=True)
