@@ -195,6 +195,7 @@ class ViTBackbone(nn.Module):
         mlp_hidden: int | None = None,
         drop_path_rate: float = 0.0,
         patch_padding: int | None = None,
+        pre_norm: bool = False,
     ) -> None:
         super().__init__()
         self.img_size = (int(img_size[0]), int(img_size[1]))
@@ -212,6 +213,9 @@ class ViTBackbone(nn.Module):
         # Stored with one extra slot (the official layout keeps the cls slot); used as
         # pos_embed[:, 1:] + pos_embed[:, :1], so the cls slot is a learned offset shared by all patches.
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim))
+        # CLIP-style ViTs (timm `pre_norm=True`) normalise the embedded tokens before the first block; a
+        # LayerNorm cannot be folded into the patch conv, so such a backbone carries it (timm's name).
+        self.norm_pre: nn.Module = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS) if pre_norm else nn.Identity()
         # Stochastic depth increases linearly over the blocks, as in the official code. Plain Python (not
         # torch.linspace) so the model can also be built on the meta device.
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
@@ -284,7 +288,7 @@ class ViTBackbone(nn.Module):
         # (B, N, C), a view of the channels-last conv output; contiguous() is a no-op then and makes sure
         # the residual stream is token-major (a transposed stream would make every LayerNorm copy it).
         x = x.flatten(2).transpose(1, 2).contiguous()
-        x = x + (self.pos_embed[:, 1:] + self.pos_embed[:, :1])
+        x = self.norm_pre(x + (self.pos_embed[:, 1:] + self.pos_embed[:, :1]))
         if self.knowledge_tokens is not None:
             # Appended after the position embedding: the tokens have no position, they attend with all
             # patches in every block and are dropped before the decoder.

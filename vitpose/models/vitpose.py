@@ -39,6 +39,7 @@ class ModelSpec:
     decoder: Decoder = "classic"
     deconv_channels: int = 256  # classic decoder only
     num_knowledge_tokens: int = 0  # frozen tokens in the backbone's own width (a distilled student)
+    pre_norm: bool = False  # a LayerNorm before the first block (CLIP-style pre-trained ViTs)
 
     def __post_init__(self) -> None:
         # Normalise what YAML/JSON hands us (lists) so specs compare equal after a round trip.
@@ -160,6 +161,7 @@ class ViTPose(nn.Module):
             mlp_hidden=spec.mlp_hidden_dim,
             drop_path_rate=spec.drop_path_rate,
             patch_padding=spec.patch_padding,
+            pre_norm=spec.pre_norm,
         )
         self.keypoint_head: ClassicDecoder | SimpleDecoder
         if spec.decoder == "classic":
