@@ -91,13 +91,15 @@ def build_model_from_config(cfg: TrainingConfig, **extra: Any) -> torch.nn.Modul
     """The model of ``cfg.model``, initialised from ``train.seed`` (the same seed, the same initial weights,
     whatever ran before in the process) and then from ``model.init_checkpoint`` when one is given. ``extra``
     goes to ``build_model`` (e.g. knowledge-token slots of a student)."""
-    from vitpose.models import build_model, load_checkpoint
+    from vitpose.models import build_model, build_overrides, load_pretrained
 
+    init = cfg.model.init_checkpoint  # any format `python -m vitpose.models inspect` reads (MAE, timm, ...)
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left where it was
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model.preset, **model_spec_kwargs(cfg), **extra)
-    if cfg.model.init_checkpoint:
-        load_checkpoint(model, cfg.model.init_checkpoint)
+        model = build_model(cfg.model.preset, **model_spec_kwargs(cfg), **(build_overrides(init) if init else {}),
+                            **extra)
+    if init:
+        load_pretrained(model, init, echo=True)
     if cfg.model.activation_checkpointing:
         model.set_grad_checkpointing(True)
     return model
@@ -111,16 +113,17 @@ def build_partitioned_model(cfg: TrainingConfig, ds_config: dict[str, Any], rank
     """
     import deepspeed
 
-    from vitpose.models import build_model, load_checkpoint
+    from vitpose.models import build_model, build_overrides, load_pretrained
 
+    init = cfg.model.init_checkpoint
     torch.manual_seed(cfg.train.seed)
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = build_model(cfg.model.preset, **model_spec_kwargs(cfg))
+        model = build_model(cfg.model.preset, **model_spec_kwargs(cfg), **(build_overrides(init) if init else {}))
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
         if rank == 0:
             model.init_weights()
-            if cfg.model.init_checkpoint:
-                load_checkpoint(model, cfg.model.init_checkpoint)
+            if init:
+                load_pretrained(model, init, echo=True)
     if cfg.model.activation_checkpointing:
         model.set_grad_checkpointing(True)
     return model

@@ -5,6 +5,7 @@ Typical use::
     from vitpose.models import build_model, load_checkpoint, param_groups_layer_decay
     model = build_model("vitpose_b", img_size=(256, 192))
     load_checkpoint(model, "vitpose-b.pth")              # official mmpose layout
+    load_pretrained(model, "mae_pretrain_vit_base.pth")  # any format: MAE, timm, DINOv2, CLIP, transformers
     groups = param_groups_layer_decay(model, lr=5e-4, weight_decay=0.1)
 """
 
@@ -21,8 +22,10 @@ from .checkpoints import (
     save_official,
     save_safetensors,
 )
+from .formats import FORMATS, VITPOSE_PLUS_EXPERTS
 from .heads import ClassicDecoder, SimpleDecoder
 from .optim import layer_id, param_groups_layer_decay
+from .pretrained import build_overrides, inspect_file, load_pretrained
 from .vitpose import (
     PRESETS,
     ModelSpec,
@@ -34,7 +37,9 @@ from .vitpose import (
 )
 
 __all__ = [
+    "FORMATS",
     "PRESETS",
+    "VITPOSE_PLUS_EXPERTS",
     "CheckpointError",
     "CheckpointMismatchError",
     "ClassicDecoder",
@@ -47,11 +52,14 @@ __all__ = [
     "ViTPose",
     "build_model",
     "build_model_from_spec",
+    "build_overrides",
     "infer_spec_from_state_dict",
+    "inspect_file",
     "layer_id",
     "list_presets",
     "load_checkpoint",
     "load_model",
+    "load_pretrained",
     "match_preset",
     "param_groups_layer_decay",
     "read_checkpoint",

@@ -1,4 +1,5 @@
-"""Command line for the model package: `python -m vitpose.models summary vitpose_b [--img-size 256 192]`.
+"""Command line for the model package: `python -m vitpose.models summary vitpose_b [--img-size 256 192]`,
+`python -m vitpose.models inspect FILE [--preset P] [--json]`.
 
 Owns nothing but printing: models are built on the meta device, so even ViT-g costs no memory.
 """
@@ -6,8 +7,11 @@ Owns nothing but printing: models are built on the meta device, so even ViT-g co
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+from .checkpoints import CheckpointError
+from .pretrained import inspect_file
 from .vitpose import ViTPose, build_model, list_presets
 
 
@@ -60,7 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--decoder", choices=("classic", "simple"))
     s.add_argument("--num-keypoints", type=int)
     s.add_argument("--num-knowledge-tokens", type=int)
+    i = sub.add_parser("inspect", help="a weights file's format, the preset it suggests and its load report")
+    i.add_argument("file", help="official ViTPose .pth/.safetensors, timm/MAE ViT weights, transformers folder")
+    i.add_argument("--preset", choices=list_presets(), help="load into this preset (default: the suggested one)")
+    i.add_argument("--expert", type=int, default=0, help="ViTPose+ dataset expert (0 = COCO)")
+    i.add_argument("--json", action="store_true", help="end with one JSON line: format, preset, keys")
     args = parser.parse_args(argv)
+    if args.command == "inspect":
+        return inspect(args.file, args.preset, args.expert, args.json)
 
     overrides = {
         k: v
@@ -75,6 +86,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     model = build_model(args.preset, device="meta", **overrides)
     print(summary(model, args.preset))
+    return 0
+
+
+def inspect(path: str, preset: str | None, expert: int, as_json: bool) -> int:
+    """Print the load report (the full key lists with --json); a bad file is one `error:` line, exit 2."""
+    try:
+        report = inspect_file(path, preset, expert)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
+    print(report.summary())
+    if as_json:
+        print(json.dumps(report.to_json()))
     return 0
 
 

@@ -76,13 +76,48 @@ def _truncate(lines: list[str]) -> list[str]:
 
 @dataclass
 class LoadReport:
-    """What `load_checkpoint` did besides copying tensors, for logging."""
+    """What a load did, for every file format (official here, pre-trained files in pretrained.py).
+
+    `loaded`, `resized` and `new` are our model's keys (taken from the file as is, resampled to our token grid
+    or patch size, or left at their initialisation); `ignored` are the file's keys dropped on purpose, in the
+    file's own naming (they have no counterpart in ours).
+    """
 
     path: str
     pos_embed_resized: tuple[tuple[int, int], tuple[int, int]] | None = None  # (from grid, to grid)
     ignored_keys: list[str] = field(default_factory=list)  # in the file, dropped on purpose (cls_token)
     kept_initialised: list[str] = field(default_factory=list)  # knowledge tokens absent from the file
     file_spec: ModelSpec | None = None  # the spec stored in the file by save_official/save_safetensors
+    format: str = "vitpose"
+    preset: str | None = None  # the preset the model's shapes match (None: a custom spec)
+    loaded: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ignored(self) -> list[str]:
+        return self.ignored_keys
+
+    def to_json(self) -> dict[str, Any]:
+        """The machine-readable part: the `--json` line of `python -m vitpose.models inspect`."""
+        return {"format": self.format, "preset": self.preset, "loaded": self.loaded, "resized": self.resized,
+                "new": self.new, "ignored": self.ignored_keys}
+
+    def summary(self) -> str:
+        """A few lines for people: counts, the keys that were not simply copied, and the notes."""
+        lines = [
+            f"load {self.path}: format {self.format}, preset {self.preset or 'custom'}: {len(self.loaded)} loaded, "
+            f"{len(self.resized)} resized, {len(self.new)} new, {len(self.ignored_keys)} ignored"
+        ]
+        for label, keys in (("resized", self.resized), ("new", self.new), ("ignored", self.ignored_keys)):
+            head = [k for k in keys if k.startswith("keypoint_head.")]
+            if len(head) > 1:  # a new head is one fact, not a dozen lines
+                keys = [k for k in keys if k not in head] + [f"keypoint_head.* ({len(head)} keys: the pose head)"]
+            if keys:
+                lines += _truncate([f"  {label}: {k}" for k in keys])
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
 
 
 # ---- reading ------------------------------------------------------------------------------------------
@@ -237,6 +272,7 @@ def infer_spec_from_state_dict(
         decoder="classic" if classic else "simple",
         deconv_channels=deconv,
         num_knowledge_tokens=0 if tokens is None else tokens.shape[0],
+        pre_norm="backbone.norm_pre.weight" in state_dict,
     )
 
 
@@ -255,7 +291,7 @@ def _suggest(state_dict: dict[str, torch.Tensor], file_spec: ModelSpec | None) -
     preset = PRESETS[name]
     overrides = [
         f"{f}={getattr(spec, f)!r}"
-        for f in ("num_keypoints", "deconv_channels", "num_knowledge_tokens")
+        for f in ("num_keypoints", "deconv_channels", "num_knowledge_tokens", "pre_norm")
         if getattr(spec, f) != getattr(preset, f)
         and not (f == "deconv_channels" and spec.decoder == "simple")
     ]
@@ -320,6 +356,10 @@ def load_checkpoint(model: ViTPose, path: str | Path) -> LoadReport:
         )
         raise CheckpointMismatchError(path, missing, unexpected, mis_shaped, suggestion)
     model.load_state_dict(state_dict, strict=False)
+    report.preset = match_preset(model.spec)
+    report.resized = [POS_EMBED] if report.pos_embed_resized else []
+    report.loaded = [k for k in state_dict if k not in report.resized]
+    report.new = list(report.kept_initialised)
     return report
 
 
