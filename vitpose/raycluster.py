@@ -86,11 +86,12 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float,
                     autoscaler: bool = False, keys: tuple[str, str] = ("ray.num_workers", "ray.cpus_per_worker"),
-                    gpu_fix: str = "set ray.use_gpu=false (CPU training)") -> None:
+                    gpu_request: str = "ray.use_gpu=true", gpu_fix: str = "set ray.use_gpu=false (CPU training)") -> None:
     """Refuse requests the cluster cannot satisfy now, unless it has an autoscaler to add nodes.
 
-    ``keys`` name the config keys the worker count and CPUs per worker came from, and ``gpu_fix`` how to ask
-    for no GPU, so the message says which to change (a teacher run's ``ray.*``, a sweep's ``tune.*``).
+    ``keys`` name the config keys the worker count and CPUs per worker came from, ``gpu_request`` the setting
+    that asked for GPUs and ``gpu_fix`` how to ask for none, so the message says which to change (a teacher
+    run's ``ray.*``, a sweep's ``tune.*``).
     """
     import ray
 
@@ -100,7 +101,7 @@ def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, gpu
     problems = []
     if use_gpu and gpus < gpus_per_worker * num_workers:
         problems.append(
-            f"{count_key}={num_workers} asks for {gpus_per_worker * num_workers:g} GPUs but the Ray cluster has "
+            f"{gpu_request} asks for {gpus_per_worker * num_workers:g} GPUs but the Ray cluster has "
             f"{gpus:g}; {gpu_fix} or connect to a GPU cluster with RAY_ADDRESS"
         )
     need = cpus_per_worker * num_workers

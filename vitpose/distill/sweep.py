@@ -39,8 +39,8 @@ def run_sweep(cfg: StudentConfig, resume: bool = False) -> int:
     raycluster.connect()
     t = cfg.tune
     raycluster.check_resources(1, t.cpus_per_trial, t.gpus_per_trial > 0, t.gpus_per_trial, cfg.ray.autoscaler,
-                               keys=("one trial", "tune.cpus_per_trial"),
-                               gpu_fix=f"set tune.gpus_per_trial=0 (it is {t.gpus_per_trial:g}) for CPU trials")
+                               keys=("one trial", "tune.cpus_per_trial"), gpu_request=f"tune.gpus_per_trial={t.gpus_per_trial:g}",
+                               gpu_fix="set tune.gpus_per_trial=0 for CPU trials")
     sweep_dir = storage / name
     ensure_data(cfg)
     context = prepare(cfg, sweep_dir, tracking_uri, name)
