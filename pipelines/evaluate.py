@@ -5,6 +5,10 @@
         --ann annotations/person_keypoints_val2017.json --images val2017 \\
         --det-file person_detections_AP_H_56.json --mlflow-run-name student-val2017
 
+The file is read and scored (OKS sigmas) with the model's own keypoint set; --keypoints names the set of a
+file the model was not trained on (a built-in name, or a YAML file describing a custom set the way
+data.custom_keypoints does); the model must predict that set's keypoints.
+
 Person boxes come from the ground truth, or from a detector's COCO results file (--det-file); the flip test
 is on unless --no-flip-test. The crops, decode, rescoring, OKS-NMS and pycocotools COCOeval are the ones the
 training loop uses (``vitpose.inference.PosePredictor.predict_dataset`` + ``vitpose.evaluation``), so the
@@ -40,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--det-file", help="person detections (COCO results json) to take boxes from instead of the ground "
                                       "truth; a relative path is looked up in the current folder, then in --data-root")
     p.add_argument("--det-score-thr", type=float, default=0.0, help="keep detections scored at least this (default 0)")
+    p.add_argument("--keypoints", metavar="SET", help="keypoint set to read and score --ann with: a built-in name "
+                   "(python -m vitpose.data.keypoints --list) or a YAML file of a custom set (names, sigmas, flip_pairs, "
+                   "skeleton); default the model's own")
     p.add_argument("--no-flip-test", action="store_true", help="evaluate without the flip test")
     p.add_argument("--batch-size", type=int, default=32, help="crops per forward pass (default 32)")
     p.add_argument("--workers", type=int, default=0, help="data loader processes (default 0: in this process)")
@@ -76,6 +83,28 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
     return ann, images, det
 
 
+def keypoint_set(args: argparse.Namespace, predictor: Any) -> Any:
+    """--keypoints, else the model's own set (None for a model stored without one: the file's names decide)."""
+    import yaml
+
+    from vitpose.data.keypoint_set import FROM_FILE
+    from vitpose.data.keypoints import custom_keypoint_set, get_keypoint_set
+
+    if not args.keypoints:
+        return None if predictor.keypoint_set.name == FROM_FILE else predictor.keypoint_set
+    try:
+        if Path(args.keypoints).suffix in (".yaml", ".yml"):
+            if not Path(args.keypoints).is_file():
+                raise ValueError(f"{args.keypoints} does not exist")
+            spec = yaml.safe_load(Path(args.keypoints).read_text()) or {}
+            spec = spec.get("data", {}).get("custom_keypoints", spec)  # a whole config, or the set alone
+            return custom_keypoint_set(spec)
+        return get_keypoint_set(args.keypoints)
+    except (ValueError, KeyError, TypeError, yaml.YAMLError) as err:
+        raise UsageError(f"--keypoints {args.keypoints}: {err}; give a built-in set name or a YAML file with names "
+                         "and sigmas (and flip_pairs, skeleton as name pairs)") from None
+
+
 def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], str, Path, dict[str, Any]]:
     """Run the evaluation; returns (metrics, COCOeval summary text, output folder, settings)."""
     from vitpose.data.coco import TopDownCocoDataset
@@ -85,24 +114,32 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], str, Path, dic
     ann, images, det = resolve_inputs(args)
     predictor = PosePredictor.from_uri(args.model, args.tracking_uri, flip_test=not args.no_flip_test,
                                        batch_size=args.batch_size, device=resolve_device(args.device))
+    kset = keypoint_set(args, predictor)
+    if kset is not None and predictor.meta.get("keypoints_assumed") and kset.num_keypoints == predictor.num_keypoints:
+        # Weights stored without their keypoint set (an official .pth, a bare .safetensors): --keypoints says it.
+        predictor = PosePredictor(predictor.model, {**predictor.meta, "keypoints": kset.to_info()},
+                                  flip_test=not args.no_flip_test, batch_size=args.batch_size, device=predictor.device)
     try:
         dataset = TopDownCocoDataset(ann, images, train=False, input_size=predictor.input_size, det_file=det,
-                                     det_score_thr=args.det_score_thr)
-    except ValueError as err:  # no usable instances, a malformed file: the message names the file
-        raise UsageError(str(err)) from None
-    evaluator = CocoKeypointEvaluator(ann)
+                                     det_score_thr=args.det_score_thr, keypoints=kset)
+        evaluator = CocoKeypointEvaluator(ann, keypoints=dataset.keypoint_set)
+    except ValueError as err:  # no usable instances, a malformed file, another keypoint set: it names the file
+        hint = "" if args.keypoints else "; if the file holds another keypoint set, name it with --keypoints"
+        raise UsageError(f"{err}{hint}") from None
     out = args.out or resolve_path("runs/eval") / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
         predictions = predictor.predict_dataset(dataset, num_workers=args.workers)
-    except ValueError as err:  # model and dataset disagree (keypoint count)
-        raise UsageError(str(err)) from None
+    except ValueError as err:  # model and dataset disagree (keypoint set)
+        hint = "" if args.keypoints else "; if the model was stored without its set, name it with --keypoints"
+        raise UsageError(f"{err}{hint}") from None
     seconds = time.perf_counter() - t0
     metrics = evaluator.evaluate(predictions, results_file=out / "keypoint_results.json")
     settings = {
         "model": args.model, "ann": str(ann), "images": str(images), "det_file": str(det) if det else None,
         "det_score_thr": args.det_score_thr, "flip_test": predictor.flip_test, "instances": len(dataset),
+        "keypoints": dataset.keypoint_set.name,
         "img_size": list(predictor.input_size), "batch_size": args.batch_size,
         "crops_per_second": round(len(dataset) / max(seconds, 1e-9), 2),
     }

@@ -50,8 +50,10 @@ def build_datasets(cfg: TrainingConfig, is_local_leader: bool) -> tuple[Any, Any
     root = cfg.data.root_path()
     # The model decides the crop and heatmap sizes (heatmaps are 4x its token grid), the data follows.
     spec = model_spec(cfg)
+    # Both files are read with the chosen keypoint set: a file holding other keypoints is refused by name.
     common = dict(input_size=tuple(spec.img_size), heatmap_size=tuple(spec.heatmap_size),
-                  on_bad_sample=cfg.data.on_bad_sample)
+                  on_bad_sample=cfg.data.on_bad_sample, keypoints=cfg.data.keypoint_set(),
+                  joint_weights=cfg.data.joint_weights)
     train = TopDownCocoDataset(root / cfg.data.train_ann, root / cfg.data.train_images, train=True,
                                aug=AugConfig(**cfg.data.aug.model_dump()), aug_seed=cfg.train.seed,
                                image_cache_mb=cfg.data.image_cache_mb, **common)
@@ -76,12 +78,19 @@ def model_spec(cfg: TrainingConfig) -> Any:
 def model_spec_kwargs(cfg: TrainingConfig) -> dict[str, Any]:
     """Our config's model section as ``build_model`` overrides (None = keep the preset's value)."""
     m = cfg.model
+    # The keypoint set decides the head's width; model.num_keypoints, when given, must agree with it.
+    kset = cfg.data.keypoint_set()
+    if "num_keypoints" in m.model_fields_set and m.num_keypoints != kset.num_keypoints:
+        from vitpose.config import ConfigError
+
+        raise ConfigError(f"model.num_keypoints is {m.num_keypoints} but data.keypoints {cfg.data.keypoints!r} has "
+                          f"{kset.num_keypoints} keypoints; remove model.num_keypoints (the set decides it)")
     kw: dict[str, Any] = {
         "decoder": m.decoder,
         "img_size": tuple(m.img_size) if m.img_size else None,
         "patch_size": m.patch_size,
         "deconv_channels": m.deconv_channels,
-        "num_keypoints": m.num_keypoints,
+        "num_keypoints": kset.num_keypoints,
         "drop_path_rate": m.drop_path_rate,
     }
     return {k: v for k, v in kw.items() if v is not None}

@@ -92,8 +92,27 @@ class AugSection(Section):
     photometric_prob: float = Field(0.0, ge=0.0, le=1.0)
 
 
+class CustomKeypointsSection(Section):
+    """A keypoint set of your own (``data.keypoints: custom``); pairs are given by name, not index."""
+
+    name: str = Field("custom", description="what models and ONNX files call the set")
+    names: list[str] = Field(min_length=1)
+    flip_pairs: list[tuple[str, str]] = Field([], description="left/right partners, e.g. [left_eye, right_eye]")
+    skeleton: list[tuple[str, str]] = Field([], description="links drawn in pictures")
+    sigmas: list[float] = Field(min_length=1, description="OKS sigma per keypoint (COCO's range: 0.025-0.107)")
+    joint_weights: list[float] | None = Field(None, description="loss weight per keypoint (data.joint_weights)")
+    parts: list[tuple[str, int]] | None = Field(None, description="annotation fields and their keypoint counts, "
+                                                "in order (default: all in 'keypoints')")
+
+
 class DataConfig(Section):
     kind: Literal["synthetic", "coco"] = "synthetic"
+    # Which keypoints the files hold and the model predicts: a built-in set (python -m vitpose.data.keypoints
+    # --list) or "custom" (custom_keypoints). A file whose keypoints are not the set's is refused when loaded.
+    keypoints: str = "coco"
+    custom_keypoints: CustomKeypointsSection | None = Field(None, validate_default=True)
+    joint_weights: bool = Field(False, description="weight each joint's loss by the set's joint_weights (mmpose's "
+                                "use_different_joint_weights; ViTPose's own configs leave it off)")
     # Relative paths resolve against the repository root, so runs from any folder (and Ray workers) agree.
     root: str = "runs/data/synthetic"
     train_ann: str = "annotations/person_keypoints_train.json"
@@ -107,6 +126,40 @@ class DataConfig(Section):
     image_cache_mb: float = Field(0.0, ge=0.0, description="decoded images kept per loading process (0: none)")
     aug: AugSection = AugSection()
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
+
+    @field_validator("keypoints")
+    @classmethod
+    def _known_set(cls, value: str) -> str:
+        from vitpose.data.keypoints import BUILTIN_SETS, CUSTOM
+
+        if value != CUSTOM and value not in BUILTIN_SETS:
+            close = difflib.get_close_matches(value, list(BUILTIN_SETS), n=1)
+            raise ValueError(f"unknown keypoint set{f' (did you mean {close[0]!r}?)' if close else ''}; choose one "
+                             f"of {', '.join([*BUILTIN_SETS, CUSTOM])} (python -m vitpose.data.keypoints --list)")
+        return value
+
+    @field_validator("custom_keypoints")
+    @classmethod
+    def _custom_set_usable(cls, value: CustomKeypointsSection | None, info: Any) -> CustomKeypointsSection | None:
+        # Runs on the default too (validate_default), so keypoints: custom without a description is caught here.
+        from vitpose.data.keypoints import CUSTOM, custom_keypoint_set
+
+        chosen = info.data.get("keypoints")
+        if value is None and chosen == CUSTOM:
+            raise ValueError("keypoints is 'custom' but custom_keypoints is not given; describe the set here "
+                             "(names, sigmas, flip_pairs, skeleton)")
+        if value is not None and chosen not in (CUSTOM, None):
+            raise ValueError(f"given while keypoints is {chosen!r}; set data.keypoints=custom to use it, or remove it")
+        if value is not None:
+            custom_keypoint_set(value.model_dump(exclude_none=True))  # names the problem: a pair naming no keypoint...
+        return value
+
+    def keypoint_set(self) -> Any:
+        """The ``KeypointSet`` this section chooses (``vitpose.data.keypoint_set.KeypointSet``)."""
+        from vitpose.data.keypoints import get_keypoint_set
+
+        custom = self.custom_keypoints.model_dump(exclude_none=True) if self.custom_keypoints else None
+        return get_keypoint_set(self.keypoints, custom)
 
     def root_path(self) -> Path:
         return resolve_path(self.root)

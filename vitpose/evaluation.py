@@ -8,6 +8,8 @@ Owns the path from network output to COCO keypoint AP, shared by the training lo
 * ``CocoKeypointEvaluator``: mmpose's ``TopDownCocoDataset.evaluate`` recipe: instance score = box score x
   mean keypoint confidence over joints above 0.2, OKS-NMS per image at 0.9, COCO results json, then
   pycocotools ``COCOeval(iouType='keypoints')``. The metric itself is pycocotools', not re-implemented.
+  The keypoint set gives the OKS sigmas (NMS and COCOeval) and, for COCO-WholeBody, the annotation fields
+  whose keypoints are joined into the ground truth that COCOeval scores (all 133, the "wholebody" AP).
 """
 
 from __future__ import annotations
@@ -26,14 +28,12 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from vitpose.data.codec import as_numpy, decode, flip_back, to_image_coords
+from vitpose.data.keypoint_defs import COCO as COCO_SET
+from vitpose.data.keypoint_set import KeypointSet
+from vitpose.data.keypoints import file_keypoint_set, join_keypoint_fields, set_read_with
 
 # COCO's per-keypoint OKS sigmas (pycocotools' default, the 17 COCO keypoints in order).
-COCO_SIGMAS = (
-    np.array(
-        [0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89]
-    )
-    / 10.0
-)
+COCO_SIGMAS = np.asarray(COCO_SET.sigmas)
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 
@@ -43,21 +43,22 @@ def decode_batch_to_predictions(
     metas: Mapping[str, Any],
     flip_heatmaps=None,
     *,
-    flip_pairs: Sequence[tuple[int, int]] = (),
+    flip_pairs: Sequence[tuple[int, int]] | None = None,
     input_size: tuple[int, int],
     blur_kernel: int = 11,
 ) -> list[dict[str, Any]]:
     """Heatmaps (N, K, h, w) of evaluation crops + collated meta -> one prediction dict per instance.
 
     ``flip_heatmaps`` are the model's heatmaps for the horizontally mirrored crops; they are flipped back
-    (``flip_pairs`` required) and averaged with ``heatmaps`` (the ViTPose flip test). ``metas`` needs
+    (``flip_pairs`` required; an empty list for a set without pairs, e.g. one hand) and averaged with
+    ``heatmaps`` (the ViTPose flip test). ``metas`` needs
     ``center`` and ``scale`` (N, 2), ``image_id`` and ``bbox_score`` (N,); ``area`` is taken from the crop
     box like mmpose. Each prediction: ``image_id``, ``keypoints`` (K, 3) image x, y, score,
     ``bbox_score``, ``center``, ``scale``, ``area``; ``ann_id``/``index`` are passed through when present.
     """
     hm = as_numpy(heatmaps).astype(np.float32)
     if flip_heatmaps is not None:
-        if not flip_pairs:
+        if flip_pairs is None:
             raise ValueError("flip_heatmaps given without flip_pairs (take them from dataset.flip_pairs)")
         hm = 0.5 * (hm + flip_back(as_numpy(flip_heatmaps).astype(np.float32), list(flip_pairs)))
     coords, scores = decode(hm, blur_kernel=blur_kernel)
@@ -112,8 +113,10 @@ class CocoKeypointEvaluator:
 
     Args:
         ann_file: ground-truth COCO keypoint json, or a loaded ``pycocotools.coco.COCO``.
-        sigmas: per-keypoint OKS sigmas; default the category's ``sigmas`` field when the file has one,
-            else COCO's for 17 keypoints (any other count must pass them).
+        sigmas: per-keypoint OKS sigmas; default the keypoint set's.
+        keypoints: the keypoint set the predictions are in (``data.keypoints``; the model's own); default the
+            set a dataset of this process read ``ann_file`` with, else the built-in set the file's names
+            match, else the file's own (its category's ``sigmas``, if any; other sets must pass ``sigmas``).
         oks_nms_thr: OKS-NMS threshold per image (0.9 like ViTPose); None disables NMS.
         keypoint_score_thr: joints above it count in the rescoring mean (0.2 like mmpose).
 
@@ -125,30 +128,37 @@ class CocoKeypointEvaluator:
         ann_file: str | os.PathLike | COCO,
         sigmas: Sequence[float] | np.ndarray | None = None,
         *,
+        keypoints: KeypointSet | None = None,
         oks_nms_thr: float | None = 0.9,
         keypoint_score_thr: float = 0.2,
     ):
         if isinstance(ann_file, COCO):
-            self.coco = ann_file
+            data = ann_file.dataset
         else:
             path = Path(ann_file)
             if not path.is_file():
                 raise FileNotFoundError(f"ground-truth annotation file not found: {path}")
-            with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress
-                self.coco = COCO(str(path))
-        cats = [c for c in self.coco.loadCats(self.coco.getCatIds()) if c.get("keypoints")]
+            data = json.loads(path.read_text())
+            keypoints = keypoints or set_read_with(path)
+        cats = [c for c in data.get("categories", []) if c.get("keypoints")]
         if not cats:
             raise ValueError("ground truth has no category with 'keypoints'")
-        self.category_id = int(cats[0]["id"])
-        num_keypoints = len(cats[0]["keypoints"])
+        person = next((c for c in cats if c.get("name") == "person"), cats[0])
+        self.keypoint_set = keypoints or file_keypoint_set(person)
+        self.keypoint_set.check_file(person["keypoints"], ann_file if not isinstance(ann_file, COCO) else "ground truth")
+        self.category_id = int(person["id"])
+        self.category_ids = sorted(int(c["id"]) for c in cats if c["keypoints"] == person["keypoints"])
+        if isinstance(ann_file, COCO) and len(self.keypoint_set.parts) == 1:
+            self.coco = ann_file
+        else:
+            self.coco = _ground_truth(data, self.keypoint_set, self.category_ids)
+        num_keypoints = self.keypoint_set.num_keypoints
         if sigmas is None:
-            sigmas = cats[0].get("sigmas")
+            sigmas = self.keypoint_set.sigmas or None
         if sigmas is None:
-            if num_keypoints != len(COCO_SIGMAS):
-                raise ValueError(
-                    f"ground truth has {num_keypoints} keypoints; pass their OKS sigmas (COCO's are for 17)"
-                )
-            sigmas = COCO_SIGMAS
+            raise ValueError(f"ground truth has {num_keypoints} keypoints ({', '.join(self.keypoint_set.names[:4])}, "
+                             "...) and no OKS sigmas: choose its keypoint set (data.keypoints / --keypoints), or pass "
+                             "sigmas, or add a 'sigmas' list to its category")
         self.sigmas = np.asarray(sigmas, dtype=np.float64)
         if len(self.sigmas) != num_keypoints:
             raise ValueError(f"{len(self.sigmas)} sigmas given for {num_keypoints} keypoints")
@@ -196,6 +206,11 @@ class CocoKeypointEvaluator:
         ``results_file`` receives the COCO results json. ``image_ids`` restricts the evaluation to those
         images (e.g. a validation subset); default all images of the ground truth.
         """
+        k = self.keypoint_set.num_keypoints
+        wrong = next((p for p in predictions if len(p["keypoints"]) != k), None)
+        if wrong is not None:
+            raise ValueError(f"predictions have {len(wrong['keypoints'])} keypoints but the ground truth is scored "
+                             f"with keypoint set {self.keypoint_set.name!r} ({k}); evaluate with the model's set")
         results = self.rescore_and_nms(predictions)
         unknown = {r["image_id"] for r in results} - set(self.coco.getImgIds())
         if unknown:
@@ -215,7 +230,9 @@ class CocoKeypointEvaluator:
             coco_dt = self.coco.loadRes(results)
             coco_eval = COCOeval(self.coco, coco_dt, iouType="keypoints")
             coco_eval.params.kpt_oks_sigmas = self.sigmas
-            coco_eval.params.catIds = [self.category_id]
+            coco_eval.params.catIds = self.category_ids
+            # AP-10K: one category per species, one keypoint task: score them together, as one class.
+            coco_eval.params.useCats = int(len(self.category_ids) == 1)
             if image_ids is not None:
                 coco_eval.params.imgIds = sorted({int(i) for i in image_ids})
             coco_eval.evaluate()
@@ -223,3 +240,27 @@ class CocoKeypointEvaluator:
             coco_eval.summarize()
         self.summary = buf.getvalue()
         return {name: float(v) for name, v in zip(STAT_NAMES, coco_eval.stats, strict=True)}
+
+
+def _ground_truth(data: dict[str, Any], kset: KeypointSet, category_ids: Sequence[int]) -> COCO:
+    """A pycocotools ``COCO`` of ``data`` whose ``keypoints`` are the set's: for COCO-WholeBody the body,
+    feet, face and hands joined (COCOeval reads only ``keypoints``), ``num_keypoints`` counted over all of
+    them (COCOeval ignores people with 0)."""
+    if len(kset.parts) > 1:
+        data = dict(data)
+        anns = []
+        for ann in data.get("annotations", []):
+            if int(ann.get("category_id", -1)) in category_ids and not ann.get("iscrowd", 0):
+                joined, problem = join_keypoint_fields(ann, kset)
+                if problem:
+                    raise ValueError(f"annotation id {ann.get('id')}: {problem}")
+                ann = {**ann, "keypoints": joined, "num_keypoints": int(sum(v > 0 for v in joined[2::3]))}
+            anns.append(ann)
+        data["annotations"] = anns
+        data["categories"] = [{**c, "keypoints": list(kset.names)} if int(c["id"]) in category_ids else c
+                              for c in data["categories"]]
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
+        coco.createIndex()
+    return coco

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitpose.data.keypoints import default_keypoint_info
+from vitpose.data.keypoint_set import KeypointSet
+from vitpose.data.keypoints import default_keypoint_info, flip_test_allowed, keypoint_info
 from vitpose.data.transforms import box_to_center_scale, normalize, udp_warp_matrix, warp_crop
 
 # More boxes than this in one image is almost certainly a client bug (unfiltered detector output), and
@@ -190,8 +191,9 @@ def resolve_device(requested: str | None = None) -> str:
 class PosePredictor:
     """A loaded ViTPose and its keypoint metadata, ready for (image, boxes) → keypoints.
 
-    ``meta`` is what ``vitpose.model_store.load_vitpose`` returns: ``spec`` and ``keypoints`` (``names``,
-    ``flip_pairs``, 1-based ``skeleton``). ``batch_size`` counts crops per forward pass (the flip-test
+    ``meta`` is what ``vitpose.model_store.load_vitpose`` returns: ``spec`` and ``keypoints`` (the keypoint
+    set as ``KeypointSet.to_info`` writes it: ``set``, ``names``, ``flip_pairs``, 1-based ``skeleton``,
+    ``sigmas``; older metas lack ``set`` and ``sigmas``). ``batch_size`` counts crops per forward pass (the flip-test
     pass doubles the tensor, not the number of passes).
     """
 
@@ -207,10 +209,13 @@ class PosePredictor:
             raise ValueError(f"model meta names {len(kp['names'])} keypoints but the model predicts "
                              f"{self.num_keypoints}; the meta does not belong to these weights")
         self.keypoint_info: dict[str, Any] = kp
+        self.keypoint_set: KeypointSet = KeypointSet.from_info(kp)  # what the evaluator scores predictions with
         self.names: list[str] = list(kp["names"])
         self.flip_pairs: list[tuple[int, int]] = [(int(a), int(b)) for a, b in kp.get("flip_pairs", [])]
-        # Without left/right pairs a mirrored pass cannot be mapped back, so the flip test is off.
-        self.flip_test = bool(flip_test and self.flip_pairs)
+        # A mirrored pass is mapped back with the set's pairs; a set guessed from names without any pair
+        # might have partners under other names, so the flip test is off there.
+        self._flip_ok = flip_test_allowed(kp)
+        self.flip_test = bool(flip_test and self._flip_ok)
         self._flip_requested = bool(flip_test)
         self.batch_size = int(batch_size)
 
@@ -285,7 +290,7 @@ class PosePredictor:
                 scores.append(box[4])
         preds: list[dict[str, Any]] = []
         if crops:
-            flip = self.flip_test if flip is None else bool(flip and self.flip_pairs)
+            flip = self.flip_test if flip is None else bool(flip and self._flip_ok)
             hm, flipped = self.heatmaps(torch.from_numpy(np.stack(crops)), flip=flip)
             metas = {"center": np.stack(centers), "scale": np.stack(scales), "image_id": np.zeros(len(crops)),
                      "bbox_score": np.asarray(scores)}
@@ -310,12 +315,15 @@ class PosePredictor:
         if tuple(dataset.input_size) != self.input_size:
             raise ValueError(f"dataset crops are {dataset.input_size} but the model takes {self.input_size}; "
                              "build the dataset with input_size=model.spec.img_size")
-        if dataset.num_keypoints != self.num_keypoints:
-            raise ValueError(f"{dataset.ann_file} has {dataset.num_keypoints} keypoints, the model predicts "
-                             f"{self.num_keypoints}; evaluate on a dataset with the model's keypoints")
+        if list(dataset.keypoint_names) != self.names:
+            theirs = getattr(getattr(dataset, "keypoint_set", None), "name", "?")
+            raise ValueError(f"{dataset.ann_file} was read as keypoint set {theirs!r} ({dataset.num_keypoints}: "
+                             f"{', '.join(dataset.keypoint_names[:4])}, ...) but the model predicts set "
+                             f"{self.keypoint_set.name!r} ({self.num_keypoints}: {', '.join(self.names[:4])}, ...); "
+                             "evaluate on a dataset with the model's keypoints")
         # The dataset's pairs, like the training loop: they are the ground truth's definition of left and right.
         flip_pairs = [tuple(p) for p in dataset.flip_pairs]
-        flip = self._flip_requested and bool(flip_pairs)
+        flip = self._flip_requested and flip_test_allowed(keypoint_info(dataset))
         loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=num_workers)
         preds: list[dict[str, Any]] = []
         for batch in loader:

@@ -51,7 +51,14 @@ def export_onnx(model: torch.nn.Module, path: str | Path, *, opset: int = DEFAUL
     props = {"vitpose_spec": json.dumps(model.spec.to_dict()), "input": "RGB crops normalised with ImageNet mean/std, "
              "UDP affine of the person box padded 1.25 to the input aspect ratio"}
     if meta and meta.get("keypoints"):
-        props["vitpose_keypoints"] = json.dumps(meta["keypoints"])
+        kp = meta["keypoints"]
+        if len(kp["names"]) != model.spec.num_keypoints:
+            raise ValueError(f"the meta names {len(kp['names'])} keypoints but the model predicts "
+                             f"{model.spec.num_keypoints}; the meta does not belong to these weights")
+        props["vitpose_keypoints"] = json.dumps(kp)
+        # The heatmap channels in order, and the set they are (readable without parsing the JSON above).
+        props["vitpose_keypoint_names"] = ",".join(kp["names"])
+        props["vitpose_keypoint_set"] = str(kp.get("set", "unknown"))
     for key, value in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

@@ -217,14 +217,19 @@ def log_vitpose_model(
 ) -> str | None:
     """Log the pyfunc model under ``run_id``; register it (and point ``alias`` at it) when a name is given.
 
-    ``meta`` needs ``spec`` (``ModelSpec.to_dict()``) and should carry ``keypoints`` (names, flip pairs,
-    1-based skeleton, as ``vitpose.data.keypoints.keypoint_info`` makes them; COCO's are assumed for 17 keypoints
-    otherwise). Returns the registered version, or None when not registering.
+    ``meta`` needs ``spec`` (``ModelSpec.to_dict()``) and should carry ``keypoints`` (the keypoint set: names,
+    flip pairs, 1-based skeleton, sigmas, as ``vitpose.data.keypoints.keypoint_info`` makes them; COCO's are
+    assumed for 17 keypoints otherwise). Returns the registered version, or None when not registering.
     """
     import mlflow
 
     if "spec" not in meta:
         raise ValueError("meta has no 'spec'; pass {'spec': model.spec.to_dict(), 'keypoints': ...}")
+    names = (meta.get("keypoints") or {}).get("names")
+    k = meta["spec"].get("num_keypoints")
+    if names is not None and k is not None and len(names) != k:  # served names label the heatmap channels
+        raise ValueError(f"meta keypoints name {len(names)} keypoints ({meta['keypoints'].get('set', 'no set')}) but "
+                         f"the model predicts {k}; pass the keypoint set the model was trained on")
     _check_weights(Path(weights), meta["spec"])
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:

@@ -47,6 +47,8 @@ def draw_skeleton(
     ``radius * (0.35 + 0.65 * confidence)``. Joints below it, and limbs touching one, are drawn faded.
     """
     names = keypoint_info["names"]
+    if len(names) > 30:  # whole-body sets (68 face and 42 hand points): full-size dots would hide the face
+        radius, width = radius * 0.4, max(1, width - 1)
     keypoints = np.asarray(keypoints, dtype=np.float64)
     scores = np.asarray(scores, dtype=np.float64)
     confident = scores >= score_thr

@@ -2,8 +2,8 @@
 
 ``TopDownCocoDataset`` turns a COCO-format keypoint annotation file (real COCO or ``vitpose.data.synthetic``)
 into one item per person instance, with boxes from the ground truth or from a detector's COCO results
-file. Keypoint names, flip pairs and skeleton come from the file's ``categories`` entry, so any keypoint
-set works. Training items are augmented with replayable ``AugParams`` (see ``vitpose.data.transforms``);
+file. Keypoints are those of the chosen keypoint set (``data.keypoints``; a file listing others is refused
+naming both) or, without one, of the built-in set the file's names match, else of the file's own entry. Training items are augmented with replayable ``AugParams`` (see ``vitpose.data.transforms``);
 evaluation items use the deterministic crop. Bad input is either a ``BadSampleError`` naming the file, the
 annotation and the fix (``on_bad_sample='error'``) or skipped and counted (``'skip'``).
 """
@@ -23,7 +23,9 @@ from PIL import UnidentifiedImageError
 
 from vitpose.data.codec import encode
 from vitpose.data.files import BadSampleError, load_image, read_json
-from vitpose.data.keypoints import flip_pairs_from_names, upper_body_ids_from_names
+from vitpose.data.keypoint_set import KeypointSet
+from vitpose.data.keypoints import join_keypoint_fields, note_read_with, read_categories
+from vitpose.data.keypoints import upper_body_ids_from_names as upper_body_ids
 from vitpose.data.transforms import (
     IDENTITY,
     AugConfig,
@@ -80,6 +82,8 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
             ``bad_sample_counts`` by reason.
         sigma: Gaussian sigma of the target heatmaps (heatmap pixels).
         padding: box padding factor (1.25 like mmpose).
+        keypoints: the keypoint set the file must hold (``data.keypoints``); None: see the module docstring.
+        joint_weights: multiply each joint's target weight by the set's joint weight (``data.joint_weights``).
     """
 
     def __init__(
@@ -98,6 +102,8 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
         sigma: float = 2.0,
         padding: float = 1.25,
         image_cache_mb: float = 0.0,
+        keypoints: KeypointSet | None = None,
+        joint_weights: bool = False,
     ):
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
@@ -141,7 +147,9 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
         self._photometric = Photometric(self.aug) if train and self.aug.photometric_prob > 0 else None
 
         data = read_json(self.ann_file)
-        self._read_categories(data)
+        self._read_categories(data, keypoints)
+        self._joint_weights = (np.asarray(self.keypoint_set.joint_weights, np.float32) if joint_weights
+                               else None)
         images = {int(im["id"]): im for im in data.get("images", [])}
         if self.det_file is None:
             instances = self._gt_instances(data, images)
@@ -163,18 +171,15 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
             )
 
     # ----------------------------------------------------------------------------------------- index
-    def _read_categories(self, data: dict) -> None:
-        cats = [c for c in data.get("categories", []) if c.get("keypoints")]
-        if not cats:
-            raise ValueError(f"{self.ann_file}: no category with a 'keypoints' list in 'categories'")
-        person = next((c for c in cats if c.get("name") == "person"), cats[0])
-        self.category_id = int(person["id"])
-        self.keypoint_names: list[str] = list(person["keypoints"])
-        self.num_keypoints = len(self.keypoint_names)
-        self.flip_pairs = flip_pairs_from_names(self.keypoint_names)
-        self.upper_body_ids = upper_body_ids_from_names(self.keypoint_names)
-        # COCO skeletons are 1-based; stored 0-based here.
-        self.skeleton = [(int(a) - 1, int(b) - 1) for a, b in person.get("skeleton", [])]
+    def _read_categories(self, data: dict, chosen: KeypointSet | None) -> None:
+        kset, self.category_id, self.category_ids = read_categories(data, chosen, self.ann_file)
+        self.keypoint_set = kset
+        self.keypoint_names: list[str] = list(kset.names)
+        self.num_keypoints = kset.num_keypoints
+        self.flip_pairs = [tuple(p) for p in kset.flip_pairs]
+        self.upper_body_ids = upper_body_ids(self.keypoint_names)
+        self.skeleton = [tuple(link) for link in kset.skeleton]  # 0-based
+        note_read_with(self.ann_file, kset)  # so an evaluator built from this path alone scores it with kset
 
     def _bad(self, reason: str, message: str) -> None:
         if self.on_bad_sample == "error":
@@ -220,20 +225,16 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
         checked: dict[int, bool] = {}
         out = []
         for ann in data.get("annotations", []):
-            if int(ann.get("category_id", self.category_id)) != self.category_id:
+            if int(ann.get("category_id", self.category_id)) not in self.category_ids:
                 continue
             ann_id = int(ann["id"])
             where = f"annotation id {ann_id} (image id {ann.get('image_id')}) in {self.ann_file}"
             if ann.get("iscrowd", 0):
                 self.filtered_counts["crowd"] += 1
                 continue
-            kps = ann.get("keypoints")
-            if kps is None or len(kps) != 3 * k:
-                self._bad(
-                    "bad_keypoint_count",
-                    f"{where}: has {0 if kps is None else len(kps)} keypoint values, expected {3 * k} "
-                    f"({k} keypoints x 3); fix the annotation",
-                )
+            kps, problem = join_keypoint_fields(ann, self.keypoint_set)  # COCO-WholeBody: body, feet, face, hands
+            if problem:
+                self._bad("bad_keypoint_count", f"{where}: {problem}")
                 continue
             try:
                 kps = np.asarray(kps, dtype=np.float64).reshape(k, 3)
@@ -246,7 +247,9 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
                     f"{where}: keypoints must be finite numbers (x, y, visibility); fix the annotation",
                 )
                 continue
-            if not (kps[:, 2] > 0).any() or ann.get("num_keypoints", 1) == 0:
+            # num_keypoints counts the 'keypoints' field only (WholeBody: body), so it decides only for one-field sets.
+            single = len(self.keypoint_set.parts) == 1
+            if not (kps[:, 2] > 0).any() or (single and ann.get("num_keypoints", 1) == 0):
                 self.filtered_counts["no_keypoints"] += 1
                 continue
             im = images.get(int(ann["image_id"]))
@@ -293,7 +296,7 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
         zeros = np.zeros((self.num_keypoints, 3))
         out = []
         for i, det in enumerate(dets):
-            if int(det.get("category_id", self.category_id)) != self.category_id:
+            if int(det.get("category_id", self.category_id)) not in self.category_ids:
                 continue
             score = float(det.get("score", 1.0))
             if score < score_thr:
@@ -396,6 +399,8 @@ class TopDownCocoDataset(torch.utils.data.Dataset):
             self._photometric,
         )  # fmt: skip
         target, weight = encode(kps[:, :2], kps[:, 2], self.input_size, self.heatmap_size, self.sigma)
+        if self._joint_weights is not None:
+            weight = weight * self._joint_weights
         return {
             "image": torch.from_numpy(normalize(crop)),
             "target": torch.from_numpy(target),

@@ -1,48 +1,143 @@
-"""Keypoint definitions: names, left/right flip pairs, skeleton, and the plain-list form stored with a model.
+"""Choosing a keypoint set (``data.keypoints``), custom sets, and the plain-list form stored with a model.
 
-One place for what a keypoint set is, used by the datasets (flip augmentation, half-body), the synthetic
-generator, checkpoints and registered models (``keypoint_info``), and inference for weights that came
-without a definition (``default_keypoint_info``).
+One place for which keypoints a run has, used by the datasets (targets, flip augmentation, half-body), the
+evaluator (OKS sigmas), checkpoints and registered models (``keypoint_info``: names, flip pairs, skeleton,
+sigmas, joint weights), inference, serving and ONNX export (output names), and pictures (skeleton).
+
+    python -m vitpose.data.keypoints --list           # one line per built-in set: name and count
+    python -m vitpose.data.keypoints --show crowdpose  # its names, flip pairs, skeleton, sigmas as JSON
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-COCO_KEYPOINTS = [
-    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
-    "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
-    "right_knee", "left_ankle", "right_ankle",
-]  # fmt: skip
-# 1-based joint index pairs, as in COCO's annotation files.
-COCO_SKELETON = [
-    [16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13], [6, 7], [6, 8], [7, 9], [8, 10],
-    [9, 11], [2, 3], [1, 2], [1, 3], [2, 4], [3, 5], [4, 6], [5, 7],
+from vitpose.data.keypoint_defs import BUILTIN_SETS, COCO, COCO_KEYPOINTS, COCO_SKELETON
+from vitpose.data.keypoint_set import FROM_FILE, KeypointSet, KeypointSetError, mirror_pairs, pairs_by_name
+
+__all__ = [
+    "BUILTIN_SETS", "COCO_KEYPOINTS", "COCO_SKELETON", "CUSTOM", "KeypointSet", "KeypointSetError",
+    "custom_keypoint_set", "default_keypoint_info", "file_keypoint_set", "flip_pairs_from_names",
+    "get_keypoint_set", "join_keypoint_fields", "keypoint_info", "read_categories", "set_read_with",
+    "upper_body_ids_from_names",
 ]  # fmt: skip
 
+CUSTOM = "custom"  # data.keypoints=custom: the set is data.custom_keypoints
+
 # Names that make a joint "lower body" for the half-body augmentation; everything else is upper body.
-# Derived from names rather than COCO indices so other keypoint sets (e.g. with feet) work too.
-_LOWER_BODY_WORDS = ("hip", "knee", "ankle", "foot", "heel", "toe")
+# Derived from names rather than indices so every set works (feet, animals' back paws and tail).
+_LOWER_BODY_WORDS = ("hip", "knee", "ankle", "foot", "heel", "toe", "pelvis", "back_paw", "tail")
 
 
 def flip_pairs_from_names(names: list[str]) -> list[tuple[int, int]]:
     """Index pairs (left, right) of keypoints named ``left_X`` / ``right_X``."""
-    index = {name: i for i, name in enumerate(names)}
-    return [
-        (i, index["right_" + name[5:]])
-        for i, name in enumerate(names)
-        if name.startswith("left_") and "right_" + name[5:] in index
-    ]
+    return list(mirror_pairs(names))
 
 
-def upper_body_ids_from_names(names: list[str]) -> list[int]:
+def upper_body_ids_from_names(names: Sequence[str]) -> list[int]:
     return [i for i, n in enumerate(names) if not any(w in n.lower() for w in _LOWER_BODY_WORDS)]
 
 
+def get_keypoint_set(name: str, custom: Mapping[str, Any] | None = None) -> KeypointSet:
+    """The built-in set ``name``, or with ``name='custom'`` the set ``custom`` describes (see
+    ``custom_keypoint_set``). An unknown name is an error listing the choices."""
+    if name == CUSTOM:
+        if custom is None:
+            raise KeypointSetError("data.keypoints is 'custom' but data.custom_keypoints is not given; describe "
+                                   "the set there (names, flip_pairs, skeleton, sigmas)")
+        return custom_keypoint_set(custom)
+    if name not in BUILTIN_SETS:
+        raise KeypointSetError(f"unknown keypoint set {name!r}; choose one of {', '.join([*BUILTIN_SETS, CUSTOM])}")
+    return BUILTIN_SETS[name]
+
+
+def custom_keypoint_set(spec: Mapping[str, Any]) -> KeypointSet:
+    """A set given in YAML (``data.custom_keypoints``): ``names``, ``sigmas`` (one per keypoint: OKS needs
+    them), optional ``flip_pairs`` and ``skeleton`` as name pairs (``[left_eye, right_eye]``: easier to check
+    than indices), ``joint_weights``, ``name`` (default ``custom``) and ``parts`` (annotation fields and
+    counts, default all in ``keypoints``)."""
+    names = [str(n) for n in spec["names"]]
+    where = "data.custom_keypoints"
+    return KeypointSet(
+        name=str(spec.get("name") or CUSTOM), names=tuple(names),
+        flip_pairs=pairs_by_name(names, spec.get("flip_pairs") or [], f"{where}.flip_pairs entry"),
+        skeleton=pairs_by_name(names, spec.get("skeleton") or [], f"{where}.skeleton entry"),
+        sigmas=tuple(float(s) for s in spec["sigmas"]),
+        joint_weights=tuple(float(w) for w in spec.get("joint_weights") or ()),
+        parts=tuple((str(f), int(n)) for f, n in spec.get("parts") or ()),
+        source="given in the config (data.custom_keypoints)",
+    )  # fmt: skip
+
+
+def file_keypoint_set(category: Mapping[str, Any]) -> KeypointSet:
+    """The set of a file loaded without a chosen one: the built-in whose names the file's category lists,
+    else the file's own definition (names, left_/right_ flip pairs, skeleton, ``sigmas`` if it has them)."""
+    names = [str(n) for n in category["keypoints"]]
+    for kset in BUILTIN_SETS.values():
+        if len(kset.parts) == 1 and names in (kset.expected_file_names(), list(kset.names)):
+            return kset
+    return KeypointSet(
+        name=FROM_FILE, names=tuple(names), flip_pairs=mirror_pairs(names),
+        skeleton=tuple((int(a) - 1, int(b) - 1) for a, b in category.get("skeleton", [])),
+        sigmas=tuple(float(s) for s in category.get("sigmas") or ()), joint_weights=(),
+        source="the file's categories entry",
+    )  # fmt: skip
+
+
+def read_categories(data: Mapping[str, Any], chosen: KeypointSet | None, path: Any) -> tuple[KeypointSet, int, set[int]]:
+    """(set, category id, ids of every category with the same keypoints) of a COCO-format json, checked
+    against ``chosen`` (None: ``file_keypoint_set``). AP-10K has one category per species, all read."""
+    cats = [c for c in data.get("categories", []) if c.get("keypoints")]
+    if not cats:
+        raise ValueError(f"{path}: no category with a 'keypoints' list in 'categories'")
+    person = next((c for c in cats if c.get("name") == "person"), cats[0])
+    kset = chosen if chosen is not None else file_keypoint_set(person)
+    kset.check_file(person["keypoints"], path)  # the error names the file, the set and both lists
+    ids = {int(c["id"]) for c in cats if list(c["keypoints"]) == list(person["keypoints"])}
+    return kset, int(person["id"]), ids
+
+
+def join_keypoint_fields(ann: Mapping[str, Any], kset: KeypointSet) -> tuple[list[Any], str]:
+    """(flat x, y, v list of the set's keypoints joined from its annotation fields in order, problem or "").
+    COCO-WholeBody: ``keypoints`` (body) then ``foot_kpts``, ``face_kpts``, ``lefthand_kpts``, ``righthand_kpts``."""
+    out: list[Any] = []
+    for field, n in kset.parts:
+        values = ann.get(field)
+        if values is None or len(values) != 3 * n:
+            got = "no values" if values is None else f"{len(values)} keypoint values"
+            return [], (f"'{field}' has {got}, expected {3 * n} ({n} keypoints x 3) for keypoint set {kset.name!r}; "
+                        "fix the annotation, or choose the set the file was made for (data.keypoints)")
+        out.extend(values)
+    return out, ""
+
+
+# Which set each annotation file was read with in this process. The training loop builds its evaluator from
+# the val file's path alone (``CocoKeypointEvaluator(val_ds.ann_file)``); this is how that evaluator scores
+# the file with the set (sigmas, WholeBody fields) the dataset read it with.
+_READ_WITH: dict[str, KeypointSet] = {}
+
+
+def note_read_with(ann_file: str | Path, kset: KeypointSet) -> None:
+    _READ_WITH[str(Path(ann_file).resolve())] = kset
+
+
+def set_read_with(ann_file: str | Path) -> KeypointSet | None:
+    """The set a dataset of this process read ``ann_file`` with, if any."""
+    return _READ_WITH.get(str(Path(ann_file).resolve()))
+
+
 def keypoint_info(dataset: Any) -> dict[str, Any]:
-    """Names, flip pairs and (1-based, COCO-style) skeleton of a dataset's keypoints, as plain lists: the
-    form stored in checkpoints and registered models."""
-    return {
+    """Names, flip pairs, (1-based, COCO-style) skeleton, OKS sigmas and joint weights of a dataset's
+    keypoint set, as plain lists: the form stored in checkpoints and registered models."""
+    kset = getattr(dataset, "keypoint_set", None)
+    if kset is not None:
+        return kset.to_info()
+    return {  # a dataset-like object without a set (tests' stand-ins)
         "names": list(dataset.keypoint_names),
         "flip_pairs": [list(p) for p in dataset.flip_pairs],
         "skeleton": [[a + 1, b + 1] for a, b in dataset.skeleton],
@@ -53,7 +148,42 @@ def default_keypoint_info(num_keypoints: int) -> dict[str, Any]:
     """COCO's definition for a 17-keypoint model that came without one; generic names (and no flip pairs,
     so no flip test) otherwise."""
     if num_keypoints == 17:
-        return {"names": list(COCO_KEYPOINTS),
-                "flip_pairs": [list(p) for p in flip_pairs_from_names(COCO_KEYPOINTS)],
-                "skeleton": [list(s) for s in COCO_SKELETON]}
+        return COCO.to_info()
     return {"names": [f"kp{i}" for i in range(num_keypoints)], "flip_pairs": [], "skeleton": []}
+
+
+def flip_test_allowed(info: Mapping[str, Any]) -> bool:
+    """Whether a mirrored pass can be mapped back: with the set's left/right pairs, or with none for a declared
+    set (built-in or custom) that has no sides at all (one hand). Names with sides but no pairs, or a set
+    guessed from a file's names, may have partners the pairs do not say: no flip test there."""
+    if info.get("flip_pairs"):
+        return True
+    return info.get("set", FROM_FILE) != FROM_FILE and not mirror_pairs(list(info["names"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vitpose.data.keypoints", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--list", action="store_true", help="one line per built-in set: name and keypoint count")
+    p.add_argument("--show", metavar="NAME", help="one set's definition as JSON")
+    args = p.parse_args(argv)
+    if args.show:
+        try:
+            kset = get_keypoint_set(args.show)
+        except KeypointSetError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(json.dumps({**kset.to_info(), "source": kset.source}))
+        return 0
+    if not args.list:
+        p.print_help()
+        return 2
+    for kset in BUILTIN_SETS.values():
+        print(f"{kset.name:<16} {kset.num_keypoints:>4}  {kset.source}")
+    print(f"{CUSTOM:<16} {'-':>4}  data.keypoints=custom with data.custom_keypoints (names, flip_pairs, skeleton, "
+          "sigmas)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,12 +17,20 @@ from vitpose.losses import heatmap_distill_mse, keypoint_mse
 
 
 def check_same_keypoints(teacher_meta: dict[str, Any], dataset: Any, teacher_uri: str) -> None:
-    names = (teacher_meta.get("keypoints") or {}).get("names")
-    if names is not None and list(names) != list(dataset.keypoint_names):
+    """The student learns the teacher's heatmaps channel by channel, so both must be the same keypoint set (same
+    names in the same order): a COCO teacher cannot teach a CrowdPose student, even with 14 of its joints."""
+    info = teacher_meta.get("keypoints") or {}
+    names = info.get("names")
+    theirs = list(dataset.keypoint_names)
+    if names is not None and list(names) != theirs:
+        ours = getattr(getattr(dataset, "keypoint_set", None), "name", "?")
+        pairs = zip(names, theirs, strict=False)  # lists of different lengths differ where the shorter ends
+        first = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(names), len(theirs)))
         raise ConfigError(
-            f"teacher {teacher_uri} predicts keypoints {names[:4]}... ({len(names)}) but the dataset "
-            f"{dataset.ann_file} has {list(dataset.keypoint_names)[:4]}... ({len(dataset.keypoint_names)}); "
-            "distill on data with the teacher's keypoint set"
+            f"teacher {teacher_uri} predicts keypoint set {info.get('set', '?')!r} ({len(names)} keypoints: "
+            f"{', '.join(names[:4])}, ...) but the student's data {dataset.ann_file} is read as set {ours!r} "
+            f"({len(theirs)}: {', '.join(theirs[:4])}, ...), first difference at keypoint #{first}; teacher and "
+            f"student must share a set: set data.keypoints={info.get('set', ours)} on data with the teacher's keypoints"
         )
 
 

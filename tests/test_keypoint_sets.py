@@ -1,0 +1,273 @@
+"""Keypoint sets (``data.keypoints``): the built-in definitions, custom sets, the mismatch errors, and a
+CrowdPose-format (14) and a COCO-WholeBody-format (133, separate foot/face/hand fields) file, both made here
+from the real COCO mini data, each through loading, a tiny training run, COCOeval with the set's sigmas,
+the predictor's (serving's) output names, ONNX metadata and the evaluate CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import MINI_ANN, MINI_IMAGES, tiny_config
+from vitpose.config import ConfigError
+from vitpose.data.coco import TopDownCocoDataset
+from vitpose.data.keypoint_set import KeypointSet, KeypointSetError
+from vitpose.data.keypoints import BUILTIN_SETS, get_keypoint_set, keypoint_info
+from vitpose.evaluation import CocoKeypointEvaluator
+
+CROWDPOSE, WHOLEBODY, COCO = BUILTIN_SETS["crowdpose"], BUILTIN_SETS["coco_wholebody"], BUILTIN_SETS["coco"]
+PUBLISHED_COUNTS = {"coco": 17, "crowdpose": 14, "mpii": 16, "aic": 14, "coco_wholebody": 133, "ap10k": 17,
+                    "onehand10k": 21}
+
+
+# ------------------------------------------------------------------------------------------ definitions
+def test_every_builtin_has_its_published_count_and_the_cli_lists_them(capsys):
+    from vitpose.data.keypoints import main
+
+    assert {n: s.num_keypoints for n, s in BUILTIN_SETS.items()} == PUBLISHED_COUNTS
+    assert main(["--list"]) == 0
+    listed = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    assert listed == {**{n: str(k) for n, k in PUBLISHED_COUNTS.items()}, "custom": "-"}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_COUNTS))
+def test_set_definition_is_consistent(name):
+    s = BUILTIN_SETS[name]
+    k = s.num_keypoints
+    flip = s.flip_index()
+    assert sorted(flip) == list(range(k)) and all(flip[flip[i]] == i for i in range(k))  # an involution
+    for a, b in s.flip_pairs:  # partners are mirror names: left_X <-> right_X (or two face points)
+        na, nb = s.names[a], s.names[b]
+        assert na.replace("left_", "right_") == nb or (na.startswith("face-") and nb.startswith("face-")), (na, nb)
+    sided = [n for n in s.names if n.startswith(("left_", "right_"))]
+    assert len(sided) == 2 * sum(s.names[a].startswith("left_") for a, _ in s.flip_pairs)  # every side paired
+    assert len(s.sigmas) == k and all(0.005 < v < 0.2 for v in s.sigmas)
+    assert len(s.joint_weights) == k
+    assert all(0 <= a < k and 0 <= b < k and a != b for a, b in s.skeleton)
+    assert sum(n for _, n in s.parts) == k
+    assert KeypointSet.from_info(s.to_info()).to_info() == s.to_info()
+
+
+def test_wholebody_layout_and_sigmas_are_cocowholebodys():
+    assert [f for f, _ in WHOLEBODY.parts] == ["keypoints", "foot_kpts", "face_kpts", "lefthand_kpts", "righthand_kpts"]
+    assert WHOLEBODY.names[:17] == COCO.names and WHOLEBODY.sigmas[:17] == COCO.sigmas
+    assert WHOLEBODY.names[17] == "left_big_toe" and WHOLEBODY.names[91] == "left_hand_root"
+    assert WHOLEBODY.sigmas[91:112] == WHOLEBODY.sigmas[112:133]  # the two hands share theirs
+    assert WHOLEBODY.flip_index()[23] == 39 and WHOLEBODY.flip_index()[31] == 31  # face-0 <-> face-16, chin
+
+
+def test_bad_sets_are_refused_naming_the_problem():
+    with pytest.raises(KeypointSetError, match="2 OKS sigmas for 3 keypoints"):
+        KeypointSet("x", ("a", "b", "c"), (), (), (0.1, 0.1), ())
+    with pytest.raises(KeypointSetError, match=r"flip pair \(0, 2\) reuses"):
+        KeypointSet("x", ("a", "b", "c"), ((0, 1), (0, 2)), (), (0.1,) * 3, ())
+    with pytest.raises(KeypointSetError, match="out of range"):
+        KeypointSet("x", ("a", "b"), (), ((0, 5),), (0.1,) * 2, ())
+    with pytest.raises(KeypointSetError, match="unknown keypoint set 'crowd'"):
+        get_keypoint_set("crowd")
+
+
+def test_custom_set_from_yaml_config(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("_base_: " + str(Path(__file__).parents[1] / "configs/teacher/synthetic_tiny.yaml") + "\n"
+                        "data:\n  keypoints: custom\n  custom_keypoints:\n    name: paw3\n"
+                        "    names: [left_paw, right_paw, tail]\n    flip_pairs: [[left_paw, right_paw]]\n"
+                        "    skeleton: [[left_paw, tail], [right_paw, tail]]\n    sigmas: [0.05, 0.05, 0.08]\n")
+    from vitpose.build import model_spec_kwargs
+    from vitpose.config import load_config
+
+    cfg = load_config(cfg_file)
+    s = cfg.data.keypoint_set()
+    assert (s.name, s.names, s.flip_pairs, s.skeleton) == ("paw3", ("left_paw", "right_paw", "tail"), ((0, 1),),
+                                                           ((0, 2), (1, 2)))
+    assert model_spec_kwargs(cfg)["num_keypoints"] == 3  # the set decides the head's width
+    with pytest.raises(ConfigError, match=r"data.custom_keypoints.*\('left_paw', 'nose'\) names \['nose'\]"):
+        load_config(cfg_file, ["data.custom_keypoints.flip_pairs=[[left_paw, nose]]"])
+    with pytest.raises(ConfigError, match="data.keypoints: .*did you mean 'crowdpose'"):
+        load_config(None, ["data.keypoints=crowdpos"])
+    with pytest.raises(ConfigError, match="model.num_keypoints is 17 but data.keypoints 'crowdpose' has 14"):
+        model_spec_kwargs(load_config(None, ["data.keypoints=crowdpose", "model.num_keypoints=17"]))
+
+
+def test_a_file_of_another_set_is_an_error_naming_both(tmp_path):
+    with pytest.raises(KeypointSetError, match=r"person_keypoints_val2017_mini.json has 17 keypoints .*nose.* but "
+                                               r"keypoint set 'crowdpose' expects 14 .*left_shoulder"):
+        TopDownCocoDataset(MINI_ANN, MINI_IMAGES, train=False, keypoints=CROWDPOSE)
+    renamed = json.loads(MINI_ANN.read_text())
+    renamed["categories"][0]["keypoints"][0] = "snout"
+    (tmp_path / "a.json").write_text(json.dumps(renamed))
+    with pytest.raises(KeypointSetError, match=r"differ from keypoint set 'coco' at #0 'snout' vs 'nose'"):
+        TopDownCocoDataset(tmp_path / "a.json", MINI_IMAGES, train=False, keypoints=COCO)
+
+
+def test_teacher_and_student_must_share_a_set(tmp_path):
+    from vitpose.distill.student import check_same_keypoints
+
+    root = crowdpose_root(tmp_path)
+    ds = TopDownCocoDataset(root / "annotations/crowdpose.json", root / "images", train=False, keypoints=CROWDPOSE)
+    check_same_keypoints({"keypoints": CROWDPOSE.to_info()}, ds, "models:/t@current")
+    with pytest.raises(ConfigError, match=r"teacher models:/t@current predicts keypoint set 'coco' \(17 .*set "
+                                          r"'crowdpose' \(14.*first difference at keypoint #0.*data.keypoints=coco"):
+        check_same_keypoints({"keypoints": COCO.to_info()}, ds, "models:/t@current")
+
+
+@pytest.mark.xfail(strict=True, reason="needs vitpose/models/checkpoints.py load_checkpoint to leave a head of "
+                   "another keypoint count new (reported) instead of refusing the file; owned by the models/ work")
+def test_a_coco_checkpoint_starts_a_crowdpose_run(tmp_path):
+    from vitpose.build import build_model_from_config
+    from vitpose.models import build_model, save_safetensors
+
+    coco = build_model("vitpose_nano", img_size=(64, 48))
+    save_safetensors(coco, tmp_path / "coco17.safetensors")
+    cfg = tiny_config(tmp_path, "data.keypoints=crowdpose", f"model.init_checkpoint={tmp_path / 'coco17.safetensors'}")
+    model = build_model_from_config(cfg)
+    assert model.spec.num_keypoints == 14
+    assert torch.equal(model.backbone.patch_embed.proj.weight, coco.backbone.patch_embed.proj.weight)
+
+
+# ------------------------------------------------------------------------------------- file builders
+def _mini_root(tmp_path: Path) -> tuple[Path, dict]:
+    root = tmp_path / "data"
+    (root / "annotations").mkdir(parents=True)
+    shutil.copytree(MINI_IMAGES, root / "images")
+    return root, json.loads(MINI_ANN.read_text())
+
+
+def crowdpose_root(tmp_path: Path) -> Path:
+    """The COCO mini people in CrowdPose's layout: its 12 limb joints, the nose standing in for the top of the
+    head, the shoulders' midpoint for the neck; categories with CrowdPose's own names ('head')."""
+    root, data = _mini_root(tmp_path)
+    for ann in data["annotations"]:
+        k = np.asarray(ann["keypoints"], float).reshape(17, 3)
+        neck = (k[5] + k[6]) / 2 if k[5, 2] > 0 and k[6, 2] > 0 else np.zeros(3)
+        kps = np.concatenate([k[5:17], k[:1], neck[None]])
+        ann["keypoints"], ann["num_keypoints"] = kps.round(2).ravel().tolist(), int((kps[:, 2] > 0).sum())
+    data["categories"] = [{"id": 1, "name": "person", "supercategory": "person",
+                           "keypoints": list(CROWDPOSE.expected_file_names()),
+                           "skeleton": [[a + 1, b + 1] for a, b in CROWDPOSE.skeleton]}]
+    (root / "annotations/crowdpose.json").write_text(json.dumps(data))
+    return root
+
+
+def wholebody_root(tmp_path: Path) -> Path:
+    """The COCO mini people in COCO-WholeBody's layout: body in ``keypoints`` (COCO's category, 17 names),
+    6 foot points by the ankles, 68 face points round the nose, 21 points per hand by the wrists, each in its
+    own field as COCO-WholeBody stores them."""
+    root, data = _mini_root(tmp_path)
+    sizes = {im["id"]: (im["width"], im["height"]) for im in data["images"]}
+    rng = np.random.default_rng(0)
+
+    def around(center: np.ndarray, n: int, radius: float, w: int, h: int) -> list[float]:
+        if center[2] <= 0:
+            return [0.0] * (3 * n)
+        angles = np.linspace(0, 2 * np.pi, n, endpoint=False) + rng.uniform(0, 0.3)
+        xs = np.clip(center[0] + radius * np.cos(angles), 0, w - 1)
+        ys = np.clip(center[1] + radius * np.sin(angles), 0, h - 1)
+        return np.stack([xs, ys, np.full(n, 2.0)], 1).round(2).ravel().tolist()
+
+    for ann in data["annotations"]:
+        w, h = sizes[ann["image_id"]]
+        k = np.asarray(ann["keypoints"], float).reshape(17, 3)
+        ann["foot_kpts"] = around(k[15], 3, 6, w, h) + around(k[16], 3, 6, w, h)
+        ann["face_kpts"] = around(k[0], 68, 8, w, h)
+        ann["lefthand_kpts"], ann["righthand_kpts"] = around(k[9], 21, 7, w, h), around(k[10], 21, 7, w, h)
+    (root / "annotations/wholebody.json").write_text(json.dumps(data))
+    return root
+
+
+# ------------------------------------------------------------------------------- the two sets end to end
+def train_tiny(root: Path, ann: str, keypoints: str, out: Path):
+    from vitpose.train.loop import Trainer
+    from vitpose.train.session import LocalSession
+
+    cfg = tiny_config(root, "data.kind=coco", f"data.keypoints={keypoints}", f"data.train_ann=annotations/{ann}",
+                      "data.train_images=images", f"data.val_ann=annotations/{ann}", "data.val_images=images",
+                      "train.epochs=2", "train.batch_size=8", "deepspeed.zero_stage=0", "train.precision=fp32",
+                      "data.image_cache_mb=64", "tracking.log_images=0", "train.lr=2e-3")
+    session = LocalSession(out)
+    trainer = Trainer(cfg, session)
+    trainer.fit()
+    return trainer, session
+
+
+def perfect_predictions(ds: TopDownCocoDataset) -> list[dict]:
+    return [{"image_id": i.image_id, "keypoints": np.concatenate([i.keypoints[:, :2], np.ones((len(i.keypoints), 1))], 1),
+             "bbox_score": 1.0, "area": i.area} for i in ds.instances]
+
+
+def check_served_names(ckpt: Path, kset: KeypointSet, tmp_path: Path) -> None:
+    """Serving's predictor and ONNX export name the set's keypoints, in the heatmap channels' order."""
+    import onnx
+
+    from vitpose.inference import PosePredictor
+    from vitpose.onnx_export import export_onnx
+
+    predictor = PosePredictor.from_uri(str(ckpt))
+    image = np.asarray(np.random.default_rng(0).integers(0, 255, (80, 60, 3)), dtype=np.uint8)
+    result = predictor.predict(image, [[5, 5, 40, 60, 0.9]])
+    assert result["keypoint_names"] == list(kset.names)
+    assert len(result["persons"][0]["keypoints"]) == kset.num_keypoints
+    props = {p.key: p.value for p in onnx.load(str(export_onnx(predictor.model, tmp_path / "m.onnx",
+                                                                meta=predictor.meta))).metadata_props}
+    assert props["vitpose_keypoint_set"] == kset.name and props["vitpose_keypoint_names"].split(",") == list(kset.names)
+    assert json.loads(props["vitpose_keypoints"])["sigmas"] == list(kset.sigmas)
+
+
+def test_crowdpose_file_trains_evaluates_and_serves(tmp_path, capsys):
+    import pipelines.evaluate as evaluate_cli
+    from vitpose.models import save_safetensors
+
+    root = crowdpose_root(tmp_path)
+    trainer, session = train_tiny(root, "crowdpose.json", "crowdpose", tmp_path / "run")
+    ds = trainer.val_ds
+    assert ds.num_keypoints == 14 and ds.flip_pairs == list(CROWDPOSE.flip_pairs) and len(ds) == 12
+    assert trainer.engine.module.spec.num_keypoints == 14
+    assert np.isfinite(session.reports[-1]["val/AP"])
+    meta = json.loads((session.checkpoints[-1] / "meta.json").read_text())
+    assert meta["keypoints"] == keypoint_info(ds) and meta["keypoints"]["set"] == "crowdpose"
+    # The evaluator the training loop builds (from the val file's path alone) scores with CrowdPose's sigmas.
+    evaluator = CocoKeypointEvaluator(ds.ann_file)
+    assert evaluator.sigmas.tolist() == list(CROWDPOSE.sigmas)
+    assert evaluator.evaluate(perfect_predictions(ds))["AP"] == pytest.approx(1.0)
+    check_served_names(session.checkpoints[-1], CROWDPOSE, tmp_path)
+
+    # evaluate CLI: the model's own set; a bare weights file (no set stored) needs --keypoints for this file.
+    common = ["--data-root", str(root), "--ann", "annotations/crowdpose.json", "--images", "images"]
+    assert evaluate_cli.main(["--model", str(session.checkpoints[-1]), "--out", str(tmp_path / "e1"), *common]) == 0
+    assert json.loads((tmp_path / "e1/metrics.json").read_text())["settings"]["keypoints"] == "crowdpose"
+    save_safetensors(trainer.engine.module, tmp_path / "bare.safetensors")
+    capsys.readouterr()
+    assert evaluate_cli.main(["--model", str(tmp_path / "bare.safetensors"), *common]) == 2
+    assert "stored without its set, name it with --keypoints" in capsys.readouterr().err
+    assert evaluate_cli.main(["--model", str(tmp_path / "bare.safetensors"), "--keypoints", "crowdpose",
+                              "--out", str(tmp_path / "e2"), *common]) == 0
+    e1, e2 = (json.loads((tmp_path / f"{e}/metrics.json").read_text())["metrics"] for e in ("e1", "e2"))
+    assert e1 == e2  # the same weights, scored with the same set
+
+
+def test_wholebody_file_reads_separate_fields_trains_evaluates_and_serves(tmp_path):
+    root = wholebody_root(tmp_path)
+    raw = json.loads((root / "annotations/wholebody.json").read_text())
+    trainer, session = train_tiny(root, "wholebody.json", "coco_wholebody", tmp_path / "run")
+    ds = trainer.val_ds
+    assert ds.num_keypoints == 133 and trainer.engine.module.spec.num_keypoints == 133
+    first = next(a for a in raw["annotations"] if a["id"] == ds.instances[0].ann_id)
+    kps = ds.instances[0].keypoints
+    for (field, n), start in zip(WHOLEBODY.parts, np.cumsum([0] + [n for _, n in WHOLEBODY.parts]), strict=False):
+        assert np.allclose(kps[start:start + n].ravel(), first[field]), field
+    assert np.isfinite(session.reports[-1]["val/AP"])
+    # COCOeval scores all 133 (fields joined into the ground truth) with COCO-WholeBody's sigmas.
+    evaluator = CocoKeypointEvaluator(ds.ann_file)
+    assert evaluator.sigmas.tolist() == list(WHOLEBODY.sigmas)
+    assert len(evaluator.coco.anns[first["id"]]["keypoints"]) == 3 * 133
+    perfect = perfect_predictions(ds)
+    assert evaluator.evaluate(perfect)["AP"] == pytest.approx(1.0)
+    for p in perfect:
+        p["keypoints"][91:, :2] += 25.0  # both hands off by 25 px: the whole-body AP must see it
+    assert evaluator.evaluate(perfect)["AP"] < 0.9
+    check_served_names(session.checkpoints[-1], WHOLEBODY, tmp_path)
