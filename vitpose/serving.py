@@ -31,6 +31,7 @@ with messages that say what to send.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -42,7 +43,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
-from vitpose.model_store import META
+from vitpose.model_store import META, WEIGHTS
 
 PYFUNC_PATH = "model"
 
@@ -237,11 +238,15 @@ def log_vitpose_model(
         meta_path.write_text(json.dumps(meta, indent=1))
         code_path = Path(tmp) / "vitpose_pose_model.py"
         code_path.write_text(_MODEL_CODE)
+        # Logged under the name every loader looks for, whatever the file was called (MLflow refuses links).
+        named = Path(weights)
+        if named.name != WEIGHTS:
+            named = Path(shutil.copyfile(weights, Path(tmp) / WEIGHTS))
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=PYFUNC_PATH,
                 python_model=str(code_path),
-                artifacts={"weights": str(weights), "meta": str(meta_path)},
+                artifacts={"weights": str(named), "meta": str(meta_path)},
                 signature=signature(),
                 input_example=input_example(),
                 pip_requirements=pip_requirements(),
