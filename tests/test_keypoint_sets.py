@@ -116,18 +116,30 @@ def test_teacher_and_student_must_share_a_set(tmp_path):
         check_same_keypoints({"keypoints": COCO.to_info()}, ds, "models:/t@current")
 
 
-@pytest.mark.xfail(strict=True, reason="needs vitpose/models/checkpoints.py load_checkpoint to leave a head of "
-                   "another keypoint count new (reported) instead of refusing the file; owned by the models/ work")
-def test_a_coco_checkpoint_starts_a_crowdpose_run(tmp_path):
-    from vitpose.build import build_model_from_config
-    from vitpose.models import build_model, save_safetensors
+def test_a_coco_checkpoint_starts_a_crowdpose_run(tmp_path, capsys):
+    from vitpose.build import build_model_from_config, model_spec_kwargs
+    from vitpose.models import CheckpointMismatchError, build_model, save_safetensors
 
-    coco = build_model("vitpose_nano", img_size=(64, 48))
+    # A COCO model of the tiny config's backbone (its patch size and grid): only the keypoint count differs.
+    coco = build_model("vitpose_nano", **model_spec_kwargs(tiny_config(tmp_path)))
+    assert coco.spec.num_keypoints == 17
     save_safetensors(coco, tmp_path / "coco17.safetensors")
     cfg = tiny_config(tmp_path, "data.keypoints=crowdpose", f"model.init_checkpoint={tmp_path / 'coco17.safetensors'}")
     model = build_model_from_config(cfg)
     assert model.spec.num_keypoints == 14
     assert torch.equal(model.backbone.patch_embed.proj.weight, coco.backbone.patch_embed.proj.weight)
+    coco_sd, sd = coco.state_dict(), model.state_dict()
+    final = {"keypoint_head.final_layer.weight", "keypoint_head.final_layer.bias"}
+    assert all(torch.equal(v, coco_sd[k]) for k, v in sd.items() if k not in final)  # backbone and deconvs
+    assert sd["keypoint_head.final_layer.bias"].shape == (14,)
+    out = capsys.readouterr().out  # the report, printed at the start of the run
+    assert "2 new" in out and "predicts 17 keypoints, the model 14: its final layer is new" in out
+
+    # A backbone that differs (patch 16 vs the config's 8) is still refused.
+    save_safetensors(build_model("vitpose_nano", img_size=(64, 48)), tmp_path / "patch16.safetensors")
+    with pytest.raises(CheckpointMismatchError, match=r"patch_embed.proj.weight: \(96, 3, 16, 16\) vs \(96, 3, 8, 8\)"):
+        build_model_from_config(tiny_config(tmp_path, "data.keypoints=crowdpose",
+                                            f"model.init_checkpoint={tmp_path / 'patch16.safetensors'}"))
 
 
 # ------------------------------------------------------------------------------------- file builders

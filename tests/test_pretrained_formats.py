@@ -22,7 +22,15 @@ from timm.models.vision_transformer import VisionTransformer
 
 from vitpose.build import build_model_from_config
 from vitpose.config import load_config
-from vitpose.models import CheckpointError, build_model, load_pretrained, save_official
+from vitpose.models import (
+    CheckpointError,
+    CheckpointMismatchError,
+    build_model,
+    load_checkpoint,
+    load_model,
+    load_pretrained,
+    save_official,
+)
 from vitpose.models.__main__ import main
 
 DIM, DEPTH, HEADS = 64, 2, 2  # vitpose_pico's shape, so inspect suggests it
@@ -189,6 +197,40 @@ def test_official_files_load_as_before_with_a_report(tmp_path: Path) -> None:
     report = load_pretrained(model, path)
     assert report.format == "vitpose" and report.preset == "vitpose_pico"
     assert report.new == [] and report.resized == [] and set(report.loaded) == set(src.state_dict())
+
+
+def test_an_official_file_of_another_keypoint_set_starts_a_new_final_layer(tmp_path: Path) -> None:
+    """An official ViTPose .pth (mmcv dict, cls_token, no spec of ours) of 17 keypoints into a 14-keypoint model:
+    backbone and deconvolutions load, the final layer is new and reported; any other difference is still an
+    error, and the strict loaders (load_checkpoint, load_model) refuse or rebuild as before."""
+    coco = build_model("vitpose_pico", num_keypoints=17)
+    sd = {"backbone.cls_token": torch.zeros(1, 1, coco.spec.embed_dim), **coco.state_dict()}
+    path = tmp_path / "vitpose_coco.pth"
+    torch.save({"state_dict": sd, "meta": {"mmcv_version": "1.3.9", "epoch": 210}}, path)
+    final = ["keypoint_head.final_layer.weight", "keypoint_head.final_layer.bias"]
+
+    model = build_model("vitpose_pico", num_keypoints=14)
+    before = {k: model.state_dict()[k].clone() for k in final}
+    report = load_pretrained(model, path)
+    assert report.format == "vitpose" and report.new == final
+    assert report.ignored == ["backbone.cls_token", *final]
+    assert set(report.loaded) == set(coco.state_dict()) - set(final)
+    assert any("predicts 17 keypoints, the model 14" in n for n in report.notes)
+    assert "2 new" in report.summary() and "keypoint_head.* (2 keys: the pose head)" in report.summary()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k] if k in final else coco.state_dict()[k]), k
+
+    with pytest.raises(CheckpointMismatchError, match="final_layer.weight: \\(17, 32, 1, 1\\) vs \\(14, 32, 1, 1\\)"):
+        load_checkpoint(build_model("vitpose_pico", num_keypoints=14), path)  # strict as before
+    assert load_model(path).spec.num_keypoints == 17
+    with pytest.raises(CheckpointMismatchError, match="fits preset 'vitpose_pico'"):  # the backbone stays strict
+        load_pretrained(build_model("vitpose_pico", num_keypoints=14, depth=coco.spec.depth + 1), path)
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected keys \(12\)"):  # so does the rest of the head
+        load_pretrained(build_model("vitpose_pico_simple", num_keypoints=14), path)
+    wide = {**sd, final[0]: torch.zeros(17, 32, 3, 3)}  # a final layer that differs in more than its outputs
+    torch.save({"state_dict": wide}, tmp_path / "wide.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"final_layer.weight: \(17, 32, 3, 3\) vs \(14, 32, 1, 1\)"):
+        load_pretrained(build_model("vitpose_pico", num_keypoints=14), tmp_path / "wide.pth")
 
 
 def inspect_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:

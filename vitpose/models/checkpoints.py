@@ -27,6 +27,7 @@ SPEC_KEY = "vitpose_spec"  # in the .pth 'meta' dict and in the safetensors meta
 POS_EMBED = "backbone.pos_embed"
 IGNORED_KEYS = ("backbone.cls_token",)  # official backbone has a cls slot it never uses
 KNOWLEDGE_PREFIX = "backbone.knowledge_tokens."
+FINAL_LAYER_KEYS = ("keypoint_head.final_layer.weight", "keypoint_head.final_layer.bias")
 _MAX_LISTED = 12
 
 
@@ -302,12 +303,33 @@ def _suggest(state_dict: dict[str, torch.Tensor], file_spec: ModelSpec | None) -
 # ---- loading ------------------------------------------------------------------------------------------
 
 
-def load_checkpoint(model: ViTPose, path: str | Path) -> LoadReport:
+def _new_final_layer(state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                     report: LoadReport) -> dict[str, torch.Tensor]:
+    """Drop the file's pose-head final layer when only its output count (keypoints) differs from the model's:
+    that layer stays new and the report says so. Anything else that differs is left for the strict check."""
+    keys = [k for k in FINAL_LAYER_KEYS if k in state_dict and k in expected]
+    if len(keys) != len(FINAL_LAYER_KEYS):
+        return {}
+    file_w, model_w = state_dict[FINAL_LAYER_KEYS[0]], expected[FINAL_LAYER_KEYS[0]]
+    if file_w.shape == model_w.shape or file_w.shape[1:] != model_w.shape[1:]:
+        return {}
+    if state_dict[FINAL_LAYER_KEYS[1]].shape != (file_w.shape[0],):
+        return {}
+    dropped = {k: state_dict.pop(k) for k in keys}
+    report.ignored_keys += keys
+    report.notes.append(f"the file's pose head predicts {file_w.shape[0]} keypoints, the model {model_w.shape[0]}: "
+                        "its final layer is new (the rest of the head and the backbone are loaded)")
+    return dropped
+
+
+def load_checkpoint(model: ViTPose, path: str | Path, *, new_keypoints: bool = False) -> LoadReport:
     """Load an official-layout checkpoint into `model`, strictly.
 
     Every model key must be in the file with the same shape and vice versa, except: `backbone.cls_token`
     is dropped, `pos_embed` is resized bicubically when only its token grid differs, and knowledge tokens
     present in the model but not in the file (official files never have them) keep their initial values.
+    With `new_keypoints` (a run starting from another keypoint set's file, `model.init_checkpoint`), a pose
+    head final layer whose only difference is its keypoint count stays new, and the report says so.
     Raises CheckpointMismatchError naming the file, the differing keys and the preset that fits the file.
     """
     state_dict, file_spec = read_checkpoint(path)
@@ -319,6 +341,7 @@ def load_checkpoint(model: ViTPose, path: str | Path) -> LoadReport:
             report.ignored_keys.append(key)
 
     expected = model.state_dict()
+    new_head = _new_final_layer(state_dict, expected, report) if new_keypoints else {}
     pos_file, pos_model = state_dict.get(POS_EMBED), expected.get(POS_EMBED)
     if (
         pos_file is not None
@@ -340,7 +363,8 @@ def load_checkpoint(model: ViTPose, path: str | Path) -> LoadReport:
     report.kept_initialised = [k for k in missing if k.startswith(KNOWLEDGE_PREFIX)]
     # BatchNorm fills a missing counter itself (files from before PyTorch 0.4.1 lack it).
     missing = [
-        k for k in missing if k not in report.kept_initialised and not k.endswith("num_batches_tracked")
+        k for k in missing
+        if k not in report.kept_initialised and k not in new_head and not k.endswith("num_batches_tracked")
     ]
     unexpected = [k for k in state_dict if k not in expected]
     mis_shaped = [
@@ -352,14 +376,14 @@ def load_checkpoint(model: ViTPose, path: str | Path) -> LoadReport:
         ms = model.spec
         suggestion = (
             f"The model has embed_dim {ms.embed_dim}, depth {ms.depth}, {ms.decoder} decoder, "
-            f"{ms.num_keypoints} keypoints. {_suggest(state_dict, file_spec)}"
+            f"{ms.num_keypoints} keypoints. {_suggest({**state_dict, **new_head}, file_spec)}"
         )
         raise CheckpointMismatchError(path, missing, unexpected, mis_shaped, suggestion)
     model.load_state_dict(state_dict, strict=False)
     report.preset = match_preset(model.spec)
     report.resized = [POS_EMBED] if report.pos_embed_resized else []
     report.loaded = [k for k in state_dict if k not in report.resized]
-    report.new = list(report.kept_initialised)
+    report.new = list(report.kept_initialised) + list(new_head)
     return report
 
 

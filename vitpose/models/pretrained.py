@@ -184,8 +184,8 @@ def load_pretrained(model: ViTPose, path: str | Path, *, expert: int = 0, echo: 
     logged, and printed when `echo` (the start of a training run, where the user should see it).
     """
     conv = read_pretrained(path, expert)
-    if conv is None:
-        report = load_checkpoint(model, path)
+    if conv is None:  # a head of another keypoint count is new, as for the other formats (_fit_head)
+        report = load_checkpoint(model, path, new_keypoints=True)
     else:
         sd, report = fit_pretrained(conv, model, str(path))
         if not any(p.is_meta for p in model.parameters()):  # `inspect` builds on the meta device
