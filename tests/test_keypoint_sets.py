@@ -142,6 +142,40 @@ def test_a_coco_checkpoint_starts_a_crowdpose_run(tmp_path, capsys):
                                             f"model.init_checkpoint={tmp_path / 'patch16.safetensors'}"))
 
 
+def test_the_init_checkpoint_report_goes_to_the_mlflow_run(tmp_path):
+    """The Trainer of a teacher run or a sweep trial logs the load report of model.init_checkpoint to its run."""
+    import mlflow
+
+    from vitpose.build import model_spec_kwargs
+    from vitpose.models import build_model, save_safetensors
+    from vitpose.tracking import WorkerTracker, start_driver_run
+    from vitpose.train.loop import Trainer
+    from vitpose.train.session import LocalSession
+
+    root = crowdpose_root(tmp_path)
+    save_safetensors(build_model("vitpose_nano", **model_spec_kwargs(tiny_config(root))), tmp_path / "coco17.safetensors")
+    cfg = tiny_config(root, "data.kind=coco", "data.keypoints=crowdpose", "data.train_ann=annotations/crowdpose.json",
+                      "data.train_images=images", "data.val_ann=annotations/crowdpose.json", "data.val_images=images",
+                      "deepspeed.zero_stage=0", "train.precision=fp32",
+                      f"model.init_checkpoint={tmp_path / 'coco17.safetensors'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("init-report", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    run_id = start_driver_run(cfg, uri, "init-report", "from-coco", experiment_id=exp)
+    Trainer(cfg, LocalSession(tmp_path / "run"), tracker=WorkerTracker(uri, run_id))
+
+    params = client.get_run(run_id).data.params
+    got = {k: params[f"init_checkpoint.{k}"] for k in ("format", "preset", "resized", "new", "ignored")}
+    assert got == {"format": "vitpose", "preset": "custom", "resized": "0", "new": "2", "ignored": "2"}
+    assert int(params["init_checkpoint.loaded"]) > 50
+    folder = Path(client.download_artifacts(run_id, "", str(tmp_path / "artifacts")))
+    report = json.loads((folder / "init_checkpoint_report.json").read_text())
+    assert report["new"] == ["keypoint_head.final_layer.weight", "keypoint_head.final_layer.bias"]
+    assert report["path"] == str(tmp_path / "coco17.safetensors") and len(report["loaded"]) == int(params["init_checkpoint.loaded"])
+    text = (folder / "init_checkpoint_report.txt").read_text()
+    assert "format vitpose" in text and "predicts 17 keypoints, the model 14: its final layer is new" in text
+
+
 # ------------------------------------------------------------------------------------- file builders
 def _mini_root(tmp_path: Path) -> tuple[Path, dict]:
     root = tmp_path / "data"

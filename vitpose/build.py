@@ -107,8 +107,8 @@ def build_model_from_config(cfg: TrainingConfig, **extra: Any) -> torch.nn.Modul
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model.preset, **model_spec_kwargs(cfg), **(build_overrides(init) if init else {}),
                             **extra)
-    if init:
-        load_pretrained(model, init, echo=True)
+    if init:  # the report rides on the model to the Trainer, which logs it to the run (WorkerTracker)
+        model.init_report = load_pretrained(model, init, echo=True)
     if cfg.model.activation_checkpointing:
         model.set_grad_checkpointing(True)
     return model
@@ -132,7 +132,7 @@ def build_partitioned_model(cfg: TrainingConfig, ds_config: dict[str, Any], rank
         if rank == 0:
             model.init_weights()
             if init:
-                load_pretrained(model, init, echo=True)
+                model.init_report = load_pretrained(model, init, echo=True)
     if cfg.model.activation_checkpointing:
         model.set_grad_checkpointing(True)
     return model

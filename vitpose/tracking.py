@@ -191,6 +191,20 @@ class WorkerTracker:
         if attempts > 1:
             self.client.set_tag(run_id, "restarts", str(attempts - 1))
 
+    def log_load_report(self, report: Any) -> None:
+        """The `model.init_checkpoint` load (a models.LoadReport): init_checkpoint_report.json / .txt, and its
+        format, preset and key counts as ``init_checkpoint.*`` params."""
+        import mlflow
+
+        self.client.log_dict(self.run_id, {"path": report.path, **report.to_json(), "notes": report.notes},
+                             "init_checkpoint_report.json")
+        self.client.log_text(self.run_id, report.summary() + "\n", "init_checkpoint_report.txt")
+        data = report.to_json()
+        params = {"format": data["format"], "preset": data["preset"] or "custom",
+                  **{k: len(data[k]) for k in ("loaded", "resized", "new", "ignored")}}
+        items = [mlflow.entities.Param(f"init_checkpoint.{k}", str(v)) for k, v in params.items()]
+        self.client.log_batch(self.run_id, params=items)
+
     def log_epoch(self, metrics: dict[str, float], step: int) -> None:
         log_metrics(self.uri, self.run_id, metrics, step)
 

@@ -126,6 +126,8 @@ class Trainer:
             model = (build_partitioned_model(cfg, self.ds_config, self.rank) if self.stage == 3
                      else build_model_from_config(cfg))
         self.spec = model.spec
+        if tracker is not None and getattr(model, "init_report", None) is not None:  # from model.init_checkpoint
+            tracker.log_load_report(model.init_report)
         layer_decay = cfg.model.layer_decay if cfg.model.layer_decay is not None else model.spec.layer_decay_rate
         groups = param_groups_layer_decay(model, cfg.train.lr, cfg.train.weight_decay, layer_decay)
         groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
