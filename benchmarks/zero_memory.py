@@ -52,9 +52,11 @@ def worker(a: argparse.Namespace) -> None:
     from vitpose.train.session import NullSession
 
     sets = [
-        f"model.preset={a.preset}", "model.img_size=[256, 192]",
+        # The paper's model: patch 16 at 256x192 (a 16x12 grid). The synthetic config's patch 8 would give 4x
+        # the tokens and activations (it did, from 2026-11-26 to 11-29, and looked like a stage-3 regression).
+        f"model.preset={a.preset}", "model.img_size=[256, 192]", f"model.patch_size={a.patch_size}",
         f"model.activation_checkpointing={str(a.activation_checkpointing).lower()}",
-        f"deepspeed.config=configs/deepspeed/zero{a.stage}.json",
+        f"deepspeed.config={a.ds_config or f'configs/deepspeed/zero{a.stage}.json'}",
         f"train.precision={a.precision}", f"train.batch_size={a.batch_size}", f"train.max_steps_per_epoch={a.steps}",
         "train.epochs=1", "train.warmup_iters=0", "data.loader_workers=0",
         f"data.root={a.data_root}", "data.synthetic.generate=true", "data.synthetic.train_instances=32", "data.synthetic.val_instances=4",
@@ -75,6 +77,10 @@ def worker(a: argparse.Namespace) -> None:
         "init_s": t1 - t0, "step_s": (t2 - t1) / max(stats.steps, 1), "steps": stats.steps, "loss": stats.loss,
     }
     Path(a.result).write_text(json.dumps(result))
+    # Leave without the interpreter's teardown: gloo/DeepSpeed threads still alive at exit can abort the process
+    # ("terminate called without an active exception") after the figures are safely written.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -87,6 +93,7 @@ def run_pair(stage: int, preset: str, precision: str, args: argparse.Namespace, 
         result = tmp / f"{preset}-{stage}-{precision}-{rank}.json"
         cmd = [sys.executable, __file__, "--worker", "--rank", str(rank), "--world", "2", "--stage", str(stage),
                "--preset", preset, "--precision", precision, "--batch-size", str(args.batch_size),
+               "--patch-size", str(args.patch_size), "--ds-config", args.ds_config,
                "--steps", str(args.steps), "--data-root", args.data_root, "--result", str(result)]
         if args.activation_checkpointing or preset == "vitpose_g":
             cmd.append("--activation-checkpointing")
@@ -116,10 +123,14 @@ def main() -> int:
     p.add_argument("--stages", default="0,1,2,3")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--ds-config", default="", help="a DeepSpeed JSON to use for every stage listed (default: "
+                   "configs/deepspeed/zero<stage>.json), e.g. to compare bucket settings")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--giant", action="store_true", help="also one vitpose_g step under ZeRO-3 (bf16)")
     p.add_argument("--data-root", default=str(REPO / "runs/bench/zero-memory-data"))
+    p.add_argument("--json", action="store_true", help="also print every rank's figures as one JSON list, last line")
     # worker-side
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -134,19 +145,21 @@ def main() -> int:
     runs: list[tuple[str, int, str]] = [(a.preset, int(s), a.precision) for s in a.stages.split(",")]
     if a.giant:
         runs.append(("vitpose_g", 3, "bf16"))
-    print(f"ZeRO memory: 2 ranks (gloo, 1 thread each), batch {a.batch_size} per rank, 256x192, "
+    print(f"ZeRO memory: 2 ranks (gloo, 1 thread each), batch {a.batch_size} per rank, 256x192 at patch {a.patch_size}, "
           f"{a.steps} optimizer steps, AdamW (torch)\n")
     header = (f"{'model':10} {'stage':>5} {'prec':>5} {'params':>8} {'after imports':>13} {'after init':>10} "
               f"{'peak':>6} {'peak/st.0':>9} {'train GiB':>9} {'train/st.0':>10} {'s/step':>7}")
     print(header)
     print("-" * len(header))
     stage0: dict[tuple[str, str], tuple[float, float]] = {}  # (preset, precision) -> rank 0's (peak, train)
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="zero-memory-") as tmp:
         for preset, stage, precision in runs:
             out = run_pair(stage, preset, precision, a, Path(tmp))
             if isinstance(out, str):
                 print(f"{preset:10} {stage:5d} {precision:>5}  FAILED: {out}")
                 continue
+            rows.extend(out)
             for r in out:
                 train = r["peak_gib"] - r["baseline_gib"]
                 if stage == 0 and r["rank"] == 0:
@@ -159,6 +172,8 @@ def main() -> int:
                       f"{train:8.2f}G {train_ratio} {r['step_s']:7.1f}", flush=True)
     print("\npeak: the process's resident high-water mark (VmHWM); train GiB: peak minus after imports (the\n"
           "interpreter, torch and DeepSpeed, the same for every stage); st.0: the same column of stage 0, rank 0.")
+    if a.json:
+        print(json.dumps([{**r, "train_gib": r["peak_gib"] - r["baseline_gib"]} for r in rows]))
     return 0
 
 
