@@ -7,9 +7,10 @@
     python pipelines/distill.py --plan [--json]                       # what each arm would do; no training
 
 Before any trial: the teacher is fetched once, the knowledge tokens of every token setting in the search
-space are learned once, and (output distillation in bank mode) the teacher's heatmaps are stored once in
-the view bank. Every trial is an MLflow run nested under the sweep's run; the best student is registered
-with the alias from tune.alias (default ``champion``).
+space are learned once, and (bank mode, the default) the views every arm trains on are stored once in the
+view bank with the teacher's heatmaps. Every trial is an MLflow run nested under the sweep's run; the
+student with the best val AP after its last epoch is registered with the alias from tune.alias (default
+``champion``).
 """
 
 from __future__ import annotations

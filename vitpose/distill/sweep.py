@@ -2,9 +2,9 @@
 
 ``run_sweep(cfg, resume)`` is what ``pipelines/distill.py`` calls. Before any trial: the teacher is fetched
 from the registry to the sweep folder, the knowledge tokens of every token setting in the search space are
-learned once, and (output distillation in bank mode) the teacher's heatmaps are stored once in the view bank.
-Every trial is an MLflow run nested under the sweep's run, which also gets a results table and a plot; the
-best student is registered with the alias ``tune.alias``.
+learned once, and (bank mode) the views every arm trains on are stored once in the view bank, with the
+teacher's heatmaps. Every trial is an MLflow run nested under the sweep's run, which also gets a results table
+and a plot; the student with the best val AP after its last epoch is registered with the alias ``tune.alias``.
 """
 
 from __future__ import annotations
