@@ -13,11 +13,10 @@ difference of each bf16 path from fp32 (random weights; speed does not depend on
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Any
 
 import torch
+from inference import interleaved_row  # benchmarks/inference.py, beside this script
 
 from vitpose.inference import PosePredictor
 from vitpose.models import build_model
@@ -39,13 +38,6 @@ def paths(preset: str) -> dict[str, Any]:
     return {"fp32": fp32.heatmaps, "bf16 weights": cast.heatmaps, "bf16 autocast": autocast}
 
 
-def measure(fn: Any, x: torch.Tensor, calls: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn(x)
-    return calls * x.shape[0] / (time.perf_counter() - t0)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", default=["vitpose_s", "vitpose_b"])
@@ -62,13 +54,7 @@ def main() -> None:
             ref = fns["fp32"](x)[0]
             diffs = {n: float(abs(fns[n](x)[0] - ref).max()) for n in names[1:]}  # also the warm-up
             calls = BATCH1_CALLS if batch == 1 else 1
-            samples: dict[str, list[float]] = {n: [] for n in names}
-            for r in range(a.reps):
-                for name in names[r % len(names):] + names[: r % len(names)]:
-                    samples[name].append(measure(fns[name], x, calls))
-            row = {"preset": preset, "batch": batch, **{n: statistics.median(v) for n, v in samples.items()}}
-            for n in names[1:]:
-                row[f"{n}/fp32"] = statistics.median(s / f for s, f in zip(samples[n], samples["fp32"], strict=True))
+            row = {"preset": preset, "batch": batch, **interleaved_row(fns, x, calls, a.reps, "fp32")}
             rows.append(row)
             print(f"{preset} batch {batch}: " + ", ".join(f"{n} {row[n]:.1f} img/s" for n in names)
                   + "; max |heatmap - fp32| " + ", ".join(f"{n} {d:.2e}" for n, d in diffs.items()), flush=True)

@@ -55,6 +55,21 @@ def measure(fn: Any, x: torch.Tensor, calls: int) -> float:
     return calls * x.shape[0] / (time.perf_counter() - t0)
 
 
+def interleaved_row(fns: dict[str, Any], x: torch.Tensor, calls: int, reps: int, ref: str) -> dict[str, float]:
+    """Median images/s of each function over ``reps`` rounds, each round in a rotated order (so a machine whose
+    speed drifts hurts all alike), and each one's median per-round ratio to ``ref``."""
+    names = list(fns)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            samples[name].append(measure(fns[name], x, calls))
+    row = {n: statistics.median(v) for n, v in samples.items()}
+    for n in names:
+        if n != ref:
+            row[f"{n}/{ref}"] = statistics.median(a / b for a, b in zip(samples[n], samples[ref], strict=True))
+    return row
+
+
 @torch.inference_mode()
 def bench_preset(preset: str, batches: list[int], reps: int, with_compile: bool, tmp: Path) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
@@ -70,13 +85,7 @@ def bench_preset(preset: str, batches: list[int], reps: int, with_compile: bool,
             backends[name](x)
             if name == "compile":
                 print(f"  torch.compile warm-up at batch {batch}: {time.perf_counter() - t:.0f}s", flush=True)
-        samples: dict[str, list[float]] = {n: [] for n in names}
-        for r in range(reps):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                samples[name].append(measure(backends[name], x, calls))
-        row = {"preset": preset, "batch": batch, **{n: statistics.median(v) for n, v in samples.items()}}
-        for n in names[1:]:
-            row[f"{n}/eager"] = statistics.median(a / b for a, b in zip(samples[n], samples["eager"], strict=True))
+        row = {"preset": preset, "batch": batch, **interleaved_row(backends, x, calls, reps, "eager")}
         rows.append(row)
         print(f"  batch {batch}: " + ", ".join(f"{n} {row[n]:.1f} img/s" for n in names), flush=True)
     return rows

@@ -30,8 +30,7 @@ def arm_plan(arm: StudentConfig) -> dict[str, Any]:
     t, o = arm.distill.token, arm.distill.output
     tokens = None
     if t.enabled:
-        setting = TokenSetting.from_config(arm)
-        tokens = random_tokens(setting, setting.width or 0)  # the stored ones have this shape
+        tokens = random_tokens(TokenSetting.from_config(arm))  # the stored ones have this shape
     student = build_student(arm, tokens)
     return {
         "trainable_params": trainable(student),

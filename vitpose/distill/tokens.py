@@ -68,8 +68,9 @@ def token_file(folder: Path, setting: TokenSetting, teacher_id: str) -> Path:
     return Path(folder) / f"tokens-{setting.key(teacher_id)}.safetensors"
 
 
-def random_tokens(setting: TokenSetting, width: int) -> torch.Tensor:
-    """The control arm's tokens: where learning of ``setting`` starts, never trained on the teacher."""
+def random_tokens(setting: TokenSetting, width: int | None = None) -> torch.Tensor:
+    """The control arm's tokens: where learning of ``setting`` starts, never trained on the teacher (``width``
+    stands in for ``setting.width`` when that is None: the teacher's own)."""
     return initial_knowledge_tokens(setting.num_tokens, setting.width or width, setting.seed)
 
 
@@ -146,7 +147,7 @@ def tokens_for(cfg: StudentConfig, token_dir: Path, teacher_id: str) -> torch.Te
         return None
     setting = TokenSetting.from_config(cfg)
     if t.random:
-        return random_tokens(setting, setting.width or 0)
+        return random_tokens(setting)
     path = token_file(token_dir, setting, teacher_id)
     if not path.is_file():
         raise ConfigError(f"{path}: no knowledge tokens for {setting} on {teacher_id}; the sweep learns them "
