@@ -121,6 +121,14 @@ def read_status(folder: Path, rank: int) -> dict | None:
         return None
 
 
+def hold_rank(folder: Path, rank: int, phase: str, epoch: int) -> Path:
+    """Ask ``rank`` to wait when it reaches ``phase`` of ``epoch`` (see WorkerStatus); unlink the file to let go."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"hold-rank{rank}.json"
+    path.write_text(json.dumps({"phase": phase, "epoch": epoch}))
+    return path
+
+
 def wait_for_status(folder: Path, rank: int, when: Callable[[dict], bool], timeout: float,
                     alive: Callable[[], bool] = lambda: True) -> dict:
     """Poll a worker's status file (see vitpose.train.session.WorkerStatus) until ``when`` holds."""

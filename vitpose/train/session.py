@@ -155,6 +155,11 @@ class WorkerStatus:
     phase ('start', 'train', 'eval', 'save', 'report', 'done'), epoch (1-based, the one in progress; at
     'start' the number already done), step in the epoch and global_step (steps finished) without attaching
     to Ray. 'train' is written before each step.
+
+    A watcher can also stop a rank at a point it names, so a kill lands there every time rather than when a
+    poller happens to catch a phase that lasts milliseconds: while ``<dir>/hold-rank<R>.json`` holds
+    ``{"phase": P, "epoch": E}`` matching an update, the rank writes ``"held": true`` and waits until that
+    file is removed (at most ``"timeout_s"``, default 300 s).
     """
 
     def __init__(self, rank: int):
@@ -168,7 +173,25 @@ class WorkerStatus:
         if self.path is None:
             return
         self.fields.update(fields, time=time.time())
+        hold = self._hold()
+        self.fields["held"] = hold is not None
         write_atomic(self.path, json.dumps(self.fields))
+        if hold is not None:
+            deadline = time.time() + float(hold.get("timeout_s", 300))
+            while self._hold() is not None and time.time() < deadline:
+                time.sleep(0.05)
+            self.fields["held"] = False
+            write_atomic(self.path, json.dumps(self.fields))
+
+    def _hold(self) -> dict[str, Any] | None:
+        """The hold request matching the current phase and epoch, if a watcher left one."""
+        file = self.path.with_name(f"hold-{self.path.name}")
+        try:
+            hold = json.loads(file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        wanted = (hold.get("phase"), hold.get("epoch"))
+        return hold if wanted == (self.fields.get("phase"), self.fields.get("epoch")) else None
 
 
 def free_port() -> int:
