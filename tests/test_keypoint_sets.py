@@ -1,7 +1,7 @@
 """Keypoint sets (``data.keypoints``): the built-in definitions, custom sets, the mismatch errors, and a
 CrowdPose-format (14) and a COCO-WholeBody-format (133, separate foot/face/hand fields) file, both made here
 from the real COCO mini data, each through loading, a tiny training run, COCOeval with the set's sigmas,
-the predictor's (serving's) output names, ONNX metadata and the evaluate CLI."""
+the predictor's output names, `mlflow models serve`, ONNX metadata and the evaluate CLI."""
 
 from __future__ import annotations
 
@@ -264,6 +264,33 @@ def check_served_names(ckpt: Path, kset: KeypointSet, tmp_path: Path) -> None:
     assert json.loads(props["vitpose_keypoints"])["sigmas"] == list(kset.sigmas)
 
 
+def check_served_over_http(ckpt: Path, kset: KeypointSet, tmp_path: Path) -> None:
+    """Registered in MLflow and answered by ``mlflow models serve``: one person, the set's count and names."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from tests.helpers_serving import ModelServer, register_model, sqlite_store
+
+    uri, exp = sqlite_store(tmp_path / "mlruns")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    register_model(uri, exp, ckpt / "model.safetensors", meta, f"pose-{kset.name}", "champion")
+    buf = io.BytesIO()
+    Image.open(next(MINI_IMAGES.glob("*.jpg"))).convert("RGB").save(buf, format="JPEG")
+    server = ModelServer(f"models:/pose-{kset.name}@champion", uri, tmp_path / "serve")
+    try:
+        status, body = server.post({"dataframe_records": [{"image": base64.b64encode(buf.getvalue()).decode(),
+                                                           "boxes": [[20, 20, 120, 200, 0.9]]}]})
+    finally:
+        server.stop()
+    assert status == 200, body
+    row = body["predictions"][0]
+    assert row["keypoint_names"] == list(kset.names), row.get("keypoint_names")
+    assert np.asarray(row["persons"][0]["keypoints"]).shape == (kset.num_keypoints, 3)
+
+
+@pytest.mark.slow
 def test_crowdpose_file_trains_evaluates_and_serves(tmp_path, capsys):
     import pipelines.evaluate as evaluate_cli
     from vitpose.models import save_safetensors
@@ -281,6 +308,7 @@ def test_crowdpose_file_trains_evaluates_and_serves(tmp_path, capsys):
     assert evaluator.sigmas.tolist() == list(CROWDPOSE.sigmas)
     assert evaluator.evaluate(perfect_predictions(ds))["AP"] == pytest.approx(1.0)
     check_served_names(session.checkpoints[-1], CROWDPOSE, tmp_path)
+    check_served_over_http(session.checkpoints[-1], CROWDPOSE, tmp_path)
 
     # evaluate CLI: the model's own set; a bare weights file (no set stored) needs --keypoints for this file.
     common = ["--data-root", str(root), "--ann", "annotations/crowdpose.json", "--images", "images"]
@@ -296,6 +324,7 @@ def test_crowdpose_file_trains_evaluates_and_serves(tmp_path, capsys):
     assert e1 == e2  # the same weights, scored with the same set
 
 
+@pytest.mark.slow
 def test_wholebody_file_reads_separate_fields_trains_evaluates_and_serves(tmp_path):
     root = wholebody_root(tmp_path)
     raw = json.loads((root / "annotations/wholebody.json").read_text())
@@ -317,3 +346,4 @@ def test_wholebody_file_reads_separate_fields_trains_evaluates_and_serves(tmp_pa
         p["keypoints"][91:, :2] += 25.0  # both hands off by 25 px: the whole-body AP must see it
     assert evaluator.evaluate(perfect)["AP"] < 0.9
     check_served_names(session.checkpoints[-1], WHOLEBODY, tmp_path)
+    check_served_over_http(session.checkpoints[-1], WHOLEBODY, tmp_path)

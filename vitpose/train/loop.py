@@ -276,7 +276,7 @@ class Trainer:
         metrics = {}
         if self.rank == 0:
             unique = {p["index"]: p for part in gathered for p in part}  # drop the sampler's padding repeats
-            evaluator = CocoKeypointEvaluator(self.val_ds.ann_file)
+            evaluator = CocoKeypointEvaluator(self.val_ds.ann_file, keypoints=self.val_ds.keypoint_set)
             metrics = {f"val/{k}": float(v) for k, v in evaluator.evaluate(list(unique.values())).items()}
             if self.tracker is not None and first_batch is not None and self.cfg.tracking.log_images:
                 self.tracker.log_predictions(first_batch, self.keypoint_info, epoch + 1, self.cfg.tracking.log_images)
