@@ -332,7 +332,7 @@ def test_explicit_attention_is_the_fused_kernels_function() -> None:
     # The bf16 CPU training path (two batched matmuls) against F.scaled_dot_product_attention: the same
     # function in fp32, and in bf16 (forward and gradients) as close to the fp32 result as the fused
     # kernel's own bf16 result is, within bf16 rounding.
-    from vitpose.models.backbone import explicit_attention
+    from vitpose.models.attention import explicit_attention
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(3, 2, 3, 40, 16) * 2).unbind(0)
@@ -355,11 +355,11 @@ def test_explicit_attention_is_the_fused_kernels_function() -> None:
 
 
 def test_bf16_training_takes_the_explicit_attention_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    import vitpose.models.backbone as backbone
+    import vitpose.models.attention as attention
 
     calls = []
-    real = backbone.explicit_attention
-    monkeypatch.setattr(backbone, "explicit_attention", lambda *a: calls.append(1) or real(*a))
+    real = attention.explicit_attention
+    monkeypatch.setattr(attention, "explicit_attention", lambda *a: calls.append(1) or real(*a))
     model = _small().train()
     x = torch.randn(2, 3, 64, 48)
     model(x)  # fp32: the fused kernel

@@ -92,6 +92,7 @@ def model_spec_kwargs(cfg: TrainingConfig) -> dict[str, Any]:
         "deconv_channels": m.deconv_channels,
         "num_keypoints": kset.num_keypoints,
         "drop_path_rate": m.drop_path_rate,
+        "attention": m.attention.model_dump() if m.attention else None,
     }
     return {k: v for k, v in kw.items() if v is not None}
 
@@ -109,6 +110,18 @@ def build_model_from_config(cfg: TrainingConfig, **extra: Any) -> torch.nn.Modul
                             **extra)
     if init:  # the report rides on the model to the Trainer, which logs it to the run (WorkerTracker)
         model.init_report = load_pretrained(model, init, echo=True)
+    return _finish(cfg, model)
+
+
+def _finish(cfg: TrainingConfig, model: torch.nn.Module) -> torch.nn.Module:
+    """What both builders do last: partial freezing (before any optimizer sees the parameters; the report rides
+    on the model as ``freeze_report``, printed like the load report) and activation checkpointing."""
+    from vitpose.models import freeze
+
+    f = cfg.model.freeze
+    if f.active():
+        model.freeze_report = freeze(model, attention=f.attention, mlp=f.mlp, embed=f.embed)
+        print(model.freeze_report.summary(), flush=True)
     if cfg.model.activation_checkpointing:
         model.set_grad_checkpointing(True)
     return model
@@ -133,6 +146,4 @@ def build_partitioned_model(cfg: TrainingConfig, ds_config: dict[str, Any], rank
             model.init_weights()
             if init:
                 model.init_report = load_pretrained(model, init, echo=True)
-    if cfg.model.activation_checkpointing:
-        model.set_grad_checkpointing(True)
-    return model
+    return _finish(cfg, model)

@@ -9,6 +9,7 @@ Typical use::
     groups = param_groups_layer_decay(model, lr=5e-4, weight_decay=0.1)
 """
 
+from .attention import AttentionSpec
 from .backbone import KnowledgeTokens, ViTBackbone, resize_pos_embed
 from .checkpoints import (
     CheckpointError,
@@ -23,6 +24,7 @@ from .checkpoints import (
     save_safetensors,
 )
 from .formats import FORMATS, VITPOSE_PLUS_EXPERTS
+from .freeze import FreezeReport, freeze, frozen_parameter_names
 from .heads import ClassicDecoder, SimpleDecoder
 from .optim import layer_id, param_groups_layer_decay
 from .pretrained import build_overrides, inspect_file, load_pretrained
@@ -38,6 +40,10 @@ from .vitpose import (
 
 __all__ = [
     "FORMATS",
+    "AttentionSpec",
+    "FreezeReport",
+    "freeze",
+    "frozen_parameter_names",
     "PRESETS",
     "VITPOSE_PLUS_EXPERTS",
     "CheckpointError",

@@ -12,9 +12,10 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from torch.utils.checkpoint import checkpoint
+
+from .attention import AttentionSpec, WindowLayout, attend, attention_cost, window_attention, window_mask
 
 LAYER_NORM_EPS = 1e-6
 
@@ -62,21 +63,6 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v as two batched matmuls: the bf16 training path on CPUs.
-
-    In bf16 on a CPU the fused kernel's forward + backward is slow for pose-sized sequences, while the two
-    batched matmuls run on the matrix units (AMX): ViT-B shapes (batch 16, 12 heads, 192 tokens, 2 cores)
-    take 22 ms per block instead of 45-50 (the fused kernel in bf16, or in fp32 as this path did before);
-    the whole bf16 training step of ViTPose-S and -B is 1.18x faster. The price is the usual one of
-    mixed-precision attention without a fused kernel: the scores are rounded to bf16 before the softmax
-    (which accumulates in fp32), and the backward pass keeps the (B, h, N, N) probabilities (14 MB per
-    ViT-B block at batch 16). Inference and fp32 keep the fused kernel.
-    """
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    return scores.softmax(dim=-1) @ v
-
-
 class Attention(nn.Module):
     """Multi-head self-attention: one fused qkv Linear, ``F.scaled_dot_product_attention``, the output Linear.
 
@@ -84,24 +70,28 @@ class Attention(nn.Module):
     split along its middle axis into three (B, N, h, d) views, so that in the backward pass the three
     gradients stack straight back into qkv's own memory layout (timm's head-major permute costs one extra
     full copy of the qkv gradient per block). The attention output of the fused kernel is (B, N, h, d)
-    in memory, so merging the heads is a view (bf16 training on a CPU: see ``explicit_attention``).
+    in memory, so merging the heads is a view (bf16 training on a CPU: see ``attention.explicit_attention``).
+    With a ``layout`` the block attends within windows (attention.py); the parameters are the same.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, layout: WindowLayout | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.layout = layout
+        # Built once with the model (on its device); not in the state dict, so checkpoints do not see it.
+        self.register_buffer("window_mask", None if layout is None else window_mask(layout), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).unbind(2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled():
-            out = explicit_attention(q, k, v)
+        if self.layout is None:
+            out = attend(q, k, v)
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = window_attention(q, k, v, self.layout, self.window_mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -112,10 +102,11 @@ class Block(nn.Module):
     ``norm2``, ``mlp.fc1``, ``mlp.fc2``, ``drop_path1/2``), which are the official ViTPose keys.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, drop_path: float = 0.0) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, drop_path: float = 0.0,
+                 layout: WindowLayout | None = None) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, layout=layout)
         self.drop_path1: nn.Module = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(dim, mlp_hidden)  # an explicit hidden size (ViT-g: 6144 for 1408), not a float ratio
@@ -196,6 +187,7 @@ class ViTBackbone(nn.Module):
         drop_path_rate: float = 0.0,
         patch_padding: int | None = None,
         pre_norm: bool = False,
+        attention: AttentionSpec | None = None,
     ) -> None:
         super().__init__()
         self.img_size = (int(img_size[0]), int(img_size[1]))
@@ -206,6 +198,10 @@ class ViTBackbone(nn.Module):
         self.num_heads = num_heads
         self.mlp_hidden = 4 * embed_dim if mlp_hidden is None else mlp_hidden
         self.grid_size = token_grid(self.img_size, patch_size, self.patch_padding)
+        self.attention = attention or AttentionSpec()
+        bad = [b for b in self.attention.full_blocks if not 0 <= b < depth]
+        if bad:
+            raise ValueError(f"attention full_blocks {bad} are not blocks of this {depth}-block backbone (0-{depth - 1})")
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.grad_checkpointing = False
 
@@ -220,7 +216,8 @@ class ViTBackbone(nn.Module):
         # torch.linspace) so the model can also be built on the meta device.
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, self.mlp_hidden, drop_path=dpr[i]) for i in range(depth)]
+            [Block(embed_dim, num_heads, self.mlp_hidden, drop_path=dpr[i],
+                   layout=self.attention.layout(i, self.grid_size)) for i in range(depth)]
         )
         self.last_norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         self.knowledge_tokens: KnowledgeTokens | None = None
@@ -310,14 +307,24 @@ class ViTBackbone(nn.Module):
 
         One MAC counts as one FLOP (the convention of the ViTPose paper's "GFLOPs"); biases, norms,
         softmax, GELU and residual adds are not counted. ViT-B at 256x192 gives 17.10 G, the paper's 17.1.
+        Window attention counts the matmuls it computes (padded windows included).
         """
         n = self.num_patches
         t = n + self.num_knowledge_tokens
         c, hidden = self.embed_dim, self.mlp_hidden
         patch = n * c * 3 * self.patch_size**2
         linears = t * (3 * c * c + c * c + 2 * c * hidden)  # qkv, proj, fc1, fc2
-        attention = 2 * t * t * c  # q @ k^T and attn @ v over all heads
-        return batch * (patch + self.depth * (linears + attention))
+        attention = sum(self._attention_cost(blk)[0] for blk in self.blocks)
+        return batch * (patch + self.depth * linears + attention)
+
+    def attention_map_bytes(self, batch: int = 1, bytes_per_element: int = 4) -> int:
+        """Bytes of the softmax probabilities of all blocks: what an explicit attention (the official code's,
+        and ours for bf16 on CPUs) keeps for the backward pass. Fused kernels keep O(tokens) instead."""
+        return batch * bytes_per_element * sum(self._attention_cost(blk)[1] for blk in self.blocks)
+
+    def _attention_cost(self, blk: nn.Module) -> tuple[int, int]:
+        return attention_cost(blk.attn.layout, self.num_patches, self.num_knowledge_tokens, self.embed_dim,
+                              self.num_heads)
 
 
 def _check_grid(n: int, grid: tuple[int, int]) -> None:
@@ -326,16 +333,18 @@ def _check_grid(n: int, grid: tuple[int, int]) -> None:
 
 
 def resize_pos_embed(
-    pos_embed: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]
+    pos_embed: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int], antialias: bool = False
 ) -> torch.Tensor:
-    """Resize a (1, 1 + N, C) position embedding bicubically on its 2-D grid, keeping the first token."""
+    """Resample a (1, 1 + N, C) position embedding to another token grid, keeping the first (cls) slot.
+
+    timm's ``resample_abs_pos_embed`` (bicubic) for every load path. ``antialias=False`` (ViTPose files, ours
+    and official) is mmpose's own resize (F.interpolate bicubic), so a checkpoint run at another size gets the
+    embeddings the official code would give it; pre-trained timm/MAE files pass True, timm's default for them.
+    """
     _check_grid(pos_embed.shape[1] - 1, src_grid)
-    c = pos_embed.shape[2]
-    first, grid = pos_embed[:, :1], pos_embed[:, 1:]
-    grid = grid.reshape(1, src_grid[0], src_grid[1], c).permute(0, 3, 1, 2)  # (1, C, h, w)
-    grid = F.interpolate(grid.float(), size=dst_grid, mode="bicubic", align_corners=False)
-    grid = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, dst_grid[0] * dst_grid[1], c)
-    return torch.cat([first, grid], dim=1)
+    grid = resample_abs_pos_embed(pos_embed[:, 1:].float(), new_size=list(dst_grid), old_size=list(src_grid),
+                                  num_prefix_tokens=0, antialias=antialias)
+    return torch.cat([pos_embed[:, :1], grid.to(pos_embed.dtype)], dim=1)
 
 
 def guess_grid(num_tokens: int, aspect: float = 4 / 3) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """Reading and writing ViTPose weights in the official (mmpose) key layout.
 
 Owns: safe file reading (`torch.load(weights_only=True)` or safetensors, never arbitrary unpickling),
-strict key/shape checking with errors that say which preset the file fits, bicubic pos_embed resizing
+strict key/shape checking with errors that say which preset the file fits, pos_embed resampling (timm's)
 for other input sizes, spec inference from a state dict, and writing `.pth` (mmcv dict) and
 `.safetensors` files that carry our ModelSpec.
 """
@@ -95,6 +95,14 @@ class LoadReport:
     resized: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def note_pos_embed_resized(self, src: tuple[int, int], dst: tuple[int, int]) -> None:
+        """Record a position-embedding resample (the file was trained at another input size)."""
+        self.pos_embed_resized = (tuple(src), tuple(dst))  # type: ignore[assignment]
+        if POS_EMBED not in self.resized:
+            self.resized.append(POS_EMBED)
+        self.notes.append(f"position embeddings resized {src[0]}x{src[1]} -> {dst[0]}x{dst[1]} tokens (timm's "
+                          "resample_abs_pos_embed): the file was trained at another input size")
 
     @property
     def ignored(self) -> list[str]:
@@ -326,7 +334,7 @@ def load_checkpoint(model: ViTPose, path: str | Path, *, new_keypoints: bool = F
     """Load an official-layout checkpoint into `model`, strictly.
 
     Every model key must be in the file with the same shape and vice versa, except: `backbone.cls_token`
-    is dropped, `pos_embed` is resized bicubically when only its token grid differs, and knowledge tokens
+    is dropped, `pos_embed` is resampled (timm's function) when only its token grid differs, and knowledge tokens
     present in the model but not in the file (official files never have them) keep their initial values.
     With `new_keypoints` (a run starting from another keypoint set's file, `model.init_checkpoint`), a pose
     head final layer whose only difference is its keypoint count stays new, and the report says so.
@@ -343,21 +351,23 @@ def load_checkpoint(model: ViTPose, path: str | Path, *, new_keypoints: bool = F
     expected = model.state_dict()
     new_head = _new_final_layer(state_dict, expected, report) if new_keypoints else {}
     pos_file, pos_model = state_dict.get(POS_EMBED), expected.get(POS_EMBED)
+    dst = model.backbone.grid_size
+    # A file we wrote says its grid: 16x12 and 12x16 hold as many tokens but are different embeddings.
+    other_grid = file_spec is not None and file_spec.grid_size != dst
     if (
         pos_file is not None
         and pos_model is not None
-        and pos_file.shape != pos_model.shape
+        and (pos_file.shape != pos_model.shape or other_grid)
         and pos_file.dim() == 3
         and pos_file.shape[0] == 1
         and pos_file.shape[2] == pos_model.shape[2]
     ):
-        dst = model.backbone.grid_size
         if file_spec is not None and file_spec.grid_size[0] * file_spec.grid_size[1] == pos_file.shape[1] - 1:
             src = file_spec.grid_size
         else:
             src = guess_grid(pos_file.shape[1] - 1, dst[0] / dst[1])
         state_dict[POS_EMBED] = resize_pos_embed(pos_file, src, dst)
-        report.pos_embed_resized = (src, dst)
+        report.note_pos_embed_resized(src, dst)
 
     missing = [k for k in expected if k not in state_dict]
     report.kept_initialised = [k for k in missing if k.startswith(KNOWLEDGE_PREFIX)]
@@ -381,7 +391,6 @@ def load_checkpoint(model: ViTPose, path: str | Path, *, new_keypoints: bool = F
         raise CheckpointMismatchError(path, missing, unexpected, mis_shaped, suggestion)
     model.load_state_dict(state_dict, strict=False)
     report.preset = match_preset(model.spec)
-    report.resized = [POS_EMBED] if report.pos_embed_resized else []
     report.loaded = [k for k in state_dict if k not in report.resized]
     report.new = list(report.kept_initialised) + list(new_head)
     return report

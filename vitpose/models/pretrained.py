@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from timm.layers import resample_patch_embed
 
+from .backbone import resize_pos_embed
 from .checkpoints import (
     SPEC_KEY,
     CheckpointError,
@@ -150,12 +151,8 @@ def fit_pretrained(conv: Converted, model: ViTPose, path: str) -> tuple[dict[str
         report.notes.append(f"patch kernel {conv.tensors[PATCH_WEIGHT].shape[-1]} -> {spec.patch_size}")
     dst = model.backbone.grid_size
     if conv.grid != dst:
-        pos = sd[POS_EMBED]
-        grid = resample_abs_pos_embed(pos[:, 1:], new_size=list(dst), old_size=list(conv.grid), num_prefix_tokens=0)
-        sd[POS_EMBED] = torch.cat([pos[:, :1], grid], dim=1)
-        report.resized.append(POS_EMBED)
-        report.pos_embed_resized = (conv.grid, dst)
-        report.notes.append(f"position embeddings {conv.grid[0]}x{conv.grid[1]} -> {dst[0]}x{dst[1]} tokens")
+        sd[POS_EMBED] = resize_pos_embed(sd[POS_EMBED], conv.grid, dst, antialias=True)
+        report.note_pos_embed_resized(conv.grid, dst)
     file_pad = 0 if conv.format != "transformers-vitpose" else 2 * conv.tensors[PATCH_WEIGHT].shape[-1] // 16
     if spec.padding != file_pad:
         report.notes.append(f"our patch conv pads by {spec.padding} px, the file's by {file_pad} (ViTPose's layout)")

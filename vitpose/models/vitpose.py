@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from .attention import AttentionSpec
 from .backbone import ViTBackbone, default_patch_padding, token_grid
 from .heads import ClassicDecoder, SimpleDecoder
 
@@ -40,10 +41,16 @@ class ModelSpec:
     deconv_channels: int = 256  # classic decoder only
     num_knowledge_tokens: int = 0  # frozen tokens in the backbone's own width (a distilled student)
     pre_norm: bool = False  # a LayerNorm before the first block (CLIP-style pre-trained ViTs)
+    # Which keys each query sees (full, or the paper's window kinds); no parameters of its own.
+    attention: AttentionSpec = AttentionSpec()
 
     def __post_init__(self) -> None:
-        # Normalise what YAML/JSON hands us (lists) so specs compare equal after a round trip.
+        # Normalise what YAML/JSON hands us (lists, dicts) so specs compare equal after a round trip.
         object.__setattr__(self, "img_size", (int(self.img_size[0]), int(self.img_size[1])))
+        try:
+            object.__setattr__(self, "attention", AttentionSpec.coerce(self.attention))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"invalid ModelSpec: attention: {e}") from None
         problems = []
         if self.embed_dim % self.num_heads:
             problems.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
@@ -55,6 +62,13 @@ class ModelSpec:
             problems.append(f"layer_decay_rate must be in (0, 1], got {self.layer_decay_rate}")
         if min(self.img_size) < self.patch_size:
             problems.append(f"img_size {self.img_size} is smaller than patch_size {self.patch_size}")
+        elif self.img_size[0] % self.patch_size or self.img_size[1] % self.patch_size:
+            # Another size gives a token grid that drops the image's last rows/columns of pixels.
+            problems.append(f"img_size {list(self.img_size)} is not a multiple of patch_size {self.patch_size}; "
+                            f"use e.g. {[self.patch_size * max(1, round(v / self.patch_size)) for v in self.img_size]}")
+        bad_blocks = [b for b in self.attention.full_blocks if not 0 <= b < self.depth]
+        if bad_blocks:
+            problems.append(f"attention.full_blocks {bad_blocks} are not blocks 0-{self.depth - 1}")
         if self.num_knowledge_tokens < 0:
             problems.append(f"num_knowledge_tokens must be >= 0, got {self.num_knowledge_tokens}")
         if problems:
@@ -82,6 +96,7 @@ class ModelSpec:
         """Plain JSON types (img_size as a list)."""
         d = dataclasses.asdict(self)
         d["img_size"] = list(self.img_size)
+        d["attention"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["attention"].items()}
         return d
 
     @classmethod
@@ -162,6 +177,7 @@ class ViTPose(nn.Module):
             drop_path_rate=spec.drop_path_rate,
             patch_padding=spec.patch_padding,
             pre_norm=spec.pre_norm,
+            attention=spec.attention,
         )
         self.keypoint_head: ClassicDecoder | SimpleDecoder
         if spec.decoder == "classic":
