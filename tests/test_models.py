@@ -103,6 +103,19 @@ def test_drop_path_increases_linearly() -> None:
 # ---- forward shapes ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("preset", "gflops", "mparams"), [
+    ("vitpose_student_t", 0.4, 1.5), ("vitpose_student_s", 0.7, 3.0), ("vitpose_student_m", 2.0, 9.0)])
+def test_student_ladder_sits_where_efficient_pose_models_live(preset: str, gflops: float, mparams: float) -> None:
+    # RTMPose-t/s/m: 0.36/0.68/1.93 GFLOPs at 256x192. Each rung has a shape of its own, so a checkpoint of it
+    # is reported as that preset.
+    for name in (preset, f"{preset}_simple"):
+        model = build_model(name, device="meta")
+        assert model.spec.img_size == (256, 192)
+        assert model.flops() / 1e9 == pytest.approx(gflops, rel=0.1)
+        assert model.num_params() / 1e6 == pytest.approx(mparams, rel=0.15)
+        assert match_preset(model.spec) == name
+
+
 @pytest.mark.parametrize("preset", ["vitpose_tiny", "vitpose_nano", "vitpose_nano_simple"])
 def test_forward_real_size(preset: str) -> None:
     model = build_model(preset).eval()

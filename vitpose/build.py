@@ -92,7 +92,7 @@ def model_spec_kwargs(cfg: TrainingConfig) -> dict[str, Any]:
         "deconv_channels": m.deconv_channels,
         "num_keypoints": kset.num_keypoints,
         "drop_path_rate": m.drop_path_rate,
-        "attention": m.attention.model_dump() if m.attention else None,
+        "attention": m.attention.model_dump(),
     }
     return {k: v for k, v in kw.items() if v is not None}
 
@@ -119,7 +119,7 @@ def _finish(cfg: TrainingConfig, model: torch.nn.Module) -> torch.nn.Module:
     from vitpose.models import freeze
 
     f = cfg.model.freeze
-    if f.active():
+    if f.attention or f.mlp or f.embed:
         model.freeze_report = freeze(model, attention=f.attention, mlp=f.mlp, embed=f.embed)
         print(model.freeze_report.summary(), flush=True)
     if cfg.model.activation_checkpointing:

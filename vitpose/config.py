@@ -11,9 +11,8 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,38 +36,20 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class AttentionSection(Section):
-    """Which keys each query sees (vitpose.models.attention): the ViTPose paper's window kinds cut the attention
-    cost at high resolution with the same weights (a full-attention checkpoint loads, and back)."""
+Tokens = Annotated[int, Field(ge=1)]
 
-    kind: Literal["full", "window", "shift_window", "pool_window", "shift_pool_window"] = Field(
-        "full", description="window: within non-overlapping windows; shift_: odd blocks shifted by half a window "
-        "(Swin); pool_: each window also sees pooled tokens of the whole grid")
-    window: tuple[int, int] = Field((8, 8), description="window (h, w) in tokens; clamped to the token grid")
-    pool: tuple[int, int] | None = Field(None, description="pooling cell (h, w) in tokens for pool kinds; "
-                                         "default: the window (one pooled token per window)")
+
+class AttentionSection(Section):  # which keys each query sees (vitpose.models.attention): same weights as full
+    kind: Literal["full", "window", "shift_window", "pool_window", "shift_pool_window"] = "full"
+    window: tuple[Tokens, Tokens] = Field((8, 8), description="window (h, w) in tokens, clamped to the grid")
+    pool: tuple[Tokens, Tokens] | None = Field(None, description="pool cell in tokens (None: the window)")
     full_blocks: list[int] = Field([], description="blocks that keep full attention (ViTDet-style global blocks)")
 
-    @field_validator("window", "pool")
-    @classmethod
-    def _positive(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
-        if value is not None and min(value) < 1:
-            raise ValueError(f"{list(value)}: give two token counts >= 1, e.g. [8, 8]")
-        return value
 
-
-Blocks = list[int] | Literal["all"]
-
-
-class FreezeSection(Section):
-    """Partial fine-tuning (vitpose.models.freeze): frozen parameters get no gradient and no optimizer group."""
-
-    attention: Blocks = Field([], description='blocks whose attention (norm1 + attn) is frozen, or "all"')
-    mlp: Blocks = Field([], description='blocks whose MLP (norm2 + mlp) is frozen, or "all"')
-    embed: bool = Field(False, description="freeze the patch embedding and the position embedding")
-
-    def active(self) -> bool:
-        return bool(self.attention or self.mlp or self.embed)
+class FreezeSection(Section):  # partial fine-tuning (vitpose.models.freeze): no gradient, no optimizer group
+    attention: list[int] | Literal["all"] = Field([], description='blocks whose norm1 + attn freeze, or "all"')
+    mlp: list[int] | Literal["all"] = Field([], description='blocks whose norm2 + mlp freeze, or "all"')
+    embed: bool = Field(False, description="freeze the patch and position embeddings")
 
 
 class ModelConfig(Section):
@@ -83,7 +64,7 @@ class ModelConfig(Section):
     layer_decay: float | None = Field(None, gt=0.0, le=1.0)
     activation_checkpointing: bool = False
     init_checkpoint: str | None = Field(None, description="official ViTPose .pth / .safetensors to start from")
-    attention: AttentionSection | None = Field(None, description="None keeps the preset's (full attention)")
+    attention: AttentionSection = AttentionSection()
     freeze: FreezeSection = FreezeSection()
 
     @field_validator("preset")
@@ -96,32 +77,11 @@ class ModelConfig(Section):
             raise ValueError(f"unknown preset {value!r}; choose one of: {', '.join(presets)}")
         return value
 
-    @field_validator("img_size")
-    @classmethod
-    def _img_size_multiple_of_four(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
-        if value is not None and (value[0] % 4 or value[1] % 4 or min(value) < 32):
-            raise ValueError(f"img_size {list(value)} must be two multiples of 4, each >= 32 (heatmaps are 1/4)")
-        return value
-
     @model_validator(mode="after")
-    def _img_size_multiple_of_patch(self) -> ModelConfig:
-        # Said here, with the key, rather than later by ModelSpec: a grid that does not tile the crop drops pixels.
-        from vitpose.models import PRESETS
+    def _fits_the_preset(self) -> ModelConfig:
+        from vitpose.models.config_checks import check_against_preset
 
-        patch = self.patch_size or PRESETS[self.preset].patch_size
-        size = self.img_size or PRESETS[self.preset].img_size
-        if size[0] % patch or size[1] % patch:
-            fix = [patch * max(1, round(v / patch)) for v in size]
-            raise ValueError(f"img_size {list(size)} is not a multiple of the patch size {patch} (model.patch_size "
-                             f"or preset {self.preset!r}); use e.g. model.img_size={fix}")
-        depth = PRESETS[self.preset].depth
-        blocks = {"freeze.attention": self.freeze.attention, "freeze.mlp": self.freeze.mlp,
-                  "attention.full_blocks": self.attention.full_blocks if self.attention else []}
-        for key, value in blocks.items():
-            bad = [b for b in value if b != "all" and not 0 <= int(b) < depth] if value != "all" else []
-            if bad:
-                raise ValueError(f"model.{key}: blocks {bad} do not exist; preset {self.preset!r} has blocks "
-                                 f"0-{depth - 1}")
+        check_against_preset(self)  # img_size, block indices: here, with the key, not later in the build
         return self
 
 
@@ -458,18 +418,11 @@ def _fields_at(schema: type[Section], loc: list[str]) -> list[str]:
         field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if field is None:
             return []
-        model = _section_of(field.annotation)
+        model = field.annotation
     if isinstance(model, type) and issubclass(model, BaseModel):
         return list(model.model_fields)
     return []
 
-
-def _section_of(annotation: Any) -> Any:
-    """The Section inside an optional annotation (``AttentionSection | None``), else the annotation."""
-    for arg in typing.get_args(annotation):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return annotation
 
 
 def to_dict(cfg: Section) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""Command line for the model package: `python -m vitpose.models summary vitpose_b [--img-size 256 192]`,
-`python -m vitpose.models inspect FILE [--preset P] [--json]`.
+"""Command line for the model package: `python -m vitpose.models summary vitpose_b [--img-size 256 192]
+[--attention KIND --window H W] [--compare-attention [--measure]]`, `python -m vitpose.models inspect FILE [--preset P]
+[--json]`.
 
 Owns nothing but printing: models are built on the meta device, so even ViT-g costs no memory.
 """
@@ -10,7 +11,9 @@ import argparse
 import json
 import sys
 
+from .attention import KINDS
 from .checkpoints import CheckpointError
+from .cost import attention_table
 from .pretrained import inspect_file
 from .vitpose import ViTPose, build_model, list_presets
 
@@ -40,6 +43,7 @@ def summary(model: ViTPose, name: str) -> str:
             + (f" + {spec.num_knowledge_tokens} knowledge" if spec.num_knowledge_tokens else ""),
         ),
         ("heatmaps", f"{spec.num_keypoints} x {model.heatmap_size[0]} x {model.heatmap_size[1]}"),
+        ("attention", spec.attention.describe()),
         ("params backbone", f"{params_b:.2f} M"),
         ("params head", f"{params_h:.2f} M"),
         ("params total", f"{model.num_params() / 1e6:.2f} M"),
@@ -50,6 +54,8 @@ def summary(model: ViTPose, name: str) -> str:
             f"{gflops_b + gflops_h:.2f}  (batch 1; 1 FLOP = 1 multiply-accumulate of "
             "conv/linear/attention, the paper's convention)",
         ),
+        ("attention maps", f"{model.backbone.attention_map_bytes() / 2**20:.1f} MB (batch 1, fp32 softmax "
+                           "probabilities an explicit attention keeps for backward)"),
     ]
     return "\n".join(f"{k:<16} {v}" for k, v in rows)
 
@@ -64,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--decoder", choices=("classic", "simple"))
     s.add_argument("--num-keypoints", type=int)
     s.add_argument("--num-knowledge-tokens", type=int)
+    s.add_argument("--attention", choices=KINDS, help="attention kind (default: the preset's, full)")
+    s.add_argument("--window", type=int, nargs=2, metavar=("H", "W"), default=(8, 8), help="window in tokens")
+    s.add_argument("--compare-attention", action="store_true",
+                   help="a table of GFLOPs and memory of every attention kind at this size")
+    s.add_argument("--measure", action="store_true", help="with --compare-attention: also measure the activations "
+                   "a training forward keeps (builds the model for real: seconds for ViT-B at 576x432)")
     i = sub.add_parser("inspect", help="a weights file's format, the preset it suggests and its load report")
     i.add_argument("file", help="official ViTPose .pth/.safetensors, timm/MAE ViT weights, transformers folder")
     i.add_argument("--preset", choices=list_presets(), help="load into this preset (default: the suggested one)")
@@ -81,11 +93,15 @@ def main(argv: list[str] | None = None) -> int:
             "decoder": args.decoder,
             "num_keypoints": args.num_keypoints,
             "num_knowledge_tokens": args.num_knowledge_tokens,
+            "attention": {"kind": args.attention, "window": args.window} if args.attention else None,
         }.items()
         if v is not None
     }
     model = build_model(args.preset, device="meta", **overrides)
     print(summary(model, args.preset))
+    if args.compare_attention:
+        print()
+        print(attention_table(model, tuple(args.window), measure=args.measure))
     return 0
 
 

@@ -1,7 +1,7 @@
 """ViTPose = plain ViT backbone + heatmap decoder; the model spec, the presets and the builder.
 
 Owns: `ModelSpec` (every architectural choice, stored with checkpoints), the named presets (paper sizes
-S/B/L/H, our plain ViT-g, and tiny CPU sizes, each with a `_simple` decoder variant), `build_model`, and
+S/B/L/H, our plain ViT-g, the student ladder t/s/m and tiny CPU sizes, each with a `_simple` decoder variant), `build_model`, and
 the model-level helpers the training loop needs (parameter count, analytic FLOPs, spec round trip).
 """
 
@@ -122,6 +122,21 @@ _SIZES: dict[str, dict[str, Any]] = {
     # Our plain ViT-g (the paper's G used an unreleased ViTAE-G backbone).
     "vitpose_g": dict(
         embed_dim=1408, depth=40, num_heads=16, mlp_hidden=6144, drop_path_rate=0.55, layer_decay_rate=0.85
+    ),
+    # The student ladder at 256x192: sized to where efficient pose models live (RTMPose-t/s/m: 0.36/0.68/1.93
+    # GFLOPs, 3.3/5.5/13.6 M params). 64-wide heads (the fused GPU kernels' sweet spot); trained from
+    # scratch by distillation, so no layer-wise lr decay (there are no pre-trained lower layers to protect).
+    "vitpose_student_t": dict(
+        embed_dim=128, depth=6, num_heads=2, drop_path_rate=0.0, layer_decay_rate=1.0, deconv_channels=64
+    ),
+    # s: 7 blocks with a 3x MLP rather than vitpose_tiny's 6 with 4x (same FLOPs): a shape of its own, so a
+    # checkpoint says which preset it is (match_preset).
+    "vitpose_student_s": dict(
+        embed_dim=192, depth=7, num_heads=3, mlp_hidden=576, drop_path_rate=0.0, layer_decay_rate=1.0,
+        deconv_channels=64,
+    ),
+    "vitpose_student_m": dict(
+        embed_dim=256, depth=10, num_heads=4, drop_path_rate=0.1, layer_decay_rate=1.0, deconv_channels=128
     ),
     # CPU sizes for the demo and tests: a teacher and a student a training step of which costs well under
     # a second on two cores; lighter deconvs because at this width the 256-channel head would dominate.
