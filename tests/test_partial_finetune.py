@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -57,8 +59,11 @@ def test_frozen_parameters_do_not_move_in_training(synthetic_root, tmp_path) -> 
 
     cfg = tiny_config(synthetic_root, "model.freeze={attention: [0, 2], mlp: [1]}", "deepspeed.zero_stage=0",
                       "train.precision=fp32", "train.max_steps_per_epoch=3", "train.lr=1e-2")
-    trainer = Trainer(cfg, LocalSession(tmp_path))
+    logged: list[tuple] = []
+    tracker = SimpleNamespace(run_id="run", client=SimpleNamespace(log_param=lambda *a: logged.append(a)))
+    trainer = Trainer(cfg, LocalSession(tmp_path), tracker=tracker)
     model = trainer.engine.module
+    assert logged == [("run", "model.frozen_params", model.freeze_report.num_params)]  # the MLflow param
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     frozen = set(frozen_parameter_names(model))
     assert frozen == set(model.freeze_report.names) and len(frozen) == 2 * 6 + 6
@@ -68,3 +73,18 @@ def test_frozen_parameters_do_not_move_in_training(synthetic_root, tmp_path) -> 
     for name, value in before.items():
         moved = not torch.equal(value, after[name].detach())
         assert moved == (name not in frozen), name
+
+
+def test_zero3_trains_with_windows_and_frozen_blocks(synthetic_root, tmp_path) -> None:
+    # ZeRO-3 builds the model partitioned (build_partitioned_model): the freeze and the window masks (buffers)
+    # must survive that path, and the optimizer must take groups without the frozen parameters.
+    from vitpose.train.loop import Trainer
+    from vitpose.train.session import LocalSession
+
+    cfg = tiny_config(synthetic_root, "model.freeze={mlp: all}", "model.attention={kind: shift_pool_window, "
+                      "window: [4, 4]}", "deepspeed.zero_stage=3", "train.max_steps_per_epoch=2")
+    trainer = Trainer(cfg, LocalSession(tmp_path))
+    assert trainer.stage == 3
+    assert trainer.engine.module.freeze_report.blocks["mlp"] == [0, 1, 2]
+    stats = trainer.train_epoch(0, 1)
+    assert stats.steps == 2 and stats.loss == stats.loss  # finite: not NaN
