@@ -10,6 +10,15 @@ difference is printed; above --atol the export is refused (exit 1) and nothing i
 
 With --register the ONNX file is logged as MLflow's ``onnx`` flavour into the run that produced the source
 model (registry and runs:/ URIs; a new run in --experiment otherwise) and registered under that name.
+
+    python pipelines/export.py --model models:/vitpose-student@champion --int8 --register vitpose-student-int8
+
+--int8 also writes OUT.int8.onnx: static int8 quantization calibrated on --calib-crops crops of the model's
+own training data (the config.yaml of the run that logged the model, or --config), then prints the int8 vs
+fp32 heatmap difference and the val AP of eager, fp32 and int8 (flip test on); an AP drop above
+--max-ap-drop points refuses it (exit 1). With --register the int8 file is registered as the pose pyfunc
+(images and boxes in, keypoints out, like any registered vitpose model) whose network runs in onnxruntime:
+``mlflow models serve -m models:/vitpose-student-int8/1 --env-manager local`` serves it.
 """
 
 from __future__ import annotations
@@ -18,8 +27,9 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
-from vitpose.pipeline import guarded
+from vitpose.pipeline import UsageError, guarded
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,12 +45,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--atol", type=float, default=1e-4, help="largest heatmap difference accepted (default 1e-4)")
     p.add_argument("--register", metavar="NAME", help="log as the mlflow.onnx flavour and register under NAME")
     p.add_argument("--alias", help="with --register: point this alias at the new version")
+    p.add_argument("--int8", action="store_true", help="also write and check an int8 file (see above); with "
+                   "--register, register it as the pose pyfunc instead of the fp32 onnx flavour")
+    p.add_argument("--config", type=Path, help="with --int8: the training config whose data calibrates (default: "
+                   "config.yaml of the run that logged the model)")
+    p.add_argument("--calib-crops", type=int, default=64, help="with --int8: training crops to calibrate on (default 64)")
+    p.add_argument("--max-ap-drop", type=float, default=0.5,
+                   help="with --int8: largest val AP drop from eager accepted, in AP points (default 0.5)")
     p.add_argument("--experiment", default="vitpose-export",
                    help="MLflow experiment when the source model has no run (default vitpose-export)")
     p.add_argument("--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else runs/mlflow.db)")
     args = p.parse_args(argv)
     if args.alias and not args.register:
         p.error("--alias needs --register NAME")
+    if (args.config or args.calib_crops != 64) and not args.int8:
+        p.error("--config and --calib-crops go with --int8")
+    if args.calib_crops < 1:
+        p.error(f"--calib-crops must be >= 1, got {args.calib_crops}")
     if any(b < 1 for b in args.check_batch):
         p.error(f"--check-batch sizes must be >= 1, got {args.check_batch}")
     return args
@@ -93,6 +114,11 @@ def run(args: argparse.Namespace) -> int:
               f"Try another --opset, or report the model spec {meta['spec']}", file=sys.stderr)
         return 1
     print(f"parity ok: {worst:.3e} <= {args.atol}")
+    int8 = None
+    if args.int8:
+        int8 = export_int8(args, model, meta, path, tracking_uri)
+        if int8 is None:
+            return 1
     if args.register:
         tracking.check_tracking_uri(tracking_uri)
         run_id = source_run(args.model, tracking_uri)
@@ -102,10 +128,91 @@ def run(args: argparse.Namespace) -> int:
             exp_id = tracking.ensure_experiment(args.experiment, tracking_uri)
             run_id = mlflow.MlflowClient(tracking_uri).create_run(
                 exp_id, tags={"mlflow.runName": f"export-{path.stem}", "vitpose.model": args.model}).info.run_id
-        version = log_onnx_model(tracking_uri, run_id, path, meta, args.register, args.alias)
+        if int8 is not None:
+            version, kind = register_int8(tracking_uri, run_id, model, meta, int8, args), "pose pyfunc, int8 ONNX network"
+        else:
+            version, kind = log_onnx_model(tracking_uri, run_id, path, meta, args.register, args.alias), "mlflow.onnx flavour"
         where = f"models:/{args.register}@{args.alias}" if args.alias else f"models:/{args.register}/{version}"
-        print(f"registered {where} (version {version}, mlflow.onnx flavour, run {run_id})")
+        print(f"registered {where} (version {version}, {kind}, run {run_id})")
     return 0
+
+
+def export_int8(args: argparse.Namespace, model: Any, meta: dict[str, Any], fp32_path: Path,
+                tracking_uri: str) -> tuple[Path, dict[str, float]] | None:
+    """Calibrate, quantize and check; the int8 file and its report, or None when the AP drop is too large."""
+    from vitpose.build import build_datasets
+    from vitpose.quantize import calibration_crops, int8_report, quantize_int8
+
+    cfg, where = training_config(args, tracking_uri)
+    train, val = build_datasets(cfg, is_local_leader=True)
+    if tuple(train.input_size) != tuple(model.spec.img_size):
+        raise UsageError(f"{where} makes {list(train.input_size)} crops but {args.model} takes "
+                         f"{list(model.spec.img_size)}; give the config the model was trained with (--config)")
+    out = fp32_path.with_name(fp32_path.stem + ".int8.onnx")
+    crops = calibration_crops(train, args.calib_crops)
+    quantize_int8(fp32_path, out, crops)
+    print(f"int8 -> {out} ({out.stat().st_size / 1e6:.1f} MB, static QDQ, calibrated on {len(crops)} training crops "
+          f"of {where})")
+    r = int8_report(model, meta, fp32_path, out, val)
+    drop = 100 * (r["ap_eager"] - r["ap_int8"])
+    print(f"  val crops: max |fp32 onnxruntime - pytorch| heatmap difference {r['fp32_vs_eager_max_abs_diff']:.3e}, "
+          f"max |int8 - fp32| {r['int8_vs_fp32_max_abs_diff']:.3e} (heatmap max {r['heatmap_max']:.3f})")
+    print(f"  val AP ({len(val)} instances, flip test): eager {r['ap_eager']:.4f}, fp32 onnxruntime {r['ap_fp32']:.4f}, "
+          f"int8 {r['ap_int8']:.4f} (drop {drop:+.2f} points)")
+    if drop > args.max_ap_drop:
+        print(f"error: int8 loses {drop:.2f} AP points > --max-ap-drop {args.max_ap_drop}; not registering. Try "
+              "more --calib-crops, or serve the fp32 export", file=sys.stderr)
+        return None
+    print(f"int8 ok: AP drop {drop:.2f} <= {args.max_ap_drop} points")
+    return out, r
+
+
+def training_config(args: argparse.Namespace, tracking_uri: str) -> tuple[Any, str]:
+    """--config, else the config.yaml logged with the run that made the model; and where it came from."""
+    import tempfile
+
+    import yaml
+
+    from vitpose.config import StudentConfig, TeacherConfig, load_config
+
+    path, where = args.config, str(args.config)
+    if path is None:
+        run_id = source_run(args.model, tracking_uri)
+        if run_id is None:
+            raise UsageError(f"--int8 calibrates on the model's training data, and {args.model} is not a registered "
+                             "or run model with its config; give the training config with --config")
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        try:
+            path = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml",
+                                                            dst_path=tempfile.mkdtemp(), tracking_uri=tracking_uri))
+        except (MlflowException, OSError):
+            raise UsageError(f"run {run_id} of {args.model} has no config.yaml to calibrate with; give the training "
+                             "config with --config") from None
+        where = f"the config of run {run_id}"
+    if not Path(path).is_file():
+        raise UsageError(f"--config {path}: no such file; give the YAML config the model was trained with")
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    schema = StudentConfig if "distill" in raw else TeacherConfig  # a sweep's config has its distill section
+    return load_config(path, schema=schema), where
+
+
+def register_int8(tracking_uri: str, run_id: str, model: Any, meta: dict[str, Any],
+                  int8: tuple[Path, dict[str, float]], args: argparse.Namespace) -> str | None:
+    """The pose pyfunc with the int8 file as its network (see vitpose.serving.log_vitpose_model)."""
+    import tempfile
+
+    from vitpose.models import save_safetensors
+    from vitpose.serving import log_vitpose_model
+
+    path, report = int8
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = save_safetensors(model, Path(tmp) / "model.safetensors")
+        network = {"runtime": "onnxruntime", "precision": "int8", "source": args.model,
+                   **{k: round(v, 6) for k, v in report.items()}}
+        return log_vitpose_model(tracking_uri, run_id, Path(weights), {**meta, "network": network},
+                                 args.register, args.alias, network=path)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ behaviour lives in the installed ``vitpose`` package and nothing is unpickled on
 the weights (``model.safetensors``) and ``vitpose_meta.json`` (the resolved ``ModelSpec`` plus the keypoint
 names, flip pairs and skeleton), an input/output signature and an input example. Teacher and student
 registrations are the same kind of model, so ``mlflow.pyfunc.load_model("models:/vitpose-student@champion")``
-and ``mlflow models serve -m models:/vitpose-student@champion --env-manager local`` work for both.
+and ``mlflow models serve -m models:/vitpose-student@champion --env-manager local`` work for both. A model
+logged with a third artifact, ``network`` (an ONNX file of the same weights, e.g. the int8 one
+``pipelines/export.py --int8 --register`` writes), runs its network in onnxruntime; nothing else changes.
 
 Pyfunc input, one row per image (a DataFrame, a list of dicts, or JSON ``dataframe_records`` /
 ``dataframe_split`` / ``inputs`` when served):
@@ -90,7 +92,12 @@ class VitPosePyfunc(mlflow.pyfunc.PythonModel):
 
         model, meta = build_from_files(Path(context.artifacts["weights"]),
                                        json.loads(Path(context.artifacts["meta"]).read_text()))
-        self.predictor = PosePredictor(model, meta, device=resolve_device())
+        device = resolve_device()
+        if "network" in context.artifacts:  # logged with an ONNX network (export --int8): run it in onnxruntime
+            from vitpose.quantize import OrtNetwork
+
+            model, device = OrtNetwork(context.artifacts["network"], model.spec), "cpu"
+        self.predictor = PosePredictor(model, meta, device=device)
         # The server runs each request in its own thread. Concurrent forwards would each claim every core's
         # intra-op threads and slow all of them down (measured: 2 threads on a busy 2-core CPU ran a batch-1
         # forward 50x slower than 1), so forwards take turns; decoding images happens outside the lock.
@@ -215,8 +222,13 @@ def log_vitpose_model(
     meta: dict[str, Any],
     registered_name: str | None = None,
     alias: str | None = None,
+    network: Path | None = None,
 ) -> str | None:
     """Log the pyfunc model under ``run_id``; register it (and point ``alias`` at it) when a name is given.
+
+    ``network``: an ONNX file of these weights (``pipelines/export.py --int8`` writes one) logged as the
+    ``network`` artifact; the served model then runs it in onnxruntime instead of the eager network. Input,
+    output, cropping and decoding are the same; the weights stay in the model for ``load_vitpose``.
 
     ``meta`` needs ``spec`` (``ModelSpec.to_dict()``) and should carry ``keypoints`` (the keypoint set: names,
     flip pairs, 1-based skeleton, sigmas, as ``vitpose.data.keypoints.keypoint_info`` makes them; COCO's are
@@ -232,6 +244,8 @@ def log_vitpose_model(
         raise ValueError(f"meta keypoints name {len(names)} keypoints ({meta['keypoints'].get('set', 'no set')}) but "
                          f"the model predicts {k}; pass the keypoint set the model was trained on")
     _check_weights(Path(weights), meta["spec"])
+    if network is not None and not Path(network).is_file():
+        raise FileNotFoundError(f"ONNX network not found: {network}; write it with pipelines/export.py --int8")
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         meta_path = Path(tmp) / META
@@ -246,10 +260,11 @@ def log_vitpose_model(
             info = mlflow.pyfunc.log_model(
                 name=PYFUNC_PATH,
                 python_model=str(code_path),
-                artifacts={"weights": str(named), "meta": str(meta_path)},
+                artifacts={"weights": str(named), "meta": str(meta_path),
+                           **({"network": str(network)} if network else {})},
                 signature=signature(),
                 input_example=input_example(),
-                pip_requirements=pip_requirements(),
+                pip_requirements=pip_requirements() + (pip_requirements(("onnxruntime",)) if network else []),
                 registered_model_name=registered_name,
             )
     return register_alias(tracking_uri, info, registered_name, alias)

@@ -1,0 +1,149 @@
+"""int8 ONNX of a ViTPose: static QDQ quantization calibrated on the model's own training crops, the ONNX
+network behind ``PosePredictor`` (so onnxruntime heatmaps are decoded by the eager path's code), and the checks
+an int8 export must pass (heatmap parity, val AP).
+
+Owns what turns an fp32 export (``vitpose.onnx_export``) into an int8 one: which crops calibrate it
+(``calibration_crops``: items of the training dataset the model's config builds, augmented as in training;
+activation ranges of random tensors are not those of people), the quantizer's recipe (``quantize_int8``,
+its levers as arguments for benchmarks/student_latency.py), and ``OrtNetwork``, an ``nn.Module`` facade over
+an onnxruntime session that ``PosePredictor``, the evaluator and the served pyfunc take in place of the eager
+network.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitpose.onnx_export import INPUT_NAME, OUTPUT_NAME, onnx_session
+
+CALIBRATION_CROPS = 64  # stable MinMax ranges for a small ViT; each costs one fp32 forward
+# Quantized: the ops with a weight (linear layers, convolutions), where the time goes. Left in float, as
+# measured on vitpose_nano/tiny/s (benchmarks/student_latency.py --levers): the attention's activation x
+# activation MatMuls (quantized, onnxruntime also fuses the Softmax between them into a QLinearSoftmax, 10x
+# slower than the float one), ConvTranspose (the CPU provider has no int8 kernel: its Quantize/Dequantize
+# pairs only add work), LayerNorm, GELU and the residual Adds (accuracy, and no faster kernels).
+QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
+PRECISION_KEY = "vitpose_precision"  # metadata_props entry an int8 file carries
+
+
+def calibration_crops(dataset: Any, count: int = CALIBRATION_CROPS, seed: int = 0) -> torch.Tensor:
+    """``count`` crops (N, 3, H, W) of ``dataset`` (a ``TopDownCocoDataset``; the training one, augmented as
+    in training), drawn without replacement with ``seed``."""
+    if len(dataset) == 0:
+        raise ValueError(f"{getattr(dataset, 'ann_file', 'the dataset')} has no instances to calibrate on")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    return torch.stack([dataset[i]["image"] for i in order]).float()
+
+
+class _CropReader:
+    """onnxruntime's ``CalibrationDataReader`` protocol over a tensor of crops, ``batch`` at a time."""
+
+    def __init__(self, crops: torch.Tensor, batch: int = 8):
+        self._batches = iter([{INPUT_NAME: crops[i : i + batch].numpy()} for i in range(0, len(crops), batch)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, crops: torch.Tensor, *, per_channel: bool = False,
+                  op_types: Iterable[str] = QUANTIZED_OPS, weights_only: bool = True, preprocess: bool = True,
+                  qoperator: bool = False) -> Path:
+    """Static int8 quantization (signed 8-bit weights and activations, MinMax ranges from ``crops``) of an
+    fp32 ONNX file written by ``export_onnx``; returns ``out_path``, which keeps the file's metadata.
+
+    The recipe's levers: ``per_channel`` (one weight scale per output channel; off: measured slower here, at
+    no AP cost), ``op_types`` and ``weights_only`` (only nodes of those types whose second input is a stored
+    weight), ``preprocess`` (onnxruntime's ``quant_pre_process``: shape inference and fusions first),
+    ``qoperator`` (QLinear* operators in the file instead of QDQ pairs onnxruntime fuses at load).
+    """
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    if len(crops) == 0:
+        raise ValueError("no calibration crops; give at least one training crop")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    meta = list(onnx.load(str(fp32_path)).metadata_props)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = fp32_path
+        if preprocess:
+            source = Path(tmp) / "pre.onnx"
+            quant_pre_process(str(fp32_path), str(source), skip_symbolic_shape=True)
+        quantize_static(
+            str(source), str(out_path), _CropReader(crops),
+            quant_format=QuantFormat.QOperator if qoperator else QuantFormat.QDQ,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
+            op_types_to_quantize=list(op_types),
+            nodes_to_quantize=_weight_nodes(onnx.load(str(source)), set(op_types)) if weights_only else None,
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+    proto = onnx.load(str(out_path))
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(meta)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = PRECISION_KEY, "int8 (static QDQ, MinMax-calibrated on training crops)"
+    onnx.save(proto, str(out_path))
+    return out_path
+
+
+def _weight_nodes(proto: Any, op_types: set[str]) -> list[str]:
+    """Names of the ``op_types`` nodes whose second input is a stored weight (an initializer)."""
+    weights = {init.name for init in proto.graph.initializer}
+    return [n.name for n in proto.graph.node if n.op_type in op_types and len(n.input) > 1 and n.input[1] in weights]
+
+
+class OrtNetwork(torch.nn.Module):
+    """An ONNX network in onnxruntime, called like the eager model: crops (N, 3, H, W) → heatmaps.
+
+    Carries ``spec`` so ``PosePredictor`` (cropping, flip test, UDP decode), ``predict_dataset`` and the
+    served pyfunc use it unchanged; it has no parameters, so their ``.to(device, dtype)`` changes nothing and
+    inputs always run as float32 on the CPU.
+    """
+
+    def __init__(self, path: str | Path, spec: Any, threads: int | None = None):
+        super().__init__()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX network not found: {self.path}; export it with pipelines/export.py")
+        self.spec = spec
+        self.session = onnx_session(self.path, threads)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.detach().float().cpu().numpy()
+        return torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0])
+
+
+def val_ap(network: torch.nn.Module, meta: dict[str, Any], val_dataset: Any) -> float:
+    """COCO keypoint AP of ``network`` (eager or ``OrtNetwork``) on ``val_dataset``, flip test on: the
+    evaluate CLI's path (``PosePredictor.predict_dataset`` + ``CocoKeypointEvaluator``)."""
+    from vitpose.evaluation import CocoKeypointEvaluator
+    from vitpose.inference import PosePredictor
+
+    preds = PosePredictor(network, meta).predict_dataset(val_dataset)
+    return float(CocoKeypointEvaluator(val_dataset.ann_file, keypoints=val_dataset.keypoint_set).evaluate(preds)["AP"])
+
+
+@torch.inference_mode()
+def int8_report(model: torch.nn.Module, meta: dict[str, Any], fp32_path: Path, int8_path: Path, val_dataset: Any,
+                parity_crops: int = 16) -> dict[str, float]:
+    """What an int8 export is judged by, on ``val_dataset``: max |heatmap| differences fp32 ORT vs eager and
+    int8 vs fp32 ORT on its first ``parity_crops`` crops (and the heatmap max, for scale), and the val AP
+    of eager, fp32 ORT and int8 ORT."""
+    fp32, int8 = OrtNetwork(fp32_path, model.spec), OrtNetwork(int8_path, model.spec)
+    crops = torch.stack([val_dataset[i]["image"] for i in range(min(parity_crops, len(val_dataset)))])
+    eager_hm, fp32_hm = model(crops), fp32(crops)
+    return {
+        "heatmap_max": float(eager_hm.abs().max()),
+        "fp32_vs_eager_max_abs_diff": float((fp32_hm - eager_hm).abs().max()),
+        "int8_vs_fp32_max_abs_diff": float((int8(crops) - fp32_hm).abs().max()),
+        "ap_eager": val_ap(model, meta, val_dataset),
+        "ap_fp32": val_ap(fp32, meta, val_dataset),
+        "ap_int8": val_ap(int8, meta, val_dataset),
+    }
