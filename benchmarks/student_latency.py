@@ -36,7 +36,8 @@ from inference import interleaved_row  # benchmarks/inference.py, beside this sc
 from vitpose.config import REPO_ROOT, TeacherConfig, load_config
 from vitpose.models import PRESETS, build_model
 from vitpose.onnx_export import export_onnx
-from vitpose.quantize import OrtNetwork, calibration_crops, int8_report, quantize_int8
+from vitpose.ort_runtime import OrtNetwork
+from vitpose.quantize import calibration_crops, int8_report, quantize_int8
 
 DEMO_STUDENT = REPO_ROOT / "configs" / "distill" / "synthetic_tiny.yaml"
 DEMO_TEACHER = REPO_ROOT / "configs" / "teacher" / "synthetic_tiny.yaml"

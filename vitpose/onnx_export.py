@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "heatmaps"
+from vitpose.ort_runtime import INPUT_NAME, OUTPUT_NAME, onnx_session  # noqa: F401  (one import place for callers)
+
 DEFAULT_OPSET = 17  # LayerNormalization is native from 17; onnxruntime >= 1.14 runs it
 
 
@@ -64,19 +64,6 @@ def export_onnx(model: torch.nn.Module, path: str | Path, *, opset: int = DEFAUL
         entry.key, entry.value = key, value
     onnx.save(proto, str(path))
     return path
-
-
-def onnx_session(path: str | Path, threads: int | None = None) -> Any:
-    """An onnxruntime CPU session with full graph optimisation; ``threads`` defaults to torch's thread count."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    # No busy-waiting between runs: spinning workers take the cores away from whatever runs next in this
-    # process (PyTorch, the decode) or beside it, which on a small shared CPU costs more than it saves.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def sample_crops(batch: int, img_size: tuple[int, int], seed: int = 0) -> torch.Tensor:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitpose.onnx_export import INPUT_NAME, OUTPUT_NAME, onnx_session
+from vitpose.ort_runtime import INPUT_NAME, OrtNetwork
 
 CALIBRATION_CROPS = 64  # stable MinMax ranges for a small ViT; each costs one fp32 forward
 # Quantized: the ops with a weight (linear layers, convolutions), where the time goes. Left in float, as
@@ -97,27 +97,6 @@ def _weight_nodes(proto: Any, op_types: set[str]) -> list[str]:
     """Names of the ``op_types`` nodes whose second input is a stored weight (an initializer)."""
     weights = {init.name for init in proto.graph.initializer}
     return [n.name for n in proto.graph.node if n.op_type in op_types and len(n.input) > 1 and n.input[1] in weights]
-
-
-class OrtNetwork(torch.nn.Module):
-    """An ONNX network in onnxruntime, called like the eager model: crops (N, 3, H, W) → heatmaps.
-
-    Carries ``spec`` so ``PosePredictor`` (cropping, flip test, UDP decode), ``predict_dataset`` and the
-    served pyfunc use it unchanged; it has no parameters, so their ``.to(device, dtype)`` changes nothing and
-    inputs always run as float32 on the CPU.
-    """
-
-    def __init__(self, path: str | Path, spec: Any, threads: int | None = None):
-        super().__init__()
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"ONNX network not found: {self.path}; export it with pipelines/export.py")
-        self.spec = spec
-        self.session = onnx_session(self.path, threads)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.detach().float().cpu().numpy()
-        return torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0])
 
 
 def val_ap(network: torch.nn.Module, meta: dict[str, Any], val_dataset: Any) -> float:

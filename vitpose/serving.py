@@ -94,7 +94,7 @@ class VitPosePyfunc(mlflow.pyfunc.PythonModel):
                                        json.loads(Path(context.artifacts["meta"]).read_text()))
         device = resolve_device()
         if "network" in context.artifacts:  # logged with an ONNX network (export --int8): run it in onnxruntime
-            from vitpose.quantize import OrtNetwork
+            from vitpose.ort_runtime import OrtNetwork
 
             model, device = OrtNetwork(context.artifacts["network"], model.spec), "cpu"
         self.predictor = PosePredictor(model, meta, device=device)
