@@ -12,20 +12,38 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from vitpose.train.session import free_port
 
 RAY = Path(sys.executable).parent / "ray"
+# Without it Ray binds the head's servers to the machine's outward address even when given 127.0.0.1 (see
+# vitpose/raycluster.py); README's one-machine head uses the same variable.
+LOOPBACK_HEAD_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 @dataclass(frozen=True)
 class Head:
     gcs: str  # RAY_ADDRESS for drivers: 127.0.0.1:<port>
     dashboard: str  # --address for the `ray job` CLI
+    pid: int  # the `ray start --block` process; the head's servers are its descendants
+
+
+LOOPBACK_IPS = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def listening_sockets(root_pid: int) -> list[tuple[str, str]]:
+    """(address, process name) of every listening TCP socket of ``root_pid`` and its descendants."""
+    root = psutil.Process(root_pid)
+    names = {p.pid: p.name() for p in [root, *root.children(recursive=True)]}
+    return sorted({(c.laddr.ip, names[c.pid]) for c in psutil.net_connections("inet")
+                   if c.status == psutil.CONN_LISTEN and c.pid in names})
 
 
 @contextmanager
 def ray_head(env: dict[str, str], *extra: str, num_cpus: int = 2) -> Iterator[Head]:
     """A head with ``extra`` ``ray start`` flags (e.g. ``--num-gpus=1``), up when this yields."""
+    env = {**env, **LOOPBACK_HEAD_ENV}
     port, dash = free_port(), free_port()
     # Ray's socket paths must stay under 107 characters: pytest's tmp_path is too deep for them.
     head_tmp = tempfile.mkdtemp(prefix="vp-ray-", dir="/tmp")
@@ -35,7 +53,8 @@ def ray_head(env: dict[str, str], *extra: str, num_cpus: int = 2) -> Iterator[He
                    f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
     head = subprocess.Popen([str(RAY), "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
                              "--node-ip-address=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-                             "--dashboard-host=127.0.0.1", f"--temp-dir={head_tmp}", *agent_ports, *extra], env=env,
+                             "--dashboard-host=127.0.0.1", f"--temp-dir={head_tmp}", *agent_ports, *extra],
+                            env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         gcs = f"127.0.0.1:{port}"
@@ -44,7 +63,7 @@ def ray_head(env: dict[str, str], *extra: str, num_cpus: int = 2) -> Iterator[He
             assert head.poll() is None, "ray start --head exited"
             assert time.time() < deadline, "Ray head did not come up in 90 s"
             time.sleep(2)
-        yield Head(gcs=gcs, dashboard=f"http://127.0.0.1:{dash}")
+        yield Head(gcs=gcs, dashboard=f"http://127.0.0.1:{dash}", pid=head.pid)
     finally:
         head.terminate()
         head.wait(timeout=60)

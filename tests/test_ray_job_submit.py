@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.conftest import REPO
-from tests.helpers_ray import RAY, ray_head
+from tests.helpers_ray import LOOPBACK_IPS, RAY, listening_sockets, ray_head
 from tests.test_teacher_pipeline import args
 
 pytestmark = pytest.mark.slow
@@ -41,3 +41,6 @@ def test_ray_job_submit_against_a_head(synthetic_root, tmp_path):
             time.sleep(3)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "registered model: models:/vitpose-teacher@current (version 1)" in submit.stdout
+        bound = listening_sockets(head.pid)
+        assert {"gcs_server", "raylet"} <= {name for _, name in bound}, bound
+        assert not [b for b in bound if b[0] not in LOOPBACK_IPS], f"the head listens beyond the loopback: {bound}"

@@ -36,6 +36,8 @@ def connect(num_cpus: int | None = None) -> dict[str, Any]:
     address = check_address()
     runtime_env = {"env_vars": {**WORKER_ENV, **worker_env()}}
     if address:
+        if _host_port(address)[0] in ("127.0.0.1", "localhost", "::1"):
+            _loopback_only(True)  # a loopback-only head answers only clients with the switch off
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         except ConnectionError as err:  # e.g. RAY_ADDRESS=auto with no cluster on this machine
@@ -44,6 +46,7 @@ def connect(num_cpus: int | None = None) -> dict[str, Any]:
     else:
         # "local": a private Ray, never one that a `ray start` left running on this machine (ray.init()
         # without an address joins that one, with someone else's workers and resources).
+        _loopback_only(True)
         ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False,
                  log_to_driver=True)
     return ray.cluster_resources()
@@ -57,6 +60,36 @@ def disconnect() -> None:
 
         ray.shutdown()
         _started_here = False
+        _loopback_only(False)
+
+
+# Ray binds its servers to the node IP, and resolves 127.0.0.1 given as that IP to the machine's outward
+# address (services.resolve_ip_for_localhost), so a private Ray listens on the network. With its multi-node
+# switch off (what it does on Windows and macOS) the node IP is the loopback and nothing else is bound. A
+# head started with the switch off (README, one machine) times out clients that have it on, so drivers of a
+# 127.0.0.1 address switch it off too; such a client also works with an ordinary head.
+_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_saved_switch: tuple[str | None, bool] | None = None
+
+
+def _loopback_only(on: bool) -> None:
+    """Switch a private Ray to loopback-only (its child processes read the variable, this process the
+    constant Ray computed from it at import), or restore what was there."""
+    global _saved_switch
+    from ray._private import ray_constants
+
+    if on and _saved_switch is None:
+        _saved_switch = (os.environ.get(_CLUSTER_SWITCH), ray_constants.ENABLE_RAY_CLUSTER)
+        os.environ[_CLUSTER_SWITCH] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    elif not on and _saved_switch is not None:
+        env, constant = _saved_switch
+        if env is None:
+            os.environ.pop(_CLUSTER_SWITCH, None)
+        else:
+            os.environ[_CLUSTER_SWITCH] = env
+        ray_constants.ENABLE_RAY_CLUSTER = constant
+        _saved_switch = None
 
 
 def check_address() -> str | None:
@@ -67,11 +100,15 @@ def check_address() -> str | None:
     return address or None
 
 
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
+def _host_port(address: str) -> tuple[str | None, int | None]:
     if address == "auto":
-        return
+        return None, None
     parsed = urlparse(address if "://" in address else f"ray://{address}")
-    host, port = parsed.hostname, parsed.port
+    return parsed.hostname, parsed.port
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    host, port = _host_port(address)
     if host is None or port is None:
         return
     try:

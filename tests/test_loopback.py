@@ -1,0 +1,41 @@
+"""The embedded default listens on the loopback only: every socket a private Ray opens (GCS, raylet, agents,
+the driver's and a worker's gRPC servers) is bound to 127.0.0.1, so a laptop or a shared machine running the
+demo exposes nothing to its network."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.conftest import REPO
+from tests.helpers_ray import LOOPBACK_IPS
+
+PROBE = textwrap.dedent("""
+    import json, os, psutil, ray
+    from vitpose import raycluster
+
+    raycluster.connect(num_cpus=1)
+    assert ray.get(ray.remote(lambda: os.getpid()).remote()) > 0  # a worker process is up and serving
+    tree = [psutil.Process(), *psutil.Process().children(recursive=True)]
+    pids = {p.pid: p.name() for p in tree}
+    bound = sorted({(c.laddr.ip, pids[c.pid]) for c in psutil.net_connections("inet")
+                    if c.status == psutil.CONN_LISTEN and c.pid in pids})
+    raycluster.disconnect()
+    print(json.dumps({"bound": bound, "switch": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}))
+""")
+
+@pytest.mark.slow
+def test_embedded_ray_listens_on_loopback_only():
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    bound = [tuple(b) for b in report["bound"]]
+    names = {name for _, name in bound}
+    assert {"gcs_server", "raylet"} <= names, bound  # the probe saw Ray's servers, not an empty list
+    exposed = [b for b in bound if b[0] not in LOOPBACK_IPS]
+    assert not exposed, f"listening beyond the loopback: {exposed}"
+    assert report["switch"] is None  # disconnect() put the environment back
