@@ -6,7 +6,8 @@ QDQ, calibrated on training crops), measured side by side, and the val AP int8 c
     python benchmarks/student_latency.py --levers            # also: which quantization settings help
 
 Presets: the student sizes (presets narrower than ViTPose-S, without the ``_simple`` variants) at the demo's
-input (configs/distill/synthetic_tiny.yaml: 128x96, patch 8), ViTPose-S and -B at their own 256x192, patch 16.
+input (configs/distill/synthetic_tiny.yaml: 128x96, patch 8); the ladder (vitpose_student_t/s/m), ViTPose-S and -B
+at 256x192, patch 16, where the ladder is sized.
 Weights are random for the timings (speed does not depend on their values), but calibration always uses
 real training crops of the synthetic dataset at the preset's input size. Timed: the network alone, batch 1
 (ms per crop) and batch 8 (crops/s), at 1 and 2 threads (torch and onnxruntime intra-op threads set alike),
@@ -42,6 +43,12 @@ from vitpose.quantize import calibration_crops, int8_report, quantize_int8
 DEMO_STUDENT = REPO_ROOT / "configs" / "distill" / "synthetic_tiny.yaml"
 DEMO_TEACHER = REPO_ROOT / "configs" / "teacher" / "synthetic_tiny.yaml"
 BIG = ("vitpose_s", "vitpose_b")
+
+
+def full_size(preset: str) -> bool:
+    """Timed at 256x192, patch 16: ViTPose-S/-B and the student ladder (sized in GFLOPs at that input)."""
+    return preset in BIG or preset.startswith("vitpose_student_")
+
 THREADS = (1, 2)
 BATCHES = (1, 8)
 CALLS = {1: 8, 8: 1}  # calls per timed measurement: one batch-1 call is too short to time against the scheduler
@@ -62,7 +69,7 @@ def student_presets() -> list[str]:
 
 def preset_config(preset: str, *extra: str) -> TeacherConfig:
     """The demo's synthetic training config with ``preset`` at its benchmark input (students keep the demo's)."""
-    size = ["model.img_size=[256,192]", "model.patch_size=16"] if preset in BIG else []
+    size = ["model.img_size=[256,192]", "model.patch_size=16"] if full_size(preset) else []
     return load_config(DEMO_TEACHER, [f"model.preset={preset}", *size, "data.loader_workers=0", *extra])
 
 
@@ -79,7 +86,7 @@ def bench_preset(preset: str, tmp: Path, reps: int, calib: int) -> list[dict[str
     t0 = time.perf_counter()
     train, val = build_datasets(preset_config(preset), is_local_leader=True)
     torch.manual_seed(0)
-    model = build_model(preset, img_size=train.input_size, patch_size=16 if preset in BIG else 8).eval()
+    model = build_model(preset, img_size=train.input_size, patch_size=16 if full_size(preset) else 8).eval()
     fp32 = export_onnx(model, tmp / f"{preset}.onnx")
     int8 = quantize_int8(fp32, tmp / f"{preset}.int8.onnx", calibration_crops(train, calib))
     crops = torch.stack([val[i]["image"] for i in range(max(BATCHES))])
@@ -152,7 +159,7 @@ def lever_speed(preset: str, tmp: Path, reps: int, calib: int) -> dict[str, floa
 
     train, val = build_datasets(preset_config(preset), is_local_leader=True)
     torch.manual_seed(0)
-    model = build_model(preset, img_size=train.input_size, patch_size=16 if preset in BIG else 8).eval()
+    model = build_model(preset, img_size=train.input_size, patch_size=16 if full_size(preset) else 8).eval()
     fp32 = export_onnx(model, tmp / f"lever-{preset}.onnx")
     crops = calibration_crops(train, calib)
     torch.set_num_threads(1)
