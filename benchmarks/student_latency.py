@@ -176,14 +176,20 @@ def lever_speed(preset: str, tmp: Path, reps: int, calib: int) -> dict[str, floa
 
 def print_tables(rows: list[dict[str, Any]], ap: dict[str, Any] | None, levers: dict[str, dict[str, float]]) -> list[dict]:
     rt = ("eager", "ort fp32", "ort int8")
-    head = (f"{'preset':<13}{'input':>13}{'params M':>9}{'GFLOPs':>8}{'thr':>4}" + "".join(f"{'b1 ms ' + n:>16}" for n in rt)
+    head = (f"{'preset':<19}{'input':>13}{'params M':>9}{'GFLOPs':>8}{'thr':>4}" + "".join(f"{'b1 ms ' + n:>16}" for n in rt)
             + "".join(f"{'b8/s ' + n:>15}" for n in rt) + f"{'b1 int8/fp32':>14}{'b1 fp32/eager':>15}{'b8 int8/fp32':>14}")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         size = f"{r['img_size'][0]}x{r['img_size'][1]}/{r['patch']}"
-        print(f"{r['preset']:<13}{size:>13}{r['params_m']:>9.2f}{r['gflops']:>8.2f}{r['threads']:>4}"
+        print(f"{r['preset']:<19}{size:>13}{r['params_m']:>9.2f}{r['gflops']:>8.2f}{r['threads']:>4}"
               + "".join(f"{1000 / r[f'b1 {n}']:>16.2f}" for n in rt) + "".join(f"{r[f'b8 {n}']:>15.1f}" for n in rt)
               + f"{r['b1 int8/fp32']:>13.2f}x{r['b1 fp32/eager']:>14.2f}x{r['b8 int8/fp32']:>13.2f}x")
+    small = {(r["preset"], r["threads"]): r for r in rows}
+    for r in rows:
+        s = small.get(("vitpose_s", r["threads"]))
+        if s is not None and r["preset"].startswith("vitpose_student_"):
+            print(f"{r['preset']} vs vitpose_s, {r['threads']} thread(s), batch 1: ort fp32 "
+                  f"{r['b1 ort fp32'] / s['b1 ort fp32']:.1f}x, ort int8 {r['b1 ort int8'] / s['b1 ort int8']:.1f}x as fast")
     targets = []
     for r in rows:
         targets.append({"target": f"{r['preset']} {r['threads']}t b1: int8 >= 1.5x fp32 ORT", "value": r["b1 int8/fp32"],
@@ -200,10 +206,11 @@ def print_tables(rows: list[dict[str, Any]], ap: dict[str, Any] | None, levers: 
     if levers:
         names = list(LEVERS)
         print(f"\nlevers: int8/fp32 ORT at batch 1, 1 thread{'; AP drop in points on the student' if ap else ''}")
-        print(f"{'':<22}" + "".join(f"{p:>14}" for p in levers) + ("  AP drop" if ap else ""))
+        width = max(len(p) for p in levers) + 2
+        print(f"{'':<22}" + "".join(f"{p:>{width}}" for p in levers) + ("  AP drop" if ap else ""))
         for n in names:
             drop = f"{100 * (ap[n]['ap_eager'] - ap[n]['ap_int8']):>+9.2f}" if ap and n in ap else ""
-            print(f"{n:<22}" + "".join(f"{levers[p][n]:>13.2f}x" for p in levers) + drop)
+            print(f"{n:<22}" + "".join(f"{levers[p][n]:>{width - 1}.2f}x" for p in levers) + drop)
     print("\ntargets")
     for t in targets:
         print(f"  {t['target']:<48} {t['value']:>7.2f}  {'yes' if t['met'] else 'NO'}")
