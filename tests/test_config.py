@@ -14,7 +14,7 @@ from vitpose.config import (
     flatten,
     load_config,
 )
-from vitpose.dsconfig import complete_deepspeed_config
+from vitpose.dsconfig import complete_deepspeed_config, offload_devices
 
 TINY = REPO_ROOT / "configs" / "teacher" / "synthetic_tiny.yaml"
 
@@ -113,6 +113,38 @@ def test_deepspeed_config_that_contradicts_ours_is_refused(tmp_path):
         complete_deepspeed_config(cfg, world_size=2)
     assert str(bad) in str(err.value) and "train_micro_batch_size_per_gpu" in str(err.value)
     assert "64" in str(err.value) and "4" in str(err.value)
+
+
+def test_offload_configs_complete_and_impossible_offloads_are_refused(tmp_path):
+    for name, parts in [("zero3_offload", {"offload_optimizer"}), ("zero3_offload_params", {"offload_optimizer", "offload_param"})]:
+        cfg = load_config(TINY, [f"deepspeed.config=configs/deepspeed/{name}.json"])
+        ds = complete_deepspeed_config(cfg, world_size=2)
+        assert set(offload_devices(ds)) == parts and "torch_adam" not in ds["optimizer"].get("params", {})
+
+    def refused(ds_json: dict, *sets: str) -> str:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(ds_json))
+        with pytest.raises(ConfigError) as err:
+            complete_deepspeed_config(load_config(TINY, [f"deepspeed.config={path}", *sets]), world_size=2)
+        assert str(path) in str(err.value)
+        return str(err.value)
+
+    cpu = {"device": "cpu"}
+    assert "needs ZeRO stage 3" in refused({"zero_optimization": {"stage": 3, "offload_param": cpu}},
+                                           "deepspeed.zero_stage=2")
+    assert "needs ZeRO stage 1-3" in refused({"zero_optimization": {"stage": 0, "offload_optimizer": cpu}})
+    assert "remove optimizer.params.torch_adam" in refused(
+        {"zero_optimization": {"stage": 3, "offload_optimizer": cpu}, "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}})
+    assert "device must be cpu, nvme or none" in refused({"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}})
+    nvme = {"device": "nvme", "nvme_path": str(tmp_path / "missing")}
+    assert "is not a writable folder" in refused({"zero_optimization": {"stage": 3, "offload_param": nvme}})
+    nvme_json = json.loads((REPO_ROOT / "configs/deepspeed/zero3_offload_nvme.json").read_text())
+    for part in ("offload_optimizer", "offload_param"):
+        nvme_json["zero_optimization"][part]["nvme_path"] = str(tmp_path)
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):  # this machine: no libaio
+        assert "needs libaio" in refused(nvme_json)
 
 
 def test_a_config_inherits_its_base_and_overrides_it(tmp_path):

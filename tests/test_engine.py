@@ -33,8 +33,10 @@ def test_lr_schedule_warmup_then_steps(synthetic_root):
         # Persistent loader processes (the epoch travels with each index) and drop path drawing from the
         # torch RNG: a resumed run must still draw what the uninterrupted one drew.
         (0, ["data.loader_workers=1", "model.drop_path_rate=0.1"]),
+        # ZeRO-Offload: the optimizer state and step on the CPU in DeepSpeed's CPU Adam (built here with g++).
+        (3, ["deepspeed.config=configs/deepspeed/zero3_offload.json"]),
     ],
-    ids=["zero0", "zero3", "zero0-loader-procs"],
+    ids=["zero0", "zero3", "zero0-loader-procs", "zero3-offload"],
 )
 def test_training_lowers_loss_and_resume_is_exact(synthetic_root, tmp_path, stage, sets):
     cfg = tiny_config(synthetic_root, "train.epochs=3", f"deepspeed.zero_stage={stage}", *sets)
@@ -52,6 +54,8 @@ def test_training_lowers_loss_and_resume_is_exact(synthetic_root, tmp_path, stag
     trainer = Trainer(cfg, resumed)
     trainer.fit()
     assert trainer.start_epoch == 1
+    if any("offload" in s for s in sets):  # the step really ran in DeepSpeed's CPU Adam, on offloaded state
+        assert type(trainer.optimizer.optimizer).__name__ == "DeepSpeedCPUAdam"
     assert [r["epoch"] for r in resumed.reports] == [2, 3]
     assert resumed.reports[-1]["train/loss"] == pytest.approx(full.reports[-1]["train/loss"], rel=1e-5)
     history = json.loads((resumed.checkpoints[-1] / "meta.json").read_text())["history"]

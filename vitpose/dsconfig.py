@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from typing import Any
 
 from vitpose.config import ConfigError, TeacherConfig, resolve_path
@@ -67,7 +68,48 @@ def complete_deepspeed_config(cfg: TeacherConfig, world_size: int) -> dict[str, 
     # Our scheduler sets every group's lr each step (warm-up, steps, layer decay); a DS one would fight it.
     if "scheduler" in ds:
         raise ConfigError(f"{source}: remove 'scheduler'; the lr schedule comes from train.warmup_* and train.lr_steps")
+    check_offload(ds, str(source))
     return ds
+
+
+def offload_devices(ds: dict[str, Any]) -> dict[str, str]:
+    """{'offload_optimizer' | 'offload_param': device} for the parts the config moves off the accelerator."""
+    zero = ds.get("zero_optimization", {})
+    found = {key: str(zero[key].get("device", "none")) for key in ("offload_optimizer", "offload_param")
+             if isinstance(zero.get(key), dict)}
+    return {key: device for key, device in found.items() if device != "none"}
+
+
+def check_offload(ds: dict[str, Any], source: str) -> None:
+    """Refuse, with one line, an offload that cannot run here (checked on the driver and again on every worker,
+    since the workers' machines are the ones that build and run the offloaded optimizer)."""
+    offload = offload_devices(ds)
+    if not offload:
+        return
+    stage = zero_stage(ds)
+    if "offload_param" in offload and stage != 3:
+        raise ConfigError(f"{source}: zero_optimization.offload_param needs ZeRO stage 3, the stage is {stage}")
+    if "offload_optimizer" in offload and stage == 0:
+        raise ConfigError(f"{source}: zero_optimization.offload_optimizer needs ZeRO stage 1-3, the stage is 0")
+    if "offload_optimizer" in offload and ds.get("optimizer", {}).get("params", {}).get("torch_adam"):
+        raise ConfigError(f"{source}: remove optimizer.params.torch_adam: an offloaded optimizer runs DeepSpeed's "
+                          "CPU Adam (configs/deepspeed/zero3_offload.json)")
+    from deepspeed.ops.op_builder import AsyncIOBuilder, CPUAdamBuilder
+
+    if "offload_optimizer" in offload and not CPUAdamBuilder().is_compatible(verbose=False):
+        raise ConfigError(f"{source}: offload_optimizer needs DeepSpeed's CPU Adam, which cannot be built on this "
+                          "machine (it needs a C++ compiler: install g++)")
+    for key, device in offload.items():
+        if device == "nvme":
+            path = ds["zero_optimization"][key].get("nvme_path")
+            if not path or not os.path.isdir(path) or not os.access(path, os.W_OK):
+                raise ConfigError(f"{source}: zero_optimization.{key}.nvme_path={path!r} is not a writable folder "
+                                  "on this machine; point it at a local NVMe mount")
+            if not AsyncIOBuilder().is_compatible(verbose=False):
+                raise ConfigError(f"{source}: {key} to NVMe needs DeepSpeed's async I/O op, which needs libaio "
+                                  "(apt install libaio-dev) on every worker; or offload to device cpu")
+        elif device != "cpu":
+            raise ConfigError(f"{source}: zero_optimization.{key}.device must be cpu, nvme or none, got {device!r}")
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
