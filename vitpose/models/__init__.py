@@ -26,6 +26,7 @@ from .checkpoints import (
 from .formats import FORMATS, VITPOSE_PLUS_EXPERTS
 from .freeze import FreezeReport, freeze, frozen_parameter_names
 from .heads import ClassicDecoder, SimpleDecoder
+from .multi import export_dataset
 from .optim import layer_id, param_groups_layer_decay
 from .pretrained import build_overrides, inspect_file, load_pretrained
 from .vitpose import (
@@ -59,6 +60,7 @@ __all__ = [
     "build_model",
     "build_model_from_spec",
     "build_overrides",
+    "export_dataset",
     "infer_spec_from_state_dict",
     "inspect_file",
     "layer_id",

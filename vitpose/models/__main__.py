@@ -1,6 +1,7 @@
 """Command line for the model package: `python -m vitpose.models summary vitpose_b [--img-size 256 192]
 [--attention KIND --window H W] [--compare-attention [--measure]]`, `python -m vitpose.models inspect FILE [--preset P]
-[--json]`.
+[--json]`, `python -m vitpose.models export-dataset MODEL DATASET --out FOLDER` (a multi-dataset model's
+single-dataset model: its expert and head, a folder that serving and evaluation load like any model).
 
 Owns nothing but printing: models are built on the meta device, so even ViT-g costs no memory.
 """
@@ -81,9 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--preset", choices=list_presets(), help="load into this preset (default: the suggested one)")
     i.add_argument("--expert", type=int, default=0, help="ViTPose+ dataset expert (0 = COCO)")
     i.add_argument("--json", action="store_true", help="end with one JSON line: format, preset, keys")
+    e = sub.add_parser("export-dataset", help="one dataset's model (its expert joined, its head) of a multi-dataset "
+                       "model, as a folder of model.safetensors + vitpose_meta.json")
+    e.add_argument("model", help="models:/NAME@ALIAS, runs:/..., a checkpoint folder or a weights file")
+    e.add_argument("dataset", help="the dataset's name (its index also works)")
+    e.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     if args.command == "inspect":
         return inspect(args.file, args.preset, args.expert, args.json)
+    if args.command == "export-dataset":
+        return export_dataset_folder(args.model, args.dataset, args.out)
 
     overrides = {
         k: v
@@ -115,6 +123,31 @@ def inspect(path: str, preset: str | None, expert: int, as_json: bool) -> int:
     print(report.summary())
     if as_json:
         print(json.dumps(report.to_json()))
+    return 0
+
+
+def export_dataset_folder(uri: str, dataset: str, out: str) -> int:
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from vitpose.model_store import META, WEIGHTS, load_vitpose
+
+    from .multi import dataset_meta, export_dataset
+
+    try:
+        model, meta = load_vitpose(uri)
+        which: int | str = int(dataset) if dataset.isdigit() else dataset
+        single = export_dataset(model, which)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in single.state_dict().items()}, str(folder / WEIGHTS))
+    (folder / META).write_text(json.dumps({"spec": single.spec.to_dict(), **dataset_meta(meta, model.spec, which)},
+                                          indent=1))
+    print(f"wrote {folder / WEIGHTS} ({single.spec.num_keypoints} keypoints) and {folder / META}")
     return 0
 
 

@@ -16,6 +16,7 @@ from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionSpec, WindowLayout, attend, attention_cost, window_attention, window_mask
+from .moe import MoeMlp
 
 LAYER_NORM_EPS = 1e-6
 
@@ -103,18 +104,21 @@ class Block(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, drop_path: float = 0.0,
-                 layout: WindowLayout | None = None) -> None:
+                 layout: WindowLayout | None = None, moe: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attn = Attention(dim, num_heads, layout=layout)
         self.drop_path1: nn.Module = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.mlp = Mlp(dim, mlp_hidden)  # an explicit hidden size (ViT-g: 6144 for 1408), not a float ratio
+        # An explicit hidden size (ViT-g: 6144 for 1408), not a float ratio; ViTPose+ experts with ``moe``
+        # = (experts, part_features) (moe.py).
+        self.mlp: nn.Module = Mlp(dim, mlp_hidden) if moe is None else MoeMlp(dim, mlp_hidden, *moe)
         self.drop_path2: nn.Module = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dataset_index: int | torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        h = self.norm2(x)
+        return x + self.drop_path2(self.mlp(h) if dataset_index is None else self.mlp(h, dataset_index))
 
 
 class PatchEmbed(nn.Module):
@@ -188,6 +192,7 @@ class ViTBackbone(nn.Module):
         patch_padding: int | None = None,
         pre_norm: bool = False,
         attention: AttentionSpec | None = None,
+        moe: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.img_size = (int(img_size[0]), int(img_size[1]))
@@ -217,7 +222,7 @@ class ViTBackbone(nn.Module):
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             [Block(embed_dim, num_heads, self.mlp_hidden, drop_path=dpr[i],
-                   layout=self.attention.layout(i, self.grid_size)) for i in range(depth)]
+                   layout=self.attention.layout(i, self.grid_size), moe=moe) for i in range(depth)]
         )
         self.last_norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         self.knowledge_tokens: KnowledgeTokens | None = None
@@ -273,7 +278,8 @@ class ViTBackbone(nn.Module):
         return [] if self.knowledge_tokens is None else list(self.knowledge_tokens.parameters())
 
     # ---- forward ------------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, dataset_index: int | torch.Tensor | None = None) -> torch.Tensor:
+        """Feature map of ``images``; ``dataset_index`` picks the ViTPose+ expert(s) (moe.py), if any."""
         x = self.patch_embed(images)  # (B, C, Hp, Wp)
         b, c, hp, wp = x.shape
         if (hp, wp) != self.grid_size:
@@ -293,9 +299,9 @@ class ViTBackbone(nn.Module):
             x = torch.cat([x, kt.unsqueeze(0).expand(b, -1, -1)], dim=1)  # (B, N + K, C)
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint(blk, x, dataset_index, use_reentrant=False)
             else:
-                x = blk(x)
+                x = blk(x, dataset_index)
         x = self.last_norm(x[:, : hp * wp])  # (B, N, C): knowledge tokens never reach the heatmaps
         # (B, C, Hp, Wp) as a channels-last view of the tokens: no copy, and the decoder's convolutions
         # run channels-last.

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .backbone import guess_grid, resize_pos_embed
+from .multi import infer_multi_fields
 from .vitpose import PRESETS, ModelSpec, ViTPose, build_model_from_spec, match_preset
 
 SPEC_KEY = "vitpose_spec"  # in the .pth 'meta' dict and in the safetensors metadata
@@ -282,6 +283,7 @@ def infer_spec_from_state_dict(
         deconv_channels=deconv,
         num_knowledge_tokens=0 if tokens is None else tokens.shape[0],
         pre_norm="backbone.norm_pre.weight" in state_dict,
+        **infer_multi_fields(state_dict, final.shape[0]),  # ViTPose+: experts and a head per dataset
     )
 
 

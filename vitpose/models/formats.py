@@ -18,13 +18,14 @@ import torch
 
 from .backbone import token_grid
 from .checkpoints import CheckpointError
+from .moe import VITPOSE_PLUS_EXPERTS
+from .multi import transformers_experts
 
 # The layouts we read. "vitpose" (the official mmpose layout, also what we save) is loaded by checkpoints.py.
 FORMATS = ("vitpose", "mae", "timm", "timm-dinov2", "timm-clip", "transformers-vitpose")
 
-# ViTPose+ trains one MLP expert per dataset; transformers' `dataset_index` and the official ViTPose+ configs
-# number them in this order. We load one expert (default 0, COCO) into our plain MLP.
-VITPOSE_PLUS_EXPERTS = ("coco", "aic", "mpii", "ap10k", "apt36k", "coco_wholebody")
+# ViTPose+ trains one MLP expert per dataset (moe.VITPOSE_PLUS_EXPERTS: transformers' `dataset_index` order).
+# A plain model takes one expert (default 0, COCO) joined into its MLP; a multi-dataset model takes them all.
 
 # timm-family keys dropped on purpose: tokens that are not patches (our backbone has none), classifier heads,
 # and MAE's pixel decoder. Anything else that does not map is an error.
@@ -180,17 +181,18 @@ def convert_timm(sd: dict[str, torch.Tensor], fmt: str) -> Converted:
     )
 
 
-def convert_transformers(sd: dict[str, torch.Tensor], config: dict[str, Any], expert: int = 0) -> Converted:
+def convert_transformers(sd: dict[str, torch.Tensor], config: dict[str, Any], expert: int | None = 0) -> Converted:
     """A transformers VitPoseForPoseEstimation state dict (+ its config.json) in our names, exactly.
 
     ViTPose+ (num_experts > 1): each MLP's fc2 is split into shared outputs (fc2) and per-dataset outputs
     (experts.i, the last part_features channels); expert `expert` is concatenated back into one fc2, which is
-    the plain MLP the MoE computes when `dataset_index` is `expert`.
+    the plain MLP the MoE computes when `dataset_index` is `expert`. `expert=None` keeps fc2 and every expert
+    as they are (`mlp.experts.i`), for a multi-dataset model with ViTPose+ experts (moe.py).
     """
     bb = config.get("backbone_config") or {}
     depth = int(bb.get("num_hidden_layers", 12))
     num_experts = int(bb.get("num_experts", 1))
-    if not 0 <= expert < max(num_experts, 1):
+    if expert is not None and not 0 <= expert < max(num_experts, 1):
         raise CheckpointError(f"expert {expert} does not exist: the file has {num_experts} experts "
                               f"({', '.join(VITPOSE_PLUS_EXPERTS[:num_experts])})")
     p = "backbone."
@@ -212,9 +214,13 @@ def convert_transformers(sd: dict[str, torch.Tensor], config: dict[str, Any], ex
                 used.add(f"{src}{a}.{t}")
             qkv = [f"{src}attention.attention.{n}.{t}" for n in ("query", "key", "value")]
             out[_ours(f"{dst}attn.qkv.{t}")] = torch.cat([sd[k] for k in qkv], dim=0)
-            fc2 = [f"{src}mlp.fc2.{t}"] + ([f"{src}mlp.experts.{expert}.{t}"] if num_experts > 1 else [])
+            joined = num_experts > 1 and expert is not None
+            fc2 = [f"{src}mlp.fc2.{t}"] + ([f"{src}mlp.experts.{expert}.{t}"] if joined else [])
             out[_ours(f"{dst}mlp.fc2.{t}")] = torch.cat([sd[k] for k in fc2], dim=0)
             used.update(qkv + fc2)
+    if num_experts > 1 and expert is None:
+        out.update(transformers_experts(sd, p, depth, num_experts))
+        used.update(k for k in sd if ".mlp.experts." in k)
     ignored = sorted(k for k in sd if re.match(rf"^{p}encoder\.layer\.\d+\.mlp\.experts\.\d+\.", k) and k not in used)
     head_decoder = None
     num_keypoints = None
@@ -235,7 +241,9 @@ def convert_transformers(sd: dict[str, torch.Tensor], config: dict[str, Any], ex
         raise CheckpointError(f"transformers-vitpose file: {len(unmapped)} keys have no place in our model "
                               f"(e.g. {unmapped[:6]})")
     notes = []
-    if num_experts > 1:
+    if num_experts > 1 and expert is None:
+        notes.append(f"ViTPose+ MoE: all {num_experts} experts kept (order: {', '.join(VITPOSE_PLUS_EXPERTS)})")
+    elif num_experts > 1:
         name = VITPOSE_PLUS_EXPERTS[expert] if expert < len(VITPOSE_PLUS_EXPERTS) else str(expert)
         notes.append(f"ViTPose+ MoE: expert {expert} ({name}) of {num_experts} concatenated into mlp.fc2 "
                      f"(order: {', '.join(VITPOSE_PLUS_EXPERTS)})")

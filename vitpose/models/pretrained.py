@@ -32,6 +32,7 @@ from .checkpoints import (
     torch_load_weights_only,
 )
 from .formats import Converted, convert_timm, convert_transformers, detect_format
+from .multi import fit_experts_and_heads
 from .vitpose import PRESETS, ViTPose, build_model, build_model_from_spec, match_preset
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def _read_raw(path: Path) -> tuple[str, Any, dict[str, Any] | None]:
     return detect_format(obj), obj, None
 
 
-def read_pretrained(path: str | Path, expert: int = 0) -> Converted | None:
+def read_pretrained(path: str | Path, expert: int | None = 0) -> Converted | None:
     """The file converted to our names, or None for an official ViTPose file (loaded by checkpoints.py)."""
     path = Path(path)
     fmt, obj, config = _read_raw(path)
@@ -157,9 +158,14 @@ def fit_pretrained(conv: Converted, model: ViTPose, path: str) -> tuple[dict[str
     if spec.padding != file_pad:
         report.notes.append(f"our patch conv pads by {spec.padding} px, the file's by {file_pad} (ViTPose's layout)")
     sd.update(_fit_head(conv, expected, report))
+    if spec.datasets or spec.moe_part_features:  # a multi-dataset model: experts and heads per dataset (moe.py)
+        dropped, notes = fit_experts_and_heads(sd, expected)
+        report.ignored_keys += dropped
+        report.notes += notes
 
     missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
-    allowed_new = [k for k in missing if k.startswith((HEAD_PREFIX, "backbone.knowledge_tokens."))]
+    allowed_new = [k for k in missing if k.startswith((HEAD_PREFIX, "associate_keypoint_heads.",
+                                                       "backbone.knowledge_tokens."))]
     mis_shaped = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
                   for k, v in sd.items() if k in expected and v.shape != expected[k].shape]
     problems = sorted(set(missing) - set(allowed_new)) + [k for k in sd if k not in expected] + mis_shaped
@@ -180,7 +186,7 @@ def load_pretrained(model: ViTPose, path: str | Path, *, expert: int = 0, echo: 
     `expert` picks the ViTPose+ dataset expert (formats.VITPOSE_PLUS_EXPERTS; 0 is COCO). The report is
     logged, and printed when `echo` (the start of a training run, where the user should see it).
     """
-    conv = read_pretrained(path, expert)
+    conv = read_pretrained(path, None if model.spec.moe_part_features else expert)  # MoE: every expert
     if conv is None:  # a head of another keypoint count is new, as for the other formats (_fit_head)
         report = load_checkpoint(model, path, new_keypoints=True)
     else:

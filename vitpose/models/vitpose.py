@@ -18,6 +18,7 @@ import torch.nn as nn
 from .attention import AttentionSpec
 from .backbone import ViTBackbone, default_patch_padding, token_grid
 from .heads import ClassicDecoder, SimpleDecoder
+from .moe import route_heads
 
 Decoder = Literal["classic", "simple"]
 DECODERS: tuple[str, ...] = ("classic", "simple")
@@ -43,10 +44,15 @@ class ModelSpec:
     pre_norm: bool = False  # a LayerNorm before the first block (CLIP-style pre-trained ViTs)
     # Which keys each query sees (full, or the paper's window kinds); no parameters of its own.
     attention: AttentionSpec = AttentionSpec()
+    # Multi-dataset models (moe.py): (name, keypoint count) per dataset, the first is num_keypoints' (the
+    # primary); () is a single-dataset model. moe_part_features > 0: ViTPose+ experts, one per dataset.
+    datasets: tuple[tuple[str, int], ...] = ()
+    moe_part_features: int = 0
 
     def __post_init__(self) -> None:
         # Normalise what YAML/JSON hands us (lists, dicts) so specs compare equal after a round trip.
         object.__setattr__(self, "img_size", (int(self.img_size[0]), int(self.img_size[1])))
+        object.__setattr__(self, "datasets", tuple((str(n), int(k)) for n, k in self.datasets))
         try:
             object.__setattr__(self, "attention", AttentionSpec.coerce(self.attention))
         except (TypeError, ValueError) as e:
@@ -69,6 +75,10 @@ class ModelSpec:
         bad_blocks = [b for b in self.attention.full_blocks if not 0 <= b < self.depth]
         if bad_blocks:
             problems.append(f"attention.full_blocks {bad_blocks} are not blocks 0-{self.depth - 1}")
+        if self.datasets and self.datasets[0][1] != self.num_keypoints:
+            problems.append(f"datasets[0] {self.datasets[0]} must have num_keypoints {self.num_keypoints} (the primary)")
+        if self.moe_part_features and not 0 < self.moe_part_features < self.embed_dim:
+            problems.append(f"moe_part_features {self.moe_part_features} must be in (0, embed_dim {self.embed_dim})")
         if self.num_knowledge_tokens < 0:
             problems.append(f"num_knowledge_tokens must be >= 0, got {self.num_knowledge_tokens}")
         if problems:
@@ -97,6 +107,10 @@ class ModelSpec:
         d = dataclasses.asdict(self)
         d["img_size"] = list(self.img_size)
         d["attention"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["attention"].items()}
+        for key in ("datasets", "moe_part_features"):  # single-dataset specs read as before these fields
+            if not d[key]:
+                del d[key]
+        d.update({"datasets": [list(x) for x in self.datasets]} if self.datasets else {})
         return d
 
     @classmethod
@@ -193,22 +207,40 @@ class ViTPose(nn.Module):
             patch_padding=spec.patch_padding,
             pre_norm=spec.pre_norm,
             attention=spec.attention,
+            moe=(max(len(spec.datasets), 1), spec.moe_part_features) if spec.moe_part_features else None,
         )
-        self.keypoint_head: ClassicDecoder | SimpleDecoder
-        if spec.decoder == "classic":
-            self.keypoint_head = ClassicDecoder(spec.embed_dim, spec.num_keypoints, spec.deconv_channels)
-        else:
-            self.keypoint_head = SimpleDecoder(spec.embed_dim, spec.num_keypoints)
+        self.keypoint_head = self._head(spec.num_keypoints)
+        if len(spec.datasets) > 1:  # ViTPose+'s name for the other datasets' heads
+            self.associate_keypoint_heads = nn.ModuleList([self._head(k) for _, k in spec.datasets[1:]])
         if spec.num_knowledge_tokens:
             self.backbone.add_knowledge_tokens(spec.num_knowledge_tokens)
+
+    def _head(self, num_keypoints: int) -> ClassicDecoder | SimpleDecoder:
+        s = self._spec
+        if s.decoder == "classic":
+            return ClassicDecoder(s.embed_dim, num_keypoints, s.deconv_channels)
+        return SimpleDecoder(s.embed_dim, num_keypoints)
+
+    @property
+    def heads(self) -> list[nn.Module]:
+        """The head of each dataset, in ``spec.datasets`` order (one for a single-dataset model)."""
+        return [self.keypoint_head, *getattr(self, "associate_keypoint_heads", [])]
 
     def init_weights(self) -> None:
         """Re-run the initialisation (see ViTBackbone.init_weights for why it is callable again)."""
         self.backbone.init_weights()
-        self.keypoint_head.init_weights()
+        for head in self.heads:
+            head.init_weights()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.keypoint_head(self.backbone(images))
+    def forward(self, images: torch.Tensor, dataset_index: int | torch.Tensor | None = None) -> Any:
+        """Heatmaps (B, K, H, W); for a multi-dataset model see moe.py (a (B,) index gives one per dataset)."""
+        if dataset_index is None:
+            return self.keypoint_head(self.backbone(images))
+        moe = bool(self._spec.moe_part_features)
+        if not isinstance(dataset_index, torch.Tensor) or dataset_index.dim() == 0:  # one dataset for the batch
+            d = int(dataset_index)
+            return self.heads[d](self.backbone(images, d if moe else None))
+        return route_heads(self.heads, self.backbone(images, dataset_index if moe else None), dataset_index)
 
     @property
     def spec(self) -> ModelSpec:
