@@ -1,5 +1,6 @@
 """What the command-line pipelines share: their common arguments, the console and its log file, the
-one-line exit on a user error, the MLflow run-id file of a run folder, and picking the best checkpoint.
+one-line exit on a user error, the MLflow run-id file of a run folder (local or object storage), and picking
+the best checkpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from vitpose import console
 from vitpose.config import ConfigError, resolve_path
+from vitpose.storage import Storage
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 LOG_DIR = "runs/logs"
@@ -64,15 +66,14 @@ def run(body: Callable[[], int], name: str, verbose: bool = False) -> int:
             raycluster.disconnect()  # inside the capture: Ray's last words go to the log, not after our error
 
 
-def read_run_id(folder: Path) -> str | None:
-    """The MLflow run a run folder belongs to, so a resumed run logs to the same MLflow run."""
-    path = Path(folder) / RUN_ID_FILE
+def read_run_id(folder: Path | Storage) -> str | None:
+    """The MLflow run a run folder (local or ``Storage``) belongs to, so a resumed run logs to the same run."""
+    path = Storage.of(folder) / RUN_ID_FILE
     return path.read_text().strip() if path.is_file() else None
 
 
-def write_run_id(folder: Path, run_id: str) -> None:
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / RUN_ID_FILE).write_text(run_id + "\n")
+def write_run_id(folder: Path | Storage, run_id: str) -> None:
+    (Storage.of(folder) / RUN_ID_FILE).write_text(run_id + "\n")
 
 
 def best_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:

@@ -1,7 +1,9 @@
 """Connecting to Ray and checking, before any work, that the cluster can hold what the config asks for.
 
 Local by default (``ray.init()`` starts a private Ray); a cluster when ``RAY_ADDRESS`` is set or the
-script was submitted with ``ray job submit`` (which sets it). Impossible requests (more CPUs or GPUs
+script was submitted with ``ray job submit`` (which sets it). Every Ray process gets this process's object
+storage endpoint and credentials (``AWS_*``, ``GOOGLE_*``: ``vitpose.storage.credentials_env``) through the
+runtime environment, so workers reach the same ``ray.storage_path``. Impossible requests (more CPUs or GPUs
 than the cluster has, with no autoscaler to add them) fail here with the fix, instead of waiting forever.
 """
 
@@ -15,6 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from vitpose.config import ConfigError, one_line
+from vitpose.storage import Storage, credentials_env
 
 # glibc keeps freed large blocks mapped and fragments under DeepSpeed's big flat buffers; returning
 # blocks over 128 KiB to the OS kept ZeRO-3 at ViT-H size from being killed at 22 GiB (measured on 2 CPU ranks).
@@ -34,7 +37,7 @@ def connect(num_cpus: int | None = None) -> dict[str, Any]:
     from vitpose.console import worker_env
 
     address = check_address()
-    runtime_env = {"env_vars": {**WORKER_ENV, **worker_env()}}
+    runtime_env = {"env_vars": {**WORKER_ENV, **worker_env(), **credentials_env()}}
     if address:
         if _host_port(address)[0] in ("127.0.0.1", "localhost", "::1"):
             _loopback_only(True)  # a loopback-only head answers only clients with the switch off
@@ -156,11 +159,13 @@ def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, gpu
         raise ConfigError(problems[0])
 
 
-def run_name(storage: Path, name: str, resume: bool) -> str:
-    """A new timestamped run name, or with ``resume`` the latest existing run folder of this name."""
+def run_name(storage: Path | Storage, name: str, resume: bool) -> str:
+    """A new timestamped run name, or with ``resume`` the latest existing run folder of this name (in a local
+    folder or on object storage)."""
     if resume:
-        previous = sorted(p for p in storage.glob(f"{name}-2*") if p.is_dir())
+        previous = sorted(p.name for p in Storage.of(storage).iterdir() if p.name.startswith(f"{name}-2"))
         if not previous:
             raise ConfigError(f"--resume: no earlier run named {name}-* in {storage}; run without --resume")
-        return previous[-1].name
+        return previous[-1]
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+

@@ -5,7 +5,9 @@ A checkpoint folder holds DeepSpeed's sharded state under ``ds/`` (every rank), 
 ``model.safetensors`` with the model spec in its header and ``meta.json`` (rank 0), and one
 ``rank<R>.complete`` marker per rank, written last, listing the size of every file that rank wrote.
 ``verify_checkpoint`` accepts a folder only when all markers are there and every listed file has its size.
-Serving, the pipelines and the tests take these names from here.
+Serving, the pipelines and the tests take these names from here. Checkpoints are written to a local
+folder and handed to Ray, which persists them to ``ray.storage_path`` (local, NFS or object storage);
+``verify_checkpoint`` and ``newest_complete_checkpoint`` read either kind (``vitpose.storage``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from vitpose.storage import Storage
 
 CKPT_TAG = "ds"
 MODEL_FILE = "model.safetensors"
@@ -55,32 +59,32 @@ def write_rank_marker(out: Path, rank: int) -> None:
     write_atomic(out / f"rank{rank}.complete", json.dumps(files, indent=0))
 
 
-def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
+def verify_checkpoint(ckpt_dir: Path | Storage) -> dict[str, Any]:
     """A checkpoint is usable only if its metadata and every rank's completion marker are there, and every
-    file a marker lists has the size it was written with. Returns the metadata."""
-    ckpt_dir = Path(ckpt_dir)
+    file a marker lists has the size it was written with. Returns the metadata. ``ckpt_dir`` is a local
+    folder or a ``Storage`` folder (object storage: one listing and a few small reads, nothing downloaded)."""
+    where = Storage.of(ckpt_dir)
     fix = "it was cut off while saving or changed afterwards; resume from an earlier checkpoint"
-    meta_path = ckpt_dir / META_FILE
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads((where / META_FILE).read_text())
     except FileNotFoundError:
         raise IncompleteCheckpointError(f"{ckpt_dir}: incomplete checkpoint (no {META_FILE}); {fix}") from None
     except (OSError, ValueError) as err:
         raise IncompleteCheckpointError(f"{ckpt_dir}: incomplete checkpoint ({META_FILE} unreadable: {err}); "
                                         f"{fix}") from None
-    missing = [r for r in range(meta["world_size"]) if not (ckpt_dir / f"rank{r}.complete").is_file()]
-    if missing or not (ckpt_dir / MODEL_FILE).is_file():
+    sizes = where.file_sizes()
+    missing = [r for r in range(meta["world_size"]) if f"rank{r}.complete" not in sizes]
+    if missing or MODEL_FILE not in sizes:
         raise IncompleteCheckpointError(f"{ckpt_dir}: incomplete checkpoint (ranks {missing} did not finish "
                                         f"saving); {fix}")
     for r in range(meta["world_size"]):
         try:
-            written = json.loads((ckpt_dir / f"rank{r}.complete").read_text())
+            written = json.loads((where / f"rank{r}.complete").read_text())
         except ValueError:
             raise IncompleteCheckpointError(f"{ckpt_dir}: incomplete checkpoint (rank{r}.complete unreadable); "
                                             f"{fix}") from None
         for name, size in written.items():
-            path = ckpt_dir / name
-            actual = path.stat().st_size if path.is_file() else None
+            actual = sizes.get(name)
             if actual != size:
                 state = "is missing" if actual is None else f"has {actual} bytes, {size} were written"
                 raise IncompleteCheckpointError(f"{ckpt_dir}: incomplete checkpoint ({name} of rank {r} {state}); "
@@ -88,16 +92,20 @@ def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def newest_complete_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint directly under ``folder`` with the highest epoch that passes ``verify_checkpoint``."""
+def newest_complete_checkpoint(folder: Path | Storage) -> Path | Storage | None:
+    """The checkpoint directly under ``folder`` with the highest epoch that passes ``verify_checkpoint``
+    (a ``Path`` for a local folder given as one, else a ``Storage``)."""
     usable = []
-    for sub in folder.iterdir():
-        if sub.is_dir() and (sub / META_FILE).is_file():
+    for sub in Storage.of(folder).iterdir():
+        if (sub / META_FILE).is_file():
             try:
                 usable.append((verify_checkpoint(sub)["epoch"], sub.name, sub))
             except IncompleteCheckpointError:
                 continue
-    return max(usable)[2] if usable else None
+    if not usable:
+        return None
+    best = max(usable, key=lambda u: u[:2])[2]
+    return best.local_path if isinstance(folder, Path) else best
 
 
 def remove_stale_save_dirs() -> None:

@@ -2,7 +2,9 @@
 ``vitpose.train.worker``, and the hand-off (best checkpoint registered in MLflow, curves, summary).
 
 ``train_teacher(cfg, resume)`` is what ``pipelines/teacher.py`` calls. Everything that can be wrong with the
-config, the data, the tracking store or the cluster raises ``ConfigError`` before training starts.
+config, the data, the storage, the tracking store or the cluster raises ``ConfigError`` before training starts.
+The run folder (Ray's checkpoints and our side files: MLflow run id, fatal error) lives wherever
+``ray.storage_path`` says: a local or shared folder, ``s3://`` or ``gs://`` (``vitpose.storage``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 from vitpose import console, raycluster, tracking
@@ -18,6 +19,7 @@ from vitpose.build import build_datasets, ensure_data
 from vitpose.config import ConfigError, TeacherConfig, one_line, resolve_path, to_dict
 from vitpose.dsconfig import complete_deepspeed_config
 from vitpose.pipeline import best_checkpoint, print_summary, read_run_id, write_run_id
+from vitpose.storage import Storage, credentials_env, open_storage
 from vitpose.train.checkpoint import META_FILE
 from vitpose.train.session import STATUS_DIR_ENV
 from vitpose.train.worker import WorkerJob, clear_fatal, read_fatal, stop_on_fatal_error, train_worker
@@ -28,7 +30,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False) -> int:
     from ray.train import TrainingFailedError
 
     tracking_uri = preflight(cfg)
-    storage = resolve_path(cfg.ray.storage_path)
+    storage = open_storage(cfg.ray.storage_path)  # object storage probed here, before Ray: exit 2 in seconds
     name = raycluster.run_name(storage, cfg.ray.name, resume)
     check_data(cfg)
     raycluster.connect()
@@ -36,7 +38,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False) -> int:
                                cfg.ray.gpus_per_worker, cfg.ray.autoscaler)
 
     run_dir = storage / name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir()
     clear_fatal(run_dir)
     resumed_run = read_run_id(run_dir)
     run_id = tracking.start_driver_run(cfg, tracking_uri, cfg.tracking.experiment, name, run_id=resumed_run)
@@ -45,7 +47,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False) -> int:
     write_run_id(run_dir, run_id)
     console.say(f"MLflow run {run_id} ({tracking_uri}); Ray run folder {run_dir}")
 
-    job = WorkerJob(config=to_dict(cfg), run_dir=str(run_dir), tracking_uri=tracking_uri, mlflow_run_id=run_id)
+    job = WorkerJob(config=to_dict(cfg), run_dir=run_dir.uri, tracking_uri=tracking_uri, mlflow_run_id=run_id)
     try:
         result = fit(cfg, job, name, storage)
     except TrainingFailedError as err:  # raised once Ray's retries (ray.max_failures) are spent
@@ -90,7 +92,7 @@ def check_data(cfg: TeacherConfig) -> None:
                         f"{ds.index_bad_counts} (data.on_bad_sample=skip)")
 
 
-def failure_cause(error: BaseException, run_dir: Path) -> str:
+def failure_cause(error: BaseException, run_dir: Storage) -> str:
     """One line: the worker's own message, not Ray's wrapping of it with every rank's traceback."""
     recorded = read_fatal(run_dir)
     if recorded:
@@ -101,14 +103,14 @@ def failure_cause(error: BaseException, run_dir: Path) -> str:
     return f"{one_line(cause)} (full traceback in the log file)"
 
 
-def fit(cfg: TeacherConfig, job: WorkerJob, name: str, storage: Path) -> Any:
+def fit(cfg: TeacherConfig, job: WorkerJob, name: str, storage: Storage) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
-    env = {**raycluster.WORKER_ENV, **console.worker_env(),
+    env = {**raycluster.WORKER_ENV, **console.worker_env(), **credentials_env(),
            **{k: os.environ[k] for k in (STATUS_DIR_ENV,) if k in os.environ}}
     trainer = TorchTrainer(
         functools.partial(train_worker, job),
@@ -116,12 +118,12 @@ def fit(cfg: TeacherConfig, job: WorkerJob, name: str, storage: Path) -> Any:
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=storage.uri,  # Ray persists checkpoints there itself (pyarrow, as we read it)
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep,
                                                checkpoint_score_attribute="val/AP", checkpoint_score_order="max"),
             worker_runtime_env={"env_vars": env},
-            callbacks=[stop_on_fatal_error(Path(job.run_dir))] if job.run_dir else None,
+            callbacks=[stop_on_fatal_error(Storage.parse(job.run_dir))] if job.run_dir else None,
         ),
     )
     return trainer.fit()
@@ -135,8 +137,8 @@ def finish(cfg: TeacherConfig, result: Any, tracking_uri: str, run_id: str) -> d
     best_ckpt, best_metrics = best_checkpoint(result, "val/AP")
     version = register_checkpoint(tracking_uri, run_id, best_ckpt, cfg.tracking.registered_model,
                                   cfg.tracking.alias)
-    with (result.checkpoint or best_ckpt).as_directory() as folder:
-        latest_meta = json.loads((Path(folder) / META_FILE).read_text())
+    latest = result.checkpoint or best_ckpt  # its meta only: on object storage nothing else is fetched
+    latest_meta = json.loads((Storage.from_filesystem(latest.filesystem, latest.path) / META_FILE).read_text())
     curves = plot_curves(latest_meta["history"], resolve_path("runs") / "tmp" / run_id / "training_curves.png")
     tracking.log_artifact(tracking_uri, run_id, curves)
     tracking.log_metrics(tracking_uri, run_id, {f"best/{k}": v for k, v in best_metrics.items()
@@ -150,7 +152,7 @@ def finish(cfg: TeacherConfig, result: Any, tracking_uri: str, run_id: str) -> d
         "best val AP": f"{best_metrics['val/AP']:.4f} (epoch {best_metrics['epoch']})",
         "MLflow run": run_id,
         "registered model": f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias} (version {version})",
-        "best checkpoint": best_ckpt.path,
+        "best checkpoint": Storage.from_filesystem(best_ckpt.filesystem, best_ckpt.path).uri,
         "tracking URI": tracking_uri,
         "look at it": tracking.ui_link(tracking_uri, run_id),
     }

@@ -18,7 +18,11 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from pyarrow.fs import LocalFileSystem
+
+from vitpose.storage import Storage
 from vitpose.train.checkpoint import (
+    SAVE_TMP_PREFIX,
     IncompleteCheckpointError,
     newest_complete_checkpoint,
     verify_checkpoint,
@@ -80,11 +84,13 @@ class LocalSession(Session):
 
 
 class RaySession(Session):
-    """One worker of a Ray Train worker group."""
+    """One worker of a Ray Train worker group; ``run_dir`` (a local folder or a storage URI) is the run's
+    folder, where a checkpoint Ray had not registered yet is looked for when Ray has none."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: str | None = None) -> None:
         import ray.train
 
+        self.run_dir = run_dir
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
@@ -105,17 +111,41 @@ class RaySession(Session):
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return nullcontext(None)
+        if ckpt is None:  # a driver killed before Ray registered the first checkpoint may have left one
+            return self._unregistered() if self.run_dir else nullcontext(None)
         registered = Path(ckpt.path)
-        if registered.is_dir():  # a local or shared run folder (object storage: Ray's record only)
-            newest = newest_complete_checkpoint(registered.parent)
-            if newest is not None and newest != registered and _epoch(newest) > _epoch(registered):
-                return nullcontext(newest)
-        return ckpt.as_directory()
+        if isinstance(ckpt.filesystem, LocalFileSystem):
+            if registered.is_dir():  # a local or shared run folder
+                newest = newest_complete_checkpoint(registered.parent)
+                if newest is not None and newest != registered and _epoch(newest) > _epoch(registered):
+                    return nullcontext(newest)
+            return ckpt.as_directory()
+        return newer_in_storage(Storage.from_filesystem(ckpt.filesystem, ckpt.path)) or ckpt.as_directory()
 
 
-def _epoch(ckpt_dir: Path) -> int:
+    def _unregistered(self) -> AbstractContextManager[Any]:
+        newest = newest_complete_checkpoint(Storage.parse(self.run_dir))
+        if newest is None:
+            return nullcontext(None)
+        return nullcontext(newest.local_path) if newest.is_local else _downloaded(newest)
+
+
+def _downloaded(ckpt: Storage) -> AbstractContextManager[Path]:
+    """A local copy of a checkpoint on object storage, in a save temp folder (see ``remove_stale_save_dirs``)."""
+    return ckpt.as_local_dir(prefix=f"{SAVE_TMP_PREFIX}{os.getpid()}-")
+
+
+def newer_in_storage(registered: Storage) -> AbstractContextManager[Any] | None:
+    """On object storage: a local copy of the newest complete checkpoint beside ``registered`` when it is newer
+    than ``registered`` or ``registered`` is incomplete (cut off by a storage outage, say), else None. Checked
+    in place, so only the checkpoint resumed from is downloaded."""
+    newest = newest_complete_checkpoint(registered.parent)
+    if newest is None or newest == registered or _epoch(newest) <= _epoch(registered):
+        return None
+    return _downloaded(newest)
+
+
+def _epoch(ckpt_dir: Path | Storage) -> int:
     try:
         return int(verify_checkpoint(ckpt_dir)["epoch"])
     except IncompleteCheckpointError:
@@ -145,6 +175,10 @@ class TuneSession(Session):
         if newest is not None:
             return nullcontext(newest)
         ckpt = tune.get_checkpoint()
+        if ckpt is not None and not isinstance(ckpt.filesystem, LocalFileSystem):
+            newer = newer_in_storage(Storage.from_filesystem(ckpt.filesystem, ckpt.path))
+            if newer is not None:
+                return newer
         return ckpt.as_directory() if ckpt is not None else nullcontext(None)
 
 

@@ -2,8 +2,9 @@
 
 What crosses from the driver to every worker is one frozen ``WorkerJob``. A worker that meets an error a
 retry cannot fix (bad data, a NaN loss, a broken checkpoint or config) records it in the run folder's
-``fatal_error.json`` before raising: a worker group Ray restarts reads it and stops at once instead of
-training up to the same error again, and the driver prints that one message instead of Ray's tracebacks.
+``fatal_error.json`` (local or object storage, ``vitpose.storage``) before raising: a worker group Ray
+restarts reads it and stops at once instead of training up to the same error again, and the driver prints
+that one message instead of Ray's tracebacks.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from vitpose.config import TrainingConfig, one_line
-from vitpose.train.checkpoint import IncompleteCheckpointError, write_atomic
+from vitpose.storage import Storage
+from vitpose.train.checkpoint import IncompleteCheckpointError
 
 FATAL_FILE = "fatal_error.json"
 
@@ -36,15 +38,15 @@ class WorkerJob:
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
 
-    def fatal_file(self) -> Path | None:
-        return Path(self.run_dir) / FATAL_FILE if self.run_dir else None
+    def fatal_file(self) -> Storage | None:
+        return Storage.of(self.run_dir) / FATAL_FILE if self.run_dir else None
 
 
 class FatalTrainingError(RuntimeError):
     """Raised in Ray Train's controller to end a run whose worker recorded an error a retry cannot fix."""
 
 
-def stop_on_fatal_error(run_dir: Path) -> Any:
+def stop_on_fatal_error(run_dir: Path | Storage) -> Any:
     """A Ray Train callback that ends the run at the first worker error recorded in ``fatal_error.json``.
 
     Ray Train retries every worker-group error up to ``ray.max_failures``; for bad data or a NaN loss that
@@ -72,15 +74,15 @@ def unretryable_errors() -> tuple[type[BaseException], ...]:
     return (BadSampleError, NonFiniteLossError, IncompleteCheckpointError, ConfigError, CheckpointError)
 
 
-def read_fatal(run_dir: Path) -> str | None:
+def read_fatal(run_dir: Path | Storage) -> str | None:
     """The message a worker recorded as not worth retrying, if any."""
-    path = Path(run_dir) / FATAL_FILE
+    path = Storage.of(run_dir) / FATAL_FILE
     return json.loads(path.read_text())["message"] if path.is_file() else None
 
 
-def clear_fatal(run_dir: Path) -> None:
+def clear_fatal(run_dir: Path | Storage) -> None:
     """Forget an earlier run's fatal error: its cause may be fixed by now, and --resume trains again."""
-    (Path(run_dir) / FATAL_FILE).unlink(missing_ok=True)
+    (Storage.of(run_dir) / FATAL_FILE).unlink(missing_ok=True)
 
 
 def train_worker(job: WorkerJob) -> None:
@@ -93,7 +95,7 @@ def train_worker(job: WorkerJob) -> None:
     if fatal is not None and fatal.is_file():
         raise RuntimeError(f"not retried: {json.loads(fatal.read_text())['message']}")
     cfg = TrainingConfig.model_validate(job.config)
-    session = RaySession()
+    session = RaySession(job.run_dir)
     tracker = None
     if session.rank == 0 and job.mlflow_run_id and job.tracking_uri:
         from vitpose.tracking import WorkerTracker
@@ -103,6 +105,6 @@ def train_worker(job: WorkerJob) -> None:
         Trainer(cfg, session, tracker=tracker).fit()
     except unretryable_errors() as err:
         if fatal is not None:
-            write_atomic(fatal, json.dumps({"rank": session.rank, "type": type(err).__name__,
-                                            "message": one_line(err)}))
+            fatal.write_text(json.dumps({"rank": session.rank, "type": type(err).__name__,
+                                         "message": one_line(err)}))
         raise

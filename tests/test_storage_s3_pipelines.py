@@ -1,0 +1,109 @@
+"""pipelines/teacher.py with ``ray.storage_path=s3://...`` on a local S3-compatible server (moto, own port):
+checkpoints and side files are bucket keys, nothing lands under the repository, the model is registered, a
+teacher run whose driver was SIGKILLed continues from the bucket with --resume, and unreachable storage stops
+the run in seconds with one line (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import mlflow
+import pytest
+
+from tests.conftest import REPO
+from tests.faults.procs import PY, Launched, cli_args, hold_rank, wait_for_status
+from tests.helpers_s3 import s3_server
+from vitpose.storage import Storage
+from vitpose.train.checkpoint import verify_checkpoint
+from vitpose.train.session import STATUS_DIR_ENV
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "teacher-runs"
+STEPS_PER_EPOCH = 6  # 96 instances / (2 workers x batch 8)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as server:
+        server.create_bucket(BUCKET)
+        yield server
+
+
+def env_for(s3, tmp_path, **extra: str) -> dict[str, str]:
+    return {**os.environ, **s3.env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", **extra}
+
+
+def test_teacher_on_s3_writes_only_to_the_bucket_and_resumes_from_it_after_a_driver_kill(s3, synthetic_root,
+                                                                                         tmp_path):
+    name = f"s3-teacher-{os.getpid()}"
+    status_dir = tmp_path / "status"
+    env = env_for(s3, tmp_path, **{STATUS_DIR_ENV: str(status_dir)})
+    args = ["pipelines/teacher.py", *cli_args(synthetic_root, f"s3://{BUCKET}/runs", f"ray.name={name}",
+                                              "train.epochs=3")]
+    hold = hold_rank(status_dir, 0, phase="save", epoch=2)  # the driver dies while rank 0 saves epoch 2
+    first = Launched(args, env, tmp_path / "first.log")
+    try:
+        wait_for_status(status_dir, 0, lambda s: s["held"], 400, alive=lambda: first.proc.poll() is None)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.wait(30)
+    finally:
+        first.cleanup()
+        hold.unlink(missing_ok=True)
+    keys = s3.keys(BUCKET, "runs/")
+    (run_prefix,) = {k.split("/")[1] for k in keys if k.startswith(f"runs/{name}-")}
+    run_id = s3.client().get_object(Bucket=BUCKET, Key=f"runs/{run_prefix}/mlflow_run_id.txt")["Body"].read().strip()
+
+    second = Launched([*args, "--resume"], env, tmp_path / "second.log")
+    try:
+        rc = second.wait(400)
+    finally:
+        second.cleanup()
+    out = second.output()
+    assert rc == 0, out[-3000:]
+    assert f"MLflow run {run_id.decode()}" in out and f"Ray run folder s3://{BUCKET}/runs/{run_prefix}" in out
+    assert f"at epoch 1 (step {STEPS_PER_EPOCH})" in out, "did not continue from the epoch-1 checkpoint in the bucket"
+
+    keys = s3.keys(BUCKET, f"runs/{run_prefix}/")
+    files = {k.removeprefix(f"runs/{run_prefix}/") for k in keys if not k.endswith("/")}
+    assert {"mlflow_run_id.txt", "checkpoint_manager_snapshot.json"} <= files, sorted(files)
+    assert "fatal_error.json" not in files
+    checkpoints = sorted({f.split("/")[0] for f in files if f.startswith("checkpoint_") and "/" in f})
+    assert len(checkpoints) == 3, checkpoints
+    for ckpt in checkpoints:
+        assert {f"{ckpt}/{f}" for f in ("meta.json", "model.safetensors", "rank0.complete", "rank1.complete")} <= files
+    snapshot = json.loads(s3.client().get_object(
+        Bucket=BUCKET, Key=f"runs/{run_prefix}/checkpoint_manager_snapshot.json")["Body"].read())
+    latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    os.environ.update(s3.env)  # verify in place, on the bucket
+    meta = verify_checkpoint(Storage.parse(f"s3://{BUCKET}/runs/{run_prefix}/{latest}"))
+    assert meta["epoch"] == 2 and meta["restored_at_epochs"] == [1]
+    assert not list((REPO / "runs" / "ray").glob(f"{name}-*")), "the URI was re-rooted under the repository"
+
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    version = client.get_model_version_by_alias("vitpose-teacher", "current")
+    assert version.run_id == run_id.decode()
+    assert client.get_run(version.run_id).data.tags["driver_resumes"] == "1"
+
+
+@pytest.mark.parametrize(("uri", "endpoint", "cause"), [
+    ("s3://no-such-bucket/runs", None, "The specified bucket does not exist"),
+    (f"s3://{BUCKET}/runs", "http://127.0.0.1:9", "Could not connect to server"),  # nothing listens on port 9
+])
+def test_unreachable_storage_stops_in_seconds_with_one_line(uri, endpoint, cause, s3, synthetic_root, tmp_path):
+    env = env_for(s3, tmp_path, **({"AWS_ENDPOINT_URL": endpoint} if endpoint else {}))
+    t0 = time.time()
+    out = subprocess.run([PY, "pipelines/teacher.py", *cli_args(synthetic_root, uri, "ray.name=unreachable")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    seconds = time.time() - t0
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out.stdout + out.stderr
+    assert errors[0].startswith(f"error: ray.storage_path={uri}: ") and cause in errors[0]
+    assert errors[0].endswith("(check AWS_ENDPOINT_URL / credentials)")
+    assert "MLflow run" not in out.stdout and seconds < 40, seconds
+
