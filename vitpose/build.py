@@ -17,8 +17,17 @@ def ensure_data(cfg: TrainingConfig) -> None:
     """Generate the synthetic dataset of ``cfg`` when it is missing or was made with other knobs.
 
     Only into the default root, a folder that exists, or with ``data.synthetic.generate``: a typo in
-    ``data.root`` is an error, not ten epochs on a dataset generated where nobody will look.
+    ``data.root`` is an error, not ten epochs on a dataset generated where nobody will look. A multi-dataset
+    run ensures each of its datasets; a synthetic one in another keypoint set is remapped (data/remap.py).
     """
+    if cfg.data.datasets:
+        from vitpose.data.remap import ensure_remapped
+
+        for _, _, one in dataset_configs(cfg):
+            ensure_data(one)
+            if one.data.kind == "synthetic" and one.data.keypoints != "coco":
+                ensure_remapped(one.data.root_path(), one.data.keypoints)
+        return
     if cfg.data.kind != "synthetic":
         return
     from vitpose.config import ConfigError, DataConfig
@@ -37,7 +46,8 @@ def ensure_data(cfg: TrainingConfig) -> None:
 
 def build_datasets(cfg: TrainingConfig, is_local_leader: bool) -> tuple[Any, Any]:
     """The (train, val) top-down datasets; the local leader generates synthetic data first if needed, the
-    other ranks wait for it."""
+    other ranks wait for it. A multi-dataset run (``data.datasets``) gives a ``MixedTrainSet`` and a
+    ``MultiValSet`` (data/mixing.py) of each dataset's own pair."""
     import torch.distributed as dist
 
     from vitpose.data.coco import TopDownCocoDataset
@@ -45,6 +55,14 @@ def build_datasets(cfg: TrainingConfig, is_local_leader: bool) -> tuple[Any, Any
 
     if is_local_leader:
         ensure_data(cfg)
+    if cfg.data.datasets:
+        from vitpose.data.mixing import MixedTrainSet, MultiValSet
+
+        entries = dataset_configs(cfg)
+        pairs = [build_datasets(one, is_local_leader=False) for _, _, one in entries]
+        names = [n for n, _, _ in entries]
+        return (MixedTrainSet(names, [t for t, _ in pairs], [r for _, r, _ in entries]),
+                MultiValSet(names, [v for _, v in pairs]))
     if dist.is_initialized():
         dist.barrier()
     root = cfg.data.root_path()
@@ -68,6 +86,16 @@ def build_datasets(cfg: TrainingConfig, is_local_leader: bool) -> tuple[Any, Any
     return train, val
 
 
+def dataset_configs(cfg: TrainingConfig) -> list[tuple[str, float, TrainingConfig]]:
+    """(name, normalised ratio, the run's config with that dataset as its data section) per ``data.datasets``
+    entry (config_sections.py); the copies have no ``model.moe`` (a single dataset has one expert)."""
+    from vitpose.config import DataConfig
+    from vitpose.config_sections import resolve_entries
+
+    model = cfg.model.model_copy(update={"moe": None})
+    return [(n, r, cfg.model_copy(update={"data": d, "model": model})) for n, r, d in resolve_entries(cfg.data, DataConfig)]
+
+
 def model_spec(cfg: TrainingConfig) -> Any:
     """The ``ModelSpec`` of ``cfg.model`` (built on the meta device: no memory, no weights)."""
     from vitpose.models import build_model
@@ -77,14 +105,21 @@ def model_spec(cfg: TrainingConfig) -> Any:
 
 def model_spec_kwargs(cfg: TrainingConfig) -> dict[str, Any]:
     """Our config's model section as ``build_model`` overrides (None = keep the preset's value)."""
-    m = cfg.model
-    # The keypoint set decides the head's width; model.num_keypoints, when given, must agree with it.
-    kset = cfg.data.keypoint_set()
-    if "num_keypoints" in m.model_fields_set and m.num_keypoints != kset.num_keypoints:
-        from vitpose.config import ConfigError
+    from vitpose.config import ConfigError
+    from vitpose.models.vitpose import PRESETS
 
-        raise ConfigError(f"model.num_keypoints is {m.num_keypoints} but data.keypoints {cfg.data.keypoints!r} has "
+    m = cfg.model
+    # The keypoint set decides the head's width; model.num_keypoints, when given, must agree with it. Several
+    # datasets: one head each, the first (primary) is keypoint_head; model.moe adds one expert each.
+    entries = [(n, one.data) for n, _, one in dataset_configs(cfg)] if cfg.data.datasets else []
+    data = entries[0][1] if entries else cfg.data
+    kset = data.keypoint_set()
+    if "num_keypoints" in m.model_fields_set and m.num_keypoints != kset.num_keypoints:
+        raise ConfigError(f"model.num_keypoints is {m.num_keypoints} but data.keypoints {data.keypoints!r} has "
                           f"{kset.num_keypoints} keypoints; remove model.num_keypoints (the set decides it)")
+    if m.moe is not None and not entries:
+        raise ConfigError("model.moe: ViTPose+ has one expert per dataset of data.datasets; list two or more "
+                          "datasets there, or remove model.moe")
     kw: dict[str, Any] = {
         "decoder": m.decoder,
         "img_size": tuple(m.img_size) if m.img_size else None,
@@ -93,6 +128,8 @@ def model_spec_kwargs(cfg: TrainingConfig) -> dict[str, Any]:
         "num_keypoints": kset.num_keypoints,
         "drop_path_rate": m.drop_path_rate,
         "attention": m.attention.model_dump(),
+        "datasets": tuple((n, d.keypoint_set().num_keypoints) for n, d in entries) or None,
+        "moe_part_features": (m.moe.part_features or PRESETS[m.preset].embed_dim // 4) if m.moe else None,
     }
     return {k: v for k, v in kw.items() if v is not None}
 

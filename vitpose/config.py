@@ -15,7 +15,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from vitpose.config_sections import (
+    CustomKeypointsSection,
+    DatasetEntry,
+    MoeSection,
+    Section,
+    SyntheticDataConfig,
+    known_keypoint_set,
+    resolve_entries,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,10 +40,6 @@ def one_line(err: BaseException) -> str:
     if "Original Traceback" in str(err) and lines:
         return lines[-1].split(": ", 1)[-1]
     return " ".join(lines) or type(err).__name__
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 Tokens = Annotated[int, Field(ge=1)]
@@ -66,6 +72,7 @@ class ModelConfig(Section):
     init_checkpoint: str | None = Field(None, description="official ViTPose .pth / .safetensors to start from")
     attention: AttentionSection = AttentionSection()
     freeze: FreezeSection = FreezeSection()
+    moe: MoeSection | None = Field(None, description="ViTPose+ experts, one per data.datasets entry")
 
     @field_validator("preset")
     @classmethod
@@ -85,20 +92,6 @@ class ModelConfig(Section):
         return self
 
 
-class SyntheticDataConfig(Section):
-    """Knobs of the generated dataset (vitpose.data.synthetic.SynthConfig); changing one regenerates it."""
-
-    train_instances: int = Field(2000, ge=1)
-    val_instances: int = Field(400, ge=1)
-    seed: int = 0
-    clutter: float = Field(0.2, ge=0.0, le=1.0)
-    max_figures: int = Field(2, ge=1, le=8)
-    occlusion_prob: float = Field(0.15, ge=0.0, le=1.0)
-    pose_variety: float = Field(0.5, ge=0.0, le=1.0)
-    generate: bool = Field(False, description="generate into a data.root folder that does not exist yet (the "
-                                              "default root is always generated)")
-
-
 class AugSection(Section):
     """Training augmentation (vitpose.data.transforms.AugConfig); the defaults are the paper's recipe."""
 
@@ -108,19 +101,6 @@ class AugSection(Section):
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
     half_body_prob: float = Field(0.3, ge=0.0, le=1.0)
     photometric_prob: float = Field(0.0, ge=0.0, le=1.0)
-
-
-class CustomKeypointsSection(Section):
-    """A keypoint set of your own (``data.keypoints: custom``); pairs are given by name, not index."""
-
-    name: str = Field("custom", description="what models and ONNX files call the set")
-    names: list[str] = Field(min_length=1)
-    flip_pairs: list[tuple[str, str]] = Field([], description="left/right partners, e.g. [left_eye, right_eye]")
-    skeleton: list[tuple[str, str]] = Field([], description="links drawn in pictures")
-    sigmas: list[float] = Field(min_length=1, description="OKS sigma per keypoint (COCO's range: 0.025-0.107)")
-    joint_weights: list[float] | None = Field(None, description="loss weight per keypoint (data.joint_weights)")
-    parts: list[tuple[str, int]] | None = Field(None, description="annotation fields and their keypoint counts, "
-                                                "in order (default: all in 'keypoints')")
 
 
 class DataConfig(Section):
@@ -144,17 +124,15 @@ class DataConfig(Section):
     image_cache_mb: float = Field(0.0, ge=0.0, description="decoded images kept per loading process (0: none)")
     aug: AugSection = AugSection()
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
+    datasets: list[DatasetEntry] = Field([], description="multi-dataset run (config_sections.py); [] = this section")
 
-    @field_validator("keypoints")
-    @classmethod
-    def _known_set(cls, value: str) -> str:
-        from vitpose.data.keypoints import BUILTIN_SETS, CUSTOM
+    _known_set = field_validator("keypoints")(known_keypoint_set)
 
-        if value != CUSTOM and value not in BUILTIN_SETS:
-            close = difflib.get_close_matches(value, list(BUILTIN_SETS), n=1)
-            raise ValueError(f"unknown keypoint set{f' (did you mean {close[0]!r}?)' if close else ''}; choose one "
-                             f"of {', '.join([*BUILTIN_SETS, CUSTOM])} (python -m vitpose.data.keypoints --list)")
-        return value
+    @model_validator(mode="after")
+    def _entries_usable(self) -> DataConfig:
+        if self.datasets:
+            resolve_entries(self, DataConfig)
+        return self
 
     @field_validator("custom_keypoints")
     @classmethod
@@ -415,6 +393,9 @@ def _explain(err: ValidationError, source: str, schema: type[Section]) -> str:
 def _fields_at(schema: type[Section], loc: list[str]) -> list[str]:
     model: Any = schema
     for part in loc:
+        if part.isdigit():  # an item of a list of sections (data.datasets.1)
+            model = getattr(model, "__args__", (model,))[0]
+            continue
         field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if field is None:
             return []
@@ -422,7 +403,6 @@ def _fields_at(schema: type[Section], loc: list[str]) -> list[str]:
     if isinstance(model, type) and issubclass(model, BaseModel):
         return list(model.model_fields)
     return []
-
 
 
 def to_dict(cfg: Section) -> dict[str, Any]:

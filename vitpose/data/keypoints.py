@@ -136,7 +136,10 @@ def keypoint_info(dataset: Any) -> dict[str, Any]:
     keypoint set, as plain lists: the form stored in checkpoints and registered models."""
     kset = getattr(dataset, "keypoint_set", None)
     if kset is not None:
-        return kset.to_info()
+        info = kset.to_info()
+        if hasattr(dataset, "keypoint_sets"):  # several datasets (data/mixing.py): the primary's, and each one's
+            info["datasets"] = [{"name": n, **s.to_info()} for n, s in dataset.keypoint_sets]
+        return info
     return {  # a dataset-like object without a set (tests' stand-ins)
         "names": list(dataset.keypoint_names),
         "flip_pairs": [list(p) for p in dataset.flip_pairs],

@@ -35,7 +35,8 @@ LOADING_ONLY = {"loader_workers", "image_cache_mb"}
 def data_identity(cfg: StudentConfig) -> str:
     """A digest of everything that decides the training crops of ``cfg``: the data section (files,
     augmentation, synthetic knobs) and the crop and heatmap sizes, not how the crops are loaded."""
-    data = cfg.data.model_dump(mode="json", exclude=LOADING_ONLY)
+    # A single-dataset section digests as it did before data.datasets existed (cached banks stay valid).
+    data = cfg.data.model_dump(mode="json", exclude=LOADING_ONLY | (set() if cfg.data.datasets else {"datasets"}))
     data["root"] = str(cfg.data.root_path())
     spec = model_spec(cfg)
     text = json.dumps({"data": data, "img_size": list(spec.img_size), "heatmap": list(spec.heatmap_size)},

@@ -43,9 +43,9 @@ def arm_plan(arm: StudentConfig) -> dict[str, Any]:
 
 
 def sweep_plan(cfg: StudentConfig, tracking_uri: str) -> dict[str, Any]:
-    from vitpose.model_store import load_vitpose
+    from vitpose.distill.student import load_teacher
 
-    teacher, meta = load_vitpose(cfg.distill.teacher_uri, tracking_uri)
+    teacher, meta = load_teacher(cfg, tracking_uri)
     spec = teacher.spec
     arms = {name: arm_plan(arm) for name, arm in arm_configs(cfg).items()}
     student = next(iter(arm_configs(cfg).values()))

@@ -21,7 +21,7 @@ from vitpose.build import build_datasets, ensure_data
 from vitpose.config import ConfigError, StudentConfig, resolve_path, to_dict
 from vitpose.distill.bank import ViewBank, bank_key, data_identity
 from vitpose.distill.space import preparation, search_space, trial_preparations
-from vitpose.distill.student import check_same_keypoints
+from vitpose.distill.student import check_same_keypoints, load_teacher
 from vitpose.distill.tokens import ensure_knowledge_tokens
 from vitpose.distill.trial import SweepContext, run_trial
 from vitpose.dsconfig import complete_deepspeed_config
@@ -87,9 +87,9 @@ def fetch_teacher(cfg: StudentConfig, tracking_uri: str, folder: Path) -> tuple[
     kept in ``folder`` so online-teacher trials load it from there, not from the registry."""
     from safetensors.torch import save_file
 
-    from vitpose.model_store import META, WEIGHTS, load_vitpose
+    from vitpose.model_store import META, WEIGHTS
 
-    teacher, meta = load_vitpose(cfg.distill.teacher_uri, tracking_uri)
+    teacher, meta = load_teacher(cfg, tracking_uri)  # a multi-dataset teacher: the student's dataset's
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(folder / WEIGHTS))
     (folder / META).write_text(json.dumps(meta, indent=1))

@@ -48,6 +48,7 @@ from vitpose.train.checkpoint import (
     write_rank_marker,
     write_weights,
 )
+from vitpose.train.multi import build_mixed_loaders, evaluate_datasets, is_mixed, mixed_loss
 from vitpose.train.session import Session, WorkerStatus
 
 
@@ -121,6 +122,10 @@ class Trainer:
         self.stage = zero_stage(self.ds_config)
         self.train_ds, self.val_ds = datasets or build_datasets(cfg, session.local_rank == 0)
         self.keypoint_info = keypoint_info(self.train_ds)
+        if is_mixed(self.train_ds):  # several datasets (train/multi.py): each sample through its own head
+            if loss_fn is not gt_loss:
+                raise ValueError("a multi-dataset run (data.datasets) trains with its own per-dataset loss only")
+            self.loss_fn = mixed_loss(self.train_ds.names)
 
         if model is None:
             model = (build_partitioned_model(cfg, self.ds_config, self.rank) if self.stage == 3
@@ -150,6 +155,8 @@ class Trainer:
         self.status = WorkerStatus(self.rank)
 
     def _build_loaders(self) -> None:
+        if is_mixed(self.train_ds):
+            return build_mixed_loaders(self)
         cfg, workers = self.cfg, self.cfg.data.loader_workers
         self.train_sampler = EpochShardSampler(len(self.train_ds), self.rank, self.world, True, cfg.train.seed,
                                                with_epoch=True)
@@ -254,19 +261,29 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict[str, float]:
         """COCO keypoint AP/AR on the val set (flip test per config), gathered over ranks; the same dict on
-        every rank. Rank 0 also draws the first batch's predictions to the tracker."""
+        every rank. Rank 0 also draws the first batch's predictions to the tracker. Several datasets:
+        ``val/<name>/...`` each and ``val/...`` the primary's (train/multi.py)."""
+        if is_mixed(self.train_ds):
+            return evaluate_datasets(self, epoch)
+        return self.evaluate_one(self.val_loader, self.val_ds, None, epoch)
+
+    @torch.no_grad()
+    def evaluate_one(self, loader: DataLoader, val_ds: Any, dataset_index: int | None, epoch: int,
+                     draw: bool = True) -> dict[str, float]:
+        """``evaluate`` of one val set, through the head (and expert) of ``dataset_index`` (None: the only)."""
         from vitpose.evaluation import CocoKeypointEvaluator, decode_batch_to_predictions
 
         self.engine.eval()
         predictions: list[dict[str, Any]] = []
         first_batch: tuple[torch.Tensor, np.ndarray, list[dict]] | None = None
-        for batch in self.val_loader:
+        which = () if dataset_index is None else (dataset_index,)
+        for batch in loader:
             self.bad_samples.note("val", batch)
             images = batch["image"].to(self.device).to(self.dtype)
-            heatmaps = self.engine(images).float().cpu()
-            flipped = self.engine(images.flip(3)).float().cpu() if self.cfg.train.flip_test else None
+            heatmaps = self.engine(images, *which).float().cpu()
+            flipped = self.engine(images.flip(3), *which).float().cpu() if self.cfg.train.flip_test else None
             preds = decode_batch_to_predictions(
-                heatmaps, batch, flipped, flip_pairs=self.val_ds.flip_pairs, input_size=self.val_ds.input_size
+                heatmaps, batch, flipped, flip_pairs=val_ds.flip_pairs, input_size=val_ds.input_size
             )
             predictions.extend(preds)
             if first_batch is None:
@@ -278,9 +295,9 @@ class Trainer:
         metrics = {}
         if self.rank == 0:
             unique = {p["index"]: p for part in gathered for p in part}  # drop the sampler's padding repeats
-            evaluator = CocoKeypointEvaluator(self.val_ds.ann_file, keypoints=self.val_ds.keypoint_set)
+            evaluator = CocoKeypointEvaluator(val_ds.ann_file, keypoints=val_ds.keypoint_set)
             metrics = {f"val/{k}": float(v) for k, v in evaluator.evaluate(list(unique.values())).items()}
-            if self.tracker is not None and first_batch is not None and self.cfg.tracking.log_images:
+            if self.tracker is not None and first_batch is not None and self.cfg.tracking.log_images and draw:
                 self.tracker.log_predictions(first_batch, self.keypoint_info, epoch + 1, self.cfg.tracking.log_images)
         box = [metrics]
         if dist.is_initialized() and self.world > 1:
