@@ -1,7 +1,8 @@
-"""pipelines/teacher.py with ``ray.storage_path=s3://...`` on a local S3-compatible server (moto, own port):
-checkpoints and side files are bucket keys, nothing lands under the repository, the model is registered, a
-teacher run whose driver was SIGKILLed continues from the bucket with --resume, and unreachable storage stops
-the run in seconds with one line (exit 2)."""
+"""pipelines/teacher.py and pipelines/distill.py with ``ray.storage_path=s3://...`` on a local S3-compatible
+server (moto, own port): checkpoints and side files are bucket keys, nothing lands under the repository, the
+model is registered, a teacher run whose driver was SIGKILLed continues from the bucket with --resume, a sweep
+keeps Tune's state and its trials' checkpoints in the bucket, and unreachable storage stops the run in seconds
+with one line (exit 2)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.conftest import REPO
 from tests.faults.procs import PY, Launched, cli_args, hold_rank, wait_for_status
 from tests.helpers_s3 import s3_server
 from vitpose.storage import Storage
-from vitpose.train.checkpoint import verify_checkpoint
+from vitpose.train.checkpoint import newest_complete_checkpoint, verify_checkpoint
 from vitpose.train.session import STATUS_DIR_ENV
 
 pytestmark = pytest.mark.slow
@@ -106,4 +107,37 @@ def test_unreachable_storage_stops_in_seconds_with_one_line(uri, endpoint, cause
     assert errors[0].startswith(f"error: ray.storage_path={uri}: ") and cause in errors[0]
     assert errors[0].endswith("(check AWS_ENDPOINT_URL / credentials)")
     assert "MLflow run" not in out.stdout and seconds < 40, seconds
+
+
+def test_sweep_keeps_tune_state_and_trial_checkpoints_in_the_bucket(s3, synthetic_root, tmp_path):
+    env = env_for(s3, tmp_path)
+    teacher = subprocess.run([PY, "pipelines/teacher.py", *cli_args(synthetic_root, tmp_path / "ray", "train.epochs=1",
+                                                                   "deepspeed.zero_stage=0", "train.precision=fp32",
+                                                                   "ray.num_workers=1")],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert teacher.returncode == 0, teacher.stdout[-2000:] + teacher.stderr[-2000:]
+    name = f"s3-sweep-{os.getpid()}"
+    sets = [f"data.root={synthetic_root}", "data.synthetic.train_instances=96", "data.synthetic.val_instances=32",
+            "model.img_size=[64, 48]", "train.batch_size=8", "train.warmup_iters=2", "train.lr_steps=[]",
+            "data.loader_workers=0", f"ray.storage_path=s3://{BUCKET}/sweeps", f"ray.name={name}", "train.epochs=2",
+            "tune.search_space={distill.parts: {grid: [none, both]}}", "tune.grace_period=2"]
+    out = subprocess.run([PY, "pipelines/distill.py", *[a for s in sets for a in ("--set", s)]], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "registered model: models:/vitpose-student@champion (version 1)" in out.stdout
+    (sweep,) = {k.split("/")[1] for k in s3.keys(BUCKET, f"sweeps/{name}-")}
+    assert f"sweep folder s3://{BUCKET}/sweeps/{sweep}" in out.stdout
+    assert f"results table: s3://{BUCKET}/sweeps/{sweep}/results.csv" in out.stdout
+    files = [k.removeprefix(f"sweeps/{sweep}/") for k in s3.keys(BUCKET, f"sweeps/{sweep}/") if not k.endswith("/")]
+    assert {"mlflow_run_id.txt", "results.csv", "sweep.png", "tuner.pkl"} <= set(files), files
+    assert any(f.startswith("experiment_state") for f in files), files  # Tune's state: --resume reads it here
+    finals = [f for f in files if "/checkpoint_" in f and f.endswith("/meta.json")]
+    trials = {f.split("/")[0] for f in finals}
+    assert len(trials) == 2, files
+    os.environ.update(s3.env)
+    for trial in trials:  # each trial's newest checkpoint is complete, in place on the bucket
+        newest = newest_complete_checkpoint(Storage.parse(f"s3://{BUCKET}/sweeps/{sweep}/{trial}"))
+        assert newest is not None and verify_checkpoint(newest)["epoch"] == 1
+    assert not list((REPO / "runs" / "ray").glob(f"{name}-*"))
+    assert mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_model_version_by_alias("vitpose-student", "champion")
 

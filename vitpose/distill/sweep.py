@@ -5,6 +5,11 @@ from the registry to the sweep folder, the knowledge tokens of every token setti
 learned once, and (bank mode) the views every arm trains on are stored once in the view bank, with the
 teacher's heatmaps. Every trial is an MLflow run nested under the sweep's run, which also gets a results table
 and a plot; the student with the best val AP after its last epoch is registered with the alias ``tune.alias``.
+
+The sweep folder (Tune's state, the trials' checkpoints, the MLflow run id, results.csv, sweep.png) is wherever
+``ray.storage_path`` says: a local or shared folder, ``s3://`` or ``gs://`` (``vitpose.storage``). Tokens, view
+banks and (with object storage) the teacher's copy stay a local cache under ``runs/distill``: named by what
+produced them, rebuilt identically when missing, and read by trials from disk (banks are memory-mapped).
 """
 
 from __future__ import annotations
@@ -26,15 +31,17 @@ from vitpose.distill.tokens import ensure_knowledge_tokens
 from vitpose.distill.trial import SweepContext, run_trial
 from vitpose.dsconfig import complete_deepspeed_config
 from vitpose.pipeline import print_summary, read_run_id, write_run_id
+from vitpose.storage import Storage, open_storage
 
 TOKEN_DIR = "runs/distill/tokens"
 BANK_DIR = "runs/distill/banks"
+TEACHER_CACHE = "runs/distill/teachers"  # the online teacher's copy when the sweep folder is on object storage
 
 
 def run_sweep(cfg: StudentConfig, resume: bool = False) -> int:
     """Prepare, sweep, register and summarise; returns the exit code (1 when every trial failed)."""
     tracking_uri = preflight(cfg)
-    storage = resolve_path(cfg.ray.storage_path)
+    storage = open_storage(cfg.ray.storage_path)  # object storage probed here, before Ray: exit 2 in seconds
     name = raycluster.run_name(storage, cfg.ray.name, resume)
     raycluster.connect()
     t = cfg.tune
@@ -82,6 +89,12 @@ def preflight(cfg: StudentConfig) -> str:
     return uri
 
 
+def teacher_folder(sweep_dir: Storage) -> Path:
+    """Where the sweep keeps its local copy of the teacher for online-teacher trials: in the sweep folder when
+    that is local, else in the local cache beside the tokens and banks (trials read it from disk)."""
+    return sweep_dir.local_path / "teacher" if sweep_dir.is_local else resolve_path(TEACHER_CACHE) / sweep_dir.name
+
+
 def fetch_teacher(cfg: StudentConfig, tracking_uri: str, folder: Path) -> tuple[Any, dict[str, Any], str]:
     """The teacher model, its meta, and an id that names exactly these weights (for the token and bank keys);
     kept in ``folder`` so online-teacher trials load it from there, not from the registry."""
@@ -97,9 +110,9 @@ def fetch_teacher(cfg: StudentConfig, tracking_uri: str, folder: Path) -> tuple[
     return teacher, meta, f"{cfg.distill.teacher_uri}#{digest}"
 
 
-def prepare(cfg: StudentConfig, sweep_dir: Path, tracking_uri: str, name: str) -> SweepContext:
+def prepare(cfg: StudentConfig, sweep_dir: Storage, tracking_uri: str, name: str) -> SweepContext:
     """Everything the trials share: the teacher, the sweep's MLflow run, tokens per setting, the view bank."""
-    teacher, teacher_meta, teacher_id = fetch_teacher(cfg, tracking_uri, sweep_dir / "teacher")
+    teacher, teacher_meta, teacher_id = fetch_teacher(cfg, tracking_uri, teacher_folder(sweep_dir))
     train_ds, _ = build_datasets(cfg, is_local_leader=True)
     check_same_keypoints(teacher_meta, train_ds, cfg.distill.teacher_uri)
     student_size = tuple(cfg.model.img_size) if cfg.model.img_size else None
@@ -133,17 +146,17 @@ def prepare(cfg: StudentConfig, sweep_dir: Path, tracking_uri: str, name: str) -
             tracking.log_json(tracking_uri, parent, {**bank.info, "stream": json.loads(stream)},
                               f"view_banks/{bank.folder.name}.json")
     return SweepContext(base_config=to_dict(cfg), tracking_uri=tracking_uri, parent_run_id=parent,
-                        teacher_dir=str(sweep_dir / "teacher"), teacher_id=teacher_id, token_dir=str(token_dir),
+                        teacher_dir=str(teacher_folder(sweep_dir)), teacher_id=teacher_id, token_dir=str(token_dir),
                         bank_dir=str(bank_root) if banks else None)
 
 
-def run_tune(cfg: StudentConfig, context: SweepContext, storage: Path, name: str, resume: bool) -> Any:
+def run_tune(cfg: StudentConfig, context: SweepContext, storage: Storage, name: str, resume: bool) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     resources = {"CPU": cfg.tune.cpus_per_trial, "GPU": cfg.tune.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
-    path = str(storage / name)
+    path = (storage / name).uri  # Tune keeps its state and the trials' checkpoints there (local or a URI)
     if resume and tune.Tuner.can_restore(path):
         console.say(f"resuming sweep {path}: finished trials are kept, unfinished ones continue")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
@@ -158,7 +171,7 @@ def run_tune(cfg: StudentConfig, context: SweepContext, storage: Path, name: str
         param_space=search_space(cfg),
         tune_config=tune.TuneConfig(metric=t.metric, mode="max", scheduler=scheduler, num_samples=t.num_samples,
                                     max_concurrent_trials=t.max_concurrent_trials),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage),
+        run_config=tune.RunConfig(name=name, storage_path=storage.uri,
                                   # The newest two: a trial's number is its final epoch, never its best on val.
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="epoch",
                                                                           checkpoint_score_order="max"),
@@ -167,7 +180,7 @@ def run_tune(cfg: StudentConfig, context: SweepContext, storage: Path, name: str
     return tuner.fit()
 
 
-def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: Path) -> dict[str, Any]:
+def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: Storage) -> dict[str, Any]:
     """Results table and plot on the sweep run; the champion registered with the alias.
 
     A trial's number is its metric after its last epoch (choosing each trial's best epoch on the validation
@@ -181,11 +194,14 @@ def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: P
     keep = [c for c in table.columns if c.startswith("config/")] + [c for c in (metric, "val/AR", "epoch", "trial_id")
                                                                      if c in table.columns]
     table = table[keep].sort_values(metric, ascending=False)
-    table_path = sweep_dir / "results.csv"
-    table.to_csv(table_path, index=False)
-    tracking.log_artifact(uri, parent, table_path)
-    plot = plot_sweep(table, metric, sweep_dir / "sweep.png", trial_curves(results, metric), cfg.train.epochs)
-    tracking.log_artifact(uri, parent, plot)
+    with sweep_dir.as_local_dir(contents=False) as out:  # object storage: written here, then uploaded
+        table_path = out / "results.csv"
+        table.to_csv(table_path, index=False)
+        tracking.log_artifact(uri, parent, table_path)
+        plot = plot_sweep(table, metric, out / "sweep.png", trial_curves(results, metric), cfg.train.epochs)
+        tracking.log_artifact(uri, parent, plot)
+        if not sweep_dir.is_local:
+            sweep_dir.upload(out)
     for _, row in table.iterrows():
         settings = ", ".join(f"{c.removeprefix('config/')}={row[c]}" for c in table.columns if c.startswith("config/"))
         console.say(f"  trial {row.get('trial_id', '?')}: {metric} {row[metric]:.4f} after epoch "
@@ -201,7 +217,7 @@ def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: P
         "trials": f"{len(results)} ({results.num_errors} failed)",
         "champion val AP": f"{metrics[metric]:.4f} (last epoch) with {best.config}",
         "registered model": f"models:/{cfg.tune.registered_model}@{cfg.tune.alias} (version {version})",
-        "results table": str(table_path),
+        "results table": str(sweep_dir / "results.csv"),
         "MLflow sweep run": parent,
         "look at it": tracking.ui_link(uri, parent),
     }
