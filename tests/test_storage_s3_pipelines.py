@@ -141,3 +141,39 @@ def test_sweep_keeps_tune_state_and_trial_checkpoints_in_the_bucket(s3, syntheti
     assert not list((REPO / "runs" / "ray").glob(f"{name}-*"))
     assert mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_model_version_by_alias("vitpose-student", "champion")
 
+
+def test_storage_outage_during_a_checkpoint_keeps_the_previous_one_usable(s3, synthetic_root, tmp_path):
+    """The S3 server stops while rank 0 hands its epoch-2 checkpoint to Ray: the run stops with one line, the
+    epoch-1 checkpoint in the bucket still verifies, and --resume (storage back) continues from it."""
+    name = f"s3-outage-{os.getpid()}"
+    status_dir = tmp_path / "status"
+    env = env_for(s3, tmp_path, **{STATUS_DIR_ENV: str(status_dir)})
+    args = ["pipelines/teacher.py", *cli_args(synthetic_root, f"s3://{BUCKET}/runs", f"ray.name={name}",
+                                              "train.epochs=3")]
+    hold = hold_rank(status_dir, 0, phase="report", epoch=2)  # saved locally, not yet handed to Ray
+    first = Launched(args, env, tmp_path / "first.log")
+    try:
+        wait_for_status(status_dir, 0, lambda s: s["held"], 400, alive=lambda: first.proc.poll() is None)
+        run_prefix = next(k.split("/")[1] for k in s3.keys(BUCKET, f"runs/{name}-"))
+        s3.stop()
+        t_stop = time.time()
+        hold.unlink()
+        rc = first.wait(400)
+    finally:
+        first.cleanup()
+        hold.unlink(missing_ok=True)
+        s3.start()
+    out = first.output()
+    print(f"\nS3 outage: the run ended {time.time() - t_stop:.0f}s after the server stopped, exit {rc}")
+    assert rc == 1, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: training failed: "), out[-3000:]
+
+    os.environ.update(s3.env)
+    run = Storage.parse(f"s3://{BUCKET}/runs/{run_prefix}")
+    newest = newest_complete_checkpoint(run)
+    assert newest is not None and verify_checkpoint(newest)["epoch"] == 0, "the epoch-1 checkpoint is not usable"
+
+    second = subprocess.run([PY, *args, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"at epoch 1 (step {STEPS_PER_EPOCH})" in second.stdout + second.stderr

@@ -94,7 +94,10 @@ def check_data(cfg: TeacherConfig) -> None:
 
 def failure_cause(error: BaseException, run_dir: Storage) -> str:
     """One line: the worker's own message, not Ray's wrapping of it with every rank's traceback."""
-    recorded = read_fatal(run_dir)
+    try:
+        recorded = read_fatal(run_dir)
+    except OSError:  # the storage itself is what failed (an outage): Ray's error names it
+        recorded = None
     if recorded:
         return recorded
     failures = getattr(error, "worker_failures", None) or {}
