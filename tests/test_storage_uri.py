@@ -99,6 +99,7 @@ def test_checkpoint_checks_read_object_storage_in_place(s3_env, tmp_path):
     run = Storage.parse(f"s3://{BUCKET}/ckpt-{time.time_ns()}/run")
     for epoch in (0, 1):
         (run / f"checkpoint_00000{epoch}").upload(fake_checkpoint(tmp_path / f"c{epoch}", epoch))
+    assert f"{run.path.split('/', 1)[1]}/checkpoint_000001/rank1.complete" in s3_env.keys(BUCKET)  # in the bucket
     assert verify_checkpoint(run / "checkpoint_000001")["epoch"] == 1
     assert newest_complete_checkpoint(run) == run / "checkpoint_000001"
     # A save cut off on the store: a shard that never arrived. The previous complete checkpoint is chosen.
@@ -130,6 +131,8 @@ def test_run_id_and_fatal_error_files(where, s3_env, tmp_path):
     assert read_fatal(run) is None
     if where == "local":  # the same files as before, given as Paths
         assert read_run_id(tmp_path / "run") == "abc123"
+    else:
+        assert f"{run.path.split('/', 1)[1]}/mlflow_run_id.txt" in s3_env.keys(BUCKET)
 
 
 def test_probe_passes_on_a_reachable_bucket_and_leaves_nothing(s3_env):
