@@ -39,3 +39,19 @@ def test_embedded_ray_listens_on_loopback_only():
     exposed = [b for b in bound if b[0] not in LOOPBACK_IPS]
     assert not exposed, f"listening beyond the loopback: {exposed}"
     assert report["switch"] is None  # disconnect() put the environment back
+
+
+def test_job_outputs_inside_the_working_dir_copy_are_refused(tmp_path):
+    """Under `ray job submit --working-dir`, relative paths resolve inside Ray's temporary copy: refused,
+    naming what would be lost; absolute storage and tracking elsewhere pass; outside a job nothing is checked."""
+    from vitpose.config import ConfigError
+    from vitpose.raycluster import check_outputs_outlive_job
+
+    copy = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    with pytest.raises(ConfigError, match=r"ray.storage_path .* and the MLflow store .* working-dir copy"):
+        check_outputs_outlive_job(copy / "runs/ray", f"sqlite:///{copy}/runs/mlflow.db", root=copy)
+    with pytest.raises(ConfigError, match=r"^the MLflow store"):
+        check_outputs_outlive_job(tmp_path / "shared", f"sqlite:///{copy}/runs/mlflow.db", root=copy)
+    check_outputs_outlive_job(tmp_path / "shared", "http://127.0.0.1:5000", root=copy)
+    check_outputs_outlive_job(tmp_path / "repo/runs/ray", f"sqlite:///{tmp_path}/repo/runs/mlflow.db",
+                              root=tmp_path / "repo")

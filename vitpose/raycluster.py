@@ -169,3 +169,30 @@ def run_name(storage: Path | Storage, name: str, resume: bool) -> str:
         return previous[-1]
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
+
+def job_working_copy(root: Path | None = None) -> Path | None:
+    """The temporary copy of the repository this script runs from under ``ray job submit --working-dir``
+    (Ray unpacks it below ``.../runtime_resources/working_dir_files/`` and deletes it with the job), else None."""
+    from vitpose.config import REPO_ROOT
+
+    root = root or REPO_ROOT
+    return root if "working_dir_files" in root.parts else None
+
+
+def check_outputs_outlive_job(storage: Path | None, tracking_uri: str, root: Path | None = None) -> None:
+    """Refuse, before any work, a job whose checkpoints or MLflow store would land in its working-dir copy
+    (relative paths resolve from the repository, here the copy): the job would succeed and lose them."""
+    copy = job_working_copy(root)
+    if copy is None:
+        return
+    lost = []
+    if storage is not None and storage.is_relative_to(copy):  # None: object storage, outside any copy
+        lost.append(f"ray.storage_path ({storage})")
+    if tracking_uri.startswith("sqlite:///") and Path(tracking_uri[len("sqlite:///"):]).is_relative_to(copy):
+        lost.append(f"the MLflow store ({tracking_uri})")
+    if lost:
+        raise ConfigError(
+            f"{' and '.join(lost)} would be written inside this job's working-dir copy {copy}, which Ray deletes "
+            "when the job ends; submit with --set ray.storage_path=<absolute shared path or s3://...> and the "
+            "tracking URI in the job's environment: --runtime-env-json "
+            "'{\"env_vars\": {\"MLFLOW_TRACKING_URI\": \"http://<server>:5000 or sqlite:////abs/path/mlflow.db\"}}'")

@@ -42,6 +42,7 @@ def run_sweep(cfg: StudentConfig, resume: bool = False) -> int:
     """Prepare, sweep, register and summarise; returns the exit code (1 when every trial failed)."""
     tracking_uri = preflight(cfg)
     storage = open_storage(cfg.ray.storage_path)  # object storage probed here, before Ray: exit 2 in seconds
+    raycluster.check_outputs_outlive_job(storage.local_path if storage.is_local else None, tracking_uri)
     name = raycluster.run_name(storage, cfg.ray.name, resume)
     raycluster.connect()
     t = cfg.tune

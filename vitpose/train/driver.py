@@ -31,6 +31,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False) -> int:
 
     tracking_uri = preflight(cfg)
     storage = open_storage(cfg.ray.storage_path)  # object storage probed here, before Ray: exit 2 in seconds
+    raycluster.check_outputs_outlive_job(storage.local_path if storage.is_local else None, tracking_uri)
     name = raycluster.run_name(storage, cfg.ray.name, resume)
     check_data(cfg)
     raycluster.connect()
