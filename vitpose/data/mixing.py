@@ -26,12 +26,22 @@ from torch.utils.data import Dataset, Sampler, default_collate
 PADDED = ("target", "target_weight", "keypoints")
 
 
-def merged_bad_counts(datasets: list[Any]) -> dict[str, int]:
-    """What the datasets' indexes refused up front, summed by reason."""
-    total: Counter[str] = Counter()
-    for d in datasets:
-        total.update(getattr(d, "index_bad_counts", {}))
-    return dict(total)
+class SeveralDatasets:
+    """What the trainer and the driver's data check read of a dataset, over ``self.datasets``."""
+
+    datasets: list[Any]
+
+    @property
+    def index_bad_counts(self) -> dict[str, int]:
+        """What the datasets' indexes refused up front, summed by reason."""
+        total: Counter[str] = Counter()
+        for d in self.datasets:
+            total.update(getattr(d, "index_bad_counts", {}))
+        return dict(total)
+
+    @property
+    def ann_file(self) -> str:  # for messages
+        return ", ".join(str(d.ann_file) for d in self.datasets)
 
 
 def batch_counts(ratios: list[float], batch_size: int) -> list[int]:
@@ -48,7 +58,7 @@ def batch_counts(ratios: list[float], batch_size: int) -> list[int]:
     return counts.tolist()
 
 
-class MixedTrainSet(Dataset):
+class MixedTrainSet(SeveralDatasets, Dataset):
     """The training sets of a multi-dataset run, items keyed ``(epoch, dataset, index)``."""
 
     def __init__(self, names: list[str], datasets: list[Any], ratios: list[float]):
@@ -60,10 +70,6 @@ class MixedTrainSet(Dataset):
     @property
     def keypoint_sets(self) -> list[tuple[str, Any]]:
         return [(n, d.keypoint_set) for n, d in zip(self.names, self.datasets, strict=True)]
-
-    @property
-    def index_bad_counts(self) -> dict[str, int]:
-        return merged_bad_counts(self.datasets)
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -126,7 +132,7 @@ class MixedBatchSampler(Sampler[list[tuple[int, int, int]]]):
             yield batch
 
 
-class MultiValSet:
+class MultiValSet(SeveralDatasets):
     """The val sets of a multi-dataset run, by name; the first is the primary (``val/AP``)."""
 
     def __init__(self, names: list[str], datasets: list[Any]):
@@ -135,6 +141,3 @@ class MultiValSet:
     def __len__(self) -> int:
         return sum(len(d) for d in self.datasets)
 
-    @property
-    def index_bad_counts(self) -> dict[str, int]:
-        return merged_bad_counts(self.datasets)
