@@ -74,7 +74,9 @@ def test_teacher_on_s3_writes_only_to_the_bucket_and_resumes_from_it_after_a_dri
     assert {"mlflow_run_id.txt", "checkpoint_manager_snapshot.json"} <= files, sorted(files)
     assert "fatal_error.json" not in files
     checkpoints = sorted({f.split("/")[0] for f in files if f.startswith("checkpoint_") and "/" in f})
-    assert len(checkpoints) == 3, checkpoints
+    # Ray keeps ray.num_to_keep (2) of the checkpoints it registered; an epoch-1 checkpoint the killed driver
+    # never registered (RaySession found it in the run folder) stays beside them.
+    assert len(checkpoints) in (2, 3), checkpoints
     for ckpt in checkpoints:
         assert {f"{ckpt}/{f}" for f in ("meta.json", "model.safetensors", "rank0.complete", "rank1.complete")} <= files
     snapshot = json.loads(s3.client().get_object(
