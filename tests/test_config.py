@@ -30,6 +30,13 @@ def test_every_shipped_config_loads():
         assert isinstance(load_config(path), TeacherConfig), path
     for path in sorted((REPO_ROOT / "configs" / "distill").glob("*.yaml")):
         assert isinstance(load_config(path, schema=StudentConfig), StudentConfig), path
+    cluster = {p.name: p for p in (REPO_ROOT / "configs" / "cluster").glob("*.yaml")}
+    assert set(cluster) == {"teacher_gpu_s3.yaml", "teacher_gpu_shared_folder.yaml", "distill_gpu_s3.yaml"}
+    gpu = load_config(cluster["teacher_gpu_s3.yaml"])
+    assert gpu.ray.use_gpu and gpu.ray.storage_path.startswith("s3://") and gpu.model.preset == "vitpose_l"
+    assert load_config(cluster["teacher_gpu_shared_folder.yaml"]).ray.storage_path == "/shared/vitpose/runs"
+    sweep = load_config(cluster["distill_gpu_s3.yaml"], schema=StudentConfig)
+    assert sweep.tune.gpus_per_trial == 0.25 and sweep.ray.storage_path.startswith("s3://")
 
 
 def test_overrides_are_typed_and_nested():
