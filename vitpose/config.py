@@ -203,6 +203,9 @@ class RayConfig(Section):
     max_failures: int = Field(1, ge=-1)
     num_to_keep: int = Field(2, ge=1)
     autoscaler: bool = Field(False, description="the cluster adds nodes on demand: don't refuse bigger requests")
+    # Ray's placement of the workers: PACK fills a node first; SPREAD puts them on different nodes where it
+    # can (and still packs when nodes are lost); STRICT_* refuse to run otherwise.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 def _alias_not_reserved(value: str) -> str:
@@ -218,6 +221,8 @@ class TrackingConfig(Section):
     registered_model: str = "vitpose-teacher"
     alias: str = "current"
     log_images: int = Field(8, ge=0, description="val crops drawn with predicted skeletons per eval")
+    outage_patience_s: float = Field(600.0, gt=0, description="after training, how long to wait for an "
+                                     "unreachable tracking server before giving up on what is still held")
 
     _alias = field_validator("alias")(_alias_not_reserved)
 

@@ -25,9 +25,10 @@ from typing import Any
 
 from vitpose.config import REPO_ROOT, ConfigError, one_line
 
-# Environment variables that say where object storage is and who we are there (pyarrow's S3 and GCS
-# filesystems read them); workers get the driver's through the runtime environment.
-CREDENTIAL_PREFIXES = ("AWS_", "GOOGLE_", "GCS_")
+# Environment variables that say where object storage and the tracking server are and who we are there
+# (pyarrow's S3 and GCS filesystems and MLflow's client read them: MLFLOW_TRACKING_USERNAME / _PASSWORD /
+# _TOKEN, TLS settings); workers get the driver's through the runtime environment.
+CREDENTIAL_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "MLFLOW_TRACKING_")
 OBJECT_STORE_HINT = {"s3": "check AWS_ENDPOINT_URL / credentials",
                      "gs": "check GOOGLE_APPLICATION_CREDENTIALS / the bucket"}
 
@@ -37,7 +38,7 @@ class StorageError(ConfigError):
 
 
 def credentials_env(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The AWS_* / GOOGLE_* / GCS_* variables of this process (endpoint, region, keys, credential files)."""
+    """The AWS_* / GOOGLE_* / GCS_* / MLFLOW_TRACKING_* variables of this process (endpoints, keys, users)."""
     environ = os.environ if environ is None else environ
     return {k: v for k, v in environ.items() if k.startswith(CREDENTIAL_PREFIXES)}
 

@@ -7,15 +7,18 @@ A restarted worker group attaches to the same run again, so a run with restarts 
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import tempfile
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from vitpose.config import ConfigError, Section, dump_config, flatten, resolve_path
+from vitpose.config import ConfigError, Section, dump_config, flatten, one_line, resolve_path
 
 DEFAULT_DB = "runs/mlflow.db"
 DEFAULT_ARTIFACTS = "runs/mlartifacts"
@@ -34,6 +37,12 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, with the fix, when the tracking store cannot be used."""
     if uri.startswith(("http://", "https://")):
+        parts = urllib.parse.urlsplit(uri)
+        if parts.username or parts.password:
+            # The URI is logged, printed and handed to every worker: a password in it would travel with them.
+            bare = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()
+            raise ConfigError(f"MLflow tracking URI {bare} carries a user and password; give the bare URI and put "
+                              "them in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
                 if resp.status != 200:
@@ -44,6 +53,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
                 "(mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000) or "
                 "unset MLFLOW_TRACKING_URI to use the local SQLite store"
             ) from None
+        check_credentials(uri)
     elif uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).parent
         if not folder.is_dir():
@@ -53,6 +63,23 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             f"MLflow tracking URI {uri!r} is a file store, which has no model registry; use sqlite:///PATH.db "
             "or an http:// server"
         )
+
+
+def check_credentials(uri: str) -> None:
+    """A server with authentication (``mlflow server --app-name basic-auth``) answers /health to anyone; one
+    real request tells whether the credentials from the environment are accepted."""
+    import mlflow
+
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except mlflow.exceptions.MlflowException as err:
+        status = err.get_http_status_code()
+        if status in (401, 403):
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            who = f"user {user!r}" if user else "no user (MLFLOW_TRACKING_USERNAME is not set)"
+            raise ConfigError(f"MLflow server {uri} refused {who} (HTTP {status}); set MLFLOW_TRACKING_USERNAME "
+                              "and MLFLOW_TRACKING_PASSWORD to an account of that server") from None
+        raise
 
 
 # MLflow 3's UI opens an experiment without this tag as a GenAI one (traces, "Evaluations"); ours are model
@@ -138,8 +165,6 @@ def log_artifact(uri: str, run_id: str, path: Path, folder: str | None = None) -
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-    import time
-
     import mlflow
 
     ts = int(time.time() * 1000)
@@ -179,10 +204,143 @@ def start_trial_run(cfg: Section, uri: str, parent_run_id: str, trial_id: str, p
                             parent_run_id=parent_run_id, experiment_id=parent.info.experiment_id)
 
 
-class WorkerTracker:
-    """Rank 0's handle on the driver's run: per-epoch metrics and pictures."""
+SLOW_S = 10.0  # a tracking call in flight this long counts as the server being away
 
-    def __init__(self, uri: str, run_id: str):
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server stayed unreachable past ``tracking.outage_patience_s``: what was not delivered is
+    kept in a file the message names."""
+
+
+def _permanent(err: Exception) -> bool:
+    """A refusal the server answered (bad request, no permission): retrying cannot help. Everything else (no
+    connection, 5xx while it restarts) is an outage worth waiting out."""
+    status = getattr(err, "get_http_status_code", lambda: 500)()
+    return 400 <= status < 500 and status not in (408, 429)
+
+
+class Outbox:
+    """Rank 0's MLflow calls during training, delivered in order by one background thread.
+
+    A tracking server that restarts or drops off the network for a while must not stop training, and nothing
+    logged meanwhile may be lost: a call that fails for want of the server is retried until it goes through,
+    while training goes on. ``close`` waits for the queue to drain; once the training has ended and the server
+    has been gone for ``patience_s``, what is still held goes to ``undelivered_file`` (JSON lines) and ``close``
+    raises one line saying so. A call the server refuses (4xx) is not retried and is reported by ``close``.
+    """
+
+    def __init__(self, uri: str, patience_s: float, undelivered_file: Path | None = None, background: bool = True):
+        import queue
+        import threading
+
+        self.uri, self.patience_s, self.undelivered_file = uri, patience_s, undelivered_file
+        self.queue: queue.Queue = queue.Queue()
+        self.failing_since: float | None = None  # the outage as announced
+        self.in_flight_since: float | None = None  # the call being delivered
+        self.refused: list[str] = []
+        self.kept: list[str] = []
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._deliver, name="mlflow-outbox", daemon=True)
+        if background:
+            self._thread.start()
+        else:  # each put waits for its delivery (up to patience_s of outage)
+            self._closing.set()
+
+    def put(self, what: str, call: Any, *args: Any) -> None:
+        """``call(*args)`` later, in order; ``what`` names it if it is never delivered."""
+        if self._thread.is_alive():
+            # MLflow's client retries a refused connection itself for minutes before it raises: a call still
+            # in flight after SLOW_S is how an outage shows first.
+            since = self.in_flight_since
+            if since is not None and time.time() - since > SLOW_S:
+                self._announce(since, f"no answer for {time.time() - since:.0f} s")
+            self.queue.put((what, call, args))
+        elif self.kept:
+            self._keep(what, args)
+        else:
+            self._send(what, call, args)
+
+    def _deliver(self) -> None:
+        while (item := self.queue.get()) is not None:
+            what, call, args = item
+            if self.kept:  # gave up: keep the rest in order, without waiting on the server again
+                self._keep(what, args)
+            else:
+                self._send(what, call, args)
+
+    def _send(self, what: str, call: Any, args: tuple) -> None:
+        from vitpose.console import say
+
+        pause = 1.0
+        while True:
+            self.in_flight_since = self.in_flight_since or time.time()
+            try:
+                call(*args)
+                break
+            except Exception as err:  # noqa: BLE001 (any client error; _permanent decides)
+                if _permanent(err):
+                    self.refused.append(f"{what}: {one_line(err)}")
+                    self.in_flight_since = None
+                    return
+                self._announce(self.in_flight_since, one_line(err)[:100])
+                if self._closing.is_set() and time.time() - self.failing_since > self.patience_s:
+                    self._keep(what, args)
+                    self.in_flight_since = None
+                    return
+                time.sleep(pause)
+                pause = min(pause * 2, 15.0)
+        self.in_flight_since = None
+        if self.failing_since is not None:
+            say(f"MLflow server {self.uri} is back after {time.time() - self.failing_since:.0f} s; "
+                "held metrics and pictures delivered")
+            self.failing_since = None
+
+    def _announce(self, since: float, cause: str) -> None:
+        from vitpose.console import say
+
+        if self.failing_since is None:
+            self.failing_since = since
+            then = ("training has ended; waiting for it" if self._closing.is_set() and self._thread.is_alive()
+                    else "training goes on")
+            say(f"MLflow server {self.uri} unreachable ({cause}); {then}: metrics and pictures are held and "
+                "sent when the server is back")
+
+    def _keep(self, what: str, args: tuple) -> None:
+        self.kept.append(what)
+        if self.undelivered_file is not None:
+            with open(self.undelivered_file, "a") as out:
+                row = [a if isinstance(a, (str, int, float)) else repr(a) for a in args]
+                out.write(json.dumps({"what": what, "call_args": row}) + "\n")
+
+    def close(self) -> None:
+        """Wait until everything is delivered (or kept, after ``patience_s`` of outage); raise if not all was."""
+        self._closing.set()
+        if self._thread.is_alive():
+            self.queue.put(None)
+            while self._thread.is_alive():
+                self._thread.join(timeout=1.0)
+                since = self.in_flight_since
+                if since is not None and time.time() - since > SLOW_S:
+                    self._announce(since, f"no answer for {time.time() - since:.0f} s")
+        if self.kept:
+            where = f"; kept in {self.undelivered_file}" if self.undelivered_file else ""
+            raise TrackingUnavailable(f"MLflow server {self.uri} unreachable for over {self.patience_s:.0f} s "
+                                      f"(tracking.outage_patience_s) after training: {len(self.kept)} logged "
+                                      f"item(s) not delivered, from {self.kept[0]}{where}")
+        if self.refused:
+            raise TrackingUnavailable(f"MLflow server {self.uri} refused {len(self.refused)} logged item(s), "
+                                      f"e.g. {self.refused[0]}")
+
+
+class WorkerTracker:
+    """Rank 0's handle on the driver's run: per-epoch metrics and pictures, sent through an ``Outbox``.
+
+    ``background=False`` for Tune trials: Tune may end a trial's process inside its last report, which would
+    take a background queue's last items with it; a trial therefore waits for each delivery.
+    """
+
+    def __init__(self, uri: str, run_id: str, patience_s: float = 600.0, undelivered_file: Path | None = None,
+                 background: bool = True):
         import mlflow
 
         self.client = mlflow.MlflowClient(uri)
@@ -190,6 +348,20 @@ class WorkerTracker:
         attempts = increment_tag(uri, run_id, "worker_group_starts")
         if attempts > 1:
             self.client.set_tag(run_id, "restarts", str(attempts - 1))
+        self.outbox = Outbox(uri, patience_s, undelivered_file, background)
+        self._pictures = tempfile.TemporaryDirectory(prefix="vp-outbox-")
+
+    def close(self) -> None:
+        try:
+            self.outbox.close()
+        finally:
+            self._pictures.cleanup()
+
+    def flush_quietly(self, wait_s: float = 30.0) -> None:
+        """On the way out of a failed worker: give what is queued ``wait_s`` to reach the server, raise nothing."""
+        if self.outbox._thread.is_alive():
+            self.outbox.queue.put(None)
+            self.outbox._thread.join(timeout=wait_s)
 
     def log_load_report(self, report: Any) -> None:
         """The `model.init_checkpoint` load (a models.LoadReport): init_checkpoint_report.json / .txt, and its
@@ -206,14 +378,19 @@ class WorkerTracker:
         self.client.log_batch(self.run_id, params=items)
 
     def log_epoch(self, metrics: dict[str, float], step: int) -> None:
-        log_metrics(self.uri, self.run_id, metrics, step)
+        import mlflow
+
+        ts = int(time.time() * 1000)  # when it was measured, not when it reached the server
+        items = [mlflow.entities.Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        if items:
+            self.outbox.put(f"metrics of step {step}", self.client.log_batch, self.run_id, items)
 
     def log_predictions(self, batch: tuple[Any, Any, list[dict]], keypoint_info: dict[str, Any], epoch: int,
                         max_crops: int = 8) -> None:
         from vitpose.visualize import draw_crops_grid
 
         images, heatmaps, _ = batch
-        with tempfile.TemporaryDirectory() as tmp:
-            fig_path = Path(tmp) / f"val_predictions_epoch{epoch:03d}.png"
-            draw_crops_grid(images, heatmaps, keypoint_info, fig_path, max_crops=max_crops)
-            self.client.log_artifact(self.run_id, str(fig_path), "predictions")
+        fig_path = Path(self._pictures.name) / f"val_predictions_epoch{epoch:03d}.png"
+        draw_crops_grid(images, heatmaps, keypoint_info, fig_path, max_crops=max_crops)
+        self.outbox.put(f"predictions of epoch {epoch}", self.client.log_artifact, self.run_id, str(fig_path),
+                        "predictions")

@@ -59,7 +59,7 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
     os.environ.update(single_process_env())
     trial_id = tune.get_context().get_trial_id()
     run_id = start_trial_run(cfg, context.tracking_uri, context.parent_run_id, trial_id, params)
-    tracker = WorkerTracker(context.tracking_uri, run_id)
+    tracker = WorkerTracker(context.tracking_uri, run_id, cfg.tracking.outage_patience_s, background=False)
     # Which GPU share Ray gave this trial (tune.gpus_per_trial), as the run's record of where it trained.
     tracker.client.set_tag(run_id, "ray_gpu_ids", ",".join(str(g) for g in ray.get_gpu_ids()) or "none")
 

@@ -69,9 +69,11 @@ def unretryable_errors() -> tuple[type[BaseException], ...]:
     from vitpose.config import ConfigError
     from vitpose.data.coco import BadSampleError
     from vitpose.models.checkpoints import CheckpointError
+    from vitpose.tracking import TrackingUnavailable
     from vitpose.train.loop import NonFiniteLossError
 
-    return (BadSampleError, NonFiniteLossError, IncompleteCheckpointError, ConfigError, CheckpointError)
+    return (BadSampleError, NonFiniteLossError, IncompleteCheckpointError, ConfigError, CheckpointError,
+            TrackingUnavailable)
 
 
 def read_fatal(run_dir: Path | Storage) -> str | None:
@@ -100,11 +102,26 @@ def train_worker(job: WorkerJob) -> None:
     if session.rank == 0 and job.mlflow_run_id and job.tracking_uri:
         from vitpose.tracking import WorkerTracker
 
-        tracker = WorkerTracker(job.tracking_uri, job.mlflow_run_id)
+        tracker = WorkerTracker(job.tracking_uri, job.mlflow_run_id, cfg.tracking.outage_patience_s,
+                                undelivered_file(job.run_dir, job.mlflow_run_id))
     try:
         Trainer(cfg, session, tracker=tracker).fit()
+        if tracker is not None:
+            tracker.close()  # every epoch's metrics delivered before the run counts as finished
     except unretryable_errors() as err:
         if fatal is not None:
             fatal.write_text(json.dumps({"rank": session.rank, "type": type(err).__name__,
                                          "message": one_line(err)}))
         raise
+    finally:
+        if tracker is not None:
+            tracker.flush_quietly()  # a failed group: what it logged still reaches the run if the server is up
+
+
+def undelivered_file(run_dir: str | None, run_id: str) -> Path:
+    """Where rank 0 keeps what it could not deliver to the tracking server: the run folder when it is a local
+    or shared path, else this node's temporary folder."""
+    import tempfile
+
+    folder = Path(run_dir) if run_dir and "://" not in run_dir else Path(tempfile.gettempdir())
+    return folder / f"mlflow_undelivered_{run_id}.jsonl"
