@@ -28,7 +28,13 @@ def test_lr_schedule_warmup_then_steps(synthetic_root):
 @pytest.mark.parametrize(
     "stage, sets",
     [
+        # The tiny config trains in bf16 (DeepSpeed's bf16 wrappers over fp32 masters); fp32 runs AdamW unwrapped
+        # at stage 0. Every stage steps the shipped torch AdamW with "fused": true (configs/deepspeed/zero*.json),
+        # so a restored run continues from the fused optimizer's own state.
         (0, []),
+        (0, ["train.precision=fp32"]),
+        (1, []),
+        (2, ["train.precision=fp32"]),
         (3, []),
         # Persistent loader processes (the epoch travels with each index) and drop path drawing from the
         # torch RNG: a resumed run must still draw what the uninterrupted one drew.
@@ -36,12 +42,13 @@ def test_lr_schedule_warmup_then_steps(synthetic_root):
         # ZeRO-Offload: the optimizer state and step on the CPU in DeepSpeed's CPU Adam (built here with g++).
         (3, ["deepspeed.config=configs/deepspeed/zero3_offload.json"]),
     ],
-    ids=["zero0", "zero3", "zero0-loader-procs", "zero3-offload"],
+    ids=["zero0", "zero0-fp32", "zero1", "zero2-fp32", "zero3", "zero0-loader-procs", "zero3-offload"],
 )
 def test_training_lowers_loss_and_resume_is_exact(synthetic_root, tmp_path, stage, sets):
     cfg = tiny_config(synthetic_root, "train.epochs=3", f"deepspeed.zero_stage={stage}", *sets)
     full = LocalSession(tmp_path / "full")
-    Trainer(cfg, full).fit()
+    uninterrupted = Trainer(cfg, full)
+    uninterrupted.fit()
     losses = [r["train/loss"] for r in full.reports]
     assert losses[-1] < losses[0], losses
     assert len(full.checkpoints) == 3 and all("val/AP" in r for r in full.reports)
@@ -56,6 +63,15 @@ def test_training_lowers_loss_and_resume_is_exact(synthetic_root, tmp_path, stag
     assert trainer.start_epoch == 1
     if any("offload" in s for s in sets):  # the step really ran in DeepSpeed's CPU Adam, on offloaded state
         assert type(trainer.optimizer.optimizer).__name__ == "DeepSpeedCPUAdam"
+    else:  # torch's fused AdamW, restored: its step count and moments end where the uninterrupted run's did
+        opt = trainer.engine.basic_optimizer
+        assert type(opt) is torch.optim.AdamW and opt.defaults["fused"] is True, opt.defaults
+        restored, reference = adam_state(trainer), adam_state(uninterrupted)
+        assert restored and len(restored) == len(reference)
+        for (step, m, v), (step_ref, m_ref, v_ref) in zip(restored, reference, strict=True):
+            assert step == step_ref >= trainer.global_step
+            torch.testing.assert_close(m, m_ref, rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-12)
     assert [r["epoch"] for r in resumed.reports] == [2, 3]
     assert resumed.reports[-1]["train/loss"] == pytest.approx(full.reports[-1]["train/loss"], rel=1e-5)
     history = json.loads((resumed.checkpoints[-1] / "meta.json").read_text())["history"]
@@ -74,6 +90,12 @@ def test_training_lowers_loss_and_resume_is_exact(synthetic_root, tmp_path, stag
     assert newest_complete_checkpoint(tmp_path / "full") == full.checkpoints[-1]
     (full.checkpoints[-1] / "rank0.complete").unlink()
     assert newest_complete_checkpoint(tmp_path / "full") == full.checkpoints[-2]
+
+
+def adam_state(trainer: Trainer) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+    """(step, exp_avg, exp_avg_sq) of each tensor the torch AdamW inside DeepSpeed steps (the order its state was
+    made in: group by group; ZeRO-3 swaps each sub-group's partition into the groups only for its step)."""
+    return [(float(s["step"]), s["exp_avg"], s["exp_avg_sq"]) for s in trainer.engine.basic_optimizer.state.values()]
 
 
 def test_incomplete_checkpoint_is_refused(synthetic_root, tmp_path):
