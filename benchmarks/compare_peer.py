@@ -5,6 +5,7 @@ the data loader: one process, one run, same inputs, written to benchmarks/RESULT
     pip install -c constraints.txt -e '.[bench]'          # transformers: the peer
     python benchmarks/compare_peer.py                     # S and B, ~15 min on 2 cores
     python benchmarks/compare_peer.py --models s --reps 3 --skip-ap --skip-loader   # quick look
+    python benchmarks/compare_peer.py --shipped-only      # section 2b alone -> benchmarks/shipped_step.md
 
 Sections (the issue's items):
 1. Same function: our preset and ``VitPoseForPoseEstimation`` with the same architecture (hidden, depth,
@@ -20,6 +21,17 @@ Sections (the issue's items):
    default AdamW as a transformers user would write it. The "fwd+bwd" row leaves the optimizer out, so
    the model code alone is compared too. Ratios are ours/peer in images per second (median of the
    per-repetition ratios).
+2b. The shipped training step (--shipped-only runs this alone; --skip-shipped leaves it out): our side is
+   what a user runs, the real ``Trainer.train_epoch`` over the DeepSpeed engine that ``deepspeed.initialize``
+   builds from configs/deepspeed/zero<stage>.json completed by vitpose/dsconfig.py (layer-decayed groups,
+   clipping 1.0, DeepSpeed's precision handling: bf16 weights over fp32 masters), one pre-made batch of the
+   synthetic set per rank. ZeRO-0 on one rank (2 threads) against the peer's plain torch loop; ZeRO-3 on two
+   ranks (gloo, 1 thread each, spawned processes) against the peer under DDP on two ranks, at equal per-rank
+   batch. The peer gets the same AdamW class (fused when the shipped JSON says so) and clipping, one parameter
+   group, and the closest precision (bf16: autocast over fp32 weights). A third contender, the engine built
+   from the same JSON with the other AdamW (fused / torch's default for-loop), runs in the same rotation: the
+   AdamW before/after, with both engines' losses after the same steps from the same weights. Every row names
+   the path it times. Targets: ZeRO-0 >= 1.0x the peer in fp32, >= 1.15x in bf16; ZeRO-3 >= 0.9x DDP.
 3. The machine: fp32 and bf16 matmul throughput at 2048^3 (measured at the start and the end; the
    higher is the peak) and the model-FLOPs utilisation: analytic FLOPs (2 x the multiply-accumulates of
    ``model.flops``, x3 for a training step) / time / peak of the row's precision.
@@ -408,6 +420,285 @@ def profile_tables(name: str, precision: str, rows: int = 14) -> dict[str, str]:
     return out
 
 
+# ------------------------------------------------------------ 2b: the shipped step (the real DeepSpeed engine)
+SHIPPED_STAGE = {1: 0, 2: 3}  # ranks -> the ZeRO stage timed: ZeRO-0 in one process, ZeRO-3 over two
+SHIPPED_DS = REPO / "configs" / "deepspeed"
+# Shipped step / peer's plain loop: ZeRO-0 on one rank (fp32, bf16); ZeRO-3 on two ranks / DDP on two.
+SHIPPED_TARGETS = {(1, "fp32"): 1.0, (1, "bf16"): 1.15, (2, "fp32"): 0.9, (2, "bf16"): 0.9}
+
+
+@dataclass
+class PairRow:
+    """Two training steps timed interleaved in the same process(es): ``a`` against ``b``, each labelled with the
+    path it times. Ratio = a's speed / b's speed (median of the per-repetition ratios)."""
+
+    model: str
+    precision: str
+    ranks: int
+    batch: int  # per rank
+    kind: str  # "shipped / peer" or "fused / for-loop"
+    a_label: str
+    b_label: str
+    a: list[float] = field(default_factory=list)  # seconds per step (the slowest rank's)
+    b: list[float] = field(default_factory=list)
+    target: float | None = None
+    note: str = ""
+
+    def ips(self, who: str) -> float:
+        return self.batch * self.ranks / statistics.median(getattr(self, who))
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(tb / ta for ta, tb in zip(self.a, self.b, strict=True))
+
+
+def shipped_config(name: str, precision: str, batch: int, ds_json: Path | str) -> Any:
+    """The tiny teacher's config (synthetic data, the real Trainer) with the model at the peer rows' size
+    (256x192, patch 16), the COCO recipe's layer decay (the preset's) and gradient clipping (1.0), no drop path
+    (the peer has none), no warm-up, and the DeepSpeed JSON ``ds_json``."""
+    return tiny_config([f"model.preset={MODELS[name]}", "model.img_size=[256, 192]", "model.patch_size=16",
+                        "model.drop_path_rate=0.0", "model.layer_decay=null", f"train.precision={precision}",
+                        f"train.batch_size={batch}", "train.grad_clip=1.0", "train.warmup_iters=0",
+                        f"deepspeed.config={ds_json}", "data.loader_workers=0"])
+
+
+def deepspeed_fused(trainer: Any) -> bool:
+    """Whether the torch AdamW that DeepSpeed built (inside any bf16 / ZeRO wrapper) runs the fused kernel."""
+    return bool(trainer.engine.basic_optimizer.defaults.get("fused"))
+
+
+def engine_label(trainer: Any) -> str:
+    opt = trainer.engine.basic_optimizer
+    kind = "fused" if deepspeed_fused(trainer) else "for-loop"
+    precision = "bf16 weights, fp32 masters" if trainer.dtype == torch.bfloat16 else "fp32"
+    return (f"shipped: DeepSpeed ZeRO-{trainer.stage} engine.step ({type(trainer.optimizer).__name__}), "
+            f"torch {type(opt).__name__} {kind}, clip {trainer.cfg.train.grad_clip:g}, {precision}")
+
+
+def variant_json(stage: int, out: Path) -> Path:
+    """configs/deepspeed/zero<stage>.json with the optimizer the other way round: without ``fused`` (torch's
+    default, the for-loop on CPU: what was shipped before) when the shipped JSON has it, with it otherwise."""
+    data = json.loads((SHIPPED_DS / f"zero{stage}.json").read_text())
+    params = data.setdefault("optimizer", {"type": "AdamW"}).setdefault("params", {})
+    if params.get("fused"):
+        del params["fused"]
+    else:
+        params["fused"] = True
+    path = out / f"zero{stage}-other-adamw.json"
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def interleave_steps(fns: dict[str, Callable[[], None]], reps: int, sync: Callable[[], None] | None = None,
+                     warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each function, the order turning through every permutation from repetition to
+    repetition (with 3 functions and 6 repetitions each sits in each place twice). ``sync`` (a barrier) runs
+    before each timed call, so ranks start a step together."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    orders = list(itertools.permutations(fns))
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(reps):
+        for k in orders[r % len(orders)]:
+            if sync is not None:
+                sync()
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def _shipped_one(name: str, precision: str, rank: int, world: int, batch: int, reps: int, other_json: Path
+                 ) -> dict[str, Any] | None:
+    """One model and precision on this rank: the shipped engine, the engine with the other AdamW, the peer."""
+    import torch.distributed as dist
+
+    from vitpose.build import build_model_from_config
+    from vitpose.losses import keypoint_mse
+    from vitpose.train.loop import Trainer
+
+    stage = SHIPPED_STAGE[world]
+    t0, load_start = time.perf_counter(), load_average()
+    trainers = {"shipped": Trainer(shipped_config(name, precision, batch, SHIPPED_DS / f"zero{stage}.json"),
+                                   NullSession(rank, world)),
+                "other": Trainer(shipped_config(name, precision, batch, other_json), NullSession(rank, world))}
+    premade = next(iter(trainers["shipped"].train_loader))  # a real batch of this rank, made beforehand
+    losses: dict[str, float] = {}
+
+    def engine_step(key: str) -> Callable[[], None]:
+        trainer = trainers[key]
+        trainer.train_loader, trainer.steps_per_epoch = [premade], 1
+
+        def run() -> None:  # the real loop: lr, device/dtype, loss, finiteness check, backward, engine.step
+            losses[key] = trainer.train_epoch(0, 1).loss
+        return run
+
+    cfg, fused = trainers["shipped"].cfg, deepspeed_fused(trainers["shipped"])
+    ours = build_model_from_config(cfg)  # the engines' initial weights (same seed)
+    peer = peer_model(ours)
+    copy_into_peer(ours, peer)
+    del ours
+    peer.train()
+    net = nn.parallel.DistributedDataParallel(peer) if world > 1 else peer
+    opt = torch.optim.AdamW(peer.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                            weight_decay=cfg.train.weight_decay, fused=fused or None)
+    clip, bf16 = cfg.train.grad_clip, precision == "bf16"
+    x, target, weight = premade["image"], premade["target"], premade["target_weight"]
+
+    def peer_step() -> None:
+        with autocast(bf16):
+            out = heatmaps(net, x)
+        loss = keypoint_mse(out, target, weight)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(peer.parameters(), clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses["peer"] = float(loss.detach())
+
+    fns = {"shipped": engine_step("shipped"), "other": engine_step("other"), "peer": peer_step}
+    times = interleave_steps(fns, reps, sync=dist.barrier if world > 1 else None)
+    if world > 1:  # a step lasts until its slowest rank is done
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, times)
+        times = {k: [max(t[k][i] for t in everyone) for i in range(reps)] for k in times}
+    labels = {k: engine_label(t) for k, t in trainers.items()}
+    labels["peer"] = (f"peer: plain loop{', DDP (gloo)' if world > 1 else ''}, torch AdamW "
+                      f"{'fused' if fused else 'for-loop'}, clip {clip:g}, "
+                      f"{'autocast bf16, fp32 weights' if bf16 else 'fp32'}")
+    result = {"model": MODELS[name], "precision": precision, "ranks": world, "stage": stage, "batch": batch,
+              "threads": torch.get_num_threads(), "labels": labels, "times": times,
+              "fused": {k: deepspeed_fused(t) for k, t in trainers.items()}, "steps": 2 + reps, "losses": losses,
+              "load average": f"{load_start} at start, {load_average()} at end",
+              "seconds": time.perf_counter() - t0}
+    fns.clear(), trainers.clear()  # the engines and the peer go with the closures
+    gc.collect()
+    return result if rank == 0 else None
+
+
+def _shipped_rank(rank: int, world: int, port: int, job: dict[str, Any], queue: Any) -> None:
+    try:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed deprecations, per step
+        set_dist_env(rank, world, port)
+        torch.set_num_threads(job["threads"])
+        if job["retain"]:
+            retain_freed_memory()
+        for name, precision in job["runs"]:
+            result = _shipped_one(name, precision, rank, world, job["batch"], job["reps"], Path(job["other_json"]))
+            if result is not None:
+                queue.put(result)
+        if rank == 0:
+            queue.put({"done": True})
+    except BaseException as err:  # the parent must not wait forever
+        queue.put({"error": f"rank {rank}: {type(err).__name__}: {err}"})
+        raise
+    finally:
+        queue.close()
+        queue.join_thread()  # what was put is in the pipe before the process goes
+    # Leave without the interpreter's teardown: gloo/DeepSpeed threads still alive at exit can abort the process.
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def pair_rows(result: dict[str, Any]) -> list[PairRow]:
+    """The two rows of one result: shipped / peer (with its target) and fused / for-loop (the AdamW before/after)."""
+    common = dict(model=result["model"], precision=result["precision"], ranks=result["ranks"], batch=result["batch"])
+    t, labels, losses = result["times"], result["labels"], result["losses"]
+    fused_key, loop_key = ("shipped", "other") if result["fused"]["shipped"] else ("other", "shipped")
+    diff = abs(losses[fused_key] - losses[loop_key]) / max(abs(losses[loop_key]), 1e-12)
+    return [
+        PairRow(kind="shipped / peer", a_label=labels["shipped"], b_label=labels["peer"], a=t["shipped"],
+                b=t["peer"], target=SHIPPED_TARGETS.get((result["ranks"], result["precision"])), **common),
+        PairRow(kind="fused / for-loop", a_label=labels[fused_key], b_label=labels[loop_key], a=t[fused_key],
+                b=t[loop_key], note=f"loss after {result['steps']} steps: fused {losses[fused_key]:.6g}, for-loop "
+                                    f"{losses[loop_key]:.6g} (rel. diff {diff:.1e})", **common),
+    ]
+
+
+def shipped_rows(names: list[str], precisions: list[str], ranks: list[int], batch: int, reps: int, threads: int,
+                 retain: bool, say: Callable[[str], None]) -> tuple[list[PairRow], list[dict[str, Any]]]:
+    """The shipped training step (the real Trainer's loop over a DeepSpeed engine) against the peer's plain
+    torch loop, and against itself with the other AdamW; each rank count in its own fresh processes."""
+    import tempfile
+    from queue import Empty
+
+    import torch.multiprocessing as mp
+
+    from vitpose.build import ensure_data
+
+    ensure_data(shipped_config(names[0], precisions[0], batch, SHIPPED_DS / "zero0.json"))  # not timed
+    rows: list[PairRow] = []
+    results: list[dict[str, Any]] = []
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="shipped-step-") as tmp:
+        for world in ranks:
+            stage = SHIPPED_STAGE[world]
+            job = {"runs": [(n, p) for n in names for p in precisions], "batch": batch, "reps": reps,
+                   "threads": max(1, threads // world), "retain": retain,
+                   "other_json": str(variant_json(stage, Path(tmp)))}
+            queue, port = ctx.Queue(), free_port()
+            procs = [ctx.Process(target=_shipped_rank, args=(r, world, port, job, queue)) for r in range(world)]
+            for p in procs:
+                p.start()
+            try:
+                while True:
+                    try:
+                        result = queue.get(timeout=10)
+                    except Empty:
+                        dead = [p.exitcode for p in procs if not p.is_alive()]
+                        if dead:
+                            raise RuntimeError(f"a rank of section 2b ended (exit codes {dead}) before its results "
+                                               "came back") from None
+                        continue
+                    if "error" in result:
+                        raise RuntimeError(result["error"])
+                    if result.get("done"):
+                        break
+                    results.append(result)
+                    for row in pair_rows(result):
+                        rows.append(row)
+                        say(f"  {row.model} {row.precision} {row.ranks} rank(s) x batch {row.batch}, {row.kind}: "
+                            f"{row.ips('a'):.2f} / {row.ips('b'):.2f} img/s = {row.ratio:.3f}"
+                            f"{f' (target {row.target})' if row.target else ''}; {row.note}")
+                    say(f"    a: {rows[-2].a_label}\n    b: {rows[-2].b_label}\n    other: {result['labels']['other']}"
+                        f"\n    load average {result['load average']}, {result['seconds']:.0f}s")
+            finally:
+                for p in procs:
+                    p.join(timeout=120)
+                    if p.is_alive():
+                        p.kill()
+    return rows, results
+
+
+def shipped_section(pairs: list[PairRow], results: list[dict[str, Any]]) -> list[str]:
+    L = ["## 2b. The shipped training step vs the peer's plain loop", "",
+         "Our side is the step a user runs: the real `Trainer.train_epoch` (lr schedule, loss, finiteness check, "
+         "`engine.backward`, `engine.step`) over the DeepSpeed engine that `deepspeed.initialize` built from "
+         "configs/deepspeed/zero<stage>.json as completed by vitpose/dsconfig.py (the paper's layer-decayed "
+         "groups, clipping 1.0, DeepSpeed's precision handling), fed one pre-made batch of the synthetic set. "
+         "ZeRO-0 on one rank, ZeRO-3 on two ranks (gloo, one process each, threads split). The peer is "
+         "`VitPoseForPoseEstimation` in a plain torch loop (DDP on two ranks) with the same AdamW class and "
+         "clipping, one parameter group, at the closest precision (bf16: autocast over fp32 weights). The engine "
+         "with the other AdamW (fused / torch's default for-loop) is timed in the same rotation, so the AdamW "
+         "before/after is measured beside it. Three-way interleaved (every order in turn), 2 warm-up steps; "
+         "ratio = a/b in images/s (median of per-repetition ratios); a two-rank step lasts until its slower rank "
+         "is done.", "",
+         "| model | precision | ranks x batch | a / b | a img/s | b img/s | a/b | target | a | b | note |",
+         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+    for r in pairs:
+        target = f"{r.target:g}" if r.target else "-"
+        L.append(f"| {r.model} | {r.precision} | {r.ranks} x {r.batch} | {r.kind} | {r.ips('a'):.2f} | "
+                 f"{r.ips('b'):.2f} | **{r.ratio:.3f}** | {target} | {r.a_label} | {r.b_label} | {r.note} |")
+    if results:
+        L += ["", "Load average while each ran: " + "; ".join(
+            f"{x['model']} {x['precision']} {x['ranks']} rank(s): {x['load average']} ({x['seconds']:.0f}s)"
+            for x in results) + "."]
+    return L
+
+
 # --------------------------------------------------------------------------- 4: bf16 accuracy (AP)
 def tiny_config(overrides: list[str]) -> Any:
     from vitpose.config import load_config
@@ -562,14 +853,22 @@ def loader_vs_tensors(steps: int, reps: int, say: Callable[[str], None], sets: l
 
 
 # -------------------------------------------------------------------------------------------- report
+SHIPPED_TARGET_TEXT = """Targets (issue 19): the shipped step (DeepSpeed ZeRO-0 engine, one rank) >= 1.0x the peer's plain
+loop in fp32 and >= 1.15x in bf16; ZeRO-3 on two ranks >= 0.9x the peer under DDP on two ranks."""
 TARGETS = """Targets (issue 8): ours/peer >= 1.0 on every row at equal precision, >= 1.15 on the training step;
 our bf16 inference >= 1.8x our fp32 at batch 32; training-step MFU >= 75% of the fp32 matmul peak; bf16 AP
-within 0.5 points of fp32; the data loader slows the tiny teacher's step by <= 10%."""
+within 0.5 points of fp32; the data loader slows the tiny teacher's step by <= 10%.
+""" + SHIPPED_TARGET_TEXT
 
 
 def check_targets(rows: list[Row], peaks: dict[str, float], ap: dict[str, Any] | None,
-                  loader: dict[str, Any] | None) -> list[tuple[str, str, bool]]:
+                  loader: dict[str, Any] | None, pairs: list[PairRow] = ()) -> list[tuple[str, str, bool]]:
     out = []
+    for r in pairs:
+        if r.target is not None:
+            out.append((f"{r.model} {r.precision} shipped ZeRO-{SHIPPED_STAGE[r.ranks]} step on {r.ranks} rank(s) / "
+                        f"peer's {'DDP' if r.ranks > 1 else 'plain'} loop >= {r.target:g}", f"{r.ratio:.3f}",
+                        r.ratio >= r.target))
     for r in rows:
         need = 1.15 if r.case == "train b16" else 1.0
         out.append((f"{r.model} {r.precision} {r.case}: ours/peer >= {need}", f"{r.ratio:.3f}", r.ratio >= need))
@@ -596,7 +895,8 @@ def check_targets(rows: list[Row], peaks: dict[str, float], ap: dict[str, Any] |
 
 def markdown(info: dict[str, Any], peaks: dict[str, Any], diffs: dict[str, dict[str, float]], rows: list[Row],
              ap: dict[str, Any] | None, loader: dict[str, Any] | None, targets: list[tuple[str, str, bool]],
-             argv: list[str], seconds: float, profiles: dict[str, dict[str, str]]) -> str:
+             argv: list[str], seconds: float, profiles: dict[str, dict[str, str]],
+             pairs: list[PairRow] = (), shipped: list[dict[str, Any]] = ()) -> str:
     L = ["# Performance: ours vs the transformers VitPose port, and vs the machine", "",
          "Written by `python benchmarks/compare_peer.py " + " ".join(argv) + f"` ({seconds / 60:.1f} min). "
          "Every number below was measured in that one run; see the script's docstring for what each means.", "",
@@ -627,6 +927,8 @@ def markdown(info: dict[str, Any], peaks: dict[str, Any], diffs: dict[str, dict[
         L.append(f"| {r.model} | {r.precision} | {r.case} | {r.ips('ours'):.2f} | {r.ips('peer'):.2f} | "
                  f"**{r.ratio:.3f}** | {100 * r.mfu('ours', peak):.0f}%{extra} | {100 * r.mfu_adjacent:.0f}% | "
                  f"{100 * r.mfu('peer', peak):.0f}% |")
+    if pairs:
+        L += [""] + shipped_section(pairs, shipped)
     L += ["", "## 4. bf16 accuracy", ""]
     if ap:
         L += [f"Model: `{ap['model']}` (embed {ap['preset']['embed_dim']}, depth {ap['preset']['depth']}, patch {ap['preset']['patch_size']} at {ap['preset']['img_size']}), {ap['val instances']} synthetic "
@@ -665,6 +967,20 @@ def markdown(info: dict[str, Any], peaks: dict[str, Any], diffs: dict[str, dict[
     return "\n".join(L)
 
 
+def shipped_markdown(info: dict[str, Any], pairs: list[PairRow], shipped: list[dict[str, Any]],
+                     targets: list[tuple[str, str, bool]], argv: list[str], seconds: float) -> str:
+    """The report of ``--shipped-only``: the machine, section 2b and its targets."""
+    L = ["# The shipped training step (DeepSpeed engine) vs the transformers VitPose port", "",
+         "Written by `python benchmarks/compare_peer.py " + " ".join(argv) + f"` ({seconds / 60:.1f} min); section "
+         "2b of benchmarks/RESULTS.md, measured alone.", "", "## Machine", "", "| | |", "| --- | --- |"]
+    L += [f"| {k} | {v} |" for k, v in info.items()]
+    L += [""] + shipped_section(pairs, shipped)
+    L += ["", "## Targets", "", SHIPPED_TARGET_TEXT, "", "| target | measured | met |", "| --- | ---: | --- |"]
+    L += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in targets]
+    L += ["", f"Load average at the end: {load_average()}.", ""]
+    return "\n".join(L)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="s,b", help="comma list of s, b, l, h, or none (default s,b)")
@@ -685,9 +1001,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-loader", action="store_true")
     p.add_argument("--profile", default="s:fp32,s:bf16",
                    help="comma list of model:precision training steps to profile, ours and the peer's ('' for none)")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    p.add_argument("--skip-shipped", action="store_true", help="leave out section 2b (the shipped engine step)")
+    p.add_argument("--shipped-only", action="store_true",
+                   help="only section 2b, written to benchmarks/shipped_step.md unless --out is given")
+    p.add_argument("--shipped-ranks", default="1,2", help="1: ZeRO-0 on one rank; 2: ZeRO-3 on two ranks")
+    p.add_argument("--shipped-precisions", default="fp32,bf16")
+    p.add_argument("--shipped-batch", type=int, default=TRAIN_BATCH, help="batch per rank of section 2b")
+    p.add_argument("--shipped-reps", type=int, default=0, help="repetitions of section 2b (default --train-reps)")
+    p.add_argument("--out", type=Path, default=None, help="default benchmarks/RESULTS.md")
     a = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
+    a.out = a.out or REPO / "benchmarks" / ("shipped_step.md" if a.shipped_only else "RESULTS.md")
+    models = [m.strip() for m in a.models.split(",") if m.strip() and m.strip() != "none"]
     t_start = time.perf_counter()
     torch.set_num_threads(a.threads)
     retained = False if a.no_retain_memory else retain_freed_memory()
@@ -698,13 +1023,29 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     info["freed memory kept in the process (mallopt)"] = "yes" if retained else "no"
     say(" | ".join(f"{k}: {v}" for k, v in info.items()))
+
+    def shipped() -> tuple[list[PairRow], list[dict[str, Any]]]:
+        if a.skip_shipped or not models:
+            return [], []
+        say("the shipped training step (section 2b)")
+        return shipped_rows(models, a.shipped_precisions.split(","), [int(r) for r in a.shipped_ranks.split(",")],
+                            a.shipped_batch, a.shipped_reps or a.train_reps, a.threads, retained, say)
+
+    if a.shipped_only:
+        pairs, shipped_results = shipped()
+        targets = check_targets([], {}, None, None, pairs)
+        text = shipped_markdown(info, pairs, shipped_results, targets, argv, time.perf_counter() - t_start)
+        a.out.write_text(text)
+        say("\n" + text)
+        say(f"written to {a.out}")
+        return 0
     peaks: dict[str, float] = {}
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         peaks[f"{name} start"] = matmul_gflops(dt)
     say(f"matmul at start: fp32 {peaks['fp32 start']:.0f} GFLOP/s, bf16 {peaks['bf16 start']:.0f} GFLOP/s")
 
     diffs, rows = {}, []
-    for name in [m.strip() for m in a.models.split(",") if m.strip() and m.strip() != "none"]:
+    for name in models:
         d, r = bench_model(name, a.reps, a.train_reps, not a.no_split, say)
         diffs[MODELS[name]] = d
         rows += r
@@ -716,6 +1057,7 @@ def main(argv: list[str] | None = None) -> int:
         peaks[name] = max([peaks[f"{name} start"], peaks[f"{name} end"], *beside])
     say(f"matmul at end: fp32 {peaks['fp32 end']:.0f} GFLOP/s, bf16 {peaks['bf16 end']:.0f} GFLOP/s")
 
+    pairs, shipped_results = shipped()
     ap = None if a.skip_ap else bf16_accuracy(a.checkpoint, a.ap_epochs, say)
     torch.set_num_threads(a.threads)
     loader = None if a.skip_loader else loader_vs_tensors(a.loader_steps, a.loader_reps, say, a.loader_set)
@@ -726,8 +1068,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"profiling {MODELS[name]} {precision} training step")
         profiles[f"{MODELS[name]} {precision}"] = profile_tables(name, precision)
 
-    targets = check_targets(rows, peaks, ap, loader)
-    text = markdown(info, peaks, diffs, rows, ap, loader, targets, argv, time.perf_counter() - t_start, profiles)
+    targets = check_targets(rows, peaks, ap, loader, pairs)
+    text = markdown(info, peaks, diffs, rows, ap, loader, targets, argv, time.perf_counter() - t_start, profiles,
+                    pairs, shipped_results)
     a.out.write_text(text)
     say("\n" + text)
     say(f"written to {a.out}")

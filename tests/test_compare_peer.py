@@ -56,3 +56,48 @@ def test_rows_ratios_and_targets():
     assert targets["vitpose_s our bf16 / fp32 inference b32 >= 1.8"]
     assert not targets["vitpose_s our fp32 training-step MFU >= 75% of the fp32 peak"]
     assert targets["data loader slows the tiny teacher's step by <= 10%"]
+
+
+def test_shipped_rows_ratios_labels_and_targets(tmp_path):
+    bench = load_bench()
+    result = {"model": "vitpose_s", "precision": "bf16", "ranks": 1, "stage": 0, "batch": 16, "steps": 8,
+              "labels": {"shipped": "shipped: ZeRO-0 fused", "other": "shipped: ZeRO-0 for-loop", "peer": "peer"},
+              "times": {"shipped": [1.0, 2.0, 1.0], "other": [1.2, 2.2, 1.0], "peer": [1.2, 2.6, 1.1]},
+              "fused": {"shipped": True, "other": False}, "losses": {"shipped": 1.0, "other": 1.0, "peer": 2.0}}
+    vs_peer, fused = bench.pair_rows(result)
+    assert vs_peer.kind == "shipped / peer" and vs_peer.a_label == "shipped: ZeRO-0 fused" and vs_peer.b_label == "peer"
+    assert vs_peer.ratio == pytest.approx(1.2) and vs_peer.target == 1.15  # median of 1.2, 1.3, 1.1
+    assert vs_peer.ips("a") == 16.0
+    assert fused.kind == "fused / for-loop" and fused.a_label.endswith("fused") and fused.ratio == pytest.approx(1.1)
+    assert fused.target is None and "rel. diff 0.0e+00" in fused.note
+    # The shipped JSON without fused: the rows still read fused / for-loop, the other engine being the fused one.
+    flipped = dict(result, fused={"shipped": False, "other": True})
+    assert bench.pair_rows(flipped)[1].a_label == "shipped: ZeRO-0 for-loop"
+    two = dict(result, ranks=2, precision="fp32", times={k: [1.0] for k in result["times"]})
+    targets = {name: ok for name, _, ok in bench.check_targets([], {}, None, None,
+                                                               bench.pair_rows(result) + bench.pair_rows(two))}
+    assert targets == {"vitpose_s bf16 shipped ZeRO-0 step on 1 rank(s) / peer's plain loop >= 1.15": True,
+                       "vitpose_s fp32 shipped ZeRO-3 step on 2 rank(s) / peer's DDP loop >= 0.9": True}
+    assert "| vitpose_s | bf16 | 1 x 16 | shipped / peer |" in "\n".join(bench.shipped_section([vs_peer], []))
+
+
+def test_shipped_variant_is_the_json_with_the_other_adamw(tmp_path):
+    import json
+
+    bench = load_bench()
+    for stage in (0, 1, 2, 3):
+        shipped = json.loads((REPO / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
+        other = json.loads(bench.variant_json(stage, tmp_path).read_text())
+        assert bool(shipped["optimizer"]["params"].get("fused")) != bool(other["optimizer"]["params"].get("fused"))
+        shipped["optimizer"]["params"].pop("fused", None), other["optimizer"]["params"].pop("fused", None)
+        assert shipped == other  # nothing else differs
+
+
+def test_interleave_steps_turns_through_every_order():
+    bench = load_bench()
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    times = bench.interleave_steps(fns, reps=6, warmup=1)
+    assert {k: len(v) for k, v in times.items()} == {"a": 6, "b": 6, "c": 6}
+    orders = [tuple(calls[3 + 3 * r: 6 + 3 * r]) for r in range(6)]
+    assert len(set(orders)) == 6  # each function in each place twice
