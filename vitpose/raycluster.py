@@ -9,6 +9,7 @@ than the cluster has, with no autoscaler to add them) fail here with the fix, in
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -37,7 +38,11 @@ def connect(num_cpus: int | None = None) -> dict[str, Any]:
     from vitpose.console import worker_env
 
     address = check_address()
-    runtime_env = {"env_vars": {**WORKER_ENV, **worker_env(), **credentials_env()}}
+    # Inside a `ray job submit`, variables the job's own runtime env sets already reach every process of the
+    # job, and Ray refuses a ray.init that names them again.
+    from_job = job_env_vars()
+    env = {**WORKER_ENV, **worker_env(), **credentials_env()}
+    runtime_env = {"env_vars": {k: v for k, v in env.items() if k not in from_job}}
     if address:
         if _host_port(address)[0] in ("127.0.0.1", "localhost", "::1"):
             _loopback_only(True)  # a loopback-only head answers only clients with the switch off
@@ -53,6 +58,17 @@ def connect(num_cpus: int | None = None) -> dict[str, Any]:
         ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False,
                  log_to_driver=True)
     return ray.cluster_resources()
+
+
+def job_env_vars() -> dict[str, str]:
+    """The ``env_vars`` of the runtime env of the Ray job this driver runs in (empty outside a job)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    try:
+        job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    except ValueError:
+        return {}
+    return dict((job.get("runtime_env") or {}).get("env_vars") or {})
 
 
 def disconnect() -> None:

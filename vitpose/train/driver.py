@@ -12,11 +12,13 @@ from __future__ import annotations
 import functools
 import json
 import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from vitpose import console, raycluster, tracking
 from vitpose.build import build_datasets, ensure_data
-from vitpose.config import ConfigError, TeacherConfig, one_line, resolve_path, to_dict
+from vitpose.config import ConfigError, TeacherConfig, one_line, to_dict
 from vitpose.dsconfig import complete_deepspeed_config
 from vitpose.pipeline import best_checkpoint, print_summary, read_run_id, write_run_id
 from vitpose.storage import Storage, credentials_env, open_storage
@@ -119,7 +121,7 @@ def fit(cfg: TeacherConfig, job: WorkerJob, name: str, storage: Storage) -> Any:
     trainer = TorchTrainer(
         functools.partial(train_worker, job),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, placement_strategy=cfg.ray.placement_strategy),
         run_config=RunConfig(
             name=name,
             storage_path=storage.uri,  # Ray persists checkpoints there itself (pyarrow, as we read it)
@@ -143,8 +145,9 @@ def finish(cfg: TeacherConfig, result: Any, tracking_uri: str, run_id: str) -> d
                                   cfg.tracking.alias)
     latest = result.checkpoint or best_ckpt  # its meta only: on object storage nothing else is fetched
     latest_meta = json.loads((Storage.from_filesystem(latest.filesystem, latest.path) / META_FILE).read_text())
-    curves = plot_curves(latest_meta["history"], resolve_path("runs") / "tmp" / run_id / "training_curves.png")
-    tracking.log_artifact(tracking_uri, run_id, curves)
+    with tempfile.TemporaryDirectory(prefix="vp-curves-") as tmp:
+        tracking.log_artifact(tracking_uri, run_id, plot_curves(latest_meta["history"],
+                                                                Path(tmp) / "training_curves.png"))
     tracking.log_metrics(tracking_uri, run_id, {f"best/{k}": v for k, v in best_metrics.items()
                                                 if k.startswith("val/")})
     bad = {k.removeprefix("bad_samples/"): int(v) for k, v in latest_meta["history"][-1].items()

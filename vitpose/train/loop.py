@@ -50,6 +50,7 @@ from vitpose.train.checkpoint import (
 )
 from vitpose.train.multi import build_mixed_loaders, evaluate_datasets, is_mixed, mixed_loss
 from vitpose.train.session import Session, WorkerStatus
+from vitpose.train.zero_memory import shared_fp32_master
 
 
 class NonFiniteLossError(RuntimeError):
@@ -138,8 +139,9 @@ class Trainer:
         layer_decay = cfg.model.layer_decay if cfg.model.layer_decay is not None else model.spec.layer_decay_rate
         groups = param_groups_layer_decay(model, cfg.train.lr, cfg.train.weight_decay, layer_decay)
         groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
-                                                                 config=self.ds_config)
+        with shared_fp32_master(self.ds_config):  # ZeRO-3 fp32: the optimizer updates the partition, no copy
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
+                                                                     config=self.ds_config)
         load_deepspeed_files_as_weights_only(self.engine)
         self.device = self.engine.device
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
