@@ -7,10 +7,20 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vitpose.config import load_config
 from vitpose.models import AttentionSpec, build_model
-from vitpose.models.attention import WindowLayout, attend, explicit_attention, window_attention, window_mask
+from vitpose.models.attention import (
+    WindowLayout,
+    attend,
+    explicit_attention,
+    from_windows,
+    pooled_tokens,
+    to_windows,
+    window_attention,
+    window_mask,
+)
 from vitpose.models.backbone import Attention
 
 DIM, HEADS = 32, 4
@@ -68,6 +78,29 @@ def test_windowed_block_equals_masked_full_attention(grid, window, shift, pool, 
     attn = _attention(layout)
     x = torch.randn(2, grid[0] * grid[1] + extra, DIM)
     torch.testing.assert_close(attn(x), _reference(attn, x, layout), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("grid", "window", "shift", "pool", "extra"), CASES)
+def test_windows_gather_and_scatter_back_every_token(grid, window, shift, pool, extra) -> None:
+    layout = WindowLayout(grid, window, shift, pool)
+    t = torch.randn(2, HEADS, grid[0] * grid[1], 8)
+    w = to_windows(t, layout)
+    assert w.shape == (2 * layout.num_windows, HEADS, layout.window_tokens, 8)
+    assert torch.equal(from_windows(w, layout).transpose(1, 2), t)
+
+
+def test_pooled_keys_match_avg_pool_and_keep_no_copy_of_the_tokens_for_backward() -> None:
+    layout = WindowLayout((9, 7), (4, 4), (0, 0), (4, 4))
+    qkv = torch.randn(2, 63, 3, HEADS, 8, requires_grad=True)
+    k = qkv[:, :, 1].transpose(1, 2)  # as the block slices it: a view of the qkv output
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        pooled = pooled_tokens(k, layout)
+    # only the constant averaging matrix (fp32 here), broadcast over the batch
+    assert {t.untyped_storage().nbytes() for t in saved} == {layout.num_pooled * 63 * 4}
+    grid = k.reshape(2 * HEADS, 9, 7, 8).permute(0, 3, 1, 2)
+    expected = F.avg_pool2d(grid, 4, 4, ceil_mode=True).flatten(2).transpose(1, 2).reshape(2, HEADS, -1, 8)
+    torch.testing.assert_close(pooled, expected)
 
 
 def test_one_window_holding_the_grid_is_full_attention() -> None:

@@ -1,7 +1,7 @@
 """Which tokens attend to which: full attention, and the ViTPose paper's window attention (§4, "attention type").
 
 Owns: `AttentionSpec` (the kind, stored in ModelSpec), the per-block `WindowLayout` it gives, the boolean masks
-of shifted and padded windows, window partition/merge as pure tensor reshapes (one batched attention call over
+of shifted and padded windows, window partition/merge as one gather each way (one batched attention call over
 all windows, no Python loop per window), and the cost model (MACs, attention-map bytes).
 
 The kinds change only which keys a query sees, never the parameters: a full-attention checkpoint loads into a
@@ -176,35 +176,85 @@ def partition(t: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
     return t.reshape(b, h * layout.num_windows, wh * ww, d)
 
 
-def to_windows(t: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
-    """Tokens (B, h, N, d) of the grid -> windows (B, h * num_windows, L, d): pad, roll, partition."""
-    b, h, _, d = t.shape
+def token_order(layout: WindowLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(window slots -> grid token, grid token -> window slot), int64 of length num_windows * L and grid h * w.
+
+    Slot `s` of the flattened windows (row-major windows, row-major inside each) holds grid token `into[s]` of the
+    padded-and-rolled grid; padded slots hold token 0, which `window_mask` hides as a key and whose query rows are
+    never read back. `back[n]` is the slot of grid token n. Both come from `partition`, so they match the mask.
+    """
     (gh, gw), (ph, pw), (sh, sw) = layout.grid, layout.padded, layout.shift
-    t = F.pad(t.reshape(b, h, gh, gw, d), (0, 0, 0, pw - gw, 0, ph - gh))
-    if sh or sw:
-        t = torch.roll(t, shifts=(-sh, -sw), dims=(2, 3))
-    return partition(t, layout)
+    ids = torch.zeros(ph, pw, dtype=torch.long)
+    ids[:gh, :gw] = torch.arange(gh * gw).reshape(gh, gw)
+    real = torch.zeros(ph, pw, dtype=torch.bool)
+    real[:gh, :gw] = True
+    ids, real = (partition(torch.roll(t, shifts=(-sh, -sw), dims=(0, 1))[None, None, :, :, None], layout).flatten()
+                 for t in (ids, real))
+    back = torch.empty(gh * gw, dtype=torch.long)
+    back[ids[real]] = torch.nonzero(real).flatten()
+    return ids, back
 
 
-def from_windows(t: torch.Tensor, layout: WindowLayout, heads: int) -> torch.Tensor:
-    """Inverse of `to_windows`: (B, h * num_windows, L, d) -> (B, h, N, d) with padding dropped."""
-    b, d = t.shape[0], t.shape[-1]
-    (gh, gw), (ph, pw), (wh, ww), (sh, sw) = layout.grid, layout.padded, layout.window, layout.shift
-    t = t.reshape(b, heads, ph // wh, pw // ww, wh, ww, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, heads, ph, pw, d)
-    if sh or sw:
-        t = torch.roll(t, shifts=(sh, sw), dims=(2, 3))
-    return t[:, :, :gh, :gw].reshape(b, heads, gh * gw, d)
+_ORDERS: dict[tuple[WindowLayout, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _order_on(layout: WindowLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (layout, device)
+    if key not in _ORDERS:
+        _ORDERS[key] = tuple(t.to(device) for t in token_order(layout))  # type: ignore[assignment]
+    return _ORDERS[key]
+
+
+def to_windows(t: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
+    """Grid tokens (B, h, N, d), any strides -> windows (B * num_windows, h, L, d), window-major.
+
+    One gather does the padding, the roll and the partition: a single copy of the tensor whatever the layout
+    (pad + roll + permute took up to three). The result is laid out (B * nW, L, h, d) in memory, the layout of
+    q, k and v in full attention, which the fused kernels take as it is.
+    """
+    b, h, _, d = t.shape
+    into = _order_on(layout, t.device)[0]
+    w = t.transpose(1, 2).index_select(1, into)  # (B, nW * L, h, d)
+    return w.reshape(b * layout.num_windows, layout.window_tokens, h, d).transpose(1, 2)
+
+
+def from_windows(t: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
+    """Inverse of `to_windows`: (B * num_windows, h, L, d) -> (B, N, h, d) contiguous, padding dropped.
+
+    (B, N, h, d) is the memory layout the block's output projection reads, so merging the heads after this is a
+    view; from the fused kernel's output (laid out (B * nW, L, h, d)) this is one gather.
+    """
+    bw, h, length, d = t.shape
+    back = _order_on(layout, t.device)[1]
+    return t.transpose(1, 2).reshape(bw // layout.num_windows, layout.num_windows * length, h, d).index_select(1, back)
+
+
+def pool_matrix(layout: WindowLayout) -> torch.Tensor:
+    """(P, N) float64: row p averages the grid tokens of pool cell p (row-major cells); a cell cut by the border
+    averages only its real tokens (avg_pool2d's ceil_mode divisor)."""
+    assert layout.pool is not None
+    (gh, gw), (ch, cw) = layout.grid, layout.pool
+    rows, cols = torch.arange(gh).repeat_interleave(gw), torch.arange(gw).repeat(gh)
+    cell = (rows // ch) * math.ceil(gw / cw) + cols // cw
+    a = F.one_hot(cell, layout.num_pooled).T.double()
+    return a / a.sum(1, keepdim=True)
+
+
+_POOLS: dict[tuple[WindowLayout, torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def pooled_tokens(t: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
-    """(B, h, N, d) -> (B, h, P, d): the average of each pool cell of the (unpadded) grid; a cell cut by the
-    border averages only its real tokens (avg_pool2d's ceil_mode divisor)."""
-    assert layout.pool is not None
+    """(B, h, N, d) -> (B, h, P, d): the average of each pool cell of the (unpadded) grid.
+
+    A matmul with the constant `pool_matrix`, whose backward keeps only that matrix: avg_pool2d kept its input, a
+    grid-ordered copy of k or v (or the whole qkv output it was a view of) per block.
+    """
+    key = (layout, t.device, t.dtype)
+    if key not in _POOLS:
+        _POOLS[key] = pool_matrix(layout).to(t.dtype).to(t.device)
     b, h, _, d = t.shape
-    gh, gw = layout.grid
-    grid = t.reshape(b * h, gh, gw, d).permute(0, 3, 1, 2)
-    pooled = F.avg_pool2d(grid, layout.pool, layout.pool, ceil_mode=True)
-    return pooled.flatten(2).transpose(1, 2).reshape(b, h, -1, d)
+    pooled = torch.matmul(_POOLS[key], t.transpose(1, 2).flatten(2))  # (B, P, h * d)
+    return pooled.unflatten(2, (h, d)).transpose(1, 2)
 
 
 # ---- attention ------------------------------------------------------------------------------------------
@@ -239,29 +289,32 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
                      mask: torch.Tensor | None) -> torch.Tensor:
     """(B, h, N + K, d) each -> (B, h, N + K, d): N grid tokens in windows, K global (knowledge) tokens.
 
-    `mask` is `window_mask(layout)` (on the device); windows are batched head-major into one attention call.
+    `mask` is `window_mask(layout)` (on the device); windows are batched into one attention call as
+    (B * num_windows, h, L, d). The result is laid out (B, N + K, h, d) in memory (a transposed view), so the
+    caller's `out.transpose(1, 2).reshape(B, N + K, h * d)` costs no copy.
     """
-    b, heads, n, _ = q.shape
+    b, heads, n, d = q.shape
     grid_n = layout.grid[0] * layout.grid[1]
+    n_win = layout.num_windows
     extra_k, extra_v = k[:, :, grid_n:], v[:, :, grid_n:]  # knowledge tokens: keys for every window
     if layout.pool is not None:
         extra_k = torch.cat([pooled_tokens(k[:, :, :grid_n], layout), extra_k], dim=2)
         extra_v = torch.cat([pooled_tokens(v[:, :, :grid_n], layout), extra_v], dim=2)
     qw, kw, vw = (to_windows(t[:, :, :grid_n], layout) for t in (q, k, v))
-    n_extra, n_win = extra_k.shape[2], layout.num_windows
+    n_extra = extra_k.shape[2]
     if n_extra:
         def per_window(t: torch.Tensor) -> torch.Tensor:
-            return t.unsqueeze(2).expand(-1, -1, n_win, -1, -1).reshape(b, heads * n_win, n_extra, t.shape[-1])
+            return t.unsqueeze(1).expand(-1, n_win, -1, -1, -1).reshape(b * n_win, heads, n_extra, d)
 
         kw, vw = torch.cat([kw, per_window(extra_k)], dim=2), torch.cat([vw, per_window(extra_v)], dim=2)
     if mask is not None:
         if mask.shape[-1] < kw.shape[2]:  # knowledge tokens after the pooled keys: visible to all
             mask = torch.cat([mask, mask.new_ones(*mask.shape[:2], kw.shape[2] - mask.shape[-1])], dim=2)
-        mask = mask.repeat(heads, 1, 1)  # (h * nW, L, S): the windows are head-major
-    out = from_windows(attend(qw, kw, vw, mask), layout, heads)
+        mask = mask.repeat(b, 1, 1).unsqueeze(1)  # (B * nW, 1, L, S): the same windows for every head
+    out = from_windows(attend(qw, kw, vw, mask), layout)  # (B, N, h, d)
     if n > grid_n:  # the global tokens' own queries see everything
-        out = torch.cat([out, attend(q[:, :, grid_n:], k, v)], dim=2)
-    return out
+        out = torch.cat([out, attend(q[:, :, grid_n:], k, v).transpose(1, 2)], dim=1)
+    return out.transpose(1, 2)
 
 
 # ---- cost -----------------------------------------------------------------------------------------------
