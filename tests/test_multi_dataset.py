@@ -177,10 +177,6 @@ def test_a_multi_dataset_teacher_teaches_a_single_dataset_student(two_dataset_ru
 
 
 # ------------------------------------------------------------------------------ Ray Train, two workers
-ROUND_TRIP_BUG = ("a config sent to the Ray workers (to_dict, validated again there) has model.num_keypoints set to "
-                  "its default 17, which refuses a 14-keypoint dataset on every worker; fix: ModelConfig.num_keypoints "
-                  "None by default (vitpose/config.py) and build.model_spec_kwargs checking it only when not None")
-
 
 def _worker_side_error(cfg) -> str | None:
     """What building each dataset's model spec says on a worker, which gets the config as ``to_dict`` (None: fine)."""
@@ -193,7 +189,6 @@ def _worker_side_error(cfg) -> str | None:
     return None
 
 
-@pytest.mark.xfail(strict=True, reason=ROUND_TRIP_BUG)
 def test_configs_survive_the_trip_to_the_workers(tmp_path):
     assert _worker_side_error(multi_config(tmp_path)) is None
     assert _worker_side_error(tiny_config(tmp_path, "data.keypoints=crowdpose")) is None
@@ -244,8 +239,6 @@ def test_two_ray_workers_train_two_datasets_through_the_teacher_pipeline_and_res
     sys.path.insert(0, str(REPO / "pipelines"))
     import teacher
 
-    if (error := _worker_side_error(multi_config(tmp_path))) is not None:
-        pytest.xfail(f"{ROUND_TRIP_BUG}: {error}")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     drawn = tmp_path / "batches"

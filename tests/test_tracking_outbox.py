@@ -99,3 +99,23 @@ def test_without_a_thread_each_put_waits_for_its_delivery():
     box.put("step 1", server.log, 1)
     assert server.got == [1]  # delivered before put returned (a Tune trial may end right after)
     box.close()
+
+
+def test_drain_waits_for_a_healthy_server_but_not_through_an_outage(monkeypatch):
+    monkeypatch.setattr(tracking, "SLOW_S", 0.5)
+    server = Server()
+    server.slow_s = 0.2
+    box = Outbox("http://tracking:5000", patience_s=60)
+    box.put("step 1", server.log, 1)
+    box.drain(5.0)
+    assert server.got == [1]  # delivered before the epoch's checkpoint would be reported
+    server.down.set()
+    box.put("step 2", server.log, 2)
+    t0 = time.time()
+    box.drain(1.0)  # waits its timeout once, then the outage is known...
+    box.put("step 3", server.log, 3)
+    box.drain(1.0)  # ...and later epochs do not wait at all
+    assert time.time() - t0 < 1.6 and box.failing_since is not None
+    server.down.clear()
+    box.close()
+    assert server.got == [1, 2, 3]

@@ -114,7 +114,7 @@ def model_spec_kwargs(cfg: TrainingConfig) -> dict[str, Any]:
     entries = [(n, one.data) for n, _, one in dataset_configs(cfg)] if cfg.data.datasets else []
     data = entries[0][1] if entries else cfg.data
     kset = data.keypoint_set()
-    if "num_keypoints" in m.model_fields_set and m.num_keypoints != kset.num_keypoints:
+    if m.num_keypoints is not None and m.num_keypoints != kset.num_keypoints:
         raise ConfigError(f"model.num_keypoints is {m.num_keypoints} but data.keypoints {data.keypoints!r} has "
                           f"{kset.num_keypoints} keypoints; remove model.num_keypoints (the set decides it)")
     if m.moe is not None and not entries:

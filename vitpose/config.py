@@ -65,7 +65,7 @@ class ModelConfig(Section):
     img_size: tuple[int, int] | None = Field(None, description="input (height, width)")
     patch_size: int | None = Field(None, ge=2, le=64)
     deconv_channels: int | None = Field(None, ge=1, description="classic decoder width (the paper's is 256)")
-    num_keypoints: int = Field(17, ge=1)
+    num_keypoints: int | None = Field(None, ge=1, description="the heads' width; default: the keypoint set's")
     drop_path_rate: float | None = Field(None, ge=0.0, lt=1.0)
     layer_decay: float | None = Field(None, gt=0.0, le=1.0)
     activation_checkpointing: bool = False

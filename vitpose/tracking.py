@@ -260,6 +260,19 @@ class Outbox:
         else:
             self._send(what, call, args)
 
+    def drain(self, timeout_s: float) -> None:
+        """Wait, up to ``timeout_s``, until what was put so far is delivered; not at all while an outage is
+        known. A healthy server takes milliseconds: an epoch's metrics then reach it before its checkpoint is
+        reported, so a crash after the report loses none of them."""
+        deadline = time.time() + timeout_s
+        while self._thread.is_alive() and self.failing_since is None and time.time() < deadline:
+            if self.queue.unfinished_tasks == 0:
+                return
+            time.sleep(0.02)
+        since = self.in_flight_since
+        if since is not None and self.failing_since is None:
+            self._announce(since, f"no answer for {time.time() - since:.0f} s")
+
     def _deliver(self) -> None:
         while (item := self.queue.get()) is not None:
             what, call, args = item
@@ -267,6 +280,7 @@ class Outbox:
                 self._keep(what, args)
             else:
                 self._send(what, call, args)
+            self.queue.task_done()
 
     def _send(self, what: str, call: Any, args: tuple) -> None:
         from vitpose.console import say
@@ -384,6 +398,7 @@ class WorkerTracker:
         items = [mlflow.entities.Metric(k, float(v), ts, step) for k, v in metrics.items()]
         if items:
             self.outbox.put(f"metrics of step {step}", self.client.log_batch, self.run_id, items)
+            self.outbox.drain(SLOW_S)
 
     def log_predictions(self, batch: tuple[Any, Any, list[dict]], keypoint_info: dict[str, Any], epoch: int,
                         max_crops: int = 8) -> None:
