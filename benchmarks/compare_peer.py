@@ -443,6 +443,12 @@ class PairRow:
     b: list[float] = field(default_factory=list)
     target: float | None = None
     note: str = ""
+    a_opt: list[float] = field(default_factory=list)  # seconds of the optimizer phase of each step (see _shipped_one)
+    b_opt: list[float] = field(default_factory=list)
+
+    def opt_s(self, who: str) -> float:
+        times = getattr(self, f"{who}_opt")
+        return statistics.median(times) if times else float("nan")
 
     def ips(self, who: str) -> float:
         return self.batch * self.ranks / statistics.median(getattr(self, who))
@@ -509,9 +515,13 @@ def interleave_steps(fns: dict[str, Callable[[], None]], reps: int, sync: Callab
     return times
 
 
-def _shipped_one(name: str, precision: str, rank: int, world: int, batch: int, reps: int, other_json: Path
-                 ) -> dict[str, Any] | None:
-    """One model and precision on this rank: the shipped engine, the engine with the other AdamW, the peer."""
+def _shipped_one(name: str, precision: str, rank: int, world: int, batch: int, reps: int, other_json: Path,
+                 warmup: int = 2) -> dict[str, Any] | None:
+    """One model and precision on this rank: the shipped engine, the engine with the other AdamW, the peer.
+
+    Besides each whole step, its optimizer phase is timed: the engine's ``engine.step()`` (clipping, the bf16 /
+    ZeRO wrapper's copies and collectives, AdamW) and the peer's clipping, ``opt.step()`` and ``zero_grad``; the
+    AdamW before/after shows there without the noise of the forward and backward passes around it."""
     import torch.distributed as dist
 
     from vitpose.build import build_model_from_config
@@ -525,10 +535,19 @@ def _shipped_one(name: str, precision: str, rank: int, world: int, batch: int, r
                 "other": Trainer(shipped_config(name, precision, batch, other_json), NullSession(rank, world))}
     premade = next(iter(trainers["shipped"].train_loader))  # a real batch of this rank, made beforehand
     losses: dict[str, float] = {}
+    opt_times: dict[str, list[float]] = {"shipped": [], "other": [], "peer": []}
 
     def engine_step(key: str) -> Callable[[], None]:
         trainer = trainers[key]
         trainer.train_loader, trainer.steps_per_epoch = [premade], 1
+        real_step = trainer.engine.step
+
+        def timed_step(*args: Any, **kwargs: Any) -> Any:  # the engine's own step, timed (an instance attribute)
+            t = time.perf_counter()
+            out = real_step(*args, **kwargs)
+            opt_times[key].append(time.perf_counter() - t)
+            return out
+        trainer.engine.step = timed_step
 
         def run() -> None:  # the real loop: lr, device/dtype, loss, finiteness check, backward, engine.step
             losses[key] = trainer.train_epoch(0, 1).loss
@@ -551,14 +570,17 @@ def _shipped_one(name: str, precision: str, rank: int, world: int, batch: int, r
             out = heatmaps(net, x)
         loss = keypoint_mse(out, target, weight)
         loss.backward()
+        t = time.perf_counter()
         if clip:
             torch.nn.utils.clip_grad_norm_(peer.parameters(), clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        opt_times["peer"].append(time.perf_counter() - t)
         losses["peer"] = float(loss.detach())
 
     fns = {"shipped": engine_step("shipped"), "other": engine_step("other"), "peer": peer_step}
-    times = interleave_steps(fns, reps, sync=dist.barrier if world > 1 else None)
+    times = interleave_steps(fns, reps, sync=dist.barrier if world > 1 else None, warmup=warmup)
+    times.update({f"{k} opt": v[-reps:] for k, v in opt_times.items()})  # the timed repetitions' optimizer phases
     if world > 1:  # a step lasts until its slowest rank is done
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, times)
@@ -569,7 +591,7 @@ def _shipped_one(name: str, precision: str, rank: int, world: int, batch: int, r
                       f"{'autocast bf16, fp32 weights' if bf16 else 'fp32'}")
     result = {"model": MODELS[name], "precision": precision, "ranks": world, "stage": stage, "batch": batch,
               "threads": torch.get_num_threads(), "labels": labels, "times": times,
-              "fused": {k: deepspeed_fused(t) for k, t in trainers.items()}, "steps": 2 + reps, "losses": losses,
+              "fused": {k: deepspeed_fused(t) for k, t in trainers.items()}, "steps": warmup + reps, "losses": losses,
               "load average": f"{load_start} at start, {load_average()} at end",
               "seconds": time.perf_counter() - t0}
     fns.clear(), trainers.clear()  # the engines and the peer go with the closures
@@ -587,7 +609,8 @@ def _shipped_rank(rank: int, world: int, port: int, job: dict[str, Any], queue: 
         if job["retain"]:
             retain_freed_memory()
         for name, precision in job["runs"]:
-            result = _shipped_one(name, precision, rank, world, job["batch"], job["reps"], Path(job["other_json"]))
+            result = _shipped_one(name, precision, rank, world, job["batch"], job["reps"], Path(job["other_json"]),
+                                  job.get("warmup", 2))
             if result is not None:
                 queue.put(result)
         if rank == 0:
@@ -611,15 +634,17 @@ def pair_rows(result: dict[str, Any]) -> list[PairRow]:
     diff = abs(losses[fused_key] - losses[loop_key]) / max(abs(losses[loop_key]), 1e-12)
     return [
         PairRow(kind="shipped / peer", a_label=labels["shipped"], b_label=labels["peer"], a=t["shipped"],
-                b=t["peer"], target=SHIPPED_TARGETS.get((result["ranks"], result["precision"])), **common),
+                b=t["peer"], target=SHIPPED_TARGETS.get((result["ranks"], result["precision"])),
+                a_opt=t.get("shipped opt", []), b_opt=t.get("peer opt", []), **common),
         PairRow(kind="fused / for-loop", a_label=labels[fused_key], b_label=labels[loop_key], a=t[fused_key],
                 b=t[loop_key], note=f"loss after {result['steps']} steps: fused {losses[fused_key]:.6g}, for-loop "
-                                    f"{losses[loop_key]:.6g} (rel. diff {diff:.1e})", **common),
+                                    f"{losses[loop_key]:.6g} (rel. diff {diff:.1e})",
+                a_opt=t.get(f"{fused_key} opt", []), b_opt=t.get(f"{loop_key} opt", []), **common),
     ]
 
 
 def shipped_rows(names: list[str], precisions: list[str], ranks: list[int], batch: int, reps: int, threads: int,
-                 retain: bool, say: Callable[[str], None]) -> tuple[list[PairRow], list[dict[str, Any]]]:
+                 retain: bool, say: Callable[[str], None], warmup: int = 2) -> tuple[list[PairRow], list[dict[str, Any]]]:
     """The shipped training step (the real Trainer's loop over a DeepSpeed engine) against the peer's plain
     torch loop, and against itself with the other AdamW; each rank count in its own fresh processes."""
     import tempfile
@@ -637,7 +662,7 @@ def shipped_rows(names: list[str], precisions: list[str], ranks: list[int], batc
         for world in ranks:
             stage = SHIPPED_STAGE[world]
             job = {"runs": [(n, p) for n in names for p in precisions], "batch": batch, "reps": reps,
-                   "threads": max(1, threads // world), "retain": retain,
+                   "threads": max(1, threads // world), "retain": retain, "warmup": warmup,
                    "other_json": str(variant_json(stage, Path(tmp)))}
             queue, port = ctx.Queue(), free_port()
             procs = [ctx.Process(target=_shipped_rank, args=(r, world, port, job, queue)) for r in range(world)]
@@ -662,7 +687,8 @@ def shipped_rows(names: list[str], precisions: list[str], ranks: list[int], batc
                         rows.append(row)
                         say(f"  {row.model} {row.precision} {row.ranks} rank(s) x batch {row.batch}, {row.kind}: "
                             f"{row.ips('a'):.2f} / {row.ips('b'):.2f} img/s = {row.ratio:.3f}"
-                            f"{f' (target {row.target})' if row.target else ''}; {row.note}")
+                            f"{f' (target {row.target})' if row.target else ''}; optimizer phase "
+                            f"{row.opt_s('a'):.3f} / {row.opt_s('b'):.3f} s; {row.note}")
                     say(f"    a: {rows[-2].a_label}\n    b: {rows[-2].b_label}\n    other: {result['labels']['other']}"
                         f"\n    load average {result['load average']}, {result['seconds']:.0f}s")
             finally:
@@ -683,16 +709,24 @@ def shipped_section(pairs: list[PairRow], results: list[dict[str, Any]]) -> list
          "`VitPoseForPoseEstimation` in a plain torch loop (DDP on two ranks) with the same AdamW class and "
          "clipping, one parameter group, at the closest precision (bf16: autocast over fp32 weights). The engine "
          "with the other AdamW (fused / torch's default for-loop) is timed in the same rotation, so the AdamW "
-         "before/after is measured beside it. Three-way interleaved (every order in turn), 2 warm-up steps; "
+         "before/after is measured beside it. Three-way interleaved (every order in turn) after warm-up steps; "
          "ratio = a/b in images/s (median of per-repetition ratios); a two-rank step lasts until its slower rank "
-         "is done.", "",
-         "| model | precision | ranks x batch | a / b | a img/s | b img/s | a/b | target | a | b | note |",
-         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+         "is done. Optimizer phase: the median seconds of the engine's `engine.step()` (clipping, the wrapper's "
+         "copies and collectives, AdamW), the peer's clipping + `opt.step()` + `zero_grad`.", "",
+         "| model | precision | ranks x batch | a / b | a img/s | b img/s | a/b | target | optimizer phase a / b (s) "
+         "| a | b | note |",
+         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
     for r in pairs:
         target = f"{r.target:g}" if r.target else "-"
         L.append(f"| {r.model} | {r.precision} | {r.ranks} x {r.batch} | {r.kind} | {r.ips('a'):.2f} | "
-                 f"{r.ips('b'):.2f} | **{r.ratio:.3f}** | {target} | {r.a_label} | {r.b_label} | {r.note} |")
+                 f"{r.ips('b'):.2f} | **{r.ratio:.3f}** | {target} | {r.opt_s('a'):.3f} / {r.opt_s('b'):.3f} | "
+                 f"{r.a_label} | {r.b_label} | {r.note} |")
     if results:
+        L += ["", "Seconds per step of each repetition, in order (the slower rank's; optimizer phase after the bar):", ""]
+        L += [f"- {x['model']} {x['precision']} {x['ranks']} rank(s): " + "; ".join(
+            f"{k} {', '.join(f'{t:.2f}' for t in x['times'][k])}"
+            + (f" | {', '.join(f'{t:.3f}' for t in x['times'][f'{k} opt'])}" if f"{k} opt" in x["times"] else "")
+            for k in ("shipped", "other", "peer")) for x in results]
         L += ["", "Load average while each ran: " + "; ".join(
             f"{x['model']} {x['precision']} {x['ranks']} rank(s): {x['load average']} ({x['seconds']:.0f}s)"
             for x in results) + "."]
@@ -1008,6 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shipped-precisions", default="fp32,bf16")
     p.add_argument("--shipped-batch", type=int, default=TRAIN_BATCH, help="batch per rank of section 2b")
     p.add_argument("--shipped-reps", type=int, default=0, help="repetitions of section 2b (default --train-reps)")
+    p.add_argument("--shipped-warmup", type=int, default=2, help="untimed steps of each contender first")
     p.add_argument("--out", type=Path, default=None, help="default benchmarks/RESULTS.md")
     a = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
@@ -1029,7 +1064,8 @@ def main(argv: list[str] | None = None) -> int:
             return [], []
         say("the shipped training step (section 2b)")
         return shipped_rows(models, a.shipped_precisions.split(","), [int(r) for r in a.shipped_ranks.split(",")],
-                            a.shipped_batch, a.shipped_reps or a.train_reps, a.threads, retained, say)
+                            a.shipped_batch, a.shipped_reps or a.train_reps, a.threads, retained, say,
+                            a.shipped_warmup)
 
     if a.shipped_only:
         pairs, shipped_results = shipped()
