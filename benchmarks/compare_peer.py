@@ -3,7 +3,8 @@ VitPose port), against this machine's matmul peak, with the accuracy of our bf16
 the data loader: one process, one run, same inputs, written to benchmarks/RESULTS.md.
 
     pip install -c constraints.txt -e '.[bench]'          # transformers: the peer
-    python benchmarks/compare_peer.py                     # S and B, ~15 min on 2 cores
+    python benchmarks/compare_peer.py                     # S and B, ~15 min on 2 cores, plus section 2b
+                                                          # (~40 min for S and B; --skip-shipped leaves it out)
     python benchmarks/compare_peer.py --models s --reps 3 --skip-ap --skip-loader   # quick look
     python benchmarks/compare_peer.py --shipped-only      # section 2b alone -> benchmarks/shipped_step.md
 
