@@ -142,6 +142,10 @@ def test_offload_configs_complete_and_impossible_offloads_are_refused(tmp_path):
     assert "needs ZeRO stage 1-3" in refused({"zero_optimization": {"stage": 0, "offload_optimizer": cpu}})
     assert "remove optimizer.params.torch_adam" in refused(
         {"zero_optimization": {"stage": 3, "offload_optimizer": cpu}, "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}})
+    # torch's fused AdamW (the shipped non-offload configs) would reach DeepSpeed's CPU Adam as an unknown argument.
+    assert "remove optimizer.params.torch_adam and fused" in refused(
+        {"zero_optimization": {"stage": 3, "offload_optimizer": cpu},
+         "optimizer": {"type": "AdamW", "params": {"torch_adam": True, "fused": True}}})
     assert "device must be cpu, nvme or none" in refused({"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}})
     nvme = {"device": "nvme", "nvme_path": str(tmp_path / "missing")}
     assert "is not a writable folder" in refused({"zero_optimization": {"stage": 3, "offload_param": nvme}})

@@ -91,9 +91,10 @@ def check_offload(ds: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: zero_optimization.offload_param needs ZeRO stage 3, the stage is {stage}")
     if "offload_optimizer" in offload and stage == 0:
         raise ConfigError(f"{source}: zero_optimization.offload_optimizer needs ZeRO stage 1-3, the stage is 0")
-    if "offload_optimizer" in offload and ds.get("optimizer", {}).get("params", {}).get("torch_adam"):
-        raise ConfigError(f"{source}: remove optimizer.params.torch_adam: an offloaded optimizer runs DeepSpeed's "
-                          "CPU Adam (configs/deepspeed/zero3_offload.json)")
+    torch_keys = [k for k in ("torch_adam", "fused") if k in ds.get("optimizer", {}).get("params", {})]
+    if "offload_optimizer" in offload and torch_keys:
+        raise ConfigError(f"{source}: remove optimizer.params.{' and '.join(torch_keys)}: an offloaded optimizer runs "
+                          "DeepSpeed's CPU Adam, not torch's AdamW (configs/deepspeed/zero3_offload.json)")
     from deepspeed.ops.op_builder import AsyncIOBuilder, CPUAdamBuilder
 
     if "offload_optimizer" in offload and not CPUAdamBuilder().is_compatible(verbose=False):
