@@ -48,6 +48,7 @@ from vitpose.train.checkpoint import (
     write_rank_marker,
     write_weights,
 )
+from vitpose.train.lone_rank import skip_lone_allreduce
 from vitpose.train.multi import build_mixed_loaders, evaluate_datasets, is_mixed, mixed_loss
 from vitpose.train.session import Session, WorkerStatus
 from vitpose.train.zero_memory import shared_fp32_master
@@ -143,6 +144,7 @@ class Trainer:
             self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
                                                                      config=self.ds_config)
         load_deepspeed_files_as_weights_only(self.engine)
+        skip_lone_allreduce(self.engine)
         self.device = self.engine.device
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
         self._build_loaders()
