@@ -241,8 +241,8 @@ def heatmaps(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.heatmaps
 
 
-def autocast(bf16: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+def autocast(bf16: bool, device_type: str = "cpu") -> contextlib.AbstractContextManager:
+    return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def same_function(ours: ViTPose, peer: nn.Module) -> dict[str, float]:
@@ -422,10 +422,11 @@ def profile_tables(name: str, precision: str, rows: int = 14) -> dict[str, str]:
 
 
 # ------------------------------------------------------------ 2b: the shipped step (the real DeepSpeed engine)
-SHIPPED_STAGE = {1: 0, 2: 3}  # ranks -> the ZeRO stage timed: ZeRO-0 in one process, ZeRO-3 over two
+SHIPPED_STAGE = {1: 0, 2: 3}  # ranks -> the ZeRO stage timed by default: ZeRO-0 in one process, ZeRO-3 over two
 SHIPPED_DS = REPO / "configs" / "deepspeed"
-# Shipped step / peer's plain loop: ZeRO-0 on one rank (fp32, bf16); ZeRO-3 on two ranks / DDP on two.
-SHIPPED_TARGETS = {(1, "fp32"): 1.0, (1, "bf16"): 1.15, (2, "fp32"): 0.9, (2, "bf16"): 0.9}
+# Shipped step / peer's plain loop: ZeRO-0 on one rank (fp32, bf16); ZeRO-3 on two ranks / DDP on two. Other
+# (ranks, stage) pairs (--shipped-stages, e.g. ZeRO-2 on one GPU) are measured without a target.
+SHIPPED_TARGETS = {(1, 0, "fp32"): 1.0, (1, 0, "bf16"): 1.15, (2, 3, "fp32"): 0.9, (2, 3, "bf16"): 0.9}
 
 
 @dataclass
@@ -438,6 +439,7 @@ class PairRow:
     ranks: int
     batch: int  # per rank
     kind: str  # "shipped / peer" or "fused / for-loop"
+    stage: int  # the engine's ZeRO stage
     a_label: str
     b_label: str
     a: list[float] = field(default_factory=list)  # seconds per step (the slowest rank's)
@@ -516,20 +518,21 @@ def interleave_steps(fns: dict[str, Callable[[], None]], reps: int, sync: Callab
     return times
 
 
-def _shipped_one(name: str, precision: str, rank: int, world: int, batch: int, reps: int, other_json: Path,
-                 warmup: int = 2) -> dict[str, Any] | None:
+def _shipped_one(name: str, precision: str, rank: int, world: int, stage: int, batch: int, reps: int,
+                 other_json: Path, warmup: int = 2) -> dict[str, Any] | None:
     """One model and precision on this rank: the shipped engine, the engine with the other AdamW, the peer.
 
     Besides each whole step, its optimizer phase is timed: the engine's ``engine.step()`` (clipping, the bf16 /
     ZeRO wrapper's copies and collectives, AdamW) and the peer's clipping, ``opt.step()`` and ``zero_grad``; the
-    AdamW before/after shows there without the noise of the forward and backward passes around it."""
+    AdamW before/after shows there without the noise of the forward and backward passes around it. The device
+    is the engine's (a GPU where DeepSpeed finds one): the peer and its batch go there too, the batch moved in
+    every step as the Trainer moves it, and a GPU is synchronised before each clock reading."""
     import torch.distributed as dist
 
     from vitpose.build import build_model_from_config
     from vitpose.losses import keypoint_mse
     from vitpose.train.loop import Trainer
 
-    stage = SHIPPED_STAGE[world]
     t0, load_start = time.perf_counter(), load_average()
     trainers = {"shipped": Trainer(shipped_config(name, precision, batch, SHIPPED_DS / f"zero{stage}.json"),
                                    NullSession(rank, world)),
@@ -537,6 +540,13 @@ def _shipped_one(name: str, precision: str, rank: int, world: int, batch: int, r
     premade = next(iter(trainers["shipped"].train_loader))  # a real batch of this rank, made beforehand
     losses: dict[str, float] = {}
     opt_times: dict[str, list[float]] = {"shipped": [], "other": [], "peer": []}
+    device = trainers["shipped"].device
+    on_gpu = torch.device(device).type == "cuda"
+
+    def synced() -> float:  # a clock reading after the device's queued work is done
+        if on_gpu:
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
 
     def engine_step(key: str) -> Callable[[], None]:
         trainer = trainers[key]
@@ -544,14 +554,15 @@ def _shipped_one(name: str, precision: str, rank: int, world: int, batch: int, r
         real_step = trainer.engine.step
 
         def timed_step(*args: Any, **kwargs: Any) -> Any:  # the engine's own step, timed (an instance attribute)
-            t = time.perf_counter()
+            t = synced()
             out = real_step(*args, **kwargs)
-            opt_times[key].append(time.perf_counter() - t)
+            opt_times[key].append(synced() - t)
             return out
         trainer.engine.step = timed_step
 
         def run() -> None:  # the real loop: lr, device/dtype, loss, finiteness check, backward, engine.step
             losses[key] = trainer.train_epoch(0, 1).loss
+            synced()
         return run
 
     cfg, fused = trainers["shipped"].cfg, deepspeed_fused(trainers["shipped"])
@@ -559,24 +570,24 @@ def _shipped_one(name: str, precision: str, rank: int, world: int, batch: int, r
     peer = peer_model(ours)
     copy_into_peer(ours, peer)
     del ours
-    peer.train()
+    peer.to(device).train()
     net = nn.parallel.DistributedDataParallel(peer) if world > 1 else peer
     opt = torch.optim.AdamW(peer.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                             weight_decay=cfg.train.weight_decay, fused=fused or None)
     clip, bf16 = cfg.train.grad_clip, precision == "bf16"
-    x, target, weight = premade["image"], premade["target"], premade["target_weight"]
 
     def peer_step() -> None:
-        with autocast(bf16):
+        x, target, weight = (premade[k].to(device, non_blocking=True) for k in ("image", "target", "target_weight"))
+        with autocast(bf16, torch.device(device).type):
             out = heatmaps(net, x)
         loss = keypoint_mse(out, target, weight)
         loss.backward()
-        t = time.perf_counter()
+        t = synced()
         if clip:
             torch.nn.utils.clip_grad_norm_(peer.parameters(), clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        opt_times["peer"].append(time.perf_counter() - t)
+        opt_times["peer"].append(synced() - t)
         losses["peer"] = float(loss.detach())
 
     fns = {"shipped": engine_step("shipped"), "other": engine_step("other"), "peer": peer_step}
@@ -587,11 +598,12 @@ def _shipped_one(name: str, precision: str, rank: int, world: int, batch: int, r
         dist.all_gather_object(everyone, times)
         times = {k: [max(t[k][i] for t in everyone) for i in range(reps)] for k in times}
     labels = {k: engine_label(t) for k, t in trainers.items()}
-    labels["peer"] = (f"peer: plain loop{', DDP (gloo)' if world > 1 else ''}, torch AdamW "
+    backend = "nccl" if on_gpu else "gloo"
+    labels["peer"] = (f"peer: plain loop{f', DDP ({backend})' if world > 1 else ''}, torch AdamW "
                       f"{'fused' if fused else 'for-loop'}, clip {clip:g}, "
                       f"{'autocast bf16, fp32 weights' if bf16 else 'fp32'}")
     result = {"model": MODELS[name], "precision": precision, "ranks": world, "stage": stage, "batch": batch,
-              "threads": torch.get_num_threads(), "labels": labels, "times": times,
+              "threads": torch.get_num_threads(), "device": str(device), "labels": labels, "times": times,
               "fused": {k: deepspeed_fused(t) for k, t in trainers.items()}, "steps": warmup + reps, "losses": losses,
               "load average": f"{load_start} at start, {load_average()} at end",
               "seconds": time.perf_counter() - t0}
@@ -610,8 +622,8 @@ def _shipped_rank(rank: int, world: int, port: int, job: dict[str, Any], queue: 
         if job["retain"]:
             retain_freed_memory()
         for name, precision in job["runs"]:
-            result = _shipped_one(name, precision, rank, world, job["batch"], job["reps"], Path(job["other_json"]),
-                                  job.get("warmup", 2))
+            result = _shipped_one(name, precision, rank, world, job["stage"], job["batch"], job["reps"],
+                                  Path(job["other_json"]), job.get("warmup", 2))
             if result is not None:
                 queue.put(result)
         if rank == 0:
@@ -629,13 +641,14 @@ def _shipped_rank(rank: int, world: int, port: int, job: dict[str, Any], queue: 
 
 def pair_rows(result: dict[str, Any]) -> list[PairRow]:
     """The two rows of one result: shipped / peer (with its target) and fused / for-loop (the AdamW before/after)."""
-    common = dict(model=result["model"], precision=result["precision"], ranks=result["ranks"], batch=result["batch"])
+    common = dict(model=result["model"], precision=result["precision"], ranks=result["ranks"], batch=result["batch"],
+                  stage=result["stage"])
     t, labels, losses = result["times"], result["labels"], result["losses"]
     fused_key, loop_key = ("shipped", "other") if result["fused"]["shipped"] else ("other", "shipped")
     diff = abs(losses[fused_key] - losses[loop_key]) / max(abs(losses[loop_key]), 1e-12)
     return [
         PairRow(kind="shipped / peer", a_label=labels["shipped"], b_label=labels["peer"], a=t["shipped"],
-                b=t["peer"], target=SHIPPED_TARGETS.get((result["ranks"], result["precision"])),
+                b=t["peer"], target=SHIPPED_TARGETS.get((result["ranks"], result["stage"], result["precision"])),
                 a_opt=t.get("shipped opt", []), b_opt=t.get("peer opt", []), **common),
         PairRow(kind="fused / for-loop", a_label=labels[fused_key], b_label=labels[loop_key], a=t[fused_key],
                 b=t[loop_key], note=f"loss after {result['steps']} steps: fused {losses[fused_key]:.6g}, for-loop "
@@ -645,9 +658,11 @@ def pair_rows(result: dict[str, Any]) -> list[PairRow]:
 
 
 def shipped_rows(names: list[str], precisions: list[str], ranks: list[int], batch: int, reps: int, threads: int,
-                 retain: bool, say: Callable[[str], None], warmup: int = 2) -> tuple[list[PairRow], list[dict[str, Any]]]:
+                 retain: bool, say: Callable[[str], None], warmup: int = 2,
+                 stages: list[int] = ()) -> tuple[list[PairRow], list[dict[str, Any]]]:
     """The shipped training step (the real Trainer's loop over a DeepSpeed engine) against the peer's plain
-    torch loop, and against itself with the other AdamW; each rank count in its own fresh processes."""
+    torch loop, and against itself with the other AdamW; each rank count and ZeRO stage (``stages``; default
+    the rank count's ``SHIPPED_STAGE``) in its own fresh processes."""
     import tempfile
     from queue import Empty
 
@@ -660,9 +675,8 @@ def shipped_rows(names: list[str], precisions: list[str], ranks: list[int], batc
     results: list[dict[str, Any]] = []
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="shipped-step-") as tmp:
-        for world in ranks:
-            stage = SHIPPED_STAGE[world]
-            job = {"runs": [(n, p) for n in names for p in precisions], "batch": batch, "reps": reps,
+        for world, stage in [(w, st) for w in ranks for st in (stages or [SHIPPED_STAGE[w]])]:
+            job = {"runs": [(n, p) for n in names for p in precisions], "stage": stage, "batch": batch, "reps": reps,
                    "threads": max(1, threads // world), "retain": retain, "warmup": warmup,
                    "other_json": str(variant_json(stage, Path(tmp)))}
             queue, port = ctx.Queue(), free_port()
@@ -686,7 +700,7 @@ def shipped_rows(names: list[str], precisions: list[str], ranks: list[int], batc
                     results.append(result)
                     for row in pair_rows(result):
                         rows.append(row)
-                        say(f"  {row.model} {row.precision} {row.ranks} rank(s) x batch {row.batch}, {row.kind}: "
+                        say(f"  {row.model} {row.precision} ZeRO-{row.stage} {row.ranks} rank(s) x batch {row.batch}, {row.kind}: "
                             f"{row.ips('a'):.2f} / {row.ips('b'):.2f} img/s = {row.ratio:.3f}"
                             f"{f' (target {row.target})' if row.target else ''}; optimizer phase "
                             f"{row.opt_s('a'):.3f} / {row.opt_s('b'):.3f} s; {row.note}")
@@ -714,22 +728,23 @@ def shipped_section(pairs: list[PairRow], results: list[dict[str, Any]]) -> list
          "ratio = a/b in images/s (median of per-repetition ratios); a two-rank step lasts until its slower rank "
          "is done. Optimizer phase: the median seconds of the engine's `engine.step()` (clipping, the wrapper's "
          "copies and collectives, AdamW), the peer's clipping + `opt.step()` + `zero_grad`.", "",
-         "| model | precision | ranks x batch | a / b | a img/s | b img/s | a/b | target | optimizer phase a / b (s) "
+         "| model | precision | ZeRO | ranks x batch | a / b | a img/s | b img/s | a/b | target | optimizer phase a / b (s) "
          "| a | b | note |",
-         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+         "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
     for r in pairs:
         target = f"{r.target:g}" if r.target else "-"
-        L.append(f"| {r.model} | {r.precision} | {r.ranks} x {r.batch} | {r.kind} | {r.ips('a'):.2f} | "
+        L.append(f"| {r.model} | {r.precision} | {r.stage} | {r.ranks} x {r.batch} | {r.kind} | {r.ips('a'):.2f} | "
                  f"{r.ips('b'):.2f} | **{r.ratio:.3f}** | {target} | {r.opt_s('a'):.3f} / {r.opt_s('b'):.3f} | "
                  f"{r.a_label} | {r.b_label} | {r.note} |")
     if results:
         L += ["", "Seconds per step of each repetition, in order (the slower rank's; optimizer phase after the bar):", ""]
-        L += [f"- {x['model']} {x['precision']} {x['ranks']} rank(s): " + "; ".join(
+        L += [f"- {x['model']} {x['precision']} ZeRO-{x['stage']} {x['ranks']} rank(s): " + "; ".join(
             f"{k} {', '.join(f'{t:.2f}' for t in x['times'][k])}"
             + (f" | {', '.join(f'{t:.3f}' for t in x['times'][f'{k} opt'])}" if f"{k} opt" in x["times"] else "")
             for k in ("shipped", "other", "peer")) for x in results]
         L += ["", "Load average while each ran: " + "; ".join(
-            f"{x['model']} {x['precision']} {x['ranks']} rank(s): {x['load average']} ({x['seconds']:.0f}s)"
+            f"{x['model']} {x['precision']} ZeRO-{x['stage']} {x['ranks']} rank(s) on {x.get('device', 'cpu')}: "
+            f"{x['load average']} ({x['seconds']:.0f}s)"
             for x in results) + "."]
     return L
 
@@ -901,7 +916,7 @@ def check_targets(rows: list[Row], peaks: dict[str, float], ap: dict[str, Any] |
     out = []
     for r in pairs:
         if r.target is not None:
-            out.append((f"{r.model} {r.precision} shipped ZeRO-{SHIPPED_STAGE[r.ranks]} step on {r.ranks} rank(s) / "
+            out.append((f"{r.model} {r.precision} shipped ZeRO-{r.stage} step on {r.ranks} rank(s) / "
                         f"peer's {'DDP' if r.ranks > 1 else 'plain'} loop >= {r.target:g}", f"{r.ratio:.3f}",
                         r.ratio >= r.target))
     for r in rows:
@@ -1040,6 +1055,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shipped-only", action="store_true",
                    help="only section 2b, written to benchmarks/shipped_step.md unless --out is given")
     p.add_argument("--shipped-ranks", default="1,2", help="1: ZeRO-0 on one rank; 2: ZeRO-3 on two ranks")
+    p.add_argument("--shipped-stages", default="",
+                   help="comma list of ZeRO stages to time at every rank count instead (e.g. 0,2,3 on one GPU)")
     p.add_argument("--shipped-precisions", default="fp32,bf16")
     p.add_argument("--shipped-batch", type=int, default=TRAIN_BATCH, help="batch per rank of section 2b")
     p.add_argument("--shipped-reps", type=int, default=0, help="repetitions of section 2b (default --train-reps)")
@@ -1066,7 +1083,7 @@ def main(argv: list[str] | None = None) -> int:
         say("the shipped training step (section 2b)")
         return shipped_rows(models, a.shipped_precisions.split(","), [int(r) for r in a.shipped_ranks.split(",")],
                             a.shipped_batch, a.shipped_reps or a.train_reps, a.threads, retained, say,
-                            a.shipped_warmup)
+                            a.shipped_warmup, [int(x) for x in a.shipped_stages.split(",") if x.strip()])
 
     if a.shipped_only:
         pairs, shipped_results = shipped()

@@ -8,6 +8,10 @@ Run on a GPU machine (no Ray or MLflow needed) as ``python benchmarks/gpu_check.
 2. Throughput at the paper's 256x192 input, bf16 autocast: inference (batch 64) and the training step
    (fwd + MSE + bwd + fused AdamW, batch 32) for ViTPose-B/L/H, beside the paper's A100 inference figures.
 3. ViTPose-G: one bf16 training step with activation checkpointing, peak GPU memory.
+4. The shipped step on the GPU (issue 19, item 6; ``--shipped``, about 6 min on an H200): section 2b of
+   ``benchmarks/compare_peer.py`` on one GPU, bf16, ViTPose-B and -L, ZeRO-0, -2 and -3 engines (the Trainer's
+   real loop) against the transformers port's plain loop on the same GPU, written to ``--shipped-out``
+   (default benchmarks/shipped_step_gpu.md) with the date, the GPU and the command.
 
 Nothing here is asserted: the CPU test suite checks behaviour, this shows the GPU path runs and how fast.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -130,12 +135,26 @@ def giant_step(batch: int) -> None:
           f"{batch / sec:.0f} img/s, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
 
 
+def shipped_step(out: Path, models: str, batch: int) -> None:
+    """compare_peer.py's section 2b on this GPU, in its own process (it spawns a process per stage)."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "compare_peer.py"), "--shipped-only", "--models", models,
+           "--shipped-precisions", "bf16", "--shipped-ranks", "1", "--shipped-stages", "0,2,3",
+           "--shipped-batch", str(batch), "--out", str(out)]
+    print("[shipped] " + " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None, help="run folder (default: a temp folder)")
     p.add_argument("--presets", default="vitpose_b,vitpose_l,vitpose_h")
     p.add_argument("--giant-batch", type=int, default=32, help="0 skips the ViTPose-G step")
     p.add_argument("--skip-engine", action="store_true")
+    p.add_argument("--shipped", action="store_true", help="also the shipped ZeRO-0/2/3 step vs the peer (item 4)")
+    p.add_argument("--shipped-only", action="store_true", help="only item 4")
+    p.add_argument("--shipped-models", default="b,l")
+    p.add_argument("--shipped-batch", type=int, default=32)
+    p.add_argument("--shipped-out", type=Path, default=REPO / "benchmarks" / "shipped_step_gpu.md")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: no CUDA GPU here; this check is for GPU machines (the CPU path is what `make test` checks)")
@@ -149,6 +168,10 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     print(f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, cuDNN TF32 {torch.backends.cudnn.allow_tf32}",
           flush=True)
+    if args.shipped or args.shipped_only:
+        shipped_step(args.shipped_out, args.shipped_models, args.shipped_batch)
+        if args.shipped_only:
+            return
     with tempfile.TemporaryDirectory(prefix="vitpose-gpu-check-") as tmp:
         out = args.out or Path(tmp)
         if not args.skip_engine:

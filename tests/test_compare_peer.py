@@ -73,12 +73,14 @@ def test_shipped_rows_ratios_labels_and_targets(tmp_path):
     # The shipped JSON without fused: the rows still read fused / for-loop, the other engine being the fused one.
     flipped = dict(result, fused={"shipped": False, "other": True})
     assert bench.pair_rows(flipped)[1].a_label == "shipped: ZeRO-0 for-loop"
-    two = dict(result, ranks=2, precision="fp32", times={k: [1.0] for k in result["times"]})
-    targets = {name: ok for name, _, ok in bench.check_targets([], {}, None, None,
-                                                               bench.pair_rows(result) + bench.pair_rows(two))}
+    two = dict(result, ranks=2, stage=3, precision="fp32", times={k: [1.0] for k in result["times"]})
+    zero2 = dict(result, stage=2)  # a stage chosen with --shipped-stages: measured, no target
+    assert bench.pair_rows(zero2)[0].target is None
+    targets = {name: ok for name, _, ok in bench.check_targets(
+        [], {}, None, None, bench.pair_rows(result) + bench.pair_rows(two) + bench.pair_rows(zero2))}
     assert targets == {"vitpose_s bf16 shipped ZeRO-0 step on 1 rank(s) / peer's plain loop >= 1.15": True,
                        "vitpose_s fp32 shipped ZeRO-3 step on 2 rank(s) / peer's DDP loop >= 0.9": True}
-    assert "| vitpose_s | bf16 | 1 x 16 | shipped / peer |" in "\n".join(bench.shipped_section([vs_peer], []))
+    assert "| vitpose_s | bf16 | 0 | 1 x 16 | shipped / peer |" in "\n".join(bench.shipped_section([vs_peer], []))
 
 
 def test_shipped_variant_is_the_json_with_the_other_adamw(tmp_path):
