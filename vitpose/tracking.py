@@ -326,6 +326,13 @@ class Outbox:
                 row = [a if isinstance(a, (str, int, float)) else repr(a) for a in args]
                 out.write(json.dumps({"what": what, "call_args": row}) + "\n")
 
+    def flush(self, wait_s: float) -> None:
+        """Stop taking items and give what is queued ``wait_s`` to be delivered; raise nothing (a worker on its
+        way out after a failure)."""
+        if self._thread.is_alive():
+            self.queue.put(None)
+            self._thread.join(timeout=wait_s)
+
     def close(self) -> None:
         """Wait until everything is delivered (or kept, after ``patience_s`` of outage); raise if not all was."""
         self._closing.set()
@@ -373,9 +380,7 @@ class WorkerTracker:
 
     def flush_quietly(self, wait_s: float = 30.0) -> None:
         """On the way out of a failed worker: give what is queued ``wait_s`` to reach the server, raise nothing."""
-        if self.outbox._thread.is_alive():
-            self.outbox.queue.put(None)
-            self.outbox._thread.join(timeout=wait_s)
+        self.outbox.flush(wait_s)
 
     def log_load_report(self, report: Any) -> None:
         """The `model.init_checkpoint` load (a models.LoadReport): init_checkpoint_report.json / .txt, and its
