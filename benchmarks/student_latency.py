@@ -36,7 +36,7 @@ from inference import interleaved_row  # benchmarks/inference.py, beside this sc
 
 from vitpose.config import REPO_ROOT, TeacherConfig, load_config
 from vitpose.models import PRESETS, build_model
-from vitpose.onnx_export import export_onnx
+from vitpose.onnx_export import DEFAULT_DECONV, export_onnx
 from vitpose.ort_runtime import OrtNetwork
 from vitpose.quantize import calibration_crops, int8_report, quantize_int8
 
@@ -52,14 +52,22 @@ def full_size(preset: str) -> bool:
 THREADS = (1, 2)
 BATCHES = (1, 8)
 CALLS = {1: 8, 8: 1}  # calls per timed measurement: one batch-1 call is too short to time against the scheduler
-LEVERS = {  # name -> quantize_int8 arguments; "recipe" is the shipped default
+# name -> quantize_int8 arguments, and "deconv" for export_onnx (the head's form in the graph); "recipe" is
+# the shipped default (export_onnx's DEFAULT_DECONV, quantize_int8's defaults).
+LEVERS = {
     "recipe": {},
+    "previous recipe": {"deconv": "transpose", "unsigned_activations": False},  # before the sub-pixel head
+    "ConvTranspose head": {"deconv": "transpose"},
+    "conv3x3 head": {"deconv": "conv3x3"},
+    "int8 activations": {"unsigned_activations": False},
+    "float ReLU/D2S": {"pass_through": ()},
+    "float patch embed": {"exclude": ("patch_embed",)},
+    "float final conv": {"exclude": ("final_layer",)},
     "per-channel": {"per_channel": True},
-    "+ConvTranspose": {"op_types": ("MatMul", "Gemm", "Conv", "ConvTranspose")},
     "+attention matmuls": {"weights_only": False, "op_types": ("MatMul", "Gemm", "Conv")},
     "no pre-process": {"preprocess": False},
-    "QOperator": {"qoperator": True},
 }
+FP32_FORMS = {"fp32 ConvTranspose": "transpose", "fp32 conv3x3": "conv3x3"}  # fp32 exports timed beside the default
 
 
 def student_presets() -> list[str]:
@@ -143,8 +151,11 @@ def ap_check(epochs: int, tmp: Path, calib: int, levers: bool) -> dict[str, Any]
     out: dict[str, Any] = {"preset": meta["preset"], "epochs": epochs, "val_instances": len(val),
                            "img_size": list(model.spec.img_size)}
     for name, kw in variants.items():
-        int8 = quantize_int8(fp32, tmp / f"student-{name.strip('+').replace(' ', '-')}.int8.onnx", crops, **kw)
-        out[name] = int8_report(model, meta, fp32, int8, val)
+        kw = dict(kw)
+        src = fp32 if "deconv" not in kw else export_onnx(model, tmp / f"student-{kw['deconv']}.onnx", meta=meta,
+                                                          deconv=kw.pop("deconv"))
+        int8 = quantize_int8(src, tmp / f"student-{lever_file(name)}.int8.onnx", crops, **kw)
+        out[name] = int8_report(model, meta, src, int8, val)
         print(f"student {name}: AP eager {out[name]['ap_eager']:.4f}, fp32 ORT {out[name]['ap_fp32']:.4f}, int8 "
               f"{out[name]['ap_int8']:.4f}; max |int8 - fp32| heatmap {out[name]['int8_vs_fp32_max_abs_diff']:.3e}",
               flush=True)
@@ -152,26 +163,35 @@ def ap_check(epochs: int, tmp: Path, calib: int, levers: bool) -> dict[str, Any]
     return out
 
 
+def lever_file(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name)
+
+
 @torch.inference_mode()
 def lever_speed(preset: str, tmp: Path, reps: int, calib: int) -> dict[str, float]:
-    """int8/fp32 onnxruntime at batch 1, 1 thread, for each lever of ``LEVERS``."""
+    """onnxruntime at batch 1, 1 thread, each lever of ``LEVERS`` and each fp32 export of ``FP32_FORMS`` as a
+    ratio to the default fp32 export (all interleaved: one reference for all)."""
     from vitpose.build import build_datasets
 
     train, val = build_datasets(preset_config(preset), is_local_leader=True)
     torch.manual_seed(0)
     model = build_model(preset, img_size=train.input_size, patch_size=16 if full_size(preset) else 8).eval()
-    fp32 = export_onnx(model, tmp / f"lever-{preset}.onnx")
+    forms = {form: export_onnx(model, tmp / f"lever-{preset}-{form}.onnx", deconv=form)
+             for form in {DEFAULT_DECONV, *FP32_FORMS.values(), *(kw["deconv"] for kw in LEVERS.values() if "deconv" in kw)}}
     crops = calibration_crops(train, calib)
     torch.set_num_threads(1)
-    fns = {"fp32": OrtNetwork(fp32, model.spec, 1)}
+    fns = {"fp32": OrtNetwork(forms[DEFAULT_DECONV], model.spec, 1)}
+    fns.update({name: OrtNetwork(forms[form], model.spec, 1) for name, form in FP32_FORMS.items()})
     for name, kw in LEVERS.items():
-        fns[name] = OrtNetwork(quantize_int8(fp32, tmp / f"lever-{preset}-{len(fns)}.onnx", crops, **kw), model.spec, 1)
+        kw = dict(kw)
+        src = forms[kw.pop("deconv", DEFAULT_DECONV)]
+        fns[name] = OrtNetwork(quantize_int8(src, tmp / f"lever-{preset}-{lever_file(name)}.onnx", crops, **kw), model.spec, 1)
     x = val[0]["image"][None]
     for fn in fns.values():
         fn(x)
     row = interleaved_row(fns, x, CALLS[1], reps, "fp32")
     torch.set_num_threads(max(THREADS))
-    return {name: row[f"{name}/fp32"] for name in LEVERS}
+    return {name: row[f"{name}/fp32"] for name in fns if name != "fp32"}
 
 
 def print_tables(rows: list[dict[str, Any]], ap: dict[str, Any] | None, levers: dict[str, dict[str, float]]) -> list[dict]:
@@ -204,8 +224,8 @@ def print_tables(rows: list[dict[str, Any]], ap: dict[str, Any] | None, levers: 
               f"{rec['ap_int8']:.4f}: drop {drop:+.2f} points")
         targets.append({"target": "int8 AP drop <= 0.5 points", "value": drop, "met": drop <= 0.5})
     if levers:
-        names = list(LEVERS)
-        print(f"\nlevers: int8/fp32 ORT at batch 1, 1 thread{'; AP drop in points on the student' if ap else ''}")
+        names = [*FP32_FORMS, *LEVERS]
+        print(f"\nlevers: speed / the recipe's fp32 ORT at batch 1, 1 thread{'; AP drop in points on the student' if ap else ''}")
         width = max(len(p) for p in levers) + 2
         print(f"{'':<22}" + "".join(f"{p:>{width}}" for p in levers) + ("  AP drop" if ap else ""))
         for n in names:

@@ -15,7 +15,14 @@ import torch
 
 from tests.helpers_serving import REPO, random_model, register_model, sqlite_store
 from vitpose.model_store import load_vitpose
-from vitpose.onnx_export import INPUT_NAME, check_parity, export_onnx, onnx_session, sample_crops
+from vitpose.onnx_export import (
+    DEFAULT_DECONV,
+    INPUT_NAME,
+    check_parity,
+    export_onnx,
+    onnx_session,
+    sample_crops,
+)
 
 
 def load_cli():
@@ -37,10 +44,10 @@ def loud_model(tmp_path, **kwargs):
     return model, meta
 
 
-@pytest.mark.parametrize("tokens", [0, 2])
-def test_onnx_matches_pytorch_at_any_batch(tmp_path, tokens):
+@pytest.mark.parametrize(("tokens", "deconv"), [(0, DEFAULT_DECONV), (2, DEFAULT_DECONV), (0, "transpose")])
+def test_onnx_matches_pytorch_at_any_batch(tmp_path, tokens, deconv):
     model, meta = loud_model(tmp_path, knowledge_tokens=tokens)  # students carry knowledge tokens
-    path = export_onnx(model, tmp_path / "m.onnx", meta=meta)
+    path = export_onnx(model, tmp_path / "m.onnx", meta=meta, deconv=deconv)
     parity = check_parity(model, onnx_session(path), (1, 3, 8))
     for batch, p in parity.items():
         assert p["max_abs_value"] > 0.5, (batch, p)
@@ -48,6 +55,9 @@ def test_onnx_matches_pytorch_at_any_batch(tmp_path, tokens):
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert json.loads(props["vitpose_spec"]) == model.spec.to_dict()
     assert json.loads(props["vitpose_keypoints"])["names"][0] == "nose"
+    assert props["vitpose_deconv"] == deconv  # the head's form in the graph (vitpose.models.subpixel)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert ("ConvTranspose" in ops) == (deconv == "transpose") and ("DepthToSpace" in ops) == (deconv != "transpose")
     graph_input = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
     assert graph_input[0].dim_param == "batch" and [d.dim_value for d in graph_input[1:]] == [3, 128, 96]
 

@@ -20,11 +20,19 @@ import torch
 from vitpose.ort_runtime import INPUT_NAME, OUTPUT_NAME, onnx_session  # noqa: F401  (one import place for callers)
 
 DEFAULT_OPSET = 17  # LayerNormalization is native from 17; onnxruntime >= 1.14 runs it
+# How the head's stride-2 deconvolutions are written into the graph (``vitpose.models.subpixel``): "phases"
+# (a 2x2 Conv making the four output phases, DepthToSpace, a crop: Convs int8 quantization reaches, and as
+# fast as ConvTranspose in fp32), "conv3x3" (one 3x3 Conv: 10-25% slower in fp32, slower in int8 too),
+# "transpose" (ConvTranspose as trained). Measured in benchmarks/student_latency.py --levers.
+DEFAULT_DECONV = "phases"
 
 
 def export_onnx(model: torch.nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSET,
-                meta: dict[str, Any] | None = None) -> Path:
+                meta: dict[str, Any] | None = None, deconv: str = DEFAULT_DECONV) -> Path:
     """Write ``model`` (eval mode, CPU, float32) as ONNX with a dynamic batch axis; returns the path.
+
+    ``deconv``: the form of the head's deconvolutions in the graph (``DEFAULT_DECONV``); every form computes
+    the same heatmaps, and ``model`` itself is left as it is.
 
     Uses the TorchScript-based exporter: the torch.export-based one needs ``onnxscript``, which this project
     does not install. The trace runs at batch 2, not 1, so no size-1 dimension can be mistaken for a
@@ -34,7 +42,14 @@ def export_onnx(model: torch.nn.Module, path: str | Path, *, opset: int = DEFAUL
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from vitpose.models.subpixel import FORMS, subpixel_copy
+
+    if deconv not in (*FORMS, "transpose"):
+        raise ValueError(f"deconv {deconv!r}; choose from {(*FORMS, 'transpose')}")
     model = model.eval().float().cpu()
+    has_deconv = any(isinstance(m, torch.nn.ConvTranspose2d) for m in model.modules())
+    if deconv != "transpose":
+        model = subpixel_copy(model, deconv)
     h, w = model.spec.img_size
     dummy = torch.zeros(2, 3, h, w)
     with warnings.catch_warnings():
@@ -49,7 +64,8 @@ def export_onnx(model: torch.nn.Module, path: str | Path, *, opset: int = DEFAUL
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
     props = {"vitpose_spec": json.dumps(model.spec.to_dict()), "input": "RGB crops normalised with ImageNet mean/std, "
-             "UDP affine of the person box padded 1.25 to the input aspect ratio"}
+             "UDP affine of the person box padded 1.25 to the input aspect ratio",
+             "vitpose_deconv": deconv if has_deconv else "none"}
     if meta and meta.get("keypoints"):
         kp = meta["keypoints"]
         if len(kp["names"]) != model.spec.num_keypoints:

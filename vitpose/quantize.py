@@ -27,8 +27,13 @@ CALIBRATION_CROPS = 64  # stable MinMax ranges for a small ViT; each costs one f
 # measured on vitpose_nano/tiny/s (benchmarks/student_latency.py --levers): the attention's activation x
 # activation MatMuls (quantized, onnxruntime also fuses the Softmax between them into a QLinearSoftmax, 10x
 # slower than the float one), ConvTranspose (the CPU provider has no int8 kernel: its Quantize/Dequantize
-# pairs only add work), LayerNorm, GELU and the residual Adds (accuracy, and no faster kernels).
+# pairs only add work; export_onnx writes the head's deconvolutions as Conv + DepthToSpace instead, see
+# vitpose.models.subpixel), LayerNorm, GELU and the residual Adds (accuracy, and no faster kernels).
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
+# Also quantized where they follow one of those (the sub-pixel head's Conv -> ReLU -> DepthToSpace [-> Slice]):
+# the ReLU then disappears into the Conv's int8 output range and the shuffle moves int8 bytes, so the head
+# stays int8 from Conv to Conv instead of a Dequantize, float ReLU and shuffle, and a Quantize between them.
+PASS_THROUGH_OPS = ("Relu", "DepthToSpace", "Slice")
 PRECISION_KEY = "vitpose_precision"  # metadata_props entry an int8 file carries
 
 
@@ -53,14 +58,21 @@ class _CropReader:
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, crops: torch.Tensor, *, per_channel: bool = False,
                   op_types: Iterable[str] = QUANTIZED_OPS, weights_only: bool = True, preprocess: bool = True,
-                  qoperator: bool = False) -> Path:
-    """Static int8 quantization (signed 8-bit weights and activations, MinMax ranges from ``crops``) of an
-    fp32 ONNX file written by ``export_onnx``; returns ``out_path``, which keeps the file's metadata.
+                  qoperator: bool = False, pass_through: Iterable[str] = PASS_THROUGH_OPS,
+                  unsigned_activations: bool = True, exclude: Iterable[str] = (),
+                  extra_options: dict[str, Any] | None = None) -> Path:
+    """Static 8-bit quantization (int8 symmetric weights, uint8 asymmetric activations, MinMax ranges from
+    ``crops``) of an fp32 ONNX file written by ``export_onnx``; returns ``out_path``, which keeps the file's
+    metadata.
 
-    The recipe's levers: ``per_channel`` (one weight scale per output channel; off: measured slower here, at
-    no AP cost), ``op_types`` and ``weights_only`` (only nodes of those types whose second input is a stored
-    weight), ``preprocess`` (onnxruntime's ``quant_pre_process``: shape inference and fusions first),
-    ``qoperator`` (QLinear* operators in the file instead of QDQ pairs onnxruntime fuses at load).
+    The recipe's levers: ``per_channel`` (one weight scale per output channel; off: measured no faster here),
+    ``op_types`` and ``weights_only`` (only nodes of those types whose second input is a stored weight, and the
+    ``pass_through`` ops right after them), ``preprocess`` (onnxruntime's ``quant_pre_process``: shape
+    inference and fusions first), ``qoperator`` (QLinear* operators in the file instead of QDQ pairs
+    onnxruntime fuses at load), ``unsigned_activations`` (off: int8 activations; onnxruntime's x86 kernels are
+    u8 x s8 and it converts int8 ones at load, but not where a Quantize feeds a Reshape or Transpose, which left
+    the patch embedding and the qkv projections in float; benchmarks/RESULTS.md section 6), ``exclude`` (nodes whose name contains one of these stay float), ``extra_options`` (onnxruntime's
+    ``quantize_static`` ones, over ours).
     """
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -76,27 +88,39 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, crops: torch.Tens
         if preprocess:
             source = Path(tmp) / "pre.onnx"
             quant_pre_process(str(fp32_path), str(source), skip_symbolic_shape=True)
+        graph = onnx.load(str(source)).graph
         quantize_static(
             str(source), str(out_path), _CropReader(crops),
             quant_format=QuantFormat.QOperator if qoperator else QuantFormat.QDQ,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
-            op_types_to_quantize=list(op_types),
-            nodes_to_quantize=_weight_nodes(onnx.load(str(source)), set(op_types)) if weights_only else None,
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            activation_type=QuantType.QUInt8 if unsigned_activations else QuantType.QInt8,
+            weight_type=QuantType.QInt8, per_channel=per_channel,
+            op_types_to_quantize=[*op_types, *pass_through],
+            nodes_to_quantize=_weight_nodes(graph, set(op_types), set(pass_through)) if weights_only else None,
+            nodes_to_exclude=[n.name for n in graph.node if any(e in n.name for e in exclude)],
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, **(extra_options or {})},
         )
     proto = onnx.load(str(out_path))
     del proto.metadata_props[:]
     proto.metadata_props.extend(meta)
     entry = proto.metadata_props.add()
-    entry.key, entry.value = PRECISION_KEY, "int8 (static QDQ, MinMax-calibrated on training crops)"
+    entry.key, entry.value = PRECISION_KEY, ("int8 (static QDQ, int8 weights, uint8 activations, MinMax-calibrated "
+                                             "on training crops)" if unsigned_activations else
+                                             "int8 (static QDQ, MinMax-calibrated on training crops)")
     onnx.save(proto, str(out_path))
     return out_path
 
 
-def _weight_nodes(proto: Any, op_types: set[str]) -> list[str]:
-    """Names of the ``op_types`` nodes whose second input is a stored weight (an initializer)."""
-    weights = {init.name for init in proto.graph.initializer}
-    return [n.name for n in proto.graph.node if n.op_type in op_types and len(n.input) > 1 and n.input[1] in weights]
+def _weight_nodes(graph: Any, op_types: set[str], pass_through: set[str] = frozenset()) -> list[str]:
+    """Names of the ``op_types`` nodes whose second input is a stored weight (an initializer), and of the
+    ``pass_through`` nodes fed by one of those."""
+    weights = {init.name for init in graph.initializer}
+    picked = [n for n in graph.node if n.op_type in op_types and len(n.input) > 1 and n.input[1] in weights]
+    made = {o for n in picked for o in n.output}
+    for n in graph.node:  # graph order is topological: a chain Conv -> Relu -> DepthToSpace is followed
+        if n.op_type in pass_through and n.input and n.input[0] in made:
+            picked.append(n)
+            made.update(n.output)
+    return [n.name for n in picked]
 
 
 def val_ap(network: torch.nn.Module, meta: dict[str, Any], val_dataset: Any) -> float:
