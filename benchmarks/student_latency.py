@@ -56,10 +56,11 @@ CALLS = {1: 8, 8: 1}  # calls per timed measurement: one batch-1 call is too sho
 # the shipped default (export_onnx's DEFAULT_DECONV, quantize_int8's defaults).
 LEVERS = {
     "recipe": {},
-    "previous recipe": {"deconv": "transpose", "unsigned_activations": False},  # before the sub-pixel head
+    "previous recipe": {"deconv": "transpose", "unsigned_activations": False, "int8_matmul_outputs": True},  # until b6665b9
     "ConvTranspose head": {"deconv": "transpose"},
     "conv3x3 head": {"deconv": "conv3x3"},
     "int8 activations": {"unsigned_activations": False},
+    "int8 MatMul outputs": {"int8_matmul_outputs": True},
     "float ReLU/D2S": {"pass_through": ()},
     "float patch embed": {"exclude": ("patch_embed",)},
     "float final conv": {"exclude": ("final_layer",)},

@@ -59,7 +59,7 @@ class _CropReader:
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, crops: torch.Tensor, *, per_channel: bool = False,
                   op_types: Iterable[str] = QUANTIZED_OPS, weights_only: bool = True, preprocess: bool = True,
                   qoperator: bool = False, pass_through: Iterable[str] = PASS_THROUGH_OPS,
-                  unsigned_activations: bool = True, exclude: Iterable[str] = (),
+                  unsigned_activations: bool = True, int8_matmul_outputs: bool = False, exclude: Iterable[str] = (),
                   extra_options: dict[str, Any] | None = None) -> Path:
     """Static 8-bit quantization (int8 symmetric weights, uint8 asymmetric activations, MinMax ranges from
     ``crops``) of an fp32 ONNX file written by ``export_onnx``; returns ``out_path``, which keeps the file's
@@ -71,7 +71,10 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, crops: torch.Tens
     inference and fusions first), ``qoperator`` (QLinear* operators in the file instead of QDQ pairs
     onnxruntime fuses at load), ``unsigned_activations`` (off: int8 activations; onnxruntime's x86 kernels are
     u8 x s8 and it converts int8 ones at load, but not where a Quantize feeds a Reshape or Transpose, which left
-    the patch embedding and the qkv projections in float; benchmarks/RESULTS.md section 6), ``exclude`` (nodes whose name contains one of these stay float), ``extra_options`` (onnxruntime's
+    the patch embedding and the qkv projections in float; benchmarks/RESULTS.md section 6),
+    ``int8_matmul_outputs`` (off: the linear layers' outputs stay float, onnxruntime's MatMulIntegerToFloat;
+    what reads them, attention, GELU, the residual Adds, is float, so quantizing them only added a Quantize and
+    a Dequantize per layer), ``exclude`` (nodes whose name contains one of these stay float), ``extra_options`` (onnxruntime's
     ``quantize_static`` ones, over ours).
     """
     import onnx
@@ -97,7 +100,9 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, crops: torch.Tens
             op_types_to_quantize=[*op_types, *pass_through],
             nodes_to_quantize=_weight_nodes(graph, set(op_types), set(pass_through)) if weights_only else None,
             nodes_to_exclude=[n.name for n in graph.node if any(e in n.name for e in exclude)],
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, **(extra_options or {})},
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                           "OpTypesToExcludeOutputQuantization": [] if int8_matmul_outputs else ["MatMul"],
+                           **(extra_options or {})},
         )
     proto = onnx.load(str(out_path))
     del proto.metadata_props[:]
