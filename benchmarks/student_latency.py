@@ -59,16 +59,19 @@ LEVERS = {
     "previous recipe": {"deconv": "transpose", "unsigned_activations": False, "int8_matmul_outputs": True},  # until b6665b9
     "ConvTranspose head": {"deconv": "transpose"},
     "conv3x3 head": {"deconv": "conv3x3"},
+    "final conv after the shuffle": {"deconv": "phases"},  # the recipe until the final conv moved before it
+    "dense final conv": {"deconv": "phases_final"},
     "int8 activations": {"unsigned_activations": False},
     "int8 MatMul outputs": {"int8_matmul_outputs": True},
     "float ReLU/D2S": {"pass_through": ()},
     "float patch embed": {"exclude": ("patch_embed",)},
-    "float final conv": {"exclude": ("final_layer",)},
+    "float final conv": {"exclude": ("final",)},  # final_layer, or the sub-pixel head's /final/ Conv
     "per-channel": {"per_channel": True},
     "+attention matmuls": {"weights_only": False, "op_types": ("MatMul", "Gemm", "Conv")},
     "no pre-process": {"preprocess": False},
 }
-FP32_FORMS = {"fp32 ConvTranspose": "transpose", "fp32 conv3x3": "conv3x3"}  # fp32 exports timed beside the default
+FP32_FORMS = {"fp32 ConvTranspose": "transpose", "fp32 conv3x3": "conv3x3", "fp32 final conv after the shuffle": "phases",
+              "fp32 dense final conv": "phases_final"}  # fp32 exports timed beside the default
 LEVER_GROUP = 5  # lever sessions alive at once, beside the reference (lever_speed)
 
 

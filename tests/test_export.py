@@ -44,7 +44,8 @@ def loud_model(tmp_path, **kwargs):
     return model, meta
 
 
-@pytest.mark.parametrize(("tokens", "deconv"), [(0, DEFAULT_DECONV), (2, DEFAULT_DECONV), (0, "transpose")])
+@pytest.mark.parametrize(("tokens", "deconv"), [(0, DEFAULT_DECONV), (2, DEFAULT_DECONV), (0, "phases"),
+                                                       (0, "transpose")])
 def test_onnx_matches_pytorch_at_any_batch(tmp_path, tokens, deconv):
     model, meta = loud_model(tmp_path, knowledge_tokens=tokens)  # students carry knowledge tokens
     path = export_onnx(model, tmp_path / "m.onnx", meta=meta, deconv=deconv)

@@ -20,11 +20,14 @@ import torch
 from vitpose.ort_runtime import INPUT_NAME, OUTPUT_NAME, onnx_session  # noqa: F401  (one import place for callers)
 
 DEFAULT_OPSET = 17  # LayerNormalization is native from 17; onnxruntime >= 1.14 runs it
-# How the head's stride-2 deconvolutions are written into the graph (``vitpose.models.subpixel``): "phases"
-# (a 2x2 Conv making the four output phases, DepthToSpace, a crop: Convs int8 quantization reaches, and as
-# fast as ConvTranspose in fp32), "conv3x3" (one 3x3 Conv: 10-25% slower in fp32, slower in int8 too),
-# "transpose" (ConvTranspose as trained). Measured in benchmarks/student_latency.py --levers.
-DEFAULT_DECONV = "phases"
+# How the head's stride-2 deconvolutions are written into the graph (``vitpose.models.subpixel``):
+# "phases_final_grouped" (a 2x2 Conv making the four output phases, then the head's final 1x1 conv on each phase as
+# a grouped Conv, DepthToSpace DCR of K channels, a crop: Convs int8 quantization reaches; fp32 and int8 5-12%
+# faster than "phases" on the small students), "phases_final" (the same with one dense block-diagonal 1x1: a little
+# slower), "phases" (DepthToSpace of the C deconv channels, then the final conv), "conv3x3" (one 3x3 Conv: 10-25%
+# slower in fp32, slower in int8 too), "transpose" (ConvTranspose as trained). Measured in
+# benchmarks/student_latency.py --levers.
+DEFAULT_DECONV = "phases_final_grouped"
 
 
 def export_onnx(model: torch.nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSET,
