@@ -1063,6 +1063,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shipped-warmup", type=int, default=2, help="untimed steps of each contender first")
     p.add_argument("--out", type=Path, default=None, help="default benchmarks/RESULTS.md")
     a = p.parse_args(argv)
+    stages = [x.strip() for x in a.shipped_stages.split(",") if x.strip()]
+    if any(x not in ("0", "1", "2", "3") for x in stages):
+        p.error(f"--shipped-stages {a.shipped_stages!r}: ZeRO stages are 0, 1, 2 or 3 (configs/deepspeed/zero<N>.json)")
     argv = sys.argv[1:] if argv is None else argv
     a.out = a.out or REPO / "benchmarks" / ("shipped_step.md" if a.shipped_only else "RESULTS.md")
     models = [m.strip() for m in a.models.split(",") if m.strip() and m.strip() != "none"]

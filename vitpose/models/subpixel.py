@@ -1,6 +1,6 @@
 """Sub-pixel form of the heads' stride-2 deconvolutions, for export: the same function as
 ``ConvTranspose2d(k=4, s=2, p=1)`` [+ BatchNorm + ReLU] written as a convolution on the input grid that makes
-the four output phases as channels, then ``pixel_shuffle`` (ONNX DepthToSpace, mode CRD).
+the four output phases as channels, then ``pixel_shuffle`` (ONNX DepthToSpace: CRD, or DCR where the final conv runs before it).
 
 Why: onnxruntime's CPU provider has no int8 ConvTranspose, so an int8 export left the head (about 40% of a
 student's FLOPs) in float; a Conv quantizes. Training keeps ``ConvTranspose2d`` and checkpoints are unchanged:
