@@ -34,15 +34,16 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
     return uri
 
 
+# Where a database store's password comes from instead of its URI (the drivers read them themselves).
+PASSWORD_ENV = {"postgresql": "PGPASSWORD (or ~/.pgpass)", "mysql": "the [client] password of ~/.my.cnf",
+                "mssql": "the driver's own credential store", "http": "MLFLOW_TRACKING_PASSWORD"}
+DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, with the fix, when the tracking store cannot be used."""
+    refuse_password(uri)
     if uri.startswith(("http://", "https://")):
-        parts = urllib.parse.urlsplit(uri)
-        if parts.username or parts.password:
-            # The URI is logged, printed and handed to every worker: a password in it would travel with them.
-            bare = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()
-            raise ConfigError(f"MLflow tracking URI {bare} carries a user and password; give the bare URI and put "
-                              "them in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
                 if resp.status != 200:
@@ -58,11 +59,62 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         folder = Path(uri[len("sqlite:///"):]).parent
         if not folder.is_dir():
             raise ConfigError(f"MLflow tracking URI {uri}: folder {folder} does not exist; create it or fix the URI")
+    elif _db_kind(uri):
+        probe_database(uri, timeout)
     elif uri.startswith("file:") or "://" not in uri:
         raise ConfigError(
             f"MLflow tracking URI {uri!r} is a file store, which has no model registry; use sqlite:///PATH.db "
             "or an http:// server"
         )
+
+
+def _db_kind(uri: str) -> str | None:
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    return scheme if scheme in DB_PORTS else None
+
+
+def refuse_password(uri: str, what: str = "MLflow tracking URI") -> None:
+    """A URI is printed, logged with the run and handed to every worker: one with a password in it is refused
+    in one line that names the URI without it and where the password goes instead."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        password = parts.password
+    except ValueError:  # an unparsable netloc (bad port): the store's own check says what is wrong
+        return
+    if password is None:
+        return
+    host = parts.netloc.rsplit("@", 1)[1]
+    scheme = parts.scheme.split("+", 1)[0].lower()
+    kind = "http" if scheme in ("http", "https") else scheme
+    if kind == "http":
+        bare = parts._replace(netloc=host).geturl()
+        raise ConfigError(f"{what} {bare} carries a user and password; give the bare URI and put them in "
+                          "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    user = urllib.parse.unquote(parts.username or "")
+    bare = parts._replace(netloc=f"{user}@{host}" if user else host).geturl()
+    where = PASSWORD_ENV.get(kind, "the environment the store's driver reads")
+    raise ConfigError(f"{what} {bare} carries a password; give the URI without it and the password in {where}")
+
+
+def probe_database(uri: str, timeout: float) -> None:
+    """A database store's host and port answer a TCP connect within ``timeout``: MLflow's engine would retry an
+    unreachable one for minutes, silently (its messages go to the log file)."""
+    import socket
+
+    parts = urllib.parse.urlsplit(uri)
+    host, port = parts.hostname, parts.port or DB_PORTS[_db_kind(uri) or ""]
+    if not host:  # a Unix socket (host in the query): nothing to probe over TCP
+        return
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return
+    except OSError as err:
+        cause = "no answer" if isinstance(err, TimeoutError) else (err.strerror or type(err).__name__)
+        user = f"{parts.username}@" if parts.username else ""
+        bare = parts._replace(netloc=f"{user}{host}:{port}").geturl()
+        raise ConfigError(f"MLflow tracking database {bare} is not reachable ({cause} within {timeout:g} s); "
+                          "start it, fix the host/port, or unset MLFLOW_TRACKING_URI to use the local SQLite "
+                          "store") from None
 
 
 def check_credentials(uri: str) -> None:
