@@ -43,8 +43,9 @@ def listening_sockets(root_pid: int) -> list[tuple[str, str]]:
 
 
 @contextmanager
-def ray_head(env: dict[str, str], *extra: str, num_cpus: int = 2) -> Iterator[Head]:
-    """A head with ``extra`` ``ray start`` flags (e.g. ``--num-gpus=1``), up when this yields."""
+def ray_head(env: dict[str, str], *extra: str, num_cpus: int = 2, cwd: Path | None = None) -> Iterator[Head]:
+    """A head with ``extra`` ``ray start`` flags (e.g. ``--num-gpus=1``), up when this yields; started in ``cwd``
+    (a job submitted without --working-dir runs there)."""
     env = {**env, **LOOPBACK_HEAD_ENV}
     port, dash = free_port(), free_port()
     # Ray's socket paths must stay under 107 characters: pytest's tmp_path is too deep for them.
@@ -56,7 +57,7 @@ def ray_head(env: dict[str, str], *extra: str, num_cpus: int = 2) -> Iterator[He
     head = subprocess.Popen([str(RAY), "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
                              "--node-ip-address=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
                              "--dashboard-host=127.0.0.1", f"--temp-dir={head_tmp}", *agent_ports, *extra],
-                            env=env,
+                            env=env, cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         gcs = f"127.0.0.1:{port}"
