@@ -101,8 +101,12 @@ def test_a_file_of_another_set_is_an_error_naming_both(tmp_path):
     renamed = json.loads(MINI_ANN.read_text())
     renamed["categories"][0]["keypoints"][0] = "snout"
     (tmp_path / "a.json").write_text(json.dumps(renamed))
-    with pytest.raises(KeypointSetError, match=r"differ from keypoint set 'coco' at #0 'snout' vs 'nose'"):
+    with pytest.raises(KeypointSetError, match=r"do not match keypoint set 'coco': file only: 'snout'; set only: 'nose'"):
         TopDownCocoDataset(tmp_path / "a.json", MINI_IMAGES, train=False, keypoints=COCO)
+    # Without a set: one error naming the closest set and the names that differ.
+    with pytest.raises(KeypointSetError, match=r"match no built-in set; closest is 'coco' \(file only: 'snout'; "
+                                               r"set only: 'nose'\)"):
+        TopDownCocoDataset(tmp_path / "a.json", MINI_IMAGES, train=False)
 
 
 def test_teacher_and_student_must_share_a_set(tmp_path):

@@ -39,6 +39,7 @@ class Instance:
     keypoints: np.ndarray  # (K, 3) x, y, visibility; zeros for detections
     bbox_score: float
     area: float  # annotation area (GT) or box area (detections)
+    category_id: int = 1  # the annotation's (AP-10K: its species) or the detection's category
 
 
 class AnnotationIndex:
@@ -162,7 +163,8 @@ class AnnotationIndex:
                     scale=scale,
                     keypoints=kps,
                     bbox_score=1.0,
-                    area=float(ann.get("area", w * h)),
+                    area=float(ann["area"]),  # derived when the file has none (keypoint_files)
+                    category_id=int(ann.get("category_id", self.category_id)),
                 )  # fmt: skip
             )
         return out
@@ -209,6 +211,7 @@ class AnnotationIndex:
                     keypoints=zeros,
                     bbox_score=score,
                     area=box[2] * box[3],
+                    category_id=int(det.get("category_id", self.category_id)),
                 )  # fmt: skip
             )
         return out

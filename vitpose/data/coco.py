@@ -23,7 +23,8 @@ from PIL import UnidentifiedImageError
 
 from vitpose.data.annotations import AnnotationIndex, Instance
 from vitpose.data.codec import encode
-from vitpose.data.files import BadSampleError, load_image, read_json
+from vitpose.data.files import BadSampleError, load_image
+from vitpose.data.keypoint_files import load_keypoint_file
 from vitpose.data.keypoint_set import KeypointSet
 from vitpose.data.transforms import (
     IDENTITY,
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 ITEM_KEYS = (
     "image", "target", "target_weight", "keypoints", "center", "scale", "rotation", "flipped",
-    "aug_params", "image_id", "ann_id", "bbox_score", "area", "index", "skipped",
+    "aug_params", "image_id", "ann_id", "category_id", "bbox_score", "area", "index", "skipped",
 )  # fmt: skip
 
 
@@ -127,7 +128,7 @@ class TopDownCocoDataset(AnnotationIndex, torch.utils.data.Dataset):
         self._image_cache_left = int(image_cache_mb * 2**20)
         self._photometric = Photometric(self.aug) if train and self.aug.photometric_prob > 0 else None
 
-        data = read_json(self.ann_file)
+        data = load_keypoint_file(self.ann_file)  # publishers' layouts, missing fields derived
         self._read_categories(data, keypoints)
         self._joint_weights = (np.asarray(self.keypoint_set.joint_weights, np.float32) if joint_weights
                                else None)
@@ -233,6 +234,7 @@ class TopDownCocoDataset(AnnotationIndex, torch.utils.data.Dataset):
             "aug_params": params.to_array(),
             "image_id": int(inst.image_id),
             "ann_id": int(inst.ann_id),
+            "category_id": int(inst.category_id),  # AP-10K: each animal's species, carried to its prediction
             "bbox_score": np.float32(inst.bbox_score),
             "area": np.float32(inst.area),
             "index": int(index),

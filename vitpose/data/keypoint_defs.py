@@ -156,9 +156,13 @@ AP10K = KeypointSet(
         ("right_elbow", "right_front_paw"), ("root_of_tail", "left_hip"), ("left_hip", "left_knee"),
         ("left_knee", "left_back_paw"), ("root_of_tail", "right_hip"), ("right_hip", "right_knee"),
         ("right_knee", "right_back_paw")]),
-    # The paper gives none; mmpose modified COCO's (pycocotools cocoeval.py).
-    sigmas=(.025, .025, .026, .035, .035, .079, .079, .072, .072, .062, .062, .107, .107, .087, .087, .089, .089),
-    joint_weights=(1., 1., 1., 1., 1., 1., 1., 1.2, 1.2, 1.5, 1.5, 1., 1., 1.2, 1.2, 1.5, 1.5),
+    # The paper gives none. mmpose's ap10k.py "modified COCO's" but kept COCO's interleaved left/right order
+    # while AP-10K groups joints by side (L shoulder, elbow, paw, then R ...): 8 of its 17 values belong to
+    # another joint. These are COCO's values moved to the joint they measure (shoulder .079, elbow .072,
+    # front paw = wrist .062, hip .107, knee .087, back paw = ankle .089; neck and tail keep mmpose's .035).
+    sigmas=(.025, .025, .026, .035, .035, .079, .072, .062, .079, .072, .062, .107, .087, .089, .107, .087, .089),
+    # Same fix for the joint weights (mmpose: COCO's list unchanged): elbows/knees 1.2, paws 1.5.
+    joint_weights=(1., 1., 1., 1., 1., 1., 1.2, 1.5, 1., 1.2, 1.5, 1., 1.2, 1.5, 1., 1.2, 1.5),
     source="AP-10K (Yu et al., NeurIPS 2021 Datasets and Benchmarks)",
 )  # fmt: skip
 

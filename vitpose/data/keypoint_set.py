@@ -93,22 +93,29 @@ class KeypointSet:
         """What the file's ``categories[].keypoints`` must list: the keypoints of the first annotation field."""
         return list(self.file_names or self.names[: self.parts[0][1]])
 
+    def matches_file(self, file_names: Sequence[str]) -> bool:
+        """Whether a file's ``categories[].keypoints`` are this set's, written any way people write them
+        (case, spaces, ``-``/``_``, the publishers' synonyms: see ``vitpose.data.keypoint_names``)."""
+        from vitpose.data.keypoint_names import same_names
+
+        return same_names(file_names, self.expected_file_names()) or same_names(file_names, self.names[: self.parts[0][1]])
+
     def check_file(self, file_names: Sequence[str], path: Any) -> None:
-        """Raise ``KeypointSetError`` naming the file, the set and both lists when ``file_names`` (the file's
-        ``categories[].keypoints``) are not the set's."""
-        expected = self.expected_file_names()
-        got = list(file_names)
-        if got in (expected, list(self.names[: self.parts[0][1]])):  # the dataset's own names, or ours
+        """Raise ``KeypointSetError`` naming the file, the set and the names that differ when ``file_names``
+        (the file's ``categories[].keypoints``) are not the set's."""
+        from vitpose.data.keypoint_names import name_differences
+
+        if self.matches_file(file_names):
             return
+        expected, got = self.expected_file_names(), list(file_names)
         fix = ("choose the set the file was made for with data.keypoints (python -m vitpose.data.keypoints "
                "--list), or describe the file's keypoints with data.keypoints=custom")
         if len(got) != len(expected):
             raise KeypointSetError(f"{path} has {len(got)} keypoints in its 'categories' ({_short(got)}) but "
-                                   f"keypoint set {self.name!r} expects {len(expected)} there ({_short(expected)}); "
-                                   f"{fix}")
-        diff = [f"#{i} {g!r} vs {e!r}" for i, (g, e) in enumerate(zip(got, expected, strict=True)) if g != e]
-        raise KeypointSetError(f"{path}: keypoint names differ from keypoint set {self.name!r} at "
-                               f"{', '.join(diff[:5])}{' ...' if len(diff) > 5 else ''} (file vs set); {fix}")
+                                   f"keypoint set {self.name!r} expects {len(expected)} there ({_short(expected)}): "
+                                   f"{name_differences(got, expected)}; {fix}")
+        raise KeypointSetError(f"{path}: 'categories[].keypoints' do not match keypoint set {self.name!r}: "
+                               f"{name_differences(got, expected)}; {fix}")
 
     def to_info(self) -> dict[str, Any]:
         """The plain-list form stored in checkpoints, registered models and ONNX files."""

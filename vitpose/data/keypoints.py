@@ -23,7 +23,7 @@ from vitpose.data.keypoint_set import FROM_FILE, KeypointSet, KeypointSetError, 
 __all__ = [
     "BUILTIN_SETS", "COCO_KEYPOINTS", "COCO_SKELETON", "CUSTOM", "KeypointSet", "KeypointSetError",
     "custom_keypoint_set", "default_keypoint_info", "file_keypoint_set", "flip_pairs_from_names",
-    "get_keypoint_set", "join_keypoint_fields", "keypoint_info", "read_categories", "set_read_with",
+    "get_keypoint_set", "join_keypoint_fields", "keypoint_info", "read_categories", "recognise_set", "set_read_with",
     "upper_body_ids_from_names",
 ]  # fmt: skip
 
@@ -74,19 +74,39 @@ def custom_keypoint_set(spec: Mapping[str, Any]) -> KeypointSet:
     )  # fmt: skip
 
 
-def file_keypoint_set(category: Mapping[str, Any]) -> KeypointSet:
-    """The set of a file loaded without a chosen one: the built-in whose names the file's category lists,
-    else the file's own definition (names, left_/right_ flip pairs, skeleton, ``sigmas`` if it has them)."""
+def file_keypoint_set(category: Mapping[str, Any], path: Any = "the file") -> KeypointSet:
+    """The set of a file loaded without a chosen one: the built-in whose names the file's category lists (by
+    meaning: ``Right Shoulder`` is ``right_shoulder``). A file close to a built-in set (half its joints or
+    more in common) but not equal is an error naming that set and the names that differ; a file unlike every
+    set is read with its own definition (names, left_/right_ flip pairs, skeleton, ``sigmas`` if it has them)."""
+    from vitpose.data.keypoint_names import name_differences, overlap
+
     names = [str(n) for n in category["keypoints"]]
     for kset in BUILTIN_SETS.values():
-        if len(kset.parts) == 1 and names in (kset.expected_file_names(), list(kset.names)):
+        if len(kset.parts) == 1 and kset.matches_file(names):
             return kset
+    closest = max(BUILTIN_SETS.values(), key=lambda s: overlap(names, s.expected_file_names()))
+    if overlap(names, closest.expected_file_names()) >= 0.5 and not category.get("sigmas"):
+        raise KeypointSetError(
+            f"{path}: its keypoint names match no built-in set; closest is {closest.name!r} "
+            f"({name_differences(names, closest.expected_file_names())}); rename them in 'categories[].keypoints', "
+            "or name the set with data.keypoints, or describe the file's own with data.keypoints=custom")
     return KeypointSet(
         name=FROM_FILE, names=tuple(names), flip_pairs=mirror_pairs(names),
         skeleton=tuple((int(a) - 1, int(b) - 1) for a, b in category.get("skeleton", [])),
         sigmas=tuple(float(s) for s in category.get("sigmas") or ()), joint_weights=(),
         source="the file's categories entry",
     )  # fmt: skip
+
+
+def recognise_set(data: Mapping[str, Any], category: Mapping[str, Any], path: Any) -> KeypointSet:
+    """The set of a file loaded without a chosen one: a built-in set with several annotation fields
+    (COCO-WholeBody) when the annotations carry all of them, else ``file_keypoint_set``."""
+    anns = data.get("annotations") or [{}]
+    for kset in BUILTIN_SETS.values():
+        if len(kset.parts) > 1 and all(f in anns[0] for f, _ in kset.parts) and kset.matches_file(category["keypoints"]):
+            return kset
+    return file_keypoint_set(category, path)
 
 
 def read_categories(data: Mapping[str, Any], chosen: KeypointSet | None, path: Any) -> tuple[KeypointSet, int, set[int]]:
@@ -96,9 +116,9 @@ def read_categories(data: Mapping[str, Any], chosen: KeypointSet | None, path: A
     if not cats:
         raise ValueError(f"{path}: no category with a 'keypoints' list in 'categories'")
     person = next((c for c in cats if c.get("name") == "person"), cats[0])
-    kset = chosen if chosen is not None else file_keypoint_set(person)
-    kset.check_file(person["keypoints"], path)  # the error names the file, the set and both lists
-    ids = {int(c["id"]) for c in cats if list(c["keypoints"]) == list(person["keypoints"])}
+    kset = chosen if chosen is not None else recognise_set(data, person, path)
+    kset.check_file(person["keypoints"], path)  # the error names the file, the set and the names that differ
+    ids = {int(c["id"]) for c in cats if kset.matches_file(c["keypoints"])}
     return kset, int(person["id"]), ids
 
 

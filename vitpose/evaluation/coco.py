@@ -1,4 +1,4 @@
-"""Keypoint evaluation: model heatmaps -> per-instance predictions -> rescoring -> OKS-NMS -> COCOeval.
+"""Keypoint evaluation: model heatmaps -> per-instance predictions -> rescoring -> OKS-NMS -> the set's protocol.
 
 Owns the path from network output to COCO keypoint AP, shared by the training loop (vitpose.train.loop) and the evaluate CLI:
 
@@ -10,6 +10,9 @@ Owns the path from network output to COCO keypoint AP, shared by the training lo
   pycocotools ``COCOeval(iouType='keypoints')``. The metric itself is pycocotools', not re-implemented.
   The keypoint set gives the OKS sigmas (NMS and COCOeval) and, for COCO-WholeBody, the annotation fields
   whose keypoints are joined into the ground truth that COCOeval scores (all 133, the "wholebody" AP).
+  ``evaluate`` then adds the metrics of the set's protocol (``vitpose.evaluation.protocols``: CrowdPose's
+  crowd-index AP, COCO-WholeBody per part, PCKh, PCK/AUC/EPE); ``protocol='coco'`` gives COCO's alone.
+  Files are read as their publishers ship them (``vitpose.data.keypoint_files``).
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from pycocotools.cocoeval import COCOeval
 
 from vitpose.data.codec import as_numpy, decode, flip_back, to_image_coords
 from vitpose.data.keypoint_defs import COCO as COCO_SET
+from vitpose.data.keypoint_files import load_keypoint_file
 from vitpose.data.keypoint_set import KeypointSet
-from vitpose.data.keypoints import file_keypoint_set, join_keypoint_fields, set_read_with
+from vitpose.data.keypoints import join_keypoint_fields, recognise_set, set_read_with
 
 # COCO's per-keypoint OKS sigmas (pycocotools' default, the 17 COCO keypoints in order).
 COCO_SIGMAS = np.asarray(COCO_SET.sigmas)
@@ -54,7 +58,8 @@ def decode_batch_to_predictions(
     ``heatmaps`` (the ViTPose flip test). ``metas`` needs
     ``center`` and ``scale`` (N, 2), ``image_id`` and ``bbox_score`` (N,); ``area`` is taken from the crop
     box like mmpose. Each prediction: ``image_id``, ``keypoints`` (K, 3) image x, y, score,
-    ``bbox_score``, ``center``, ``scale``, ``area``; ``ann_id``/``index`` are passed through when present.
+    ``bbox_score``, ``center``, ``scale``, ``area``; ``ann_id``/``category_id``/``index`` are passed through
+    when present (AP-10K: the category is the animal's species, scored per species).
     """
     hm = as_numpy(heatmaps).astype(np.float32)
     if flip_heatmaps is not None:
@@ -67,7 +72,7 @@ def decode_batch_to_predictions(
     image_coords = to_image_coords(coords, center, scale, input_size, hm.shape[2:])
     image_ids = as_numpy(metas["image_id"]).reshape(-1)
     bbox_scores = as_numpy(metas["bbox_score"]).astype(np.float64).reshape(-1)
-    extra = {k: as_numpy(metas[k]).reshape(-1) for k in ("ann_id", "index") if k in metas}
+    extra = {k: as_numpy(metas[k]).reshape(-1) for k in ("ann_id", "category_id", "index") if k in metas}
     preds = []
     for i in range(hm.shape[0]):
         pred = {
@@ -119,8 +124,9 @@ class CocoKeypointEvaluator:
             match, else the file's own (its category's ``sigmas``, if any; other sets must pass ``sigmas``).
         oks_nms_thr: OKS-NMS threshold per image (0.9 like ViTPose); None disables NMS.
         keypoint_score_thr: joints above it count in the rescoring mean (0.2 like mmpose).
+        protocol: ``vitpose.evaluation.protocols.PROTOCOLS`` name; default the keypoint set's.
 
-    After ``evaluate``, ``summary`` holds the text COCOeval printed.
+    After ``evaluate``, ``summary`` holds the text COCOeval printed and the protocol's lines.
     """
 
     def __init__(
@@ -131,23 +137,30 @@ class CocoKeypointEvaluator:
         keypoints: KeypointSet | None = None,
         oks_nms_thr: float | None = 0.9,
         keypoint_score_thr: float = 0.2,
+        protocol: str | None = None,
     ):
+        from vitpose.evaluation.protocols import check_protocol
+
         if isinstance(ann_file, COCO):
             data = ann_file.dataset
         else:
             path = Path(ann_file)
             if not path.is_file():
                 raise FileNotFoundError(f"ground-truth annotation file not found: {path}")
-            data = json.loads(path.read_text())
+            data = load_keypoint_file(path)  # publishers' layouts; missing area / num_keypoints derived
             keypoints = keypoints or set_read_with(path)
         cats = [c for c in data.get("categories", []) if c.get("keypoints")]
         if not cats:
             raise ValueError("ground truth has no category with 'keypoints'")
         person = next((c for c in cats if c.get("name") == "person"), cats[0])
-        self.keypoint_set = keypoints or file_keypoint_set(person)
-        self.keypoint_set.check_file(person["keypoints"], ann_file if not isinstance(ann_file, COCO) else "ground truth")
+        where = ann_file if not isinstance(ann_file, COCO) else "ground truth"
+        self.keypoint_set = keypoints or recognise_set(data, person, where)
+        self.keypoint_set.check_file(person["keypoints"], where)
         self.category_id = int(person["id"])
-        self.category_ids = sorted(int(c["id"]) for c in cats if c["keypoints"] == person["keypoints"])
+        # AP-10K: one category per species, all with the same keypoints: all of them are scored.
+        self.category_ids = sorted(int(c["id"]) for c in cats if self.keypoint_set.matches_file(c["keypoints"]))
+        self.data = data
+        self.protocol = check_protocol(protocol, self.keypoint_set)
         if isinstance(ann_file, COCO) and len(self.keypoint_set.parts) == 1:
             self.coco = ann_file
         else:
@@ -185,10 +198,11 @@ class CocoKeypointEvaluator:
                 else range(len(preds))
             )  # fmt: skip
             for i in keep:
+                cat = int(preds[i].get("category_id", self.category_id))  # each animal's own species
                 results.append(
                     {
                         "image_id": image_id,
-                        "category_id": self.category_id,
+                        "category_id": cat if cat in self.category_ids else self.category_id,
                         "keypoints": [round(float(v), 3) for v in kps[i].reshape(-1)],
                         "score": float(scores[i]),
                     }
@@ -201,7 +215,8 @@ class CocoKeypointEvaluator:
         results_file: str | os.PathLike | None = None,
         image_ids: Sequence[int] | None = None,
     ) -> dict[str, float]:
-        """AP/AR dict (``STAT_NAMES``) of ``predictions`` (see ``decode_batch_to_predictions``).
+        """AP/AR dict (``STAT_NAMES``) of ``predictions`` (see ``decode_batch_to_predictions``) and the
+        metrics of the protocol (``vitpose.evaluation.protocols.PROTOCOL_METRICS``).
 
         ``results_file`` receives the COCO results json. ``image_ids`` restricts the evaluation to those
         images (e.g. a validation subset); default all images of the ground truth.
@@ -222,24 +237,53 @@ class CocoKeypointEvaluator:
             Path(results_file).parent.mkdir(parents=True, exist_ok=True)
             with open(results_file, "w") as f:
                 json.dump(results, f)
+        from vitpose.evaluation.protocols import protocol_metrics
+
         if not results:
             self.summary = "no predictions: every metric is 0"
-            return dict.fromkeys(STAT_NAMES, 0.0)
+            return protocol_metrics(self, [], results, image_ids, zero=True)
+        # Every prediction names its category: score per category as AP-10K does (mean over species). A
+        # caller's predictions without categories are scored as one class, against ground truth relabelled so:
+        # pycocotools' useCats=0 does not work for keypoints (computeOks looks up category -1: AP 0).
+        if len(self.category_ids) > 1 and not all("category_id" in p for p in predictions):
+            self.coco, self.category_ids = _one_class(self.coco, self.category_ids, self.category_id), [self.category_id]
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            coco_dt = self.coco.loadRes(results)
-            coco_eval = COCOeval(self.coco, coco_dt, iouType="keypoints")
-            coco_eval.params.kpt_oks_sigmas = self.sigmas
-            coco_eval.params.catIds = self.category_ids
-            # AP-10K: one category per species, one keypoint task: score them together, as one class.
-            coco_eval.params.useCats = int(len(self.category_ids) == 1)
-            if image_ids is not None:
-                coco_eval.params.imgIds = sorted({int(i) for i in image_ids})
-            coco_eval.evaluate()
-            coco_eval.accumulate()
-            coco_eval.summarize()
+            coco_eval = run_cocoeval(self.coco, results, self.sigmas, self.category_ids, image_ids)
         self.summary = buf.getvalue()
-        return {name: float(v) for name, v in zip(STAT_NAMES, coco_eval.stats, strict=True)}
+        metrics = {name: float(v) for name, v in zip(STAT_NAMES, coco_eval.stats, strict=True)}
+        return protocol_metrics(self, predictions, results, image_ids, base=metrics)
+
+
+def run_cocoeval(coco: COCO, results: list[dict[str, Any]], sigmas: np.ndarray, category_ids: Sequence[int],
+                 image_ids: Sequence[int] | None) -> COCOeval:
+    """pycocotools' keypoint COCOeval of ``results`` against ``coco``: evaluated, accumulated, summarised."""
+    coco_eval = COCOeval(coco, coco.loadRes(results), iouType="keypoints")
+    coco_eval.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
+    coco_eval.params.catIds = list(category_ids)
+    if image_ids is not None:
+        coco_eval.params.imgIds = sorted({int(i) for i in image_ids})
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    coco_eval.summarize()
+    return coco_eval
+
+
+def _one_class(coco: COCO, category_ids: Sequence[int], category_id: int) -> COCO:
+    """``coco`` with every annotation of ``category_ids`` relabelled ``category_id``."""
+    data = dict(coco.dataset)
+    data["annotations"] = [{**a, "category_id": category_id} if a.get("category_id") in category_ids else a
+                           for a in data.get("annotations", [])]
+    return coco_of(data)
+
+
+def coco_of(data: dict[str, Any]) -> COCO:
+    """A pycocotools ``COCO`` indexing ``data`` (already loaded), without its progress lines."""
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
 
 
 def _ground_truth(data: dict[str, Any], kset: KeypointSet, category_ids: Sequence[int]) -> COCO:
@@ -259,8 +303,4 @@ def _ground_truth(data: dict[str, Any], kset: KeypointSet, category_ids: Sequenc
         data["annotations"] = anns
         data["categories"] = [{**c, "keypoints": list(kset.names)} if int(c["id"]) in category_ids else c
                               for c in data["categories"]]
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
-        coco.createIndex()
-    return coco
+    return coco_of(data)

@@ -1,0 +1,117 @@
+"""Keypoint annotation files as their publishers ship them, read into one COCO-shaped dict.
+
+Every built-in set's files are read unchanged; what a layout leaves out is derived here, once, the way its
+reference toolkit derives it, so that the dataset, the evaluator and COCOeval all see the same values:
+
+* ``iscrowd`` missing: 0 (OneHand10K, AP-10K converters omit it).
+* ``num_keypoints`` missing: the count of labelled joints (visibility > 0) in ``keypoints``, as COCO defines it.
+* ``area`` missing (CrowdPose, AIC, MPII): the box area x 0.53, the value xtcocotools' COCOeval uses for files
+  without ``area`` (``use_area=False``): a person fills about half of its box.
+* MPII's own layout (mmpose's ``mpii_train.json``: a list of people with ``joints``, ``joints_vis``,
+  ``center``, ``scale``, ``image``): one image per file name, the box of side ``scale`` x 200 px around
+  ``center`` moved down 15 / 200 of it (mmpose's adjustment so the feet stay in the crop), coordinates from
+  MATLAB's 1-based pixels to 0-based. ``headbox`` / ``head_size`` of a person, when present, are kept for PCKh.
+
+A problem is one ``ValueError`` line naming the file, the entry, the field and the fix, never a KeyError from
+inside a library.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vitpose.data.files import read_json
+
+MPII_PIXEL_STD = 200.0  # MPII's scale is the person's height / 200 px
+CROWD_AREA_FACTOR = 0.53  # xtcocotools: area of a person ~ 0.53 x its box, for files without 'area'
+_MPII_NAMES = ("right_ankle", "right_knee", "right_hip", "left_hip", "left_knee", "left_ankle", "pelvis",
+               "thorax", "upper_neck", "head_top", "right_wrist", "right_elbow", "right_shoulder",
+               "left_shoulder", "left_elbow", "left_wrist")  # fmt: skip
+_CACHE: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
+def load_keypoint_file(path: str | Path) -> dict[str, Any]:
+    """The annotation file at ``path`` as a COCO keypoint dict with every field the readers need (see the
+    module docstring). Kept per (path, mtime, size): the dataset and the evaluator read the same file."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _CACHE:
+        _CACHE.clear()  # one file at a time is what a run reads twice; no growth across a sweep
+        _CACHE[key] = normalise(read_json(path), path)
+    return _CACHE[key]
+
+
+def normalise(data: Any, path: Any) -> dict[str, Any]:
+    """``data`` (a parsed file) as a COCO keypoint dict; see ``load_keypoint_file``."""
+    if isinstance(data, list) and data and isinstance(data[0], dict) and "joints" in data[0]:
+        data = mpii_to_coco(data, path)
+    if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
+        raise ValueError(f"{path}: not a keypoint annotation file: expected COCO json ('images', 'annotations', "
+                         "'categories' with 'keypoints') or MPII's list of people ('joints', 'joints_vis', 'center', "
+                         "'scale', 'image'); give the file the dataset's publisher ships")
+    for i, im in enumerate(data["images"]):
+        missing = [f for f in ("id", "file_name") if f not in im]
+        if missing:
+            raise ValueError(f"{path}: images[{i}] has no {' or '.join(map(repr, missing))}; every image needs its "
+                             "'id' and 'file_name' (relative to the image folder)")
+    anns = []
+    for i, ann in enumerate(data["annotations"]):
+        anns.append(_fill(ann, i, path))
+    return {**data, "annotations": anns}
+
+
+def _fill(ann: dict[str, Any], i: int, path: Any) -> dict[str, Any]:
+    where = f"{path}: annotation id {ann.get('id', f'#{i}')}"
+    for field, fix in (("image_id", "the id of its image"), ("bbox", "its person box [x, y, w, h]"),
+                       ("keypoints", "its keypoints [x, y, v, ...]")):
+        if field not in ann:
+            raise ValueError(f"{where} has no '{field}'; add {fix}")
+    box = ann["bbox"]
+    if not (isinstance(box, list | tuple) and len(box) == 4):
+        raise ValueError(f"{where}: 'bbox' is {box!r}; give [x, y, width, height]")
+    out = dict(ann)
+    out.setdefault("id", i + 1)
+    out.setdefault("iscrowd", 0)
+    if "num_keypoints" not in out:
+        kps = out["keypoints"]
+        out["num_keypoints"] = sum(1 for v in kps[2::3] if isinstance(v, int | float) and v > 0)
+    if "area" not in out:
+        out["area"] = float(box[2]) * float(box[3]) * CROWD_AREA_FACTOR
+    return out
+
+
+def mpii_to_coco(people: list[dict[str, Any]], path: Any) -> dict[str, Any]:
+    """MPII's layout (see the module docstring) as a COCO keypoint dict with the ``mpii`` names."""
+    images: dict[str, int] = {}
+    anns = []
+    for i, p in enumerate(people):
+        missing = [f for f in ("joints", "joints_vis", "center", "scale", "image") if f not in p]
+        if missing:
+            raise ValueError(f"{path}: person #{i} has no {', '.join(map(repr, missing))}; MPII's json gives each "
+                             "person 'joints' (16 [x, y]), 'joints_vis', 'center', 'scale' and 'image'")
+        if len(p["joints"]) != len(_MPII_NAMES) or len(p["joints_vis"]) != len(_MPII_NAMES):
+            raise ValueError(f"{path}: person #{i} has {len(p['joints'])} joints and {len(p['joints_vis'])} "
+                             f"joints_vis; MPII has {len(_MPII_NAMES)}")
+        image = str(p["image"])
+        if image not in images:
+            stem = image.rsplit(".", 1)[0]
+            images[image] = int(stem) if stem.isdigit() and int(stem) not in images.values() else len(images) + 1
+        side = float(p["scale"]) * MPII_PIXEL_STD
+        cx, cy = float(p["center"][0]) - 1, float(p["center"][1]) + 15 / MPII_PIXEL_STD * side - 1
+        kps: list[float] = []
+        for (x, y), v in zip(p["joints"], p["joints_vis"], strict=True):
+            labelled = float(v) > 0 and (x, y) != (-1, -1)
+            kps += [float(x) - 1, float(y) - 1, 2.0] if labelled else [0.0, 0.0, 0.0]
+        ann = {"id": i + 1, "image_id": images[image], "category_id": 1, "iscrowd": 0,
+               "bbox": [cx - side / 2, cy - side / 2, side, side], "keypoints": kps}
+        ann.update({k: p[k] for k in ("headbox", "head_size") if k in p})
+        anns.append(ann)
+    return {
+        "images": [{"id": iid, "file_name": name} for name, iid in images.items()],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "person", "keypoints": list(_MPII_NAMES)}],
+        "layout": "mpii",
+    }
+
