@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from vitpose.config import TeacherConfig, load_config
-from vitpose.pipeline import common_args, run
+from vitpose.pipeline import common_args, guarded, run
 from vitpose.train.driver import train_teacher
 
 DEFAULT_CONFIG = "configs/teacher/synthetic_tiny.yaml"
@@ -25,8 +25,13 @@ DEFAULT_CONFIG = "configs/teacher/synthetic_tiny.yaml"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     args = common_args(parser, DEFAULT_CONFIG).parse_args(argv)
-    return run(lambda: train_teacher(load_config(args.config, args.set, schema=TeacherConfig), args.resume),
-               "teacher", args.verbose)
+    loaded: list[TeacherConfig] = []
+    # The config first: a tracking URI it names decides where the log file goes inside a `ray job submit`.
+    rc = guarded(lambda: loaded.append(load_config(args.config, args.set, schema=TeacherConfig)) or 0)
+    if rc:
+        return rc
+    cfg = loaded[0]
+    return run(lambda: train_teacher(cfg, args.resume), "teacher", args.verbose, cfg.tracking.tracking_uri)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ the best checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,17 +54,81 @@ def guarded(body: Callable[[], int], *extra_errors: type[BaseException]) -> int:
         return 2
 
 
-def run(body: Callable[[], int], name: str, verbose: bool = False) -> int:
+def run(body: Callable[[], int], name: str, verbose: bool = False, tracking_uri: str | None = None) -> int:
     """A long pipeline's body with the console captured (our lines shown, every line in the log file) and
-    user errors as one line."""
+    user errors as one line. ``tracking_uri``: the config's, if it names one (it places the log in a job)."""
     from vitpose import raycluster
 
-    with console.captured(resolve_path(LOG_DIR) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log", verbose) as log:
+    folder = log_dir(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    with console.captured(folder / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log", verbose) as log:
         console.say(f"{name}: full log in {log}")
         try:
             return guarded(body)
         finally:
             raycluster.disconnect()  # inside the capture: Ray's last words go to the log, not after our error
+
+
+def sqlite_file(uri: str | None) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI, absolute (SQLAlchemy reads a relative one from the
+    working folder), else None."""
+    if not uri or not uri.startswith("sqlite:///"):
+        return None
+    return Path(os.path.abspath(uri[len("sqlite:///"):]))
+
+
+def durable_runs(tracking_uri: str | None) -> Path | None:
+    """Where outputs the README puts under ``runs/`` go: the repository's ``runs/``; inside a ``ray job submit
+    --working-dir`` copy (which Ray deletes with the job), the folder of the job's SQLite store when that lies
+    outside the copy (the README's job line puts it in the submitter's ``runs/``); None when nothing says."""
+    from vitpose.raycluster import job_working_copy
+
+    copy = job_working_copy()
+    if copy is None:
+        return resolve_path("runs")
+    db = sqlite_file(tracking_uri)
+    return db.parent if db is not None and not db.is_relative_to(copy) else None
+
+
+def log_dir(tracking_uri: str | None) -> Path:
+    """``runs/logs`` (see ``durable_runs``); in a job copy with nothing durable named, the head's Ray session log
+    folder, which outlives the job (beside Ray's own ``job-driver-*.log``) though not the cluster."""
+    from vitpose.raycluster import job_working_copy
+
+    runs = durable_runs(tracking_uri)
+    if runs is not None:
+        return runs / "logs"
+    copy = job_working_copy()
+    session = next((p for p in copy.parents if p.name.startswith("session_")), None) if copy else None
+    if session is None:  # not Ray's usual layout: the node's temp folder, never the copy
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / "vitpose-logs"
+    return session / "logs" / "vitpose"
+
+
+def keep_outputs(cfg: Any, tracking_uri: str) -> None:
+    """Point a generated (synthetic) dataset's relative ``data.root`` at ``durable_runs`` inside a job copy, in
+    ``cfg`` itself so the workers get the same absolute path; refuse, before any work, one that would land in
+    the copy with nothing durable to put it in."""
+    from vitpose.raycluster import job_working_copy
+
+    copy = job_working_copy()
+    if copy is None:
+        return
+    entries = [cfg.data, *(getattr(cfg.data, "datasets", None) or [])]
+    for data in entries:
+        if (data.kind or cfg.data.kind) != "synthetic" or not data.root or Path(data.root).is_absolute():
+            continue
+        runs = durable_runs(tracking_uri)
+        parts = Path(data.root).parts
+        if runs is None or parts[:1] != ("runs",):
+            raise ConfigError(
+                f"data.root={data.root} would be generated inside this job's working-dir copy {copy}, which Ray "
+                "deletes when the job ends; give data.root as an absolute path every node sees, or the tracking "
+                "URI as sqlite:////abs/path/runs/mlflow.db (outputs then go beside it)")
+        if data is cfg.data and data.root == type(data)().root:
+            data.synthetic.generate = True  # the default root, moved: generated there as it would be in runs/
+        data.root = str(runs.joinpath(*parts[1:]))
 
 
 def read_run_id(folder: Path | Storage) -> str | None:

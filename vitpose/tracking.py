@@ -145,16 +145,31 @@ def ensure_experiment(name: str, uri: str) -> str:
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        refuse_lost_artifacts(name, exp.artifact_location)
         if not all(exp.tags.get(k) == v for k, v in EXPERIMENT_KIND.items()):
             for key, value in EXPERIMENT_KIND.items():
                 client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
-    # A local store gets an explicit artifact folder so runs from any working directory (and Ray
-    # workers) write artifacts to the same place.
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = resolve_path(DEFAULT_ARTIFACTS).as_uri()
-    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+    return client.create_experiment(name, artifact_location=artifact_location(uri), tags=EXPERIMENT_KIND)
+
+
+def artifact_location(uri: str) -> str | None:
+    """A local store's artifacts go beside its database file (``runs/mlflow.db``: ``runs/mlartifacts``), so runs
+    from any working folder, Ray's workers and a ``ray job submit`` (whose working folder is a copy Ray
+    deletes) all write where the store is; a server decides for itself (None)."""
+    from vitpose.pipeline import sqlite_file
+
+    db = sqlite_file(uri)
+    return (db.parent / Path(DEFAULT_ARTIFACTS).name).as_uri() if db is not None else None
+
+
+def refuse_lost_artifacts(name: str, location: str | None) -> None:
+    """An experiment made by an earlier job inside its working-dir copy keeps pointing there: its models and
+    pictures would go to a folder Ray deletes."""
+    path = Path(urllib.parse.urlsplit(location or "").path)
+    if "working_dir_files" in path.parts and "runtime_resources" in path.parts:
+        raise ConfigError(f"MLflow experiment {name!r} keeps its artifacts in {location}, inside a Ray job's "
+                          "working-dir copy that Ray deletes; log to a new experiment (--set tracking.experiment=...)")
 
 
 def system_info() -> dict[str, str]:

@@ -20,7 +20,7 @@ from vitpose import console, raycluster, tracking
 from vitpose.build import build_datasets, ensure_data
 from vitpose.config import ConfigError, TeacherConfig, one_line, to_dict
 from vitpose.dsconfig import complete_deepspeed_config
-from vitpose.pipeline import best_checkpoint, print_summary, read_run_id, write_run_id
+from vitpose.pipeline import best_checkpoint, keep_outputs, print_summary, read_run_id, write_run_id
 from vitpose.storage import Storage, credentials_env, open_storage
 from vitpose.train.checkpoint import META_FILE
 from vitpose.train.session import STATUS_DIR_ENV
@@ -34,6 +34,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False) -> int:
     tracking_uri = preflight(cfg)
     storage = open_storage(cfg.ray.storage_path)  # object storage probed here, before Ray: exit 2 in seconds
     raycluster.check_outputs_outlive_job(storage.local_path if storage.is_local else None, tracking_uri)
+    keep_outputs(cfg, tracking_uri)  # generated data outside a job's working-dir copy
     name = raycluster.run_name(storage, cfg.ray.name, resume)
     check_data(cfg)
     raycluster.connect()
