@@ -1,13 +1,20 @@
-"""COCO keypoint AP of a model on a COCO-format dataset, the way training evaluates it.
+"""Keypoint metrics of a model on a dataset's annotation file, the way training evaluates it.
 
     python pipelines/evaluate.py --model models:/vitpose-student@champion                 # synthetic val (demo data)
     python pipelines/evaluate.py --model runs/ray/.../checkpoint_000007 --data-root /data/coco \\
         --ann annotations/person_keypoints_val2017.json --images val2017 \\
         --det-file person_detections_AP_H_56.json --mlflow-run-name student-val2017
 
-The file is read and scored (OKS sigmas) with the model's own keypoint set; --keypoints names the set of a
-file the model was not trained on (a built-in name, or a YAML file describing a custom set the way
-data.custom_keypoints does); the model must predict that set's keypoints.
+The file is read in the layout its publisher ships (COCO json, CrowdPose, AIC, AP-10K, COCO-WholeBody,
+OneHand10K, MPII's list of people) and scored with the model's own keypoint set; --keypoints names the set of
+a file the model was not trained on (a built-in name, or a YAML file describing a custom set the way
+data.custom_keypoints does); the model must predict that set's keypoints. Weights stored without their set
+take the built-in set the file's names are recognised as, when the counts agree.
+
+--protocol picks the metrics, by default the ones the set's community reports: coco (AP/AR: COCO, AIC,
+AP-10K), crowdpose (AP, AP50, AP75, AR.., AP_easy/medium/hard by crowd index), wholebody (body_AP, foot_AP,
+face_AP, lefthand_AP, righthand_AP, wholebody_AP, ...), pckh (MPII: PCKh, PCKh_0.1, per joint group), pck
+(hands: PCK@0.2 of the box, AUC, EPE in px). pckh and pck score ground-truth boxes only.
 
 Person boxes come from the ground truth, or from a detector's COCO results file (--det-file); the flip test
 is on unless --no-flip-test. The crops, decode, rescoring, OKS-NMS and pycocotools COCOeval are the ones the
@@ -15,8 +22,9 @@ training loop uses (``vitpose.inference.PosePredictor.predict_dataset`` + ``vitp
 AP printed here is the AP training reported for the same checkpoint and data.
 
 Prints COCOeval's 10-number summary; writes ``OUT/keypoint_results.json`` (COCO results format, after
-rescoring and OKS-NMS) and ``OUT/metrics.json``. With --mlflow-run-name the metrics (``eval/AP``, ...), the
-settings and both files go to an MLflow run in --experiment.
+rescoring and OKS-NMS) and ``OUT/metrics.json``. With --mlflow-run-name the metrics under their protocol's
+names (``eval/AP``, ``eval/AP_hard``, ``eval/PCKh``, ...), the settings and the files go to an MLflow run in
+--experiment.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from vitpose.config import DataConfig, resolve_path
+from vitpose.evaluation.protocols import DEFAULT_PROTOCOL, HEADLINE, PROTOCOL_METRICS, PROTOCOLS, STAT_NAMES
 from vitpose.pipeline import UsageError, guarded
 
 DEFAULTS = DataConfig()
@@ -47,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keypoints", metavar="SET", help="keypoint set to read and score --ann with: a built-in name "
                    "(python -m vitpose.data.keypoints --list) or a YAML file of a custom set (names, sigmas, flip_pairs, "
                    "skeleton); default the model's own")
+    p.add_argument("--protocol", choices=PROTOCOLS, help="metrics to report (default: the keypoint set's: "
+                   + ", ".join(f"{k} {v}" for k, v in DEFAULT_PROTOCOL.items()) + ", others coco)")
     p.add_argument("--no-flip-test", action="store_true", help="evaluate without the flip test")
     p.add_argument("--batch-size", type=int, default=32, help="crops per forward pass (default 32)")
     p.add_argument("--workers", type=int, default=0, help="data loader processes (default 0: in this process)")
@@ -84,14 +95,16 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
 
 
 def keypoint_set(args: argparse.Namespace, predictor: Any) -> Any:
-    """--keypoints, else the model's own set (None for a model stored without one: the file's names decide)."""
+    """--keypoints, else the model's own set (None for weights stored without one: the file's names decide)."""
     import yaml
 
     from vitpose.data.keypoint_set import FROM_FILE
     from vitpose.data.keypoints import custom_keypoint_set, get_keypoint_set
 
     if not args.keypoints:
-        return None if predictor.keypoint_set.name == FROM_FILE else predictor.keypoint_set
+        # Weights stored without a set carry a guessed one (COCO for 17): the file's names decide instead.
+        assumed = predictor.keypoint_set.name == FROM_FILE or predictor.meta.get("keypoints_assumed")
+        return None if assumed else predictor.keypoint_set
     try:
         if Path(args.keypoints).suffix in (".yaml", ".yml"):
             if not Path(args.keypoints).is_file():
@@ -108,6 +121,7 @@ def keypoint_set(args: argparse.Namespace, predictor: Any) -> Any:
 def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], str, Path, dict[str, Any]]:
     """Run the evaluation; returns (metrics, COCOeval summary text, output folder, settings)."""
     from vitpose.data.coco import TopDownCocoDataset
+    from vitpose.data.keypoints import BUILTIN_SETS
     from vitpose.evaluation import CocoKeypointEvaluator
     from vitpose.inference import PosePredictor, resolve_device
 
@@ -122,7 +136,14 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], str, Path, dic
     try:
         dataset = TopDownCocoDataset(ann, images, train=False, input_size=predictor.input_size, det_file=det,
                                      det_score_thr=args.det_score_thr, keypoints=kset)
-        evaluator = CocoKeypointEvaluator(ann, keypoints=dataset.keypoint_set)
+        found = dataset.keypoint_set
+        if kset is None and predictor.meta.get("keypoints_assumed") and found.name in BUILTIN_SETS \
+                and found.num_keypoints == predictor.num_keypoints:
+            # Weights without their set, a file recognised as a built-in set of the same count: that set.
+            predictor = PosePredictor(predictor.model, {**predictor.meta, "keypoints": found.to_info()},
+                                      flip_test=not args.no_flip_test, batch_size=args.batch_size,
+                                      device=predictor.device)
+        evaluator = CocoKeypointEvaluator(ann, keypoints=found, protocol=args.protocol)
     except ValueError as err:  # no usable instances, a malformed file, another keypoint set: it names the file
         hint = "" if args.keypoints else "; if the file holds another keypoint set, name it with --keypoints"
         raise UsageError(f"{err}{hint}") from None
@@ -135,16 +156,22 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], str, Path, dic
         hint = "" if args.keypoints else "; if the model was stored without its set, name it with --keypoints"
         raise UsageError(f"{err}{hint}") from None
     seconds = time.perf_counter() - t0
-    metrics = evaluator.evaluate(predictions, results_file=out / "keypoint_results.json")
+    try:
+        metrics = evaluator.evaluate(predictions, results_file=out / "keypoint_results.json")
+    except ValueError as err:  # a protocol the file or the boxes cannot give (crowdIndex, detections for PCK)
+        raise UsageError(str(err)) from None
     settings = {
         "model": args.model, "ann": str(ann), "images": str(images), "det_file": str(det) if det else None,
         "det_score_thr": args.det_score_thr, "flip_test": predictor.flip_test, "instances": len(dataset),
-        "keypoints": dataset.keypoint_set.name,
+        "keypoints": dataset.keypoint_set.name, "protocol": evaluator.protocol,
         "img_size": list(predictor.input_size), "batch_size": args.batch_size,
         "crops_per_second": round(len(dataset) / max(seconds, 1e-9), 2),
     }
-    # COCOeval's 10 stat lines, without pycocotools' progress chatter.
-    summary = "\n".join(line for line in evaluator.summary.splitlines() if line.lstrip().startswith("Average"))
+    # COCOeval's 10 stat lines and the protocol's, without pycocotools' progress chatter.
+    protocol_lines = {f" {n:<16} =" for n in PROTOCOL_METRICS[evaluator.protocol] if n not in STAT_NAMES}
+    summary = "\n".join(line for line in evaluator.summary.splitlines()
+                        if line.lstrip().startswith("Average") or line[:19] in protocol_lines
+                        or line.endswith(" protocol:"))
     summary = summary or evaluator.summary.strip()
     (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "settings": settings}, indent=1))
     (out / "summary.txt").write_text(summary + "\n")
@@ -181,7 +208,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model} on {settings['ann']} ({settings['instances']} instances, {boxes}, "
           f"flip test {'on' if settings['flip_test'] else 'off'}, {settings['crops_per_second']} crops/s)")
     print(summary.rstrip())
-    print(f"AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}  AR {metrics['AR']:.4f}")
+    protocol = settings["protocol"]
+    shown = [HEADLINE[protocol], *(k for k in ("AP", "AP50", "AR") if k != HEADLINE[protocol])]
+    print(f"{protocol}: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in shown))
     print(f"results: {out / 'keypoint_results.json'}  metrics: {out / 'metrics.json'}")
     if run_id:
         print(f"MLflow run {run_id} ({args.mlflow_run_name}) in experiment {args.experiment}")

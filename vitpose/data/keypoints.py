@@ -79,13 +79,13 @@ def file_keypoint_set(category: Mapping[str, Any], path: Any = "the file") -> Ke
     meaning: ``Right Shoulder`` is ``right_shoulder``). A file close to a built-in set (half its joints or
     more in common) but not equal is an error naming that set and the names that differ; a file unlike every
     set is read with its own definition (names, left_/right_ flip pairs, skeleton, ``sigmas`` if it has them)."""
-    from vitpose.data.keypoint_names import name_differences, overlap
+    from vitpose.data.keypoint_names import likeness, name_differences, overlap
 
     names = [str(n) for n in category["keypoints"]]
     for kset in BUILTIN_SETS.values():
         if len(kset.parts) == 1 and kset.matches_file(names):
             return kset
-    closest = max(BUILTIN_SETS.values(), key=lambda s: overlap(names, s.expected_file_names()))
+    closest = max(BUILTIN_SETS.values(), key=lambda s: likeness(names, s.expected_file_names()))
     if overlap(names, closest.expected_file_names()) >= 0.5 and not category.get("sigmas"):
         raise KeypointSetError(
             f"{path}: its keypoint names match no built-in set; closest is {closest.name!r} "

@@ -161,6 +161,7 @@ class CocoKeypointEvaluator:
         self.category_ids = sorted(int(c["id"]) for c in cats if self.keypoint_set.matches_file(c["keypoints"]))
         self.data = data
         self.protocol = check_protocol(protocol, self.keypoint_set)
+        self.protocol_chosen = protocol is not None  # a default protocol leaves out what the file cannot give
         if isinstance(ann_file, COCO) and len(self.keypoint_set.parts) == 1:
             self.coco = ann_file
         else:

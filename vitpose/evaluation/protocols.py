@@ -90,7 +90,7 @@ def protocol_metrics(ev: Any, predictions: list, results: list[dict[str, Any]], 
 def crowdpose_metrics(ev: Any, results: list[dict[str, Any]], image_ids: Any) -> dict[str, float]:
     images = ev.coco.dataset.get("images", [])
     missing = next((im for im in images if "crowdIndex" not in im), None)
-    if missing is not None:
+    if missing is not None and ev.protocol_chosen:
         raise ValueError(f"image id {missing['id']} has no 'crowdIndex': the crowdpose protocol splits images by it "
                          "(CrowdPose's json gives every image one); evaluate with --protocol coco")
     if not hasattr(ev, "_crowd_gt"):  # the toolkit's use_area=False: OKS and area ranges on 0.53 x the box
@@ -100,6 +100,8 @@ def crowdpose_metrics(ev: Any, results: list[dict[str, Any]], image_ids: Any) ->
         ev._crowd_gt = coco_of(data)
     coco_eval = run_cocoeval(ev._crowd_gt, results, ev.sigmas, ev.category_ids, image_ids)
     out = {n: float(v) for n, v in zip(STAT_NAMES, coco_eval.stats, strict=True)}
+    if missing is not None:  # the set's default protocol on a file without crowd indices (remapped COCO)
+        return {**out, **{f"AP_{n}": float("nan") for n in ("easy", "medium", "hard")}}
     wanted = None if image_ids is None else {int(i) for i in image_ids}
     for name, lo, hi in (("easy", -np.inf, 0.2), ("medium", 0.2, 0.8), ("hard", 0.8, np.inf)):
         ids = [im["id"] for im in images if lo <= float(im["crowdIndex"]) < hi and (wanted is None or im["id"] in wanted)]
