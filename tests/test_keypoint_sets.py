@@ -351,3 +351,126 @@ def test_wholebody_file_reads_separate_fields_trains_evaluates_and_serves(tmp_pa
     assert evaluator.evaluate(perfect)["AP"] < 0.9
     check_served_names(session.checkpoints[-1], WHOLEBODY, tmp_path)
     check_served_over_http(session.checkpoints[-1], WHOLEBODY, tmp_path)
+
+
+# ------------------------------------------------------------------ constants against their sources
+# Written out from the published files, not from our constants: mmpose's configs/_base_/datasets/<set>.py
+# (keypoint_info swap, skeleton_info, joint_weights, sigmas), pycocotools' cocoeval.py (COCO's sigmas),
+# AI Challenger's keypoint_eval.py via mmpose (delta = 2 x sigma), COCO-WholeBody's myeval_wholebody.py.
+_COCO_SRC_SIGMAS = [.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89]  # /10
+_COCO_SRC_LINKS = [("left_ankle", "left_knee"), ("left_knee", "left_hip"), ("right_ankle", "right_knee"),
+                   ("right_knee", "right_hip"), ("left_hip", "right_hip"), ("left_shoulder", "left_hip"),
+                   ("right_shoulder", "right_hip"), ("left_shoulder", "right_shoulder"), ("left_shoulder", "left_elbow"),
+                   ("right_shoulder", "right_elbow"), ("left_elbow", "left_wrist"), ("right_elbow", "right_wrist"),
+                   ("left_eye", "right_eye"), ("nose", "left_eye"), ("nose", "right_eye"), ("left_eye", "left_ear"),
+                   ("right_eye", "right_ear"), ("left_ear", "left_shoulder"), ("right_ear", "right_shoulder")]
+_SIDES = [("left_" + j, "right_" + j) for j in ("eye", "ear", "shoulder", "elbow", "wrist", "hip", "knee", "ankle")]
+_FACE_SWAP = [(0, 16), (1, 15), (2, 14), (3, 13), (4, 12), (5, 11), (6, 10), (7, 9), (17, 26), (18, 25), (19, 24),
+              (20, 23), (21, 22), (31, 35), (32, 34), (36, 45), (37, 44), (38, 43), (39, 42), (40, 47), (41, 46),
+              (48, 54), (49, 53), (50, 52), (55, 59), (56, 58), (60, 64), (61, 63), (65, 67)]
+_HAND_SRC = ["thumb", "forefinger", "middle_finger", "ring_finger", "pinky_finger"]
+SOURCES = {
+    "coco": dict(
+        sigmas=[s / 10 for s in _COCO_SRC_SIGMAS],
+        joint_weights=[1., 1., 1., 1., 1., 1., 1., 1.2, 1.2, 1.5, 1.5, 1., 1., 1.2, 1.2, 1.5, 1.5],
+        swaps=_SIDES, links=_COCO_SRC_LINKS),
+    "crowdpose": dict(
+        names=["left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip",
+               "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle", "top_head", "neck"],
+        sigmas=[.079, .079, .072, .072, .062, .062, .107, .107, .087, .087, .089, .089, .079, .079],
+        joint_weights=[.2, .2, .2, 1.3, 1.5, .2, 1.3, 1.5, .2, .2, .5, .2, .2, .5],
+        swaps=_SIDES[2:], links=[*_COCO_SRC_LINKS[:12], ("top_head", "neck"), ("right_shoulder", "neck"),
+                                 ("left_shoulder", "neck")]),
+    "mpii": dict(
+        names=["right_ankle", "right_knee", "right_hip", "left_hip", "left_knee", "left_ankle", "pelvis", "thorax",
+               "upper_neck", "head_top", "right_wrist", "right_elbow", "right_shoulder", "left_shoulder",
+               "left_elbow", "left_wrist"],
+        sigmas=[.089, .083, .107, .107, .083, .089, .026, .026, .026, .026, .062, .072, .179, .179, .072, .062],
+        joint_weights=[1.5, 1.2, 1., 1., 1.2, 1.5, 1., 1., 1., 1., 1.5, 1.2, 1., 1., 1.2, 1.5],
+        swaps=_SIDES[2:], links=[
+            ("right_ankle", "right_knee"), ("right_knee", "right_hip"), ("right_hip", "pelvis"), ("pelvis", "left_hip"),
+            ("left_hip", "left_knee"), ("left_knee", "left_ankle"), ("pelvis", "thorax"), ("thorax", "upper_neck"),
+            ("upper_neck", "head_top"), ("upper_neck", "right_shoulder"), ("right_shoulder", "right_elbow"),
+            ("right_elbow", "right_wrist"), ("upper_neck", "left_shoulder"), ("left_shoulder", "left_elbow"),
+            ("left_elbow", "left_wrist")]),
+    "aic": dict(
+        names=["right_shoulder", "right_elbow", "right_wrist", "left_shoulder", "left_elbow", "left_wrist", "right_hip",
+               "right_knee", "right_ankle", "left_hip", "left_knee", "left_ankle", "head_top", "neck"],
+        sigmas=[.01388152, .01515228, .01057665, .01417709, .01497891, .01402144, .03909642, .03686941, .01981803,
+                .03843971, .03412318, .02415081, .01291456, .01236173],
+        joint_weights=[1., 1.2, 1.5, 1., 1.2, 1.5, 1., 1.2, 1.5, 1., 1.2, 1.5, 1., 1.],
+        swaps=_SIDES[2:], links=[
+            ("right_wrist", "right_elbow"), ("right_elbow", "right_shoulder"), ("right_shoulder", "neck"),
+            ("neck", "left_shoulder"), ("left_shoulder", "left_elbow"), ("left_elbow", "left_wrist"),
+            ("right_ankle", "right_knee"), ("right_knee", "right_hip"), ("right_hip", "left_hip"),
+            ("left_hip", "left_knee"), ("left_knee", "left_ankle"), ("head_top", "neck"),
+            ("right_shoulder", "right_hip"), ("left_shoulder", "left_hip")]),
+    "ap10k": dict(
+        names=["L_Eye", "R_Eye", "Nose", "Neck", "Root of tail", "L_Shoulder", "L_Elbow", "L_F_Paw", "R_Shoulder",
+               "R_Elbow", "R_F_Paw", "L_Hip", "L_Knee", "L_B_Paw", "R_Hip", "R_Knee", "R_B_Paw"],
+        # mmpose publishes COCO's list unchanged; its order is COCO's, not AP-10K's (see test below).
+        sigmas=[.025, .025, .026, .035, .035, .079, .079, .072, .072, .062, .062, .107, .107, .087, .087, .089, .089],
+        joint_weights=[1., 1., 1., 1., 1., 1., 1., 1.2, 1.2, 1.5, 1.5, 1., 1., 1.2, 1.2, 1.5, 1.5],
+        swaps=[("L_Eye", "R_Eye"), ("L_Shoulder", "R_Shoulder"), ("L_Elbow", "R_Elbow"), ("L_F_Paw", "R_F_Paw"),
+               ("L_Hip", "R_Hip"), ("L_Knee", "R_Knee"), ("L_B_Paw", "R_B_Paw")],
+        links=[("L_Eye", "R_Eye"), ("L_Eye", "Nose"), ("R_Eye", "Nose"), ("Nose", "Neck"), ("Neck", "Root of tail"),
+               ("Neck", "L_Shoulder"), ("L_Shoulder", "L_Elbow"), ("L_Elbow", "L_F_Paw"), ("Neck", "R_Shoulder"),
+               ("R_Shoulder", "R_Elbow"), ("R_Elbow", "R_F_Paw"), ("Root of tail", "L_Hip"), ("L_Hip", "L_Knee"),
+               ("L_Knee", "L_B_Paw"), ("Root of tail", "R_Hip"), ("R_Hip", "R_Knee"), ("R_Knee", "R_B_Paw")]),
+    "onehand10k": dict(
+        names=["wrist", *[f"{f}{j}" for f in _HAND_SRC for j in range(1, 5)]], joint_weights=[1.] * 21, swaps=[],
+        links=[link for f in _HAND_SRC for link in [("wrist", f"{f}1")] + [(f"{f}{j}", f"{f}{j + 1}") for j in (1, 2, 3)]]),
+    "coco_wholebody": dict(
+        sigmas=[
+            .026, .025, .025, .035, .035, .079, .079, .072, .072, .062, .062, .107, .107, .087, .087, .089, .089, .068,
+            .066, .066, .092, .094, .094, .042, .043, .044, .043, .040, .035, .031, .025, .020, .023, .029, .032, .037,
+            .038, .043, .041, .045, .013, .012, .011, .011, .012, .012, .011, .011, .013, .015, .009, .007, .007, .007,
+            .012, .009, .008, .016, .010, .017, .011, .009, .011, .009, .007, .013, .008, .011, .012, .010, .034, .008,
+            .008, .009, .008, .008, .007, .010, .008, .009, .009, .009, .007, .007, .008, .011, .008, .008, .008, .01,
+            .008, .029, .022, .035, .037, .047, .026, .025, .024, .035, .018, .024, .022, .026, .017, .021, .021, .032,
+            .02, .019, .022, .031, .029, .022, .035, .037, .047, .026, .025, .024, .035, .018, .024, .022, .026, .017,
+            .021, .021, .032, .02, .019, .022, .031],
+        joint_weights=[1.] * 133,
+        swaps=[*_SIDES, *[(f"left_{t}", f"right_{t}") for t in ("big_toe", "small_toe", "heel", "hand_root")],
+               *[(f"left_{f}{j}", f"right_{f}{j}") for f in _HAND_SRC for j in range(1, 5)],
+               *[(f"face-{a}", f"face-{b}") for a, b in _FACE_SWAP]],
+        links=[*_COCO_SRC_LINKS, *[(f"{s}_ankle", f"{s}_{t}") for s in ("left", "right")
+                                   for t in ("big_toe", "small_toe", "heel")],
+               *[link for s in ("left", "right") for f in _HAND_SRC
+                 for link in [(f"{s}_wrist", f"{s}_{f}1")] + [(f"{s}_{f}{j}", f"{s}_{f}{j + 1}") for j in (1, 2, 3)]]]),
+}
+# Where we knowingly differ from the source, and why (each asserted below, so the list stays true).
+DEVIATIONS = {
+    # AP-10K's joints are grouped by side; mmpose's list is COCO's interleaved one: moved to the joints.
+    "ap10k": {"sigmas": [.025, .025, .026, .035, .035, .079, .072, .062, .079, .072, .062, .107, .087, .089, .107,
+                         .087, .089],
+              "joint_weights": [1., 1., 1., 1., 1., 1., 1.2, 1.5, 1., 1.2, 1.5, 1., 1.2, 1.5, 1., 1.2, 1.5]},
+    # mmpose gives OneHand10K no sigmas (scored by PCK); COCO-WholeBody's hand sigmas (same 21 points) make OKS work.
+    "onehand10k": {"sigmas": SOURCES["coco_wholebody"]["sigmas"][91:112]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_builtin_constants_match_their_published_source(name):
+    from vitpose.data.keypoint_names import canonical_list
+
+    s, src = BUILTIN_SETS[name], {**SOURCES[name], **DEVIATIONS.get(name, {})}
+    names = src.get("names", list(s.names))
+    assert canonical_list(names) == canonical_list(s.names)
+    index = {n: i for i, n in enumerate(names)}
+    assert list(s.sigmas) == pytest.approx(src["sigmas"], abs=1e-9)
+    assert list(s.joint_weights) == pytest.approx(src["joint_weights"], abs=1e-9)
+    assert {frozenset(p) for p in s.flip_pairs} == {frozenset((index[a], index[b])) for a, b in src["swaps"]}
+    assert {frozenset(p) for p in s.skeleton} == {frozenset((index[a], index[b])) for a, b in src["links"]}
+
+
+def test_ap10k_sigmas_are_cocos_by_joint_meaning_and_differ_from_mmpose_in_8_places():
+    coco = dict(zip(COCO.names, COCO.sigmas, strict=True))
+    meaning = {"left_front_paw": "left_wrist", "right_front_paw": "right_wrist", "left_back_paw": "left_ankle",
+               "right_back_paw": "right_ankle"}
+    ap10k = BUILTIN_SETS["ap10k"]
+    for n, v in zip(ap10k.names, ap10k.sigmas, strict=True):
+        if n.startswith(("left_", "right_")) and n not in ("left_eye", "right_eye"):
+            assert v == coco[meaning.get(n, n)], n
+    differ = [i for i, (a, b) in enumerate(zip(ap10k.sigmas, SOURCES["ap10k"]["sigmas"], strict=True)) if a != b]
+    assert differ == [6, 7, 8, 9, 12, 13, 14, 15]
