@@ -78,6 +78,19 @@ def test_missing_fields_are_derived_as_the_reference_toolkits_do():
     assert first["keypoints"][:2] == pytest.approx([p["joints"][0][0] - 1, p["joints"][0][1] - 1])
 
 
+@pytest.mark.parametrize("named", [True, False], ids=["named", "recognised"])
+def test_ai_challengers_own_release_layout_reads_like_its_coco_conversion(named):
+    raw = DATA / "aic" / "raw" / "keypoint_validation_annotations_20170911.json"
+    ds = TopDownCocoDataset(raw, DATA / "aic" / "images", train=False,
+                            keypoints=get_keypoint_set("aic") if named else None)
+    coco = dataset("aic", named=True)
+    assert ds.keypoint_set is BUILTIN_SETS["aic"] and len(ds) == len(coco)
+    for a, b in zip(ds.instances, coco.instances, strict=True):  # the release stores whole pixels
+        assert a.file_name == b.file_name and np.array_equal(a.keypoints[:, 2], b.keypoints[:, 2])
+        assert np.abs(a.keypoints[:, :2] - b.keypoints[:, :2]).max() <= 0.5
+    assert CocoKeypointEvaluator(raw, keypoints=ds.keypoint_set).evaluate(round_trip(ds))["AP"] >= 0.99
+
+
 def test_ap10k_species_each_keep_their_category():
     ds = dataset("ap10k", named=False)
     assert len(ds.category_ids) == 54 and len({i.category_id for i in ds.instances}) == 6

@@ -1,5 +1,5 @@
 """Writes tests/data/<set>/: one tiny annotation file per built-in keypoint set, in the layout its publisher
-ships (as mmpose's dataset docs describe them), with a few small images. Run once; the output is committed.
+ships (as mmpose's dataset docs describe them), with a few small images; AIC also in its own release's layout. Run once; the output is committed.
 
     .venv/bin/python tests/data/make_publisher_files.py
 
@@ -154,11 +154,11 @@ def main() -> None:
     aic = ["right_shoulder", "right_elbow", "right_wrist", "left_shoulder", "left_elbow", "left_wrist", "right_hip",
            "right_knee", "right_ankle", "left_hip", "left_knee", "left_ankle", "head_top", "neck"]
     spoken = [n.replace("_", " ").title() for n in aic]
-    write("aic", coco_like(aic, [f"{h}.jpg" for h in ("054d9ce9201beffc76e5ff2169d2af2f027002ca",
-                                                      "0a2d0fbc6cd28b24b7f0fbb36bd5ffdb3de6e5c2",
-                                                      "1f6b7a0b4b7e0a1bd25e5e13f9b3a1c2d3e4f5a6")],
-                           {"_set": "aic", "supercategory": "person", "id": 1, "name": "person", "keypoints": spoken},
-                           area=False, num=True))
+    aic_files = [f"{h}.jpg" for h in ("054d9ce9201beffc76e5ff2169d2af2f027002ca",
+                                      "0a2d0fbc6cd28b24b7f0fbb36bd5ffdb3de6e5c2", "1f6b7a0b4b7e0a1bd25e5e13f9b3a1c2d3e4f5a6")]
+    aic_data = coco_like(aic, aic_files, {"_set": "aic", "supercategory": "person", "id": 1, "name": "person",
+                                          "keypoints": spoken}, area=False, num=True)
+    write("aic", aic_data)
     # AP-10K (ap10k-val-split1.json): one category per species, all with the same 17 keypoints.
     cats = [{"id": i + 1, "name": s, "supercategory": "animal", "keypoints": list(ANIMAL),
              "skeleton": [[1, 2], [1, 3], [2, 3], [3, 4], [4, 5], [4, 6], [6, 7], [7, 8], [4, 9], [9, 10], [10, 11],
@@ -217,7 +217,19 @@ def main() -> None:
                            "center": [round(x + bw / 2 + 1, 1), round(y + bh / 2 + 1 - 0.075 * bh, 1)],
                            "scale": round(bh / 200, 4)})
     write("mpii", people)
-
+    # AI Challenger's own release (keypoint_validation_annotations_20170911.json): the same people, whole pixels.
+    raw = []
+    for im in aic_data["images"]:
+        people = [a for a in aic_data["annotations"] if a["image_id"] == im["id"]]
+        k = {f"human{j + 1}": [v for x, y, s in zip(a["keypoints"][0::3], a["keypoints"][1::3], a["keypoints"][2::3])
+                               for v in (int(round(x)), int(round(y)), {2: 1, 1: 2, 0: 3}[s])]
+             for j, a in enumerate(people)}
+        boxes = {f"human{j + 1}": [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                 for j, a in enumerate(people)}
+        raw.append({"url": f"http://www.sogou.com/{im['id']}", "image_id": Path(im["file_name"]).stem,
+                    "keypoint_annotations": k, "human_annotations": boxes})
+    (OUT / "aic" / "raw").mkdir(exist_ok=True)
+    (OUT / "aic" / "raw" / "keypoint_validation_annotations_20170911.json").write_text(json.dumps(raw) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,9 @@ reference toolkit derives it, so that the dataset, the evaluator and COCOeval al
   ``center``, ``scale``, ``image``): one image per file name, the box of side ``scale`` x 200 px around
   ``center`` moved down 15 / 200 of it (mmpose's adjustment so the feet stay in the crop), coordinates from
   MATLAB's 1-based pixels to 0-based. ``headbox`` / ``head_size`` of a person, when present, are kept for PCKh.
+* AI Challenger's own layout (``keypoint_validation_annotations_20170911.json``: a list of images with
+  ``image_id``, ``keypoint_annotations`` and ``human_annotations`` per human): boxes from x1, y1, x2, y2,
+  visibility 1 (visible) -> 2, 2 (occluded) -> 1, 3 (not labelled) -> 0, images ``<image_id>.jpg``.
 
 A problem is one ``ValueError`` line naming the file, the entry, the field and the fix, never a KeyError from
 inside a library.
@@ -47,6 +50,8 @@ def normalise(data: Any, path: Any) -> dict[str, Any]:
     """``data`` (a parsed file) as a COCO keypoint dict; see ``load_keypoint_file``."""
     if isinstance(data, list) and data and isinstance(data[0], dict) and "joints" in data[0]:
         data = mpii_to_coco(data, path)
+    elif isinstance(data, list) and data and isinstance(data[0], dict) and "keypoint_annotations" in data[0]:
+        data = aic_to_coco(data, path)
     if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
         raise ValueError(f"{path}: not a keypoint annotation file: expected COCO json ('images', 'annotations', "
                          "'categories' with 'keypoints') or MPII's list of people ('joints', 'joints_vis', 'center', "
@@ -80,6 +85,34 @@ def _fill(ann: dict[str, Any], i: int, path: Any) -> dict[str, Any]:
     if "area" not in out:
         out["area"] = float(box[2]) * float(box[3]) * CROWD_AREA_FACTOR
     return out
+
+
+_AIC_NAMES = ("right_shoulder", "right_elbow", "right_wrist", "left_shoulder", "left_elbow", "left_wrist",
+              "right_hip", "right_knee", "right_ankle", "left_hip", "left_knee", "left_ankle", "head_top", "neck")
+_AIC_VISIBILITY = {1: 2, 2: 1, 3: 0}  # AI Challenger: 1 visible, 2 occluded, 3 not labelled
+
+
+def aic_to_coco(entries: list[dict[str, Any]], path: Any) -> dict[str, Any]:
+    """AI Challenger's layout (see the module docstring) as a COCO keypoint dict with the ``aic`` names."""
+    images, anns = [], []
+    for i, entry in enumerate(entries):
+        kps_by_human, boxes = entry.get("keypoint_annotations") or {}, entry.get("human_annotations") or {}
+        if "image_id" not in entry:
+            raise ValueError(f"{path}: entry #{i} has no 'image_id'; AI Challenger's json names each image by it")
+        images.append({"id": i + 1, "file_name": f"{entry['image_id']}.jpg"})
+        for human, kps in sorted(kps_by_human.items()):
+            if human not in boxes or len(kps) != 3 * len(_AIC_NAMES):
+                raise ValueError(f"{path}: image {entry['image_id']} {human}: needs a box in 'human_annotations' and "
+                                 f"{3 * len(_AIC_NAMES)} keypoint values, has {len(kps)}")
+            x1, y1, x2, y2 = (float(v) for v in boxes[human])
+            flat: list[float] = []
+            for x, y, v in zip(kps[0::3], kps[1::3], kps[2::3], strict=True):
+                vis = _AIC_VISIBILITY.get(int(v), 0)
+                flat += [float(x), float(y), float(vis)] if vis else [0.0, 0.0, 0.0]
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "keypoints": flat})
+    return {"images": images, "annotations": anns,
+            "categories": [{"id": 1, "name": "person", "keypoints": list(_AIC_NAMES)}], "layout": "aic"}
 
 
 def mpii_to_coco(people: list[dict[str, Any]], path: Any) -> dict[str, Any]:
