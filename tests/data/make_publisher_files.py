@@ -221,8 +221,8 @@ def main() -> None:
     raw = []
     for im in aic_data["images"]:
         people = [a for a in aic_data["annotations"] if a["image_id"] == im["id"]]
-        k = {f"human{j + 1}": [v for x, y, s in zip(a["keypoints"][0::3], a["keypoints"][1::3], a["keypoints"][2::3])
-                               for v in (int(round(x)), int(round(y)), {2: 1, 1: 2, 0: 3}[s])]
+        k = {f"human{j + 1}": [v for x, y, s in np.asarray(a["keypoints"]).reshape(-1, 3)
+                               for v in (int(round(x)), int(round(y)), {2: 1, 1: 2, 0: 3}[int(s)])]
              for j, a in enumerate(people)}
         boxes = {f"human{j + 1}": [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                  for j, a in enumerate(people)}
