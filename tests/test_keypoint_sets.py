@@ -314,18 +314,20 @@ def test_crowdpose_file_trains_evaluates_and_serves(tmp_path, capsys):
     check_served_names(session.checkpoints[-1], CROWDPOSE, tmp_path)
     check_served_over_http(session.checkpoints[-1], CROWDPOSE, tmp_path)
 
-    # evaluate CLI: the model's own set; a bare weights file (no set stored) needs --keypoints for this file.
+    # evaluate CLI: the model's own set; a bare weights file (no set stored) takes the set the file's names are
+    # recognised as (same count), or the one --keypoints names.
     common = ["--data-root", str(root), "--ann", "annotations/crowdpose.json", "--images", "images"]
     assert evaluate_cli.main(["--model", str(session.checkpoints[-1]), "--out", str(tmp_path / "e1"), *common]) == 0
-    assert json.loads((tmp_path / "e1/metrics.json").read_text())["settings"]["keypoints"] == "crowdpose"
+    settings = json.loads((tmp_path / "e1/metrics.json").read_text())["settings"]
+    assert settings["keypoints"] == "crowdpose" and settings["protocol"] == "crowdpose"
     save_safetensors(trainer.engine.module, tmp_path / "bare.safetensors")
-    capsys.readouterr()
-    assert evaluate_cli.main(["--model", str(tmp_path / "bare.safetensors"), *common]) == 2
-    assert "stored without its set, name it with --keypoints" in capsys.readouterr().err
+    assert evaluate_cli.main(["--model", str(tmp_path / "bare.safetensors"), "--out", str(tmp_path / "e3"), *common]) == 0
     assert evaluate_cli.main(["--model", str(tmp_path / "bare.safetensors"), "--keypoints", "crowdpose",
                               "--out", str(tmp_path / "e2"), *common]) == 0
-    e1, e2 = (json.loads((tmp_path / f"{e}/metrics.json").read_text())["metrics"] for e in ("e1", "e2"))
-    assert e1 == e2  # the same weights, scored with the same set
+    e1, e2, e3 = (json.loads((tmp_path / f"{e}/metrics.json").read_text())["metrics"] for e in ("e1", "e2", "e3"))
+    assert json.dumps(e1) == json.dumps(e2) == json.dumps(e3)  # the same weights, scored with the same set
+    # The per-epoch validation reports CrowdPose's protocol (this remapped file has no crowd index: no split).
+    assert {"val/AP", "val/AR", "val/AP_easy", "val/AP_hard"} <= set(session.reports[-1])
 
 
 @pytest.mark.slow
@@ -349,6 +351,8 @@ def test_wholebody_file_reads_separate_fields_trains_evaluates_and_serves(tmp_pa
     for p in perfect:
         p["keypoints"][91:, :2] += 25.0  # both hands off by 25 px: the whole-body AP must see it
     assert evaluator.evaluate(perfect)["AP"] < 0.9
+    # The per-epoch validation reports COCO-WholeBody's per-part AP.
+    assert {"val/AP", "val/body_AP", "val/lefthand_AP", "val/wholebody_AP"} <= set(session.reports[-1])
     check_served_names(session.checkpoints[-1], WHOLEBODY, tmp_path)
     check_served_over_http(session.checkpoints[-1], WHOLEBODY, tmp_path)
 
