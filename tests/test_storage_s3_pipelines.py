@@ -16,11 +16,10 @@ import mlflow
 import pytest
 
 from tests.conftest import REPO
-from tests.faults.procs import PY, Launched, cli_args, hold_rank, wait_for_status
+from tests.faults.procs import PY, Launched, cli_args, hold_env, hold_rank, wait_for_status
 from tests.helpers_s3 import s3_server
 from vitpose.storage import Storage
 from vitpose.train.checkpoint import newest_complete_checkpoint, verify_checkpoint
-from vitpose.train.session import STATUS_DIR_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +42,7 @@ def test_teacher_on_s3_writes_only_to_the_bucket_and_resumes_from_it_after_a_dri
                                                                                          tmp_path):
     name = f"s3-teacher-{os.getpid()}"
     status_dir = tmp_path / "status"
-    env = env_for(s3, tmp_path, **{STATUS_DIR_ENV: str(status_dir)})
+    env = env_for(s3, tmp_path, **hold_env(status_dir))
     args = ["pipelines/teacher.py", *cli_args(synthetic_root, f"s3://{BUCKET}/runs", f"ray.name={name}",
                                               "train.epochs=3")]
     hold = hold_rank(status_dir, 0, phase="save", epoch=2)  # the driver dies while rank 0 saves epoch 2
@@ -149,7 +148,7 @@ def test_storage_outage_during_a_checkpoint_keeps_the_previous_one_usable(s3, sy
     epoch-1 checkpoint in the bucket still verifies, and --resume (storage back) continues from it."""
     name = f"s3-outage-{os.getpid()}"
     status_dir = tmp_path / "status"
-    env = env_for(s3, tmp_path, **{STATUS_DIR_ENV: str(status_dir)})
+    env = env_for(s3, tmp_path, **hold_env(status_dir))
     args = ["pipelines/teacher.py", *cli_args(synthetic_root, f"s3://{BUCKET}/runs", f"ray.name={name}",
                                               "train.epochs=3")]
     hold = hold_rank(status_dir, 0, phase="report", epoch=2)  # saved locally, not yet handed to Ray

@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 
 from tests.conftest import REPO
+from vitpose.train.session import STATUS_DIR_ENV, TEST_HOLD_ENV
 
 PY = sys.executable
 
@@ -121,8 +122,15 @@ def read_status(folder: Path, rank: int) -> dict | None:
         return None
 
 
+def hold_env(folder: Path) -> dict[str, str]:
+    """The environment a run's workers need for ``hold_rank``: the status folder and the test-only switch that
+    makes them obey hold files (see vitpose.train.session.WorkerStatus)."""
+    return {STATUS_DIR_ENV: str(folder), TEST_HOLD_ENV: "1"}
+
+
 def hold_rank(folder: Path, rank: int, phase: str, epoch: int) -> Path:
-    """Ask ``rank`` to wait when it reaches ``phase`` of ``epoch`` (see WorkerStatus); unlink the file to let go."""
+    """Ask ``rank`` to wait when it reaches ``phase`` of ``epoch`` (see WorkerStatus; the run needs
+    ``hold_env``); unlink the file to let go."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"hold-rank{rank}.json"
     path.write_text(json.dumps({"phase": phase, "epoch": epoch}))

@@ -29,6 +29,7 @@ from tests.faults.procs import (
     WorkerKiller,
     assert_gone_with_the_driver,
     cli_args,
+    hold_env,
     hold_rank,
     proc_name,
     wait_for_status,
@@ -143,7 +144,7 @@ def test_killed_driver_resumes_with_resume_flag(reference, tracking, synthetic_r
     epoch-3 checkpoint; Ray's own processes and the workers go with it; the same command with --resume
     continues from the last registered checkpoint (epoch 2) instead of starting over."""
     status_dir = tmp_path / "status"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, STATUS_DIR_ENV: str(status_dir)}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, **hold_env(status_dir)}
     args = ["pipelines/teacher.py", *cli_args(synthetic_root, tmp_path / "ray", "ray.name=driver-kill")]
     # Rank 0 waits at the start of the epoch-3 save until the kill: a poller on two busy cores missed the
     # milliseconds-long save and hand-over phases in 3 of 5 CI runs.

@@ -31,6 +31,9 @@ from vitpose.train.checkpoint import (
 
 # When set, every rank keeps ``<dir>/rank<R>.json`` current (pid, epoch, step, phase) for outside watchers.
 STATUS_DIR_ENV = "VITPOSE_WORKER_STATUS_DIR"
+# Only with this set to 1 does a rank obey hold files (fault tests land kills with them): the status folder is
+# offered to production watchdogs, where a stray hold file would otherwise stall a rank at every match.
+TEST_HOLD_ENV = "VITPOSE_TEST_ONLY_HOLD_HOOK"
 
 
 class Session:
@@ -190,15 +193,17 @@ class WorkerStatus:
     'start' the number already done), step in the epoch and global_step (steps finished) without attaching
     to Ray. 'train' is written before each step.
 
-    A watcher can also stop a rank at a point it names, so a kill lands there every time rather than when a
-    poller happens to catch a phase that lasts milliseconds: while ``<dir>/hold-rank<R>.json`` holds
-    ``{"phase": P, "epoch": E}`` matching an update, the rank writes ``"held": true`` and waits until that
-    file is removed (at most ``"timeout_s"``, default 300 s).
+    For tests only (``VITPOSE_TEST_ONLY_HOLD_HOOK=1`` in the worker's environment), a watcher can also stop a
+    rank at a point it names, so a kill lands there every time rather than when a poller happens to catch a
+    phase that lasts milliseconds: while ``<dir>/hold-rank<R>.json`` holds ``{"phase": P, "epoch": E}``
+    matching an update, the rank writes ``"held": true`` and waits until that file is removed (at most
+    ``"timeout_s"``, default 300 s). Without the switch such a file is never read.
     """
 
     def __init__(self, rank: int):
         folder = os.environ.get(STATUS_DIR_ENV)
         self.path = Path(folder) / f"rank{rank}.json" if folder else None
+        self.holds = os.environ.get(TEST_HOLD_ENV) == "1"
         self.fields: dict[str, Any] = {"pid": os.getpid(), "rank": rank}
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,7 +223,9 @@ class WorkerStatus:
             write_atomic(self.path, json.dumps(self.fields))
 
     def _hold(self) -> dict[str, Any] | None:
-        """The hold request matching the current phase and epoch, if a watcher left one."""
+        """The hold request matching the current phase and epoch, if a test left one (and enabled holds)."""
+        if not self.holds:
+            return None
         file = self.path.with_name(f"hold-{self.path.name}")
         try:
             hold = json.loads(file.read_text())
