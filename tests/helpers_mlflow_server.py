@@ -152,3 +152,23 @@ def mlflow_server(pg: Postgres, s3: S3Server, bucket: str) -> Iterator[MlflowSer
     finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def plain_mlflow_server() -> Iterator[MlflowServer]:
+    """``mlflow server`` on a SQLite store with artifacts it serves from a local folder, no auth: a tracking
+    server to take away and bring back (``stop``/``start`` keep its port and stores)."""
+    folder = Path(tempfile.mkdtemp(prefix="vp-mlflow-", dir="/tmp"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    cmd = [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+           "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    server = MlflowServer(uri=f"http://127.0.0.1:{port}", port=port, cmd=cmd, env=env, log=folder / "server.log")
+    server.client_env = {"MLFLOW_TRACKING_URI": server.uri}
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,121 +1,104 @@
-"""vitpose.tracking.Outbox: rank 0's MLflow calls delivered in order from a background thread, held through
-an outage, handed over in a file when the server never comes back, refusals reported."""
+"""vitpose.outbox against a real `mlflow server` that the tests stop and start: rank 0's tracking calls held
+through an outage and delivered in order, a worker start that never waits on the server, what is held kept in
+the run folder as plain JSON and sent by the next tracker once, refusals reported."""
 
 from __future__ import annotations
 
 import json
-import re
-import threading
 import time
 
+import mlflow
 import pytest
 
-from vitpose import tracking
-from vitpose.tracking import Outbox, TrackingUnavailable
+from vitpose.outbox import OUTBOX_FILE, Outbox, TrackingUnavailable, WorkerTracker
+from vitpose.storage import Storage
+
+pytestmark = pytest.mark.slow
 
 
-class Server:
-    """Stands in for the MLflow client's calls: records what arrived; raises like an unreachable server while
-    ``down`` is set, and blocks for ``slow_s`` per call (MLflow's own retries) when asked."""
+@pytest.fixture(scope="module")
+def server():
+    from tests.helpers_mlflow_server import plain_mlflow_server
 
-    def __init__(self):
-        self.got: list[int] = []
-        self.down = threading.Event()
-        self.slow_s = 0.0
-
-    def log(self, step: int) -> None:
-        time.sleep(self.slow_s)
-        if self.down.is_set():
-            raise ConnectionError("Connection refused")
-        self.got.append(step)
+    with plain_mlflow_server() as srv:
+        yield srv
 
 
-class Refusal(Exception):
-    def get_http_status_code(self) -> int:
-        return 403
+@pytest.fixture
+def run_id(server, monkeypatch):
+    # MLflow's client would retry each refused call for minutes; the outbox retries anyway.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    client = mlflow.MlflowClient(server.uri)
+    exp = client.get_experiment_by_name("outbox") or client.get_experiment(client.create_experiment("outbox"))
+    return client.create_run(exp.experiment_id).info.run_id
 
 
-def test_outbox_holds_through_an_outage_and_delivers_in_order(monkeypatch, capsys):
-    server = Server()
-    server.down.set()
-    box = Outbox("http://tracking:5000", patience_s=60)
-    t0 = time.time()
-    for step in range(1, 6):
-        box.put(f"step {step}", server.log, step)
-    assert time.time() - t0 < 0.5  # the caller (training) never waits on the server
-    time.sleep(1.5)
-    assert server.got == []
-    server.down.clear()
-    box.close()
-    assert server.got == [1, 2, 3, 4, 5]
+def steps(server, run_id: str, key: str = "loss") -> list[int]:
+    return [m.step for m in mlflow.MlflowClient(server.uri).get_metric_history(run_id, key)]
+
+
+def test_a_worker_starts_and_logs_through_an_outage_then_everything_arrives_in_order(server, run_id, capsys):
+    server.stop()
+    try:
+        t0 = time.time()
+        tracker = WorkerTracker(server.uri, run_id, patience_s=120)  # counts its start: a server call, queued
+        tracker.set_tag("ray_gpu_ids", "none")
+        for step in (1, 2, 3):
+            tracker.log_epoch({"loss": 1.0 / step}, step)
+        assert time.time() - t0 < 15  # the first epoch waits for the outage to show, no call waits for the server
+    finally:
+        server.start()
+    tracker.close()
+    assert steps(server, run_id) == [1, 2, 3]
+    tags = mlflow.MlflowClient(server.uri).get_run(run_id).data.tags
+    assert tags["worker_group_starts"] == "1" and tags["ray_gpu_ids"] == "none"
     out = capsys.readouterr().out
-    assert "unreachable (Connection refused); training goes on" in out and "is back after" in out
+    assert "unreachable" in out and "training goes on" in out and "is back after" in out
 
 
-def test_a_call_stuck_in_the_clients_own_retries_is_announced(monkeypatch, capsys):
-    monkeypatch.setattr(tracking, "SLOW_S", 0.3)
-    server = Server()
-    server.slow_s = 1.0
-    box = Outbox("http://tracking:5000", patience_s=60)
-    box.put("step 1", server.log, 1)
-    time.sleep(0.6)
-    box.put("step 2", server.log, 2)  # step 1 has been in flight for 0.6 s
-    box.close()
-    assert server.got == [1, 2]
-    assert re.search(r"unreachable \(no answer for \d+ s\); training goes on", capsys.readouterr().out)
+def test_what_is_held_is_kept_as_json_and_the_next_tracker_sends_it_once(server, run_id, tmp_path):
+    journal = Storage.local(tmp_path / OUTBOX_FILE)
+    first = WorkerTracker(server.uri, run_id, patience_s=1.0, journal=journal)
+    first.log_epoch({"loss": 1.0}, 1)  # delivered
+    first.outbox.drain(5.0)
+    server.stop()
+    try:
+        picture = tmp_path / "p.png"
+        picture.write_bytes(b"\x89PNG not really")
+        first.outbox.put({"kind": "artifact", "file": str(picture), "name": "epoch002.png", "folder": "predictions"})
+        first.log_epoch({"loss": 0.5}, 2)  # held: written to the journal before the checkpoint would be reported
+        held = json.loads(journal.read_text())
+        assert held["run_id"] == run_id and [r["kind"] for r in held["records"]] == ["artifact", "metrics"]
+        assert "data_b64" in held["records"][0] and "file" not in held["records"][0]  # no temp paths, no repr
+        with pytest.raises(TrackingUnavailable, match=r"2 logged item\(s\) not delivered.*kept in .*"
+                                                      rf"{OUTBOX_FILE}, sent by --resume"):
+            first.close()
+    finally:
+        server.start()
+    # The next worker group of the run (a restart or --resume) sends it; epoch 2 trained again is not resent.
+    second = WorkerTracker(server.uri, run_id, patience_s=60, journal=journal)
+    second.log_epoch({"loss": 0.25}, 2)
+    second.log_epoch({"loss": 0.1}, 3)
+    second.close()
+    assert steps(server, run_id) == [1, 2, 3]
+    assert [m.value for m in mlflow.MlflowClient(server.uri).get_metric_history(run_id, "loss")][1] == 0.5
+    names = [a.path for a in mlflow.MlflowClient(server.uri).list_artifacts(run_id, "predictions")]
+    assert names == ["predictions/epoch002.png"] and not journal.exists()
 
 
-def test_after_patience_the_rest_is_kept_in_a_file_and_close_says_so(tmp_path, monkeypatch):
-    server = Server()
-    server.down.set()
-    kept = tmp_path / "undelivered.jsonl"
-    box = Outbox("http://tracking:5000", patience_s=0.5, undelivered_file=kept)
-    for step in (1, 2, 3):
-        box.put(f"metrics of step {step}", server.log, step)
-    with pytest.raises(TrackingUnavailable, match=r"unreachable for over 0 s .* 3 logged item\(s\) not delivered, "
-                                                  r"from metrics of step 1; kept in .*undelivered.jsonl"):
-        box.close()
-    rows = [json.loads(line) for line in kept.read_text().splitlines()]
-    assert [r["call_args"] for r in rows] == [[1], [2], [3]] and server.got == []
-
-
-def test_a_refused_call_is_not_retried_and_is_reported():
-    calls = []
-
-    def refuse(step: int) -> None:
-        calls.append(step)
-        raise Refusal("PERMISSION_DENIED")
-
-    box = Outbox("http://tracking:5000", patience_s=60)
-    box.put("step 1", refuse, 1)
-    with pytest.raises(TrackingUnavailable, match="refused 1 logged item"):
-        box.close()
-    assert calls == [1]
-
-
-def test_without_a_thread_each_put_waits_for_its_delivery():
-    server = Server()
-    box = Outbox("http://tracking:5000", patience_s=60, background=False)
-    box.put("step 1", server.log, 1)
-    assert server.got == [1]  # delivered before put returned (a Tune trial may end right after)
-    box.close()
-
-
-def test_drain_waits_for_a_healthy_server_but_not_through_an_outage(monkeypatch):
-    monkeypatch.setattr(tracking, "SLOW_S", 0.5)
-    server = Server()
-    server.slow_s = 0.2
-    box = Outbox("http://tracking:5000", patience_s=60)
-    box.put("step 1", server.log, 1)
-    box.drain(5.0)
-    assert server.got == [1]  # delivered before the epoch's checkpoint would be reported
-    server.down.set()
-    box.put("step 2", server.log, 2)
+def test_a_refused_call_is_not_retried_and_is_reported(server, run_id):
+    box = Outbox(server.uri, run_id, patience_s=60)
+    box.put({"kind": "params", "params": {"lr": "1"}})
+    box.put({"kind": "params", "params": {"lr": "2"}})  # a param's value cannot change: the server says 400
     t0 = time.time()
-    box.drain(1.0)  # waits its timeout once, then the outage is known...
-    box.put("step 3", server.log, 3)
-    box.drain(1.0)  # ...and later epochs do not wait at all
-    assert time.time() - t0 < 1.6 and box.failing_since is not None
-    server.down.clear()
+    with pytest.raises(TrackingUnavailable, match=r"refused 1 logged item\(s\), e\.g\. params"):
+        box.close()
+    assert time.time() - t0 < 10
+
+
+def test_without_a_thread_each_put_waits_for_its_delivery(server, run_id):
+    box = Outbox(server.uri, run_id, patience_s=60, background=False)
+    box.put({"kind": "metrics", "metrics": [{"key": "loss", "value": 1.0, "timestamp": 0, "step": 7}]})
+    assert steps(server, run_id) == [7]  # delivered before put returned (a Tune trial may end right after)
     box.close()
-    assert server.got == [1, 2, 3]

@@ -103,7 +103,7 @@ def train_worker(job: WorkerJob) -> None:
         from vitpose.tracking import WorkerTracker
 
         tracker = WorkerTracker(job.tracking_uri, job.mlflow_run_id, cfg.tracking.outage_patience_s,
-                                undelivered_file(job.run_dir, job.mlflow_run_id))
+                                outbox_journal(job.run_dir))
     try:
         Trainer(cfg, session, tracker=tracker).fit()
         if tracker is not None:
@@ -118,10 +118,9 @@ def train_worker(job: WorkerJob) -> None:
             tracker.flush_quietly()  # a failed group: what it logged still reaches the run if the server is up
 
 
-def undelivered_file(run_dir: str | None, run_id: str) -> Path:
-    """Where rank 0 keeps what it could not deliver to the tracking server: the run folder when it is a local
-    or shared path, else this node's temporary folder."""
-    import tempfile
+def outbox_journal(run_dir: str | None) -> Storage | None:
+    """Where rank 0 keeps what the tracking server has not taken yet (``vitpose.outbox``): the run folder, local
+    or object storage, which the next worker group of the run (a restart, a ``--resume``) reads."""
+    from vitpose.outbox import OUTBOX_FILE
 
-    folder = Path(run_dir) if run_dir and "://" not in run_dir else Path(tempfile.gettempdir())
-    return folder / f"mlflow_undelivered_{run_id}.jsonl"
+    return Storage.of(run_dir) / OUTBOX_FILE if run_dir else None
