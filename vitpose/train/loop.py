@@ -136,7 +136,7 @@ class Trainer:
         if tracker is not None and getattr(model, "init_report", None) is not None:  # from model.init_checkpoint
             tracker.log_load_report(model.init_report)
         if tracker is not None and getattr(model, "freeze_report", None) is not None:  # model.freeze
-            tracker.client.log_param(tracker.run_id, "model.frozen_params", model.freeze_report.num_params)
+            tracker.log_param("model.frozen_params", model.freeze_report.num_params)
         layer_decay = cfg.model.layer_decay if cfg.model.layer_decay is not None else model.spec.layer_decay_rate
         groups = param_groups_layer_decay(model, cfg.train.lr, cfg.train.weight_decay, layer_decay)
         groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
