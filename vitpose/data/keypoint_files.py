@@ -31,19 +31,12 @@ CROWD_AREA_FACTOR = 0.53  # xtcocotools: area of a person ~ 0.53 x its box, for 
 _MPII_NAMES = ("right_ankle", "right_knee", "right_hip", "left_hip", "left_knee", "left_ankle", "pelvis",
                "thorax", "upper_neck", "head_top", "right_wrist", "right_elbow", "right_shoulder",
                "left_shoulder", "left_elbow", "left_wrist")  # fmt: skip
-_CACHE: dict[tuple[str, int, int], dict[str, Any]] = {}
 
 
 def load_keypoint_file(path: str | Path) -> dict[str, Any]:
     """The annotation file at ``path`` as a COCO keypoint dict with every field the readers need (see the
-    module docstring). Kept per (path, mtime, size): the dataset and the evaluator read the same file."""
-    path = Path(path)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
-    if key not in _CACHE:
-        _CACHE.clear()  # one file at a time is what a run reads twice; no growth across a sweep
-        _CACHE[key] = normalise(read_json(path), path)
-    return _CACHE[key]
+    module docstring). Read afresh each time: COCOeval writes into the annotations it is given."""
+    return normalise(read_json(Path(path)), path)
 
 
 def normalise(data: Any, path: Any) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vitpose.data.keypoint_names import name_differences, same_names
+
 # A set read from a file's own ``categories`` entry, for a file that matches no built-in set and was loaded
 # without one (``TopDownCocoDataset(keypoints=None)``): flip pairs are then guessed from left_/right_ names.
 FROM_FILE = "from_file"
@@ -96,15 +98,11 @@ class KeypointSet:
     def matches_file(self, file_names: Sequence[str]) -> bool:
         """Whether a file's ``categories[].keypoints`` are this set's, written any way people write them
         (case, spaces, ``-``/``_``, the publishers' synonyms: see ``vitpose.data.keypoint_names``)."""
-        from vitpose.data.keypoint_names import same_names
-
         return same_names(file_names, self.expected_file_names()) or same_names(file_names, self.names[: self.parts[0][1]])
 
     def check_file(self, file_names: Sequence[str], path: Any) -> None:
         """Raise ``KeypointSetError`` naming the file, the set and the names that differ when ``file_names``
         (the file's ``categories[].keypoints``) are not the set's."""
-        from vitpose.data.keypoint_names import name_differences
-
         if self.matches_file(file_names):
             return
         expected, got = self.expected_file_names(), list(file_names)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vitpose.data.keypoint_defs import BUILTIN_SETS, COCO, COCO_KEYPOINTS, COCO_SKELETON
+from vitpose.data.keypoint_names import likeness, name_differences, overlap
 from vitpose.data.keypoint_set import FROM_FILE, KeypointSet, KeypointSetError, mirror_pairs, pairs_by_name
 
 __all__ = [
@@ -79,8 +80,6 @@ def file_keypoint_set(category: Mapping[str, Any], path: Any = "the file") -> Ke
     meaning: ``Right Shoulder`` is ``right_shoulder``). A file close to a built-in set (half its joints or
     more in common) but not equal is an error naming that set and the names that differ; a file unlike every
     set is read with its own definition (names, left_/right_ flip pairs, skeleton, ``sigmas`` if it has them)."""
-    from vitpose.data.keypoint_names import likeness, name_differences, overlap
-
     names = [str(n) for n in category["keypoints"]]
     for kset in BUILTIN_SETS.values():
         if len(kset.parts) == 1 and kset.matches_file(names):
