@@ -202,3 +202,13 @@ def test_student_initialisation_follows_train_seed(synthetic_root):
     assert all(torch.equal(first[k], with_tokens[k]) for k in first)
     weights = [k for k in first if k.endswith("weight") and first[k].ndim > 1]
     assert all(not torch.equal(first[k], other[k]) for k in weights)
+
+
+def test_only_asha_sweeps_must_evaluate_every_epoch(synthetic_root, tmp_path, monkeypatch):
+    from vitpose.distill.sweep import preflight
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(ConfigError, match="ASHA compares trials on val AP every epoch"):
+        preflight(tiny_config(synthetic_root, "train.eval_every=4", student=True))
+    fifo = tiny_config(synthetic_root, "train.eval_every=4", "tune.scheduler=fifo", student=True)
+    assert preflight(fifo) == f"sqlite:///{tmp_path / 'mlflow.db'}"
