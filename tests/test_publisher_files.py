@@ -106,7 +106,39 @@ def test_ap10k_species_each_keep_their_category():
     assert CocoKeypointEvaluator(ds.ann_file).evaluate(unlabelled)["AP"] >= 0.99
 
 
+def noisy_predictions(name: str, seed: int = 3) -> tuple[TopDownCocoDataset, list[dict]]:
+    """The ground truth with 4 px of noise and scores in 0.3..1: predictions whose AP is neither 0 nor 1."""
+    ds = dataset(name, named=True)
+    preds = perfect(ds)
+    rng = np.random.default_rng(seed)
+    for p in preds:
+        p["keypoints"][:, :2] += rng.normal(0, 4, p["keypoints"][:, :2].shape)
+        p["keypoints"][:, 2] = rng.uniform(0.3, 1, len(p["keypoints"]))
+    return ds, preds
+
+
 # ------------------------------------------------------------------------------ protocols' numbers
+# xtcocotools 1.14.3's own COCOeval (keypoints_crowd with use_area=False; keypoints_<part> with use_area=True)
+# on these files and predictions, as tests/data/xtcocotools_reference.py prints them (AP_medium: the toolkit
+# rounds the split APs to 4 places).
+XTCOCOTOOLS_CROWDPOSE = {"AP": 0.933663, "AP50": 1.0, "AP75": 1.0, "AR": 0.933333, "AR50": 1.0, "AR75": 1.0,
+                         "AP_easy": 0.9, "AP_medium": 0.9337, "AP_hard": 1.0}
+XTCOCOTOOLS_WHOLEBODY = {"body": (0.764521, 0.783333), "foot": (0.883168, 0.9), "face": (0.002805, 0.016667),
+                         "lefthand": (0.267987, 0.36), "righthand": (0.27665, 0.316667),
+                         "wholebody": (0.084901, 0.133333)}
+
+
+def test_crowdpose_and_wholebody_reproduce_xtcocotools():
+    ds, preds = noisy_predictions("crowdpose")
+    m = CocoKeypointEvaluator(ds.ann_file).evaluate(preds)
+    for k, v in XTCOCOTOOLS_CROWDPOSE.items():
+        assert m[k] == pytest.approx(v, abs=1e-4 if k == "AP_medium" else 1e-6), k
+    ds, preds = noisy_predictions("coco_wholebody")
+    m = CocoKeypointEvaluator(ds.ann_file).evaluate(preds)
+    for part, (ap, ar) in XTCOCOTOOLS_WHOLEBODY.items():
+        assert (m[f"{part}_AP"], m[f"{part}_AR"]) == pytest.approx((ap, ar), abs=1e-6), part
+
+
 def test_pckh_counts_joints_within_half_a_head_and_leaves_out_pelvis_and_thorax():
     ds = dataset("mpii", named=True)
     preds = perfect(ds)

@@ -81,6 +81,8 @@ def protocol_metrics(ev: Any, predictions: list, results: list[dict[str, Any]], 
             out.update(wholebody_metrics(ev, results, image_ids, out))
         elif ev.protocol in ("pckh", "pck"):
             out.update(distance_metrics(ev, predictions, image_ids))
+    if ev.protocol == "crowdpose":  # its AP/AR replace COCO's: so does its COCOeval summary
+        ev.summary = buf.getvalue()
     lines = [f" {n:<16} = {out[n]:.4f}" for n in names if n not in STAT_NAMES]
     if lines:
         ev.summary += f"{ev.protocol} protocol:\n" + "\n".join(lines) + "\n"
