@@ -4,6 +4,7 @@ on unreachable storage, and the checkpoint checks and run-folder side files on o
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from tests.helpers_s3 import s3_server
 from vitpose.config import REPO_ROOT, ConfigError
 from vitpose.pipeline import read_run_id, write_run_id
-from vitpose.storage import Storage, StorageError, check_storage, credentials_env
+from vitpose.storage import Storage, StorageError, check_storage, credentials_env, open_storage
 from vitpose.train.checkpoint import (
     IncompleteCheckpointError,
     newest_complete_checkpoint,
@@ -22,6 +23,9 @@ from vitpose.train.checkpoint import (
 from vitpose.train.worker import clear_fatal, read_fatal
 
 BUCKET = "vitpose-test"
+
+sys.path.insert(0, str(REPO_ROOT / "pipelines"))
+import teacher  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +162,61 @@ def test_missing_bucket_and_unreachable_endpoint_fail_in_seconds_with_one_line(s
     assert time.time() - t0 < 30
 
 
-def test_workers_get_the_storage_environment(monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
-    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/secrets/sa.json")
-    env = credentials_env()
-    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000" and env["GOOGLE_APPLICATION_CREDENTIALS"] == "/secrets/sa.json"
-    assert "PATH" not in env and credentials_env({"HOME": "/root"}) == {}
+def test_workers_get_where_the_storage_is_never_who_we_are(monkeypatch):
+    """What the driver hands Ray's workers (Ray shows it in its job metadata): endpoints and region only; keys,
+    secrets, tokens, users, passwords, profiles and credential files stay with each node."""
+    where = {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1", "AWS_REGION": "eu-west-1",
+             "AWS_EC2_METADATA_DISABLED": "true", "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+             "MLFLOW_TRACKING_INSECURE_TLS": "false"}
+    who = {"AWS_ACCESS_KEY_ID": "AKIA1", "AWS_SECRET_ACCESS_KEY": "s3cret", "AWS_SESSION_TOKEN": "tok",
+           "AWS_PROFILE": "team", "AWS_SHARED_CREDENTIALS_FILE": "/root/.aws/credentials",
+           "AWS_ROLE_ARN": "arn:aws:iam::1:role/x", "AWS_WEB_IDENTITY_TOKEN_FILE": "/var/run/token",
+           "GOOGLE_APPLICATION_CREDENTIALS": "/secrets/sa.json", "MLFLOW_TRACKING_USERNAME": "ann",
+           "MLFLOW_TRACKING_PASSWORD": "pw", "MLFLOW_TRACKING_TOKEN": "t"}
+    env = credentials_env({**where, **who, "PATH": "/usr/bin", "HOME": "/root"})
+    assert env == where
+    assert credentials_env({"HOME": "/root"}) == {}
+
+
+def test_uri_options_reach_every_folder_and_file_below_it(s3_env, monkeypatch):
+    """The endpoint given in the URI, not the environment's (which points nowhere here), is the one the probe,
+    the children and a URI read back from a child's name (as Ray and the workers read it) all talk to."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    root = Storage.parse(f"s3://{BUCKET}/opts-{time.time_ns()}?endpoint_override={s3_env.endpoint}")
+    check_storage(root)
+    child = root / "run-1" / "note.txt"
+    assert child.uri == f"s3://{root.path}/run-1/note.txt?endpoint_override={s3_env.endpoint}"
+    child.write_text("via the URI's endpoint\n")
+    again = Storage.parse(child.uri)  # a new filesystem from the name alone
+    assert again.read_text() == "via the URI's endpoint\n" and again == child
+    assert [c.uri for c in root.iterdir()] == [(root / "run-1").uri] and child.parent.parent == root
+    assert f"{root.path.split('/', 1)[1]}/run-1/note.txt" in s3_env.keys(BUCKET)
+    with pytest.raises(OSError, match="127.0.0.1:9|connect"):  # the same path without the options: elsewhere
+        Storage.parse(f"s3://{root.path}/run-1/note.txt").read_text()
+
+
+SECRET = "Zq7-not-for-logs"
+
+
+@pytest.mark.parametrize("uri", [
+    f"s3://AKIAEXAMPLE:{SECRET}@{BUCKET}/runs",
+    f"s3://{SECRET}@{BUCKET}/runs",
+    f"s3://{BUCKET}/runs?access_key=AKIAEXAMPLE&secret_key={SECRET}",
+    f"s3://{BUCKET}/runs?endpoint_override=http://127.0.0.1:9&session_token={SECRET}",
+    f"gs://{BUCKET}/runs?access_token={SECRET}",
+])
+def test_a_uri_with_credentials_is_refused_without_repeating_them(uri, synthetic_root, tmp_path, monkeypatch, capsys):
+    with pytest.raises(StorageError) as refused:
+        open_storage(uri)
+    line = str(refused.value)
+    assert line.startswith("ray.storage_path=") and "carries credentials" in line and "\n" not in line
+    assert SECRET not in line and "AKIAEXAMPLE" not in line
+    # The real pipeline: one error line, exit 2, before anything starts; the secret nowhere in its output.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert teacher.main(["--set", f"data.root={synthetic_root}", "--set", f"ray.storage_path={uri}"]) == 2
+    out = capsys.readouterr()
+    errors = [line for line in (out.out + out.err).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "carries credentials" in errors[0], out
+    assert SECRET not in out.out + out.err
+    log = next(line.split("full log in ", 1)[1] for line in (out.out + out.err).splitlines() if "full log in " in line)
+    assert SECRET not in Path(log).read_text()

@@ -6,31 +6,47 @@ scheme goes through ``pyarrow.fs.FileSystem.from_uri`` (endpoint and credentials
 ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``GOOGLE_APPLICATION_CREDENTIALS``, ...), a plain path is a local
 folder, relative ones from the repository root as before. A URI is never re-rooted under the repository.
 ``Storage`` then offers the few operations run folders need: exists, read, write (whole files only: a reader
-sees the old object or the new one), list, delete, and copying a folder in or out. ``credentials_env`` is the
-part of this process's environment that workers need to reach the same storage (handed on through Ray's
-runtime environment), and ``check_storage`` is the preflight: a probe object written, read back and deleted
-before Ray starts, so unreachable or forbidden storage stops the run in seconds with one line.
+sees the old object or the new one), list, delete, and copying a folder in or out. A URI keeps its query options
+(``s3://bucket/runs?endpoint_override=minio:9000&scheme=http``) in every folder and file below it, so the probe,
+Ray and the workers, which each open the URI again, reach the same endpoint.
+
+Credentials never travel with a run: a URI that carries any (``s3://KEY:SECRET@bucket``, ``?secret_key=``) is
+refused in one line that does not repeat them, and ``credentials_env`` hands Ray's workers only where the
+storage is (endpoint, region), never who we are there: Ray keeps a runtime environment in its job metadata and
+logs it. Each node's own processes find their identity the standard way (the environment its ``ray start`` runs
+in, ``~/.aws/credentials``, an instance role, ``GOOGLE_APPLICATION_CREDENTIALS``); a local Ray's workers are
+this process's children and inherit its environment. ``check_storage`` is the preflight: a probe object
+written, read back and deleted before Ray starts, so unreachable or forbidden storage stops the run in seconds
+with one line.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import re
 import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from vitpose.config import REPO_ROOT, ConfigError, one_line
 
-# Environment variables that say where object storage and the tracking server are and who we are there
-# (pyarrow's S3 and GCS filesystems and MLflow's client read them: MLFLOW_TRACKING_USERNAME / _PASSWORD /
-# _TOKEN, TLS settings); workers get the driver's through the runtime environment.
+# Environment variables that say where object storage and the tracking server are (pyarrow's S3 and GCS
+# filesystems and MLflow's client read them: endpoints, region, TLS settings) and who we are there.
 CREDENTIAL_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "MLFLOW_TRACKING_")
+# Names of the "who" part (keys, secrets, tokens, users, passwords, profiles, roles, credential files): never
+# handed to Ray, which shows a runtime environment in its job metadata and its runtime-env log.
+IDENTITY = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|USERNAME|CREDENTIAL|PROFILE|ROLE|AUTH")
 OBJECT_STORE_HINT = {"s3": "check AWS_ENDPOINT_URL / credentials",
                      "gs": "check GOOGLE_APPLICATION_CREDENTIALS / the bucket"}
+KEEP_CREDENTIALS_OUT = ("a storage URI is printed, logged with the run and handed to Ray, so keep credentials out "
+                        "of it: every node reads its own (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the "
+                        "environment its `ray start` or the run starts in, ~/.aws/credentials, an instance role; "
+                        "GOOGLE_APPLICATION_CREDENTIALS)")
 
 
 class StorageError(ConfigError):
@@ -38,22 +54,42 @@ class StorageError(ConfigError):
 
 
 def credentials_env(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The AWS_* / GOOGLE_* / GCS_* / MLFLOW_TRACKING_* variables of this process (endpoints, keys, users)."""
+    """The AWS_* / GOOGLE_* / GCS_* / MLFLOW_TRACKING_* variables of this process that say where storage and
+    tracking are (endpoints, region, TLS), for Ray's workers; none that says who we are (see ``IDENTITY``)."""
     environ = os.environ if environ is None else environ
-    return {k: v for k, v in environ.items() if k.startswith(CREDENTIAL_PREFIXES)}
+    return {k: v for k, v in environ.items() if k.startswith(CREDENTIAL_PREFIXES) and not IDENTITY.search(k)}
+
+
+def uri_secrets(text: str) -> tuple[str, list[str]]:
+    """``text`` with credentials masked, and what carried them (a user and password, ``secret_key=``, ...)."""
+    scheme, sep, rest = text.partition("://")
+    found: list[str] = []
+    head, qmark, query = rest.partition("?")
+    netloc, slash, path = head.partition("/")
+    if "@" in netloc:
+        found.append("a user and password" if ":" in netloc.rsplit("@", 1)[0] else "a user (access key)")
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    options = []
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if IDENTITY.search(name.upper()) or "SIGNATURE" in name.upper():
+            found.append(f"{name}=")
+            value = "***"
+        options.append(f"{name}={value}")
+    return f"{scheme}{sep}{netloc}{slash}{path}{qmark}{'&'.join(options)}", found
 
 
 class Storage:
     """A folder (or file) on a pyarrow filesystem: ``fs`` and ``path`` as pyarrow takes them, ``uri`` as a user
     writes it (a local one is its absolute path, so messages and ``str()`` read as before)."""
 
-    def __init__(self, fs: Any, path: str, scheme: str | None = None):
+    def __init__(self, fs: Any, path: str, scheme: str | None = None, query: str = ""):
         self.fs, self.path, self.scheme = fs, path.rstrip("/") or path, scheme
+        self.query = query  # the URI's options (endpoint_override=...), as written; '' for local folders
 
     @classmethod
     def parse(cls, text: str | os.PathLike[str]) -> Storage:
-        """``s3://bucket/runs`` / ``gs://...`` / ``file:///abs`` via ``FileSystem.from_uri``; anything else is a
-        local path, relative to the repository root."""
+        """``s3://bucket/runs`` / ``gs://...`` / ``file:///abs`` via ``FileSystem.from_uri``, options included;
+        anything else is a local path, relative to the repository root."""
         import pyarrow.fs as pafs
 
         text = os.fspath(text)
@@ -61,11 +97,14 @@ class Storage:
         if scheme is None or scheme == "file":
             local = Path(text[len("file://"):] if scheme else text).expanduser()
             return cls.local(local if local.is_absolute() else REPO_ROOT / local)
+        masked, secrets = uri_secrets(text)
+        if secrets:
+            raise StorageError(f"{masked}: carries credentials ({', '.join(secrets)}); {KEEP_CREDENTIALS_OUT}")
         try:
             fs, path = pafs.FileSystem.from_uri(text)
         except (OSError, ValueError, ImportError) as err:
             raise StorageError(f"{text}: {one_line(err)}{hint(scheme)}") from None
-        return cls(fs, path, scheme)
+        return cls(fs, path, scheme, urlsplit(text).query)
 
     @classmethod
     def local(cls, path: str | os.PathLike[str]) -> Storage:
@@ -81,6 +120,7 @@ class Storage:
 
         if isinstance(fs, pafs.LocalFileSystem):
             return cls.local(path)
+        # Ray's filesystem already holds the URI's options (endpoint...); only the name lacks them.
         return cls(fs, path, {"gcs": "gs"}.get(fs.type_name, fs.type_name))
 
     @classmethod
@@ -97,7 +137,10 @@ class Storage:
 
     @property
     def uri(self) -> str:
-        return self.path if self.is_local else f"{self.scheme}://{self.path}"
+        """What ``parse`` reads back to the same place: the path, or scheme, path and options."""
+        if self.is_local:
+            return self.path
+        return f"{self.scheme}://{self.path}" + (f"?{self.query}" if self.query else "")
 
     @property
     def local_path(self) -> Path:
@@ -112,10 +155,14 @@ class Storage:
 
     @property
     def parent(self) -> Storage:
-        return Storage(self.fs, posixpath.dirname(self.path), self.scheme)
+        return self._at(posixpath.dirname(self.path))
 
     def __truediv__(self, name: str) -> Storage:
-        return Storage(self.fs, posixpath.join(self.path, name), self.scheme)
+        return self._at(posixpath.join(self.path, name))
+
+    def _at(self, path: str) -> Storage:
+        """Another path on the same filesystem, with the same options."""
+        return Storage(self.fs, path, self.scheme, self.query)
 
     def __str__(self) -> str:
         return self.uri
@@ -124,10 +171,11 @@ class Storage:
         return f"Storage({self.uri!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Storage) and (self.scheme, self.path) == (other.scheme, other.path)
+        return isinstance(other, Storage) and (self.scheme, self.path, self.query) == (other.scheme, other.path,
+                                                                                         other.query)
 
     def __hash__(self) -> int:
-        return hash((self.scheme, self.path))
+        return hash((self.scheme, self.path, self.query))
 
     # ---------------------------------------------------------------------------------- queries
     def _type(self) -> Any:
@@ -153,7 +201,7 @@ class Storage:
         import pyarrow.fs as pafs
 
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-        return sorted((Storage(self.fs, i.path, self.scheme) for i in infos), key=lambda s: s.path)
+        return sorted((self._at(i.path) for i in infos), key=lambda s: s.path)
 
     def file_sizes(self) -> dict[str, int]:
         """Every file below this folder (relative posix path -> bytes), in one listing."""
