@@ -1,8 +1,8 @@
 """Top-down person instances from a COCO keypoint file: image decoding, augmentation, items; the index of
 instances (categories, boxes, validation) is built by ``vitpose.data.annotations``.
 
-``TopDownCocoDataset`` turns a COCO-format keypoint annotation file (real COCO or ``vitpose.data.synthetic``)
-into one item per person instance, with boxes from the ground truth or from a detector's COCO results
+``TopDownCocoDataset`` turns a keypoint annotation file (COCO json, any built-in set's file as its publisher
+ships it: ``vitpose.data.keypoint_files``, or ``vitpose.data.synthetic``) into one item per person instance, with boxes from the ground truth or from a detector's COCO results
 file. Keypoints are those of the chosen keypoint set (``data.keypoints``; a file listing others is refused
 naming both) or, without one, of the built-in set the file's names match, else of the file's own entry. Training items are augmented with replayable ``AugParams`` (see ``vitpose.data.transforms``);
 evaluation items use the deterministic crop. Bad input is either a ``BadSampleError`` naming the file, the
