@@ -1,10 +1,12 @@
 """Connecting to Ray and checking, before any work, that the cluster can hold what the config asks for.
 
 Local by default (``ray.init()`` starts a private Ray); a cluster when ``RAY_ADDRESS`` is set or the
-script was submitted with ``ray job submit`` (which sets it). Every Ray process gets this process's object
-storage endpoint and credentials (``AWS_*``, ``GOOGLE_*``: ``vitpose.storage.credentials_env``) through the
-runtime environment, so workers reach the same ``ray.storage_path``. Impossible requests (more CPUs or GPUs
-than the cluster has, with no autoscaler to add them) fail here with the fix, instead of waiting forever.
+script was submitted with ``ray job submit`` (which sets it). Every Ray process gets where this process's object
+storage and tracking server are (endpoint, region: ``vitpose.storage.credentials_env``) through the runtime
+environment, never who we are there: Ray shows a runtime environment in its job metadata and logs it, so keys
+and passwords come from each node's own environment or credential files (a local Ray's processes inherit this
+one's). Impossible requests (more CPUs or GPUs than the cluster has, with no autoscaler to add them) fail here
+with the fix, instead of waiting forever.
 """
 
 from __future__ import annotations

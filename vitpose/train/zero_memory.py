@@ -16,8 +16,9 @@ the copy back after the step (``_reassign_or_swap_out_partitioned_parameters``) 
 onto itself; the values are the same bits (tests/test_zero_memory.py: weights and losses over several steps and
 a resume from a checkpoint, with and without). It applies only where that branch is valid: ZeRO stage 3, fp32
 (neither ``bf16`` nor ``fp16`` enabled: their partitions are 16-bit and need the master), no optimizer or
-parameter offload, and the DeepSpeed versions it was checked on; on another version it leaves DeepSpeed alone
-and says so once. ``VITPOSE_ZERO3_FP32_MASTER=separate`` turns it off (to measure or compare).
+parameter offload, and the DeepSpeed versions it was checked on (pyproject.toml allows only those); on another
+version it leaves DeepSpeed alone and says so once, on the console (rank 0), since the run then needs more
+memory than the one measured. ``VITPOSE_ZERO3_FP32_MASTER=separate`` turns it off (to measure or compare).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+# Widen with pyproject.toml's deepspeed range, after tests/test_zero_memory.py passes on the new version.
 CHECKED_DEEPSPEED = ("0.19.8",)
 ENV = "VITPOSE_ZERO3_FP32_MASTER"
 
@@ -67,6 +69,20 @@ def why_not_shared(ds_config: dict[str, Any]) -> str:
 
 
 _active = False
+_told = False  # the console heard about an unchecked DeepSpeed in this process
+
+
+def _tell_once(text: str) -> None:
+    """``text`` as a console warning, once per process and on rank 0 only (every rank builds an optimizer)."""
+    global _told
+    import torch.distributed as dist
+
+    if _told or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        return
+    _told = True
+    from vitpose.console import say
+
+    say(f"warning: {text}")
 
 
 @contextmanager
@@ -77,6 +93,7 @@ def shared_fp32_master(ds_config: dict[str, Any]) -> Iterator[MasterSharing]:
     result.skipped = why_not_shared(ds_config)
     if result.skipped.startswith("DeepSpeed "):
         warnings.warn(result.skipped, RuntimeWarning, stacklevel=3)
+        _tell_once(result.skipped)
     if result.skipped or _active:  # nested: the outer block has patched already
         result.skipped = result.skipped or "already inside shared_fp32_master"
         yield result
@@ -107,3 +124,17 @@ def shared_fp32_master(ds_config: dict[str, Any]) -> Iterator[MasterSharing]:
     finally:
         Stage3._create_fp32_partitions = original
         _active = False
+_told = False  # the console heard about an unchecked DeepSpeed in this process
+
+
+def _tell_once(text: str) -> None:
+    """``text`` as a console warning, once per process and on rank 0 only (every rank builds an optimizer)."""
+    global _told
+    import torch.distributed as dist
+
+    if _told or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        return
+    _told = True
+    from vitpose.console import say
+
+    say(f"warning: {text}")
