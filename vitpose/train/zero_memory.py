@@ -124,17 +124,3 @@ def shared_fp32_master(ds_config: dict[str, Any]) -> Iterator[MasterSharing]:
     finally:
         Stage3._create_fp32_partitions = original
         _active = False
-_told = False  # the console heard about an unchecked DeepSpeed in this process
-
-
-def _tell_once(text: str) -> None:
-    """``text`` as a console warning, once per process and on rank 0 only (every rank builds an optimizer)."""
-    global _told
-    import torch.distributed as dist
-
-    if _told or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
-        return
-    _told = True
-    from vitpose.console import say
-
-    say(f"warning: {text}")
