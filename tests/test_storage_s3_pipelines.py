@@ -42,9 +42,11 @@ def test_teacher_on_s3_writes_only_to_the_bucket_and_resumes_from_it_after_a_dri
                                                                                          tmp_path):
     name = f"s3-teacher-{os.getpid()}"
     status_dir = tmp_path / "status"
-    env = env_for(s3, tmp_path, **hold_env(status_dir))
-    args = ["pipelines/teacher.py", *cli_args(synthetic_root, f"s3://{BUCKET}/runs", f"ray.name={name}",
-                                              "train.epochs=3")]
+    # The endpoint is given in the URI; the environment's points nowhere: the probe, Ray's checkpoint uploads
+    # and the workers' own look into the run folder all reach the bucket only if the URI keeps its options.
+    env = env_for(s3, tmp_path, **hold_env(status_dir), AWS_ENDPOINT_URL="http://127.0.0.1:9")
+    uri = f"s3://{BUCKET}/runs?endpoint_override={s3.endpoint}"
+    args = ["pipelines/teacher.py", *cli_args(synthetic_root, uri, f"ray.name={name}", "train.epochs=3")]
     hold = hold_rank(status_dir, 0, phase="save", epoch=2)  # the driver dies while rank 0 saves epoch 2
     first = Launched(args, env, tmp_path / "first.log")
     try:
