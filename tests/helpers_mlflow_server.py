@@ -106,9 +106,10 @@ class MlflowServer:
                 raise RuntimeError(f"mlflow server did not come up; its log:\n{self.log.read_text()[-3000:]}")
             time.sleep(1)
 
-    def stop(self) -> None:
+    def stop(self, crash: bool = False) -> None:
+        """Shut the server down (SIGTERM: it finishes what it serves first), or with ``crash`` gone at once."""
         if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
+            os.killpg(self.proc.pid, 9 if crash else 15)
             self.proc.wait(timeout=60)
 
     def add_user(self, user: str, password: str) -> None:
