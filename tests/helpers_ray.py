@@ -1,9 +1,15 @@
-"""A `ray start --head` that a test starts and stops: own ports, own temp dir, loopback only."""
+"""A `ray start --head` that a test starts and stops: own ports, own temp dir, loopback only (or on the host side
+of a network namespace the test made), and a second node joined from inside that namespace with the README's
+worker command, so the two nodes talk over a real link between two addresses."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,10 +49,12 @@ def listening_sockets(root_pid: int) -> list[tuple[str, str]]:
 
 
 @contextmanager
-def ray_head(env: dict[str, str], *extra: str, num_cpus: int = 2, cwd: Path | None = None) -> Iterator[Head]:
+def ray_head(env: dict[str, str], *extra: str, num_cpus: int = 2, cwd: Path | None = None,
+             node_ip: str = "127.0.0.1") -> Iterator[Head]:
     """A head with ``extra`` ``ray start`` flags (e.g. ``--num-gpus=1``), up when this yields; started in ``cwd``
-    (a job submitted without --working-dir runs there)."""
-    env = {**env, **LOOPBACK_HEAD_ENV}
+    (a job submitted without --working-dir runs there). On the loopback only, or with ``node_ip`` (a ``Netns``
+    host address) an ordinary head that other nodes join."""
+    env = {**env, **LOOPBACK_HEAD_ENV} if node_ip == "127.0.0.1" else dict(env)
     port, dash = free_port(), free_port()
     # Ray's socket paths must stay under 107 characters: pytest's tmp_path is too deep for them.
     head_tmp = tempfile.mkdtemp(prefix="vp-ray-", dir="/tmp")
@@ -55,17 +63,20 @@ def ray_head(env: dict[str, str], *extra: str, num_cpus: int = 2, cwd: Path | No
     agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                    f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
     head = subprocess.Popen([str(RAY), "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
-                             "--node-ip-address=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+                             f"--node-ip-address={node_ip}", f"--dashboard-port={dash}", "--include-dashboard=true",
                              "--dashboard-host=127.0.0.1", f"--temp-dir={head_tmp}", *agent_ports, *extra],
                             env=env, cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        gcs = f"127.0.0.1:{port}"
+        gcs = f"{node_ip}:{port}"
         deadline = time.time() + 90
         while subprocess.run([str(RAY), "status", "--address", gcs], env=env, capture_output=True).returncode:
             assert head.poll() is None, "ray start --head exited"
             assert time.time() < deadline, "Ray head did not come up in 90 s"
             time.sleep(2)
+        while not _answers(f"http://127.0.0.1:{dash}/api/version"):  # the dashboard (job API) can lag the GCS
+            assert head.poll() is None and time.time() < deadline, "the head's dashboard did not answer in 90 s"
+            time.sleep(1)
         yield Head(gcs=gcs, dashboard=f"http://127.0.0.1:{dash}", pid=head.pid, temp_dir=head_tmp)
     finally:
         head.terminate()
@@ -74,33 +85,98 @@ def ray_head(env: dict[str, str], *extra: str, num_cpus: int = 2, cwd: Path | No
 
 
 @dataclass(frozen=True)
-class Node:
-    pid: int  # the node's `ray start --block`, leader of its own process group (kill that to lose the node)
+class Netns:
+    """A network namespace a test made, linked to this one by a veth pair: ``host_ip`` on this side, ``ns_ip``
+    inside. Nothing else is routed: inside, only its own loopback, its end of the pair and ``host_ip``."""
+
+    name: str
+    host_ip: str
+    ns_ip: str
+
+    def run(self, cmd: list[str]) -> list[str]:
+        """``cmd`` run inside the namespace."""
+        return ["ip", "netns", "exec", self.name, *cmd]
+
+    def pids(self) -> list[int]:
+        out = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def kill_all(self) -> None:
+        """SIGKILL what still runs inside (only this test's processes can be in a namespace it made)."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @contextmanager
-def ray_node(head: Head, env: dict[str, str], num_cpus: int = 1) -> Iterator[Node]:
-    """A second node joined to ``head`` on the loopback (tests/ray_join_loopback.py), up when this yields."""
-    env = {**env, **LOOPBACK_HEAD_ENV}
-    ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
+def netns() -> Iterator[Netns]:
+    """A namespace and veth pair of our own (10.213.<k>.0/30, a block no interface here uses), removed
+    afterwards with every process still inside it, also when the test fails."""
+    used = subprocess.run(["ip", "-brief", "addr"], capture_output=True, text=True, check=True).stdout
+    k = random.choice([k for k in range(1, 255) if f"10.213.{k}." not in used])
+    name = f"vp{os.getpid() % 100000}x{k}"  # interface names: 15 characters at most
+    host_if, ns_if = f"{name}h", f"{name}n"
+    space = Netns(name=name, host_ip=f"10.213.{k}.1", ns_ip=f"10.213.{k}.2")
+    steps = [["ip", "netns", "add", name], ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+             ["ip", "link", "set", ns_if, "netns", name], ["ip", "addr", "add", f"{space.host_ip}/30", "dev", host_if],
+             ["ip", "link", "set", host_if, "up"], ["ip", "-n", name, "addr", "add", f"{space.ns_ip}/30", "dev", ns_if],
+             ["ip", "-n", name, "link", "set", ns_if, "up"], ["ip", "-n", name, "link", "set", "lo", "up"]]
+    try:
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True)
+        yield space
+    finally:
+        space.kill_all()
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)  # takes its peer with it
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@dataclass(frozen=True)
+class Node:
+    pid: int  # `ip netns exec ... ray start --block`, leader of its own process group (kill that to lose the node)
+    temp_dir: str
+
+
+@contextmanager
+def ray_node(head: Head, space: Netns, env: dict[str, str], num_cpus: int = 1) -> Iterator[Node]:
+    """A second node joined to ``head`` from inside ``space`` with the README's worker command
+    (``ray start --address=<head>:<port>``; ``--block`` keeps it in the foreground), up when this yields."""
     before = _alive_nodes(head, env)
-    node = subprocess.Popen([sys.executable, "-m", "tests.ray_join_loopback", "start", "--block",
-                             f"--address={head.gcs}", f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1",
-                             *ports], env=env, cwd=Path(__file__).parents[1], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    node_tmp = tempfile.mkdtemp(prefix="vp-node-", dir="/tmp")  # the namespaces share one file system
+    node = subprocess.Popen(space.run([str(RAY), "start", f"--address={head.gcs}", f"--num-cpus={num_cpus}",
+                                       f"--temp-dir={node_tmp}", "--block"]),
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 90
         while _alive_nodes(head, env) <= before:
             assert node.poll() is None, "the second node's ray start exited"
             assert time.time() < deadline, "the second Ray node did not join in 90 s"
             time.sleep(2)
-        yield Node(pid=node.pid)
+        yield Node(pid=node.pid, temp_dir=node_tmp)
     finally:
         if node.poll() is None:
             node.terminate()
-            node.wait(timeout=60)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                node.wait(timeout=60)
+        space.kill_all()
+        shutil.rmtree(node_tmp, ignore_errors=True)
+
+
+def node_ips(head: Head, env: dict[str, str]) -> set[str]:
+    """The addresses of the head's alive nodes, as Ray records them."""
+    done = subprocess.run([str(RAY), "list", "nodes", "--address", head.dashboard, "--filter", "state=ALIVE",
+                           "--format", "json"], env=env, capture_output=True, text=True)
+    return {n["node_ip"] for n in json.loads(done.stdout or "[]")}
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5):
+            return True
+    except OSError:
+        return False
 
 
 def _alive_nodes(head: Head, env: dict[str, str]) -> int:
@@ -110,3 +186,37 @@ def _alive_nodes(head: Head, env: dict[str, str]) -> int:
         return len(json.loads(done.stdout))
     except ValueError:
         return 0
+
+
+@contextmanager
+def relay(listen_ip: str, target_port: int) -> Iterator[int]:
+    """A TCP relay from ``listen_ip`` (a ``Netns`` host address) to ``127.0.0.1:target_port``, so a node inside the
+    namespace reaches a server this machine keeps on the loopback (S3, MLflow); yields the relay's port."""
+    import socket
+    import threading
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def serve(server: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = server.accept()
+                try:
+                    upstream = socket.create_connection(("127.0.0.1", target_port))
+                except OSError:  # the server is down (an outage test): refused, as it would be directly
+                    client.close()
+                    continue
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=pump, args=(a, b), daemon=True).start()
+
+    server = socket.create_server((listen_ip, 0))
+    threading.Thread(target=serve, args=(server,), daemon=True).start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()

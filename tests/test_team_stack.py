@@ -1,6 +1,9 @@
-"""A team's stack on one machine, started and stopped here, loopback only: an S3-compatible store (moto), an
-MLflow server on a real PostgreSQL with the artifacts it proxies into that store and basic auth, and (second
-test) a Ray cluster of two nodes that `ray job submit` runs the teacher and the sweep on.
+"""A team's stack on one machine, started and stopped here: an S3-compatible store (moto), an MLflow server on a
+real PostgreSQL with the artifacts it proxies into that store and basic auth (loopback only), and a Ray cluster
+of two nodes that `ray job submit` runs the teacher and the sweep on. The second node is a host of its own: a
+network namespace the test makes, joined to a head on the host side of its veth pair with the README's worker
+command (`ray start --address=<head>:<port>`), so Ray's traffic between the nodes crosses a real link between
+two addresses. Every address the tests use is loopback or one of that pair's.
 
 In its own module: no other Ray of the test session is alive while its cluster runs.
 """
@@ -25,12 +28,11 @@ import psutil
 import pytest
 
 from tests.conftest import REPO
-from tests.faults.procs import hold_rank, wait_for_status
+from tests.faults.procs import hold_env, hold_rank, wait_for_status
 from tests.helpers_mlflow_server import ADMIN_PASSWORD, PASSWORD, USER, mlflow_server, postgres_server
-from tests.helpers_ray import LOOPBACK_IPS, RAY, listening_sockets, ray_head, ray_node
+from tests.helpers_ray import RAY, netns, node_ips, ray_head, ray_node, relay
 from tests.helpers_s3 import s3_server
 from tests.test_teacher_pipeline import args as teacher_args
-from vitpose.train.session import STATUS_DIR_ENV
 
 sys.path.insert(0, str(REPO / "pipelines"))
 import teacher  # noqa: E402
@@ -176,39 +178,87 @@ def tree(pid: int) -> set[int]:
     return {root.pid, *(p.pid for p in root.children(recursive=True))}
 
 
+NODE_PROBE = """
+import json, os, sys
+import numpy as np, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+ray.init(address=sys.argv[1])
+(node,) = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == sys.argv[2]]
+
+@ray.remote(num_cpus=1)
+def on_the_node(blob):
+    return os.readlink("/proc/self/ns/net"), ray.util.get_node_ip_address(), float(blob.sum()), \
+        np.ones(2_000_000, dtype=np.float32)
+
+# 8 MB each way: through the object store, from this node to the other and back
+netns, ip, total, back = ray.get(on_the_node.options(
+    scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(np.ones(2_000_000, np.float32)))
+print(json.dumps({"netns": netns, "ip": ip, "total": total, "back": float(back.sum())}))
+"""
+
+
+def test_a_second_node_joins_from_its_own_network_namespace_with_the_readme_command():
+    """A head on the host side of a veth pair, a node joined from inside the namespace with `ray start
+    --address=<head>:<port>` and no patch: Ray records the two addresses, and a task pinned to the second node
+    runs inside the namespace and trades 8 MB each way with a driver on the head's side."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    with netns() as space, ray_head(env, num_cpus=1, node_ip=space.host_ip) as head, \
+            ray_node(head, space, env, num_cpus=1):
+        assert node_ips(head, env) == {space.host_ip, space.ns_ip}
+        out = subprocess.run([sys.executable, "-c", NODE_PROBE, head.gcs, space.ns_ip], env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr[-3000:]
+        seen = json.loads(out.stdout.strip().splitlines()[-1])
+        inside = f"net:[{os.stat(f'/run/netns/{space.name}').st_ino}]"  # the namespace the test made
+        assert seen["ip"] == space.ns_ip and seen["netns"] == inside, (seen, space, inside)
+        assert seen["total"] == seen["back"] == 2_000_000.0
+    assert subprocess.run(["ip", "netns", "pids", space.name], capture_output=True).returncode != 0  # removed
+
+
 def test_two_nodes_ray_job_submit_with_node_and_driver_kills(stack, as_worker, synthetic_root, tmp_path):
     """Teacher and sweep as `ray job submit` jobs on a two-node cluster, storage in the bucket, tracking on the
     server: workers spread over both nodes; the worker node killed mid-run -> the run resumes on the head
     from the bucket; the job's driver killed -> `--resume` continues from the bucket; then a 2-trial sweep."""
+    with netns() as space, relay(space.host_ip, stack.s3.port) as s3_port, \
+            relay(space.host_ip, stack.mlflow.port) as mlflow_port:
+        two_nodes(stack, as_worker, synthetic_root, tmp_path, space, f"http://{space.host_ip}:{s3_port}",
+                  f"http://{space.host_ip}:{mlflow_port}")
+
+
+def two_nodes(stack, client, synthetic_root, tmp_path, space, s3_endpoint: str, mlflow_uri: str) -> None:
+    """The body of the two-node test: the second node in ``space``; S3 and MLflow, kept on this machine's
+    loopback, reached by both nodes at ``space``'s host address (``s3_endpoint``, ``mlflow_uri``)."""
     t_start = time.time()
     status_dir = tmp_path / "status"
     # Each node holds the bucket's and the server's credentials in its environment (as a cluster's secrets
     # would put them there); a job brings only where to track and the status folder.
     node_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
-    node_env.update({**stack.s3.env, "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": PASSWORD,
-                     "RAY_AUTH_MODE": "disabled"})
-    job_env = {"MLFLOW_TRACKING_URI": stack.mlflow.uri, STATUS_DIR_ENV: str(status_dir)}
-    client = as_worker
+    node_env.update({**stack.s3.env, "AWS_ENDPOINT_URL": s3_endpoint, "MLFLOW_TRACKING_USERNAME": USER,
+                     "MLFLOW_TRACKING_PASSWORD": PASSWORD, "RAY_AUTH_MODE": "disabled"})
+    job_env = {"MLFLOW_TRACKING_URI": mlflow_uri, **hold_env(status_dir)}
     name = f"two-node-{os.getpid()}"
     sets = ["deepspeed.zero_stage=3", "train.precision=bf16", "train.epochs=6", "ray.placement_strategy=SPREAD",
             "ray.max_failures=2", f"ray.name={name}", "tracking.experiment=two-node",
             "tracking.registered_model=two-node-teacher", "tracking.log_images=2"]
     argv = teacher_args(synthetic_root, f"s3://{BUCKET}/runs", *sets)
-    with ray_head(node_env, num_cpus=2) as head, ray_node(head, node_env, num_cpus=2) as node:
+    with ray_head(node_env, num_cpus=2, node_ip=space.host_ip) as head, \
+            ray_node(head, space, node_env, num_cpus=2) as node:
+        assert node_ips(head, node_env) == {space.host_ip, space.ns_ip}
         first = submit(head, node_env, "teacher.py", argv, job_env)
         try:
             # Spread: one rank on each node.
             pids = {r: wait_for_status(status_dir, r, lambda s: s["phase"] == "train", 400,
                                        alive=lambda: first.poll() is None)["pid"] for r in (0, 1)}
-            on_node = [r for r, pid in pids.items() if pid in tree(node.pid)]
+            on_node = [r for r, pid in pids.items() if pid in space.pids()]  # inside the second host
             assert len(on_node) == 1 and pids[1 - on_node[0]] in tree(head.pid), (pids, on_node)
             # The worker node is lost at the first step of epoch 3 (epoch 2's checkpoint is in the bucket): its
-            # process group and every process under its `ray start` (raylet, agents, the training worker).
+            # `ray start` and every process inside its namespace (raylet, agents, the training worker).
             hold = hold_rank(status_dir, on_node[0], phase="train", epoch=3)
             wait_for_status(status_dir, on_node[0], lambda s: s["held"], 400, alive=lambda: first.poll() is None)
             saved = [k for k in stack.s3.keys(BUCKET, f"runs/{name}-") if k.endswith("/meta.json")]
             assert saved, "no checkpoint in the bucket before the node kill"
-            doomed = [psutil.Process(pid) for pid in tree(node.pid)]
+            doomed = [psutil.Process(pid) for pid in space.pids()]  # everything on the second host
             t_kill = time.time()
             os.killpg(node.pid, signal.SIGKILL)
             for proc in doomed:
@@ -270,7 +320,7 @@ def test_two_nodes_ray_job_submit_with_node_and_driver_kills(stack, as_worker, s
                       "distill.teacher_uri=models:/two-node-teacher@current", "tracking.experiment=two-node-sweep",
                       "tune.search_space={distill.parts: {grid: [none, both]}}", "tune.grace_period=2"]
         code, out = finish(submit(head, node_env, "distill.py", [a for s in sweep_sets for a in ("--set", s)],
-                                  {"MLFLOW_TRACKING_URI": stack.mlflow.uri}))
+                                  {"MLFLOW_TRACKING_URI": mlflow_uri}))
         assert code == 0, out[-4000:]
         sweep = run_of(client, "two-node-sweep")
         exp = client.get_experiment_by_name("two-node-sweep").experiment_id
@@ -280,6 +330,5 @@ def test_two_nodes_ray_job_submit_with_node_and_driver_kills(stack, as_worker, s
         assert {a.path for a in client.list_artifacts(parent[0].info.run_id)} >= {"sweep.png", "results.csv"}
         assert client.get_model_version_by_alias("vitpose-student", "champion")
         assert sweep is not None
-        assert [b for b in listening_sockets(head.pid) if b[0] not in LOOPBACK_IPS] == []
     print(f"two-node test: {time.time() - t_start:.0f} s; resumed {resumed_s:.0f} s after the node kill; "
           f"checkpoints {len(metas)}")
