@@ -1,19 +1,19 @@
 """Keypoint evaluation: model heatmaps -> predictions -> the keypoint set's protocol.
 
 ``coco``: decoding batches, rescoring, OKS-NMS and pycocotools' COCOeval (``CocoKeypointEvaluator``);
+``cocoeval``: pycocotools' index and keypoint COCOeval, as every protocol calls them;
 ``protocols``: the metrics each set's community reports (CrowdPose, COCO-WholeBody per part, PCKh, PCK);
 ``pck``: the distance metrics. ``from vitpose.evaluation import ...`` gives the names below.
 """
 
 from vitpose.evaluation.coco import (
     COCO_SIGMAS,
-    STAT_NAMES,
     CocoKeypointEvaluator,
     decode_batch_to_predictions,
     oks_iou,
     oks_nms,
-    run_cocoeval,
 )
+from vitpose.evaluation.cocoeval import STAT_NAMES, run_cocoeval
 from vitpose.evaluation.protocols import (
     DEFAULT_PROTOCOL,
     HEADLINE,

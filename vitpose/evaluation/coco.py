@@ -28,18 +28,18 @@ from typing import Any
 
 import numpy as np
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from vitpose.data.codec import as_numpy, decode, flip_back, to_image_coords
 from vitpose.data.keypoint_defs import COCO as COCO_SET
 from vitpose.data.keypoint_files import load_keypoint_file
 from vitpose.data.keypoint_set import KeypointSet
 from vitpose.data.keypoints import join_keypoint_fields, recognise_set, set_read_with
+from vitpose.evaluation.cocoeval import STAT_NAMES, coco_of, run_cocoeval
+from vitpose.evaluation.protocols import check_protocol, protocol_metrics
 
 # COCO's per-keypoint OKS sigmas (pycocotools' default, the 17 COCO keypoints in order).
 COCO_SIGMAS = np.asarray(COCO_SET.sigmas)
 
-STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 
 
 def decode_batch_to_predictions(
@@ -139,8 +139,6 @@ class CocoKeypointEvaluator:
         keypoint_score_thr: float = 0.2,
         protocol: str | None = None,
     ):
-        from vitpose.evaluation.protocols import check_protocol
-
         if isinstance(ann_file, COCO):
             data = ann_file.dataset
         else:
@@ -238,8 +236,6 @@ class CocoKeypointEvaluator:
             Path(results_file).parent.mkdir(parents=True, exist_ok=True)
             with open(results_file, "w") as f:
                 json.dump(results, f)
-        from vitpose.evaluation.protocols import protocol_metrics
-
         if not results:
             self.summary = "no predictions: every metric is 0"
             return protocol_metrics(self, [], results, image_ids, zero=True)
@@ -256,35 +252,12 @@ class CocoKeypointEvaluator:
         return protocol_metrics(self, predictions, results, image_ids, base=metrics)
 
 
-def run_cocoeval(coco: COCO, results: list[dict[str, Any]], sigmas: np.ndarray, category_ids: Sequence[int],
-                 image_ids: Sequence[int] | None) -> COCOeval:
-    """pycocotools' keypoint COCOeval of ``results`` against ``coco``: evaluated, accumulated, summarised."""
-    coco_eval = COCOeval(coco, coco.loadRes(results), iouType="keypoints")
-    coco_eval.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
-    coco_eval.params.catIds = list(category_ids)
-    if image_ids is not None:
-        coco_eval.params.imgIds = sorted({int(i) for i in image_ids})
-    coco_eval.evaluate()
-    coco_eval.accumulate()
-    coco_eval.summarize()
-    return coco_eval
-
-
 def _one_class(coco: COCO, category_ids: Sequence[int], category_id: int) -> COCO:
     """``coco`` with every annotation of ``category_ids`` relabelled ``category_id``."""
     data = dict(coco.dataset)
     data["annotations"] = [{**a, "category_id": category_id} if a.get("category_id") in category_ids else a
                            for a in data.get("annotations", [])]
     return coco_of(data)
-
-
-def coco_of(data: dict[str, Any]) -> COCO:
-    """A pycocotools ``COCO`` indexing ``data`` (already loaded), without its progress lines."""
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
 
 
 def _ground_truth(data: dict[str, Any], kset: KeypointSet, category_ids: Sequence[int]) -> COCO:

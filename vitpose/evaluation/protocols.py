@@ -27,7 +27,7 @@ import numpy as np
 
 from vitpose.data.keypoint_files import CROWD_AREA_FACTOR
 from vitpose.data.keypoint_set import KeypointSet
-from vitpose.evaluation.coco import STAT_NAMES, coco_of, run_cocoeval
+from vitpose.evaluation.cocoeval import STAT_NAMES, coco_of, run_cocoeval
 from vitpose.evaluation.pck import hand_metrics, mpii_head_size, pckh_metrics
 
 DEFAULT_PROTOCOL = {"coco": "coco", "crowdpose": "crowdpose", "mpii": "pckh", "aic": "coco",
