@@ -1,21 +1,28 @@
-"""The distillation ablation on the synthetic data, on the shipped path: five arms x N seeds, val AP after the
-last epoch, mean +- std per arm and paired differences with 95% intervals.
+"""The distillation benchmark on the synthetic data, on the shipped path: a teacher at its plateau, five arms
+x N seeds at the demo's short budget and at a converged budget, paired differences with 95% intervals and the
+share of the teacher-student gap each arm closes.
 
-    python benchmarks/distill_ablation.py [--seeds 0 1 2 3 4] [--config configs/distill/synthetic_tiny.yaml]
-                                          [--set KEY=VALUE ...] [--skip-online]
+    python benchmarks/distill_ablation.py [--budgets short converged] [--seeds 0 1 2 3 4] [--skip-online]
+                                          [--teacher models:/vitpose-teacher@plateau] [--set KEY=VALUE ...]
 
-Needs a registered teacher (``make demo`` makes one at models:/vitpose-teacher@current). Runs the real sweep
-(``pipelines/distill.py``: Ray Tune, DeepSpeed engine, MLflow) twice:
+Distillation can only show transfer when the teacher knows more than the student learns alone, so:
 
-1. bank mode, arms none / token / random_token / output / both crossed with ``train.seed``; every arm of a
-   seed trains on that seed's view bank (the same stored views), starts from the same initial weights and is
-   read after its last epoch (FIFO scheduler: no early stopping, equal budgets);
-2. online mode, arm output per seed (fresh seeded augmentation, the teacher run per batch), to check that the
-   bank does not change what output distillation gives.
+0. The teacher is ``--teacher`` (default ``models:/vitpose-teacher@plateau``, a ``vitpose_nano`` trained by
+   ``pipelines/teacher.py --config configs/teacher/synthetic_plateau.yaml``, which this script runs when the
+   alias is missing). Its val AP curve comes from its MLflow run; it is at its plateau when the last two
+   evaluations differ by less than ``PLATEAU_TOL``.
+1. Per budget (``converged``: ``configs/distill/synthetic_plateau.yaml``, a ``vitpose_femto`` student for 24
+   epochs; ``short``: the same with the demo's 6 epochs), one sweep (``pipelines/distill.py``: Ray Tune, DeepSpeed engine,
+   MLflow; FIFO, so every trial runs its whole budget) of arms none / token / random_token / output / both
+   crossed with ``train.seed``; the arms of a seed train on the same view bank's views from the same initial
+   weights and are read after their last epoch. The ``none`` arm's curve (mean over seeds) says whether the
+   budget is converged: its AP rose by less than ``PLATEAU_TOL`` over the last quarter of the budget.
+2. Optionally (not ``--skip-online``) arm output again in online mode (fresh seeded augmentation, the teacher
+   run per batch), to check that the bank does not change what output distillation gives.
 
 Arms are paired by seed: the difference of two arms is taken seed by seed, and its 95% interval is the t
-interval of those N differences. The results (per-seed values included) go to
-``runs/bench/distill_ablation.json``; the table printed at the end is what RESULTS.md shows.
+interval of those N differences. Gap closure per seed is (arm - none) / (teacher - none). Results, per-seed
+values included, go to ``runs/bench/distill_ablation.json``; the tables printed are what the README shows.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -32,32 +40,59 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ["none", "token", "random_token", "output", "both"]
+CONFIG = "configs/distill/synthetic_plateau.yaml"
+# The demo's schedule, and the one the config gives: the student alone has stopped improving by its end.
+BUDGETS = {"short": ["train.epochs=6", "train.lr_steps=[5]", "train.eval_every=1"], "converged": []}
+TEACHER_CONFIG = "configs/teacher/synthetic_plateau.yaml"
+PLATEAU_TOL = 0.01  # val AP: less than this gained at the end of a curve counts as "stopped rising"
 # Two-sided 95% quantiles of Student's t by degrees of freedom (no scipy needed for 1-10 seeds).
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 COMPARISONS = [("token", "none"), ("random_token", "none"), ("output", "none"), ("both", "none"),
                ("token", "random_token"), ("output", "output (online)")]
 
 
-def sweep(config: str, name: str, sets: list[str], log: Path) -> Path:
-    """Run one sweep; returns its results table."""
-    cmd = [sys.executable, "pipelines/distill.py", "--config", config, "--set", f"ray.name={name}",
-           "--set", "tune.scheduler=fifo", "--set", "tune.registered_model=vitpose-student-ablation",
-           "--set", "tune.alias=ablation", *[x for s in sets for x in ("--set", s)]]
+def run(cmd: list[str], log: Path, what: str) -> None:
     print(f"$ {' '.join(cmd[1:])}", flush=True)
     with log.open("w") as out:
         code = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
     if code:
-        sys.exit(f"sweep {name} failed (exit {code}); its output is in {log}")
-    return sorted((REPO / "runs" / "ray").glob(f"{name}-2*/results.csv"))[-1]
+        sys.exit(f"{what} failed (exit {code}); its output is in {log}")
 
 
-def read(table: Path, label: dict[str, str]) -> dict[str, dict[int, float]]:
+def sweep(config: str, name: str, sets: list[str], log: Path) -> Path:
+    """Run one sweep; returns its folder (results.csv and one folder per trial)."""
+    run([sys.executable, "pipelines/distill.py", "--config", config, "--set", f"ray.name={name}",
+         "--set", "tune.scheduler=fifo", "--set", "tune.registered_model=vitpose-student-ablation",
+         "--set", "tune.alias=ablation", *[x for s in sets for x in ("--set", s)]], log, f"sweep {name}")
+    return sorted((REPO / "runs" / "ray").glob(f"{name}-2*/results.csv"))[-1].parent
+
+
+def read(folder: Path, label: dict[str, str]) -> dict[str, dict[int, float]]:
     """{arm: {seed: val AP after the last epoch}}; ``label`` renames arms (the online run's output)."""
     scores: dict[str, dict[int, float]] = {}
-    for row in csv.DictReader(table.open()):
+    for row in csv.DictReader((folder / "results.csv").open()):
         arm = label.get(row["config/distill.parts"], row["config/distill.parts"])
         scores.setdefault(arm, {})[int(row["config/train.seed"])] = float(row["val/AP"])
     return scores
+
+
+def arm_curve(folder: Path, arm: str) -> list[tuple[int, float]]:
+    """(epoch, mean val AP over seeds) of one arm, from the trials' progress files (Tune's per-report log)."""
+    by_epoch: dict[int, list[float]] = {}
+    for progress in folder.glob("*/progress.csv"):
+        for row in csv.DictReader(progress.open()):
+            if row.get("config/distill.parts") == arm and row.get("val/AP"):
+                by_epoch.setdefault(int(float(row["epoch"])), []).append(float(row["val/AP"]))
+    return [(e, statistics.mean(v)) for e, v in sorted(by_epoch.items())]
+
+
+def rise_at_end(curve: list[tuple[int, float]], fraction: float) -> float:
+    """AP gained over the last ``fraction`` of the curve's epochs (nan when it has under two points)."""
+    if len(curve) < 2:
+        return math.nan
+    last_epoch = curve[-1][0]
+    start = [ap for e, ap in curve if e <= last_epoch * (1 - fraction)] or [curve[0][1]]
+    return curve[-1][1] - start[-1]
 
 
 def interval(values: list[float]) -> tuple[float, float, float]:
@@ -69,7 +104,11 @@ def interval(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def summarise(scores: dict[str, dict[int, float]], seeds: list[int]) -> dict[str, object]:
+def reading(low: float, high: float) -> str:
+    return "no difference shown" if low <= 0 <= high else ("higher" if low > 0 else "lower")
+
+
+def summarise(scores: dict[str, dict[int, float]], seeds: list[int], teacher_ap: float) -> dict[str, object]:
     arms = {arm: {"per_seed": [v[s] for s in seeds], "mean": statistics.mean(v[s] for s in seeds),
                   "std": statistics.stdev([v[s] for s in seeds]) if len(seeds) > 1 else 0.0}
             for arm, v in scores.items()}
@@ -78,18 +117,26 @@ def summarise(scores: dict[str, dict[int, float]], seeds: list[int]) -> dict[str
         if a in scores and b in scores:
             diffs = [scores[a][s] - scores[b][s] for s in seeds]
             mean, low, high = interval(diffs)
-            pairs[f"{a} - {b}"] = {"per_seed": diffs, "mean": mean, "ci95": [low, high],
-                                   "supported": "no difference shown" if low <= 0 <= high
-                                   else ("higher" if low > 0 else "lower")}
-    return {"arms": arms, "paired": pairs}
+            pairs[f"{a} - {b}"] = {"per_seed": diffs, "mean": mean, "ci95": [low, high], "supported": reading(low, high)}
+    closure = {}
+    for arm in scores:
+        if arm != "none" and "none" in scores:
+            per_seed = [(scores[arm][s] - scores["none"][s]) / (teacher_ap - scores["none"][s]) for s in seeds]
+            mean, low, high = interval(per_seed)
+            closure[arm] = {"per_seed": per_seed, "mean": mean, "ci95": [low, high]}
+    return {"arms": arms, "paired": pairs, "closure": closure}
 
 
-def show(result: dict[str, object], seeds: list[int]) -> None:
-    print(f"\nval AP after the last epoch, seeds {seeds}:")
-    print(f"| arm | {' | '.join(f'seed {s}' for s in seeds)} | mean +- std |")
-    print(f"|---|{'---|' * len(seeds)}---|")
+def show(budget: str, result: dict, seeds: list[int], teacher_ap: float) -> None:
+    print(f"\n{budget} budget ({result['epochs']} epochs): val AP after the last epoch, seeds {seeds}; "
+          f"teacher {teacher_ap:.3f}; `none` rose {result['none_rise_last_quarter']:+.3f} over the last quarter")
+    print(f"| arm | {' | '.join(f'seed {s}' for s in seeds)} | mean +- std | gap closed (95% interval) |")
+    print(f"|---|{'---|' * len(seeds)}---|---|")
     for arm, r in result["arms"].items():
-        print(f"| {arm} | {' | '.join(f'{v:.3f}' for v in r['per_seed'])} | {r['mean']:.3f} +- {r['std']:.3f} |")
+        c = result["closure"].get(arm)
+        closed = f"{c['mean']:+.0%} [{c['ci95'][0]:+.0%}, {c['ci95'][1]:+.0%}]" if c else "-"
+        print(f"| {arm} | {' | '.join(f'{v:.3f}' for v in r['per_seed'])} | {r['mean']:.3f} +- {r['std']:.3f} | "
+              f"{closed} |")
     print("\n| paired difference | mean | 95% interval | reading |")
     print("|---|---|---|---|")
     for name, r in result["paired"].items():
@@ -97,37 +144,93 @@ def show(result: dict[str, object], seeds: list[int]) -> None:
         print(f"| {name} | {r['mean']:+.3f} | [{low:+.3f}, {high:+.3f}] | {r['supported']} |")
 
 
+def teacher_at_plateau(uri: str, log: Path) -> dict[str, object]:
+    """The teacher's final val AP, curve and size; trains it first when its alias does not exist yet."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from vitpose.tracking import resolve_tracking_uri
+
+    client = mlflow.MlflowClient(resolve_tracking_uri())
+    name, alias = uri.removeprefix("models:/").split("@")
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        run([sys.executable, "pipelines/teacher.py", "--config", TEACHER_CONFIG, "--set", f"tracking.alias={alias}",
+             "--set", f"tracking.registered_model={name}"], log, f"teacher {uri}")
+        version = client.get_model_version_by_alias(name, alias)
+    history = sorted(client.get_metric_history(version.run_id, "val/AP"), key=lambda m: m.step)
+    curve = [(m.step, m.value) for m in history]
+    params = client.get_run(version.run_id).data.params
+    return {"uri": uri, "version": version.version, "run_id": version.run_id, "preset": params.get("model.preset"),
+            "val_AP": curve[-1][1], "curve": curve,
+            "last_eval_gain": curve[-1][1] - curve[-2][1] if len(curve) > 1 else math.nan}
+
+
+def num_params(config: str, sets: list[str], schema: type) -> tuple[str, int]:
+    """(preset, parameters) of the model a config builds (its crop, patch and keypoints included)."""
+    from vitpose.build import model_spec
+    from vitpose.config import load_config
+    from vitpose.models.vitpose import build_model_from_spec
+
+    cfg = load_config(REPO / config, sets, schema=schema)
+    return cfg.model.preset, build_model_from_spec(model_spec(cfg), device="meta").num_params()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budgets", nargs="+", choices=list(BUDGETS), default=list(BUDGETS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--config", default="configs/distill/synthetic_tiny.yaml")
-    p.add_argument("--set", action="append", default=[], help="extra overrides for both sweeps")
-    p.add_argument("--skip-online", action="store_true", help="only the bank sweep")
+    p.add_argument("--teacher", default="models:/vitpose-teacher@plateau", help="registered teacher (models:/NAME@ALIAS)")
+    p.add_argument("--set", action="append", default=[], help="extra overrides for every sweep")
+    p.add_argument("--skip-online", action="store_true", help="only the bank sweeps")
     p.add_argument("--out", default=str(REPO / "runs" / "bench" / "distill_ablation.json"))
     a = p.parse_args()
+    os.chdir(REPO)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     seeds = "[" + ", ".join(map(str, a.seeds)) + "]"
     t0 = time.time()
-    bank = sweep(a.config, "ablation-bank", [
-        f"tune.search_space={{distill.parts: {{grid: [{', '.join(ARMS)}]}}, train.seed: {{grid: {seeds}}}}}",
-        "distill.output.mode=bank", *a.set], out.with_suffix(".bank.log"))
-    scores = read(bank, {})
-    print(f"  bank sweep done in {time.time() - t0:.0f} s: {bank}", flush=True)
-    tables = [str(bank)]
-    if not a.skip_online:
-        online = sweep(a.config, "ablation-online", [
-            f"tune.search_space={{distill.parts: {{grid: [output]}}, train.seed: {{grid: {seeds}}}}}",
-            "distill.output.mode=online", *a.set], out.with_suffix(".online.log"))
-        scores.update(read(online, {"output": "output (online)"}))
-        tables.append(str(online))
-        print(f"  online sweep done ({time.time() - t0:.0f} s so far): {online}", flush=True)
-    result = summarise(scores, a.seeds)
-    result.update({"seeds": a.seeds, "config": a.config, "overrides": a.set, "tables": tables,
-                   "wall_seconds": round(time.time() - t0), "date": time.strftime("%Y-%m-%d"),
-                   "selection": "val/AP after each trial's last epoch (FIFO, equal budgets)"})
+    teacher = teacher_at_plateau(a.teacher, out.with_suffix(".teacher.log"))
+    from vitpose.config import StudentConfig
+    from vitpose.model_store import load_vitpose
+
+    teacher["params"] = load_vitpose(a.teacher)[0].num_params()
+    print(f"teacher {a.teacher} ({teacher['preset']}, {teacher['params']:,} parameters): val AP "
+          f"{teacher['val_AP']:.3f}, last evaluation {teacher['last_eval_gain']:+.3f} "
+          f"({'at its plateau' if abs(teacher['last_eval_gain']) < PLATEAU_TOL else 'STILL RISING'}); curve "
+          + ", ".join(f"{e}: {ap:.3f}" for e, ap in teacher["curve"]), flush=True)
+    common = [f"distill.teacher_uri={a.teacher}", *a.set]
+    result: dict[str, object] = {"teacher": teacher, "seeds": a.seeds, "overrides": a.set, "budgets": {},
+                                 "date": time.strftime("%Y-%m-%d"),
+                                 "selection": "val/AP after each trial's last epoch (FIFO, equal budgets)"}
+    for budget in a.budgets:
+        config, sets = CONFIG, [*BUDGETS[budget], *common]
+        preset, n = num_params(config, sets, StudentConfig)
+        folder = sweep(config, f"ablation-{budget}-bank", [
+            f"tune.search_space={{distill.parts: {{grid: [{', '.join(ARMS)}]}}, train.seed: {{grid: {seeds}}}}}",
+            "distill.output.mode=bank", *sets], out.with_suffix(f".{budget}.bank.log"))
+        scores, folders = read(folder, {}), [str(folder)]
+        if not a.skip_online:
+            online = sweep(config, f"ablation-{budget}-online", [
+                f"tune.search_space={{distill.parts: {{grid: [output]}}, train.seed: {{grid: {seeds}}}}}",
+                "distill.output.mode=online", *sets], out.with_suffix(f".{budget}.online.log"))
+            scores.update(read(online, {"output": "output (online)"}))
+            folders.append(str(online))
+        none_curve = arm_curve(folder, "none")
+        r = summarise(scores, a.seeds, teacher["val_AP"])
+        r.update({"config": config, "student": preset, "student_params": n, "capacity_ratio": teacher["params"] / n,
+                  "epochs": none_curve[-1][0] if none_curve else None, "none_curve": none_curve,
+                  "none_rise_last_quarter": rise_at_end(none_curve, 0.25), "sweeps": folders,
+                  "wall_seconds_so_far": round(time.time() - t0)})
+        result["budgets"][budget] = r
+        out.write_text(json.dumps(result, indent=1))
+        print(f"  {budget} budget done, {r['wall_seconds_so_far']} s so far; student {preset} ({n:,} parameters, "
+              f"teacher/student {r['capacity_ratio']:.1f}x)", flush=True)
+    result["wall_seconds"] = round(time.time() - t0)
     out.write_text(json.dumps(result, indent=1))
-    show(result, a.seeds)
+    for budget, r in result["budgets"].items():
+        show(budget, r, a.seeds, teacher["val_AP"])
     print(f"\nwall time {result['wall_seconds']} s; results in {out}")
     return 0
 
