@@ -113,7 +113,9 @@ def test_unreachable_storage_stops_in_seconds_with_one_line(uri, endpoint, cause
 
 
 def test_sweep_keeps_tune_state_and_trial_checkpoints_in_the_bucket(s3, synthetic_root, tmp_path):
-    env = env_for(s3, tmp_path)
+    # The endpoint only in the URI: Tune's state, the trials' checkpoints and the results reach the bucket only
+    # if every path below the sweep folder keeps the URI's options.
+    env = env_for(s3, tmp_path, AWS_ENDPOINT_URL="http://127.0.0.1:9")
     teacher = subprocess.run([PY, "pipelines/teacher.py", *cli_args(synthetic_root, tmp_path / "ray", "train.epochs=1",
                                                                    "deepspeed.zero_stage=0", "train.precision=fp32",
                                                                    "ray.num_workers=1")],
@@ -122,7 +124,8 @@ def test_sweep_keeps_tune_state_and_trial_checkpoints_in_the_bucket(s3, syntheti
     name = f"s3-sweep-{os.getpid()}"
     sets = [f"data.root={synthetic_root}", "data.synthetic.train_instances=96", "data.synthetic.val_instances=32",
             "model.img_size=[64, 48]", "train.batch_size=8", "train.warmup_iters=2", "train.lr_steps=[]",
-            "data.loader_workers=0", f"ray.storage_path=s3://{BUCKET}/sweeps", f"ray.name={name}", "train.epochs=2",
+            "data.loader_workers=0", f"ray.storage_path=s3://{BUCKET}/sweeps?endpoint_override={s3.endpoint}",
+            f"ray.name={name}", "train.epochs=2",
             "tune.search_space={distill.parts: {grid: [none, both]}}", "tune.grace_period=2"]
     out = subprocess.run([PY, "pipelines/distill.py", *[a for s in sets for a in ("--set", s)]], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=900)
