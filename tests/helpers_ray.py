@@ -92,6 +92,8 @@ class Netns:
     name: str
     host_ip: str
     ns_ip: str
+    host_if: str  # the pair's interfaces: a node whose hostname resolves to the loopback (this machine's does)
+    ns_if: str  # names its own in GLOO_SOCKET_IFNAME, or its training ranks offer the others 127.0.0.1
 
     def run(self, cmd: list[str]) -> list[str]:
         """``cmd`` run inside the namespace."""
@@ -116,7 +118,7 @@ def netns() -> Iterator[Netns]:
     k = random.choice([k for k in range(1, 255) if f"10.213.{k}." not in used])
     name = f"vp{os.getpid() % 100000}x{k}"  # interface names: 15 characters at most
     host_if, ns_if = f"{name}h", f"{name}n"
-    space = Netns(name=name, host_ip=f"10.213.{k}.1", ns_ip=f"10.213.{k}.2")
+    space = Netns(name=name, host_ip=f"10.213.{k}.1", ns_ip=f"10.213.{k}.2", host_if=host_if, ns_if=ns_if)
     steps = [["ip", "netns", "add", name], ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
              ["ip", "link", "set", ns_if, "netns", name], ["ip", "addr", "add", f"{space.host_ip}/30", "dev", host_if],
              ["ip", "link", "set", host_if, "up"], ["ip", "-n", name, "addr", "add", f"{space.ns_ip}/30", "dev", ns_if],

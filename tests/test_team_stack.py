@@ -242,8 +242,10 @@ def two_nodes(stack, client, synthetic_root, tmp_path, space, s3_endpoint: str, 
             "ray.max_failures=2", f"ray.name={name}", "tracking.experiment=two-node",
             "tracking.registered_model=two-node-teacher", "tracking.log_images=2"]
     argv = teacher_args(synthetic_root, f"s3://{BUCKET}/runs", *sets)
-    with ray_head(node_env, num_cpus=2, node_ip=space.host_ip) as head, \
-            ray_node(head, space, node_env, num_cpus=2) as node:
+    # Both hosts share this machine's hostname, which resolves to 127.0.0.1: each node names the interface its
+    # training ranks reach the others on (gloo), as a node with several interfaces would.
+    with ray_head({**node_env, "GLOO_SOCKET_IFNAME": space.host_if}, num_cpus=2, node_ip=space.host_ip) as head, \
+            ray_node(head, space, {**node_env, "GLOO_SOCKET_IFNAME": space.ns_if}, num_cpus=2) as node:
         assert node_ips(head, node_env) == {space.host_ip, space.ns_ip}
         first = submit(head, node_env, "teacher.py", argv, job_env)
         try:
