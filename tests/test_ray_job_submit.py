@@ -111,6 +111,7 @@ def test_both_readme_job_forms_leave_everything_in_runs_and_the_teacher_serves(t
     assert (runs / "data" / "synthetic" / "annotations" / "person_keypoints_train.json").is_file()
     assert len(list((runs / "ray").glob("*/checkpoint_*/meta.json"))) == 2  # one epoch of each form
     assert (runs / "mlflow.db").is_file() and (runs / "jobs.db").is_file()
+    print("in the repository's runs/:", sorted(str(p.relative_to(runs)) for p in runs.glob("*/*")))
     import mlflow
 
     from tests.test_serving import picture
@@ -121,6 +122,15 @@ def test_both_readme_job_forms_leave_everything_in_runs_and_the_teacher_serves(t
         version = client.get_model_version_by_alias("vitpose-teacher", "current")
         run = client.get_run(version.run_id)
         assert run.info.artifact_uri.startswith((runs / "mlartifacts").as_uri()), run.info.artifact_uri
+        # The registered model's files: its logged model's folder (source models:/m-<id>), or a run path.
+        if version.source.startswith("models:/"):
+            files = client.get_logged_model(version.source.removeprefix("models:/")).artifact_location
+        elif version.source.startswith("runs:/"):
+            files = f"{run.info.artifact_uri}/{version.source.split('/', 2)[2]}"
+        else:
+            files = version.source
+        assert files.startswith((runs / "mlartifacts").as_uri()), files
+        print(f"{store}: run artifacts {run.info.artifact_uri}, registered model's files {files}")
         mlflow.set_tracking_uri(store)
         model = mlflow.pyfunc.load_model("models:/vitpose-teacher@current")
         out = model.predict([{"image": image, "boxes": [[10, 10, 50, 100, 0.9]]}])
