@@ -81,8 +81,10 @@ def arm_curve(folder: Path, arm: str) -> list[tuple[int, float]]:
     """(epoch, mean val AP over seeds) of one arm, from the trials' progress files (Tune's per-report log)."""
     by_epoch: dict[int, list[float]] = {}
     for progress in folder.glob("*/progress.csv"):
+        if json.loads((progress.parent / "params.json").read_text()).get("distill.parts") != arm:
+            continue
         for row in csv.DictReader(progress.open()):
-            if row.get("config/distill.parts") == arm and row.get("val/AP"):
+            if row.get("val/AP"):
                 by_epoch.setdefault(int(float(row["epoch"])), []).append(float(row["val/AP"]))
     return [(e, statistics.mean(v)) for e, v in sorted(by_epoch.items())]
 
@@ -122,7 +124,10 @@ def summarise(scores: dict[str, dict[int, float]], seeds: list[int], teacher_ap:
     closure = {}
     for arm in scores:
         if arm != "none" and "none" in scores:
-            per_seed = [(scores[arm][s] - scores["none"][s]) / (teacher_ap - scores["none"][s]) for s in seeds]
+            gaps = [teacher_ap - scores["none"][s] for s in seeds]
+            if min(gaps) <= 0:  # the student alone at or above the teacher: no gap to close
+                continue
+            per_seed = [(scores[arm][s] - scores["none"][s]) / gap for s, gap in zip(seeds, gaps, strict=True)]
             mean, low, high = interval(per_seed)
             closure[arm] = {"per_seed": per_seed, "mean": mean, "ci95": [low, high]}
     return {"arms": arms, "paired": pairs, "closure": closure}
@@ -132,7 +137,7 @@ def show(budget: str, result: dict, seeds: list[int], teacher_ap: float) -> None
     rise = result["none_rise_last_quarter"]
     print(f"\n{budget} budget ({result['epochs']} epochs): val AP after the last epoch, seeds {seeds}; teacher "
           f"{teacher_ap:.3f}; `none` rose {rise:+.3f} over the last quarter of its epochs, "
-          f"{rise / (teacher_ap - result['arms']['none']['mean']):.0%} of its gap to the teacher")
+          f"against a gap to the teacher of {teacher_ap - result['arms']['none']['mean']:+.3f}")
     print(f"| arm | {' | '.join(f'seed {s}' for s in seeds)} | mean +- std | gap closed (95% interval) |")
     print(f"|---|{'---|' * len(seeds)}---|---|")
     for arm, r in result["arms"].items():
@@ -170,6 +175,12 @@ def teacher_at_plateau(uri: str, log: Path) -> dict[str, object]:
             "last_eval_gain": curve[-1][1] - curve[-2][1] if len(curve) > 1 else math.nan}
 
 
+def plateau_word(last_gain: float) -> str:
+    if math.isnan(last_gain):
+        return "one evaluation: cannot tell whether it is at its plateau"
+    return "at its plateau" if abs(last_gain) < PLATEAU_TOL else "STILL RISING: train it longer"
+
+
 def num_params(config: str, sets: list[str], schema: type) -> tuple[str, int]:
     """(preset, parameters) of the model a config builds (its crop, patch and keypoints included)."""
     from vitpose.build import model_spec
@@ -201,7 +212,7 @@ def main() -> int:
     teacher["params"] = load_vitpose(a.teacher)[0].num_params()
     print(f"teacher {a.teacher} ({teacher['preset']}, {teacher['params']:,} parameters): val AP "
           f"{teacher['val_AP']:.3f}, last evaluation {teacher['last_eval_gain']:+.3f} "
-          f"({'at its plateau' if abs(teacher['last_eval_gain']) < PLATEAU_TOL else 'STILL RISING'}); curve "
+          f"({plateau_word(teacher['last_eval_gain'])}); curve "
           + ", ".join(f"{e}: {ap:.3f}" for e, ap in teacher["curve"]), flush=True)
     common = [f"distill.teacher_uri={a.teacher}", *a.set]
     result: dict[str, object] = {"teacher": teacher, "seeds": a.seeds, "overrides": a.set, "budgets": {},
