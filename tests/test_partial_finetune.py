@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -54,16 +52,23 @@ def test_config_freezes_and_rejects_blocks_past_the_depth() -> None:
 
 def test_frozen_parameters_do_not_move_in_training(synthetic_root, tmp_path) -> None:
     # The real loop: DeepSpeed engine, AdamW with weight decay over the layer-decay groups, three steps.
+    import mlflow
+
+    from vitpose.tracking import WorkerTracker
     from vitpose.train.loop import Trainer
     from vitpose.train.session import LocalSession
 
     cfg = tiny_config(synthetic_root, "model.freeze={attention: [0, 2], mlp: [1]}", "deepspeed.zero_stage=0",
                       "train.precision=fp32", "train.max_steps_per_epoch=3", "train.lr=1e-2")
-    logged: list[tuple] = []
-    tracker = SimpleNamespace(run_id="run", client=SimpleNamespace(log_param=lambda *a: logged.append(a)))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("freeze")).info.run_id
+    tracker = WorkerTracker(uri, run_id, background=False)
     trainer = Trainer(cfg, LocalSession(tmp_path), tracker=tracker)
     model = trainer.engine.module
-    assert logged == [("run", "model.frozen_params", model.freeze_report.num_params)]  # the MLflow param
+    tracker.close()
+    params = client.get_run(run_id).data.params  # the MLflow param, through the tracker's outbox
+    assert params["model.frozen_params"] == str(model.freeze_report.num_params)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     frozen = set(frozen_parameter_names(model))
     assert frozen == set(model.freeze_report.names) and len(frozen) == 2 * 6 + 6
