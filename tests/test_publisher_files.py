@@ -139,21 +139,62 @@ def test_crowdpose_and_wholebody_reproduce_xtcocotools():
         assert (m[f"{part}_AP"], m[f"{part}_AR"]) == pytest.approx((ap, ar), abs=1e-6), part
 
 
+def mpii_head_sizes(gt_file: Path) -> np.ndarray:
+    """0.6 x the head box diagonal per person, read from MPII's ground-truth file with scipy, as MPII does."""
+    from scipy.io import loadmat
+
+    boxes = loadmat(str(gt_file))["headboxes_src"]
+    return 0.6 * np.linalg.norm(boxes[1] - boxes[0], axis=0)
+
+
 def test_pckh_counts_joints_within_half_a_head_and_leaves_out_pelvis_and_thorax():
     ds = dataset("mpii", named=True)
     preds = perfect(ds)
     ev = CocoKeypointEvaluator(ds.ann_file)
     anns = ev.coco.anns
+    heads = mpii_head_sizes(DATA / "mpii" / "annotations" / "mpii_gt_val.mat")
     for p in preds:  # right wrist (10) off by 0.6 head sizes: a miss; pelvis (6) off by 5: not in the total
-        k = np.asarray(anns[p["ann_id"]]["keypoints"]).reshape(16, 3)
-        head = np.linalg.norm(k[9, :2] - k[8, :2])
-        p["keypoints"][10, 0] += 0.6 * head
-        p["keypoints"][6, 0] += 5 * head
+        p["keypoints"][10, 0] += 0.6 * heads[p["ann_id"] - 1]
+        p["keypoints"][6, 0] += 5 * heads[p["ann_id"] - 1]
     m = ev.evaluate(preds)
     labelled = np.array([np.asarray(anns[p["ann_id"]]["keypoints"]).reshape(16, 3)[:, 2] > 0 for p in preds])
     counted = labelled[:, [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13, 14, 15]].sum()
     assert m["PCKh"] == pytest.approx(1 - labelled[:, 10].sum() / counted)
     assert m["PCKh_wrist"] == pytest.approx(0.5) and m["PCKh_head"] == 1.0 and m["PCKh_0.1"] == m["PCKh"]
+
+
+@pytest.mark.parametrize("with_gt_file", [True, False], ids=["mpii_gt_val.mat", "json-alone"])
+def test_pckh_head_size_comes_from_mpiis_head_boxes_when_they_ship_beside_the_json(tmp_path, with_gt_file):
+    """Left wrists off by 0.55 of MPII's head size: a miss against the head boxes of mpii_gt_val.mat, a hit
+    against the neck-head segment used when the json comes alone (the boxes here are 0.87 of that segment)."""
+    shutil.copy(ann_of("mpii"), tmp_path / "mpii_val.json")
+    if with_gt_file:
+        shutil.copy(DATA / "mpii" / "annotations" / "mpii_gt_val.mat", tmp_path)
+    ds = TopDownCocoDataset(tmp_path / "mpii_val.json", DATA / "mpii" / "images", train=False)
+    heads = mpii_head_sizes(DATA / "mpii" / "annotations" / "mpii_gt_val.mat")
+    preds = perfect(ds)
+    for p in preds:
+        p["keypoints"][15, 0] += 0.55 * heads[p["ann_id"] - 1]
+    m = CocoKeypointEvaluator(ds.ann_file).evaluate(preds)
+    assert m["PCKh_wrist"] == pytest.approx(0.5 if with_gt_file else 1.0)
+
+
+def test_mpii_head_boxes_of_another_split_or_order_are_refused_in_one_line(tmp_path):
+    from scipy.io import loadmat, savemat
+
+    gt = loadmat(str(DATA / "mpii" / "annotations" / "mpii_gt_val.mat"))
+    shutil.copy(ann_of("mpii"), tmp_path / "mpii_val.json")
+    fewer = {k: gt[k][..., :-1] for k in ("headboxes_src", "pos_gt_src", "jnt_missing")}
+    savemat(tmp_path / "mpii_gt_val.mat", {**fewer, "dataset_joints": gt["dataset_joints"]})
+    with pytest.raises(ValueError, match=r"mpii_gt_val.mat holds 5 people and .*mpii_val.json 6; .* same split"):
+        load_keypoint_file(tmp_path / "mpii_val.json")
+    swapped = {k: gt[k][..., [1, 0, 2, 3, 4, 5]] for k in ("headboxes_src", "pos_gt_src", "jnt_missing")}
+    savemat(tmp_path / "mpii_gt_val.mat", {**swapped, "dataset_joints": gt["dataset_joints"]})
+    with pytest.raises(ValueError, match=r"person #0's joints differ from .*same people in the same order"):
+        load_keypoint_file(tmp_path / "mpii_val.json")
+    shutil.copy(tmp_path / "mpii_val.json", tmp_path / "mpii_train.json")  # a train json beside the val boxes
+    (tmp_path / "mpii_train.json").write_text(json.dumps(json.loads(ann_of("mpii").read_text())[:4]))
+    assert all("headbox" not in a for a in load_keypoint_file(tmp_path / "mpii_train.json")["annotations"])
 
 
 def test_hand_pck_is_normalised_by_the_box_and_epe_is_in_pixels():

@@ -97,6 +97,26 @@ def write(name: str, data) -> None:
     path.write_text(json.dumps(data, indent=None, separators=(",", ":")) + "\n")
 
 
+def mpii_gt(people: list[dict], path: Path) -> None:
+    """MPII's val ground truth as mmpose ships it beside mpii_val.json (``mpii_gt_val.mat``, from the HRNet
+    release): one column per person in the json's order, 1-based pixels, joint names MPII's short ones. The
+    head box spans the head: from above head_top to below upper_neck, 0.8 x that segment wide."""
+    from scipy.io import savemat
+
+    joints = np.asarray([p["joints"] for p in people], dtype=np.float64)  # N x 16 x 2
+    top, neck = joints[:, 9], joints[:, 8]
+    length = np.linalg.norm(top - neck, axis=1)[:, None]
+    mid = (top + neck) / 2
+    half = np.concatenate([0.4 * length, 0.6 * length], axis=1)
+    savemat(path, {
+        "dataset_joints": np.array([["rank", "rkne", "rhip", "lhip", "lkne", "lank", "pelv", "thrx", "neck", "head",
+                                     "rwri", "relb", "rsho", "lsho", "lelb", "lwri"]], dtype=object),
+        "jnt_missing": np.asarray([[1 - v for v in p["joints_vis"]] for p in people], dtype=np.float64).T,
+        "pos_gt_src": joints.transpose(1, 2, 0),
+        "headboxes_src": np.stack([mid - half, mid + half]).transpose(0, 2, 1),
+    })
+
+
 BOXES = [  # per image: (file size, person boxes)
     ((320, 240), [[20, 20, 90, 200], [150, 30, 80, 190]]),
     ((320, 240), [[40, 10, 100, 220], [180, 40, 70, 170], [240, 20, 70, 200]]),
@@ -217,6 +237,7 @@ def main() -> None:
                            "center": [round(x + bw / 2 + 1, 1), round(y + bh / 2 + 1 - 0.075 * bh, 1)],
                            "scale": round(bh / 200, 4)})
     write("mpii", people)
+    mpii_gt(people, OUT / "mpii" / "annotations" / "mpii_gt_val.mat")
     # AI Challenger's own release (keypoint_validation_annotations_20170911.json): the same people, whole pixels.
     raw = []
     for im in aic_data["images"]:

@@ -11,6 +11,10 @@ reference toolkit derives it, so that the dataset, the evaluator and COCOeval al
   ``center``, ``scale``, ``image``): one image per file name, the box of side ``scale`` x 200 px around
   ``center`` moved down 15 / 200 of it (mmpose's adjustment so the feet stay in the crop), coordinates from
   MATLAB's 1-based pixels to 0-based. ``headbox`` / ``head_size`` of a person, when present, are kept for PCKh.
+  MPII's head boxes ship apart, in ``mpii_gt_val.mat`` beside ``mpii_val.json`` (``headboxes_src`` 2 x 2 x N,
+  ``pos_gt_src`` 16 x 2 x N, ``jnt_missing`` 16 x N, one column per person in the json's order): when that file
+  lies beside the json and holds as many people, each person's box is read from it, after checking that its
+  joints are the json's, so PCKh is normalised as MPII's own evaluation does.
 * AI Challenger's own layout (``keypoint_validation_annotations_20170911.json``: a list of images with
   ``image_id``, ``keypoint_annotations`` and ``human_annotations`` per human): boxes from x1, y1, x2, y2,
   visibility 1 (visible) -> 2, 2 (occluded) -> 1, 3 (not labelled) -> 0, images ``<image_id>.jpg``.
@@ -24,8 +28,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vitpose.data.files import read_json
 
+MPII_GT_FILE = "mpii_gt_val.mat"  # where mmpose's layout keeps the val head boxes
 MPII_PIXEL_STD = 200.0  # MPII's scale is the person's height / 200 px
 CROWD_AREA_FACTOR = 0.53  # xtcocotools: area of a person ~ 0.53 x its box, for files without 'area'
 _MPII_NAMES = ("right_ankle", "right_knee", "right_hip", "left_hip", "left_knee", "left_ankle", "pelvis",
@@ -134,6 +141,8 @@ def mpii_to_coco(people: list[dict[str, Any]], path: Any) -> dict[str, Any]:
                "bbox": [cx - side / 2, cy - side / 2, side, side], "keypoints": kps}
         ann.update({k: p[k] for k in ("headbox", "head_size") if k in p})
         anns.append(ann)
+    for ann, box in zip(anns, _mpii_head_boxes(path, anns), strict=False):
+        ann["headbox"] = box
     return {
         "images": [{"id": iid, "file_name": name} for name, iid in images.items()],
         "annotations": anns,
@@ -141,3 +150,39 @@ def mpii_to_coco(people: list[dict[str, Any]], path: Any) -> dict[str, Any]:
         "layout": "mpii",
     }
 
+
+
+def _mpii_head_boxes(path: Any, anns: list[dict[str, Any]]) -> list[list[list[float]]]:
+    """0-based head boxes [[x1, y1], [x2, y2]] per person from the ``mpii_gt_val.mat`` beside ``path``, or []
+    when there is none or it describes another split (a train json beside the val file)."""
+    gt_file = Path(str(path)).parent / MPII_GT_FILE
+    if not isinstance(path, str | Path) or not gt_file.is_file():
+        return []
+    from scipy.io import loadmat  # only MPII's val file needs it
+
+    try:
+        gt = loadmat(str(gt_file))
+        boxes, joints, missing = (np.asarray(gt[k], dtype=np.float64) for k in ("headboxes_src", "pos_gt_src",
+                                                                               "jnt_missing"))
+    except (KeyError, ValueError, OSError) as e:
+        raise ValueError(f"{gt_file}: not MPII's ground-truth file ({e}); it needs 'headboxes_src' (2 x 2 x N), "
+                         "'pos_gt_src' (16 x 2 x N) and 'jnt_missing' (16 x N); use the mpii_gt_val.mat mmpose "
+                         "ships, or remove it to normalise PCKh by the neck-head segment") from None
+    n = boxes.shape[-1] if boxes.ndim == 3 else -1
+    if boxes.shape[:2] != (2, 2) or joints.shape != (len(_MPII_NAMES), 2, n) or missing.shape != (len(_MPII_NAMES), n):
+        raise ValueError(f"{gt_file}: headboxes_src {boxes.shape}, pos_gt_src {joints.shape}, jnt_missing "
+                         f"{missing.shape}; MPII's file has 2 x 2 x N, 16 x 2 x N and 16 x N")
+    if n != len(anns):
+        if "val" in Path(str(path)).stem:
+            raise ValueError(f"{gt_file} holds {n} people and {path} {len(anns)}; the head boxes are matched to "
+                             "people by order, so both must be the same split (mmpose's mpii_val.json and "
+                             "mpii_gt_val.mat)")
+        return []
+    for i, ann in enumerate(anns):
+        kps = np.asarray(ann["keypoints"], dtype=np.float64).reshape(-1, 3)
+        both = (kps[:, 2] > 0) & (missing[:, i] == 0)
+        if np.abs(kps[both, :2] + 1 - joints[both, :, i]).max(initial=0.0) > 1.0:
+            raise ValueError(f"{gt_file}: person #{i}'s joints differ from {path}'s by more than a pixel; the head "
+                             "boxes are matched by order, so the two files must list the same people in the same order")
+    return [[[float(boxes[0, 0, i]) - 1, float(boxes[0, 1, i]) - 1], [float(boxes[1, 0, i]) - 1,
+                                                                     float(boxes[1, 1, i]) - 1]] for i in range(n)]
