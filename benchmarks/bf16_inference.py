@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from inference import interleaved_row  # benchmarks/inference.py, beside this script
 
-from vitpose.inference import PosePredictor
+from vitpose.deploy.inference import PosePredictor
+from vitpose.deploy.onnx import sample_crops
 from vitpose.models import build_model
-from vitpose.onnx_export import sample_crops
 
 BATCH1_CALLS = 8
 

@@ -24,7 +24,7 @@ Sections (the issue's items):
    per-repetition ratios).
 2b. The shipped training step (--shipped-only runs this alone; --skip-shipped leaves it out): our side is
    what a user runs, the real ``Trainer.train_epoch`` over the DeepSpeed engine that ``deepspeed.initialize``
-   builds from configs/deepspeed/zero<stage>.json completed by vitpose/dsconfig.py (layer-decayed groups,
+   builds from configs/deepspeed/zero<stage>.json completed by vitpose/train/deepspeed_config.py (layer-decayed groups,
    clipping 1.0, DeepSpeed's precision handling: bf16 weights over fp32 masters), one pre-made batch of the
    synthetic set per rank. ZeRO-0 on one rank (2 threads) against the peer's plain torch loop; ZeRO-3 on two
    ranks (gloo, 1 thread each, spawned processes) against the peer under DDP on two ranks, at equal per-rank
@@ -718,7 +718,7 @@ def shipped_section(pairs: list[PairRow], results: list[dict[str, Any]]) -> list
     L = ["## 2b. The shipped training step vs the peer's plain loop", "",
          "Our side is the step a user runs: the real `Trainer.train_epoch` (lr schedule, loss, finiteness check, "
          "`engine.backward`, `engine.step`) over the DeepSpeed engine that `deepspeed.initialize` built from "
-         "configs/deepspeed/zero<stage>.json as completed by vitpose/dsconfig.py (the paper's layer-decayed "
+         "configs/deepspeed/zero<stage>.json as completed by vitpose/train/deepspeed_config.py (the paper's layer-decayed "
          "groups, clipping 1.0, DeepSpeed's precision handling), fed one pre-made batch of the synthetic set. "
          "ZeRO-0 on one rank, ZeRO-3 on two ranks (gloo, one process each, threads split). The peer is "
          "`VitPoseForPoseEstimation` in a plain torch loop (DDP on two ranks) with the same AdamW class and "

@@ -157,7 +157,7 @@ def teacher_at_plateau(uri: str, log: Path) -> dict[str, object]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from vitpose.tracking import resolve_tracking_uri
+    from vitpose.run.tracking import resolve_tracking_uri
 
     client = mlflow.MlflowClient(resolve_tracking_uri())
     name, alias = uri.removeprefix("models:/").split("@")
@@ -210,7 +210,7 @@ def main() -> int:
     t0 = time.time()
     teacher = teacher_at_plateau(a.teacher, out.with_suffix(".teacher.log"))
     from vitpose.config import StudentConfig
-    from vitpose.model_store import load_vitpose
+    from vitpose.deploy.model_store import load_vitpose
 
     teacher["params"] = load_vitpose(a.teacher)[0].num_params()
     print(f"teacher {a.teacher} ({teacher['preset']}, {teacher['params']:,} parameters): val AP "

@@ -42,8 +42,8 @@ def engine_runs(data_root: Path, out: Path) -> None:
 
     from vitpose.build import ensure_data
     from vitpose.config import load_config
-    from vitpose.train.checkpoint import MODEL_FILE, verify_checkpoint
     from vitpose.train.loop import Trainer
+    from vitpose.train.run_folder import MODEL_FILE, verify_checkpoint
     from vitpose.train.session import LocalSession
 
     base = [f"data.root={data_root}", "data.synthetic.generate=true", "data.synthetic.train_instances=1024", "data.synthetic.val_instances=128",

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
+from vitpose.deploy.onnx import export_onnx, onnx_session, sample_crops
 from vitpose.models import build_model
-from vitpose.onnx_export import export_onnx, onnx_session, sample_crops
 
 BATCH1_CALLS = 8  # batch-1 calls per timed measurement: one call is too short to time against scheduler noise
 

@@ -114,7 +114,7 @@ def inspect(path: Path, expected: str) -> dict[str, Any]:
 
 def pretrain(a: argparse.Namespace, out: Path) -> tuple[dict[str, Path], dict[str, Any]]:
     """Stages 1 and 2: the pretrained backbone in both foreign formats, and what pretraining reached."""
-    from vitpose.train.checkpoint import gather_fp32_state_dict
+    from vitpose.train.run_folder import gather_fp32_state_dict
 
     height = config(out, PRETRAIN_DATA_SEED, a.set).model.img_size[0]
     cfg = config(out, PRETRAIN_DATA_SEED, [*schedule(a.pretrain_epochs), f"train.eval_every={a.pretrain_epochs}",

@@ -35,10 +35,10 @@ import torch
 from inference import interleaved_row  # benchmarks/inference.py, beside this script
 
 from vitpose.config import REPO_ROOT, TeacherConfig, load_config
+from vitpose.deploy.int8 import calibration_crops, int8_report, quantize_int8
+from vitpose.deploy.onnx import DEFAULT_DECONV, export_onnx
+from vitpose.deploy.runtime import OrtNetwork
 from vitpose.models import PRESETS, build_model
-from vitpose.onnx_export import DEFAULT_DECONV, export_onnx
-from vitpose.ort_runtime import OrtNetwork
-from vitpose.quantize import calibration_crops, int8_report, quantize_int8
 
 DEMO_STUDENT = REPO_ROOT / "configs" / "distill" / "synthetic_tiny.yaml"
 DEMO_TEACHER = REPO_ROOT / "configs" / "teacher" / "synthetic_tiny.yaml"

@@ -132,7 +132,7 @@ def worker(a: argparse.Namespace) -> None:
     import deepspeed  # noqa: F401  (counted in the baseline, like torch)
 
     from vitpose.config import TeacherConfig, load_config
-    from vitpose.dsconfig import complete_deepspeed_config
+    from vitpose.train.deepspeed_config import complete_deepspeed_config
     from vitpose.train.loop import Trainer
     from vitpose.train.session import NullSession
     from vitpose.train.zero_memory import shared_fp32_master

@@ -13,7 +13,7 @@ import time
 import distill
 import teacher
 
-from vitpose.console import say
+from vitpose.run.console import say
 
 
 def main(argv: list[str] | None = None) -> int:

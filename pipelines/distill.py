@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vitpose.cli import common_args, run
 from vitpose.config import StudentConfig, load_config
 from vitpose.distill.sweep import plan_sweep, run_sweep
-from vitpose.pipeline import common_args, run
 
 DEFAULT_CONFIG = "configs/distill/synthetic_tiny.yaml"
 

@@ -18,7 +18,7 @@ face_AP, lefthand_AP, righthand_AP, wholebody_AP, ...), pckh (MPII: PCKh, PCKh_0
 
 Person boxes come from the ground truth, or from a detector's COCO results file (--det-file); the flip test
 is on unless --no-flip-test. The crops, decode, rescoring, OKS-NMS and pycocotools COCOeval are the ones the
-training loop uses (``vitpose.inference.PosePredictor.predict_dataset`` + ``vitpose.evaluation``), so the
+training loop uses (``vitpose.deploy.inference.PosePredictor.predict_dataset`` + ``vitpose.evaluation``), so the
 AP printed here is the AP training reported for the same checkpoint and data.
 
 Prints COCOeval's 10-number summary; writes ``OUT/keypoint_results.json`` (COCO results format, after
@@ -36,9 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vitpose.cli import UsageError, guarded
 from vitpose.config import DataConfig, resolve_path
 from vitpose.evaluation.protocols import DEFAULT_PROTOCOL, HEADLINE, PROTOCOL_METRICS, PROTOCOLS, STAT_NAMES
-from vitpose.pipeline import UsageError, guarded
 
 DEFAULTS = DataConfig()
 
@@ -98,8 +98,8 @@ def keypoint_set(args: argparse.Namespace, predictor: Any) -> Any:
     """--keypoints, else the model's own set (None for weights stored without one: the file's names decide)."""
     import yaml
 
-    from vitpose.data.keypoint_set import FROM_FILE
     from vitpose.data.keypoints import custom_keypoint_set, get_keypoint_set
+    from vitpose.data.keypoints.set import FROM_FILE
 
     if not args.keypoints:
         # Weights stored without a set carry a guessed one (COCO for 17): the file's names decide instead.
@@ -122,8 +122,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], str, Path, dic
     """Run the evaluation; returns (metrics, COCOeval summary text, output folder, settings)."""
     from vitpose.data.coco import TopDownCocoDataset
     from vitpose.data.keypoints import BUILTIN_SETS
+    from vitpose.deploy.inference import PosePredictor, resolve_device
     from vitpose.evaluation import CocoKeypointEvaluator
-    from vitpose.inference import PosePredictor, resolve_device
 
     ann, images, det = resolve_inputs(args)
     predictor = PosePredictor.from_uri(args.model, args.tracking_uri, flip_test=not args.no_flip_test,
@@ -179,7 +179,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, float], str, Path, dic
 
 
 def log_to_mlflow(args: argparse.Namespace, metrics: dict[str, float], out: Path, settings: dict[str, Any]) -> str:
-    from vitpose import tracking
+    from vitpose.run import tracking
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     tracking.check_tracking_uri(uri)

@@ -29,11 +29,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vitpose.pipeline import UsageError, guarded
+from vitpose.cli import UsageError, guarded
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from vitpose.onnx_export import DEFAULT_OPSET
+    from vitpose.deploy.onnx import DEFAULT_OPSET
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitpose import tracking
-    from vitpose.model_store import load_vitpose
-    from vitpose.onnx_export import check_parity, export_onnx, log_onnx_model, onnx_session
+    from vitpose.deploy.model_store import load_vitpose
+    from vitpose.deploy.onnx import check_parity, export_onnx, log_onnx_model, onnx_session
+    from vitpose.run import tracking
 
     tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
     model, meta = load_vitpose(args.model, tracking_uri)
@@ -141,7 +141,7 @@ def export_int8(args: argparse.Namespace, model: Any, meta: dict[str, Any], fp32
                 tracking_uri: str) -> tuple[Path, dict[str, float]] | None:
     """Calibrate, quantize and check; the int8 file and its report, or None when the AP drop is too large."""
     from vitpose.build import build_datasets
-    from vitpose.quantize import calibration_crops, int8_report, quantize_int8
+    from vitpose.deploy.int8 import calibration_crops, int8_report, quantize_int8
 
     cfg, where = training_config(args, tracking_uri)
     train, val = build_datasets(cfg, is_local_leader=True)
@@ -200,11 +200,11 @@ def training_config(args: argparse.Namespace, tracking_uri: str) -> tuple[Any, s
 
 def register_int8(tracking_uri: str, run_id: str, model: Any, meta: dict[str, Any],
                   int8: tuple[Path, dict[str, float]], args: argparse.Namespace) -> str | None:
-    """The pose pyfunc with the int8 file as its network (see vitpose.serving.log_vitpose_model)."""
+    """The pose pyfunc with the int8 file as its network (see vitpose.deploy.serving.log_vitpose_model)."""
     import tempfile
 
+    from vitpose.deploy.serving import log_vitpose_model
     from vitpose.models import save_safetensors
-    from vitpose.serving import log_vitpose_model
 
     path, report = int8
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vitpose.pipeline import UsageError, guarded
+from vitpose.cli import UsageError, guarded
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 CHUNK = 8  # images whose crops share forward passes; bounds memory on folders of large photos
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitpose.inference import BadRequest, PosePredictor, decode_image, parse_boxes, resolve_device
+    from vitpose.deploy.inference import BadRequest, PosePredictor, decode_image, parse_boxes, resolve_device
 
     t0 = time.perf_counter()
     images = collect_images(args.inputs)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vitpose.cli import common_args, guarded, run
 from vitpose.config import TeacherConfig, load_config
-from vitpose.pipeline import common_args, guarded, run
 from vitpose.train.driver import train_teacher
 
 DEFAULT_CONFIG = "configs/teacher/synthetic_tiny.yaml"

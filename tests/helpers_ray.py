@@ -25,7 +25,7 @@ from vitpose.train.session import free_port
 
 RAY = Path(sys.executable).parent / "ray"
 # Without it Ray binds the head's servers to the machine's outward address even when given 127.0.0.1 (see
-# vitpose/raycluster.py); README's one-machine head uses the same variable.
+# vitpose/run/cluster.py); README's one-machine head uses the same variable.
 LOOPBACK_HEAD_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 

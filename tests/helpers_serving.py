@@ -52,7 +52,7 @@ def register_model(uri: str, experiment_id: str, weights: Path, meta: dict[str, 
     """Log + register through the production path (``log_vitpose_model``); returns the run id."""
     import mlflow
 
-    from vitpose.serving import log_vitpose_model
+    from vitpose.deploy.serving import log_vitpose_model
 
     run_id = mlflow.MlflowClient(uri).create_run(experiment_id).info.run_id
     log_vitpose_model(uri, run_id, weights, meta, name, alias)
@@ -65,7 +65,7 @@ def random_model(path: Path, *, preset: str = "vitpose_nano", img_size: tuple[in
     """An untrained model's weights (safetensors with its spec) and a meta with COCO keypoints."""
     import torch
 
-    from vitpose.inference import default_keypoint_info
+    from vitpose.deploy.inference import default_keypoint_info
     from vitpose.models import build_model, save_safetensors
 
     torch.manual_seed(seed)

@@ -67,8 +67,8 @@ def test_evaluate_reproduces_the_engine_ap(trained, tmp_path, capsys):
 
     # Prediction level: the CLI's fused flip pass equals the engine's two separate passes, instance by instance.
     from vitpose.data.coco import TopDownCocoDataset
+    from vitpose.deploy.inference import PosePredictor
     from vitpose.evaluation import decode_batch_to_predictions
-    from vitpose.inference import PosePredictor
 
     predictor = PosePredictor.from_uri(str(trained.checkpoint), batch_size=7)
     ds = TopDownCocoDataset(trained.data_root / "annotations/person_keypoints_val.json",

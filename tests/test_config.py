@@ -14,7 +14,7 @@ from vitpose.config import (
     flatten,
     load_config,
 )
-from vitpose.dsconfig import complete_deepspeed_config, offload_devices
+from vitpose.train.deepspeed_config import complete_deepspeed_config, offload_devices
 
 TINY = REPO_ROOT / "configs" / "teacher" / "synthetic_tiny.yaml"
 

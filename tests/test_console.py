@@ -10,7 +10,7 @@ from pathlib import Path
 SCRIPT = textwrap.dedent('''
     import logging, sys, warnings
     from pathlib import Path
-    from vitpose import console
+    from vitpose.run import console
 
     early = logging.getLogger("library"); early.addHandler(logging.StreamHandler(sys.stderr))
     with console.captured(Path(sys.argv[1]), verbose=sys.argv[2] == "1"):

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import REPO, TEST_IMG
 from tests.faults.procs import Launched, assert_gone_with_the_driver
-from vitpose.train.checkpoint import IncompleteCheckpointError, verify_checkpoint
+from vitpose.train.run_folder import IncompleteCheckpointError, verify_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +95,7 @@ def test_two_trial_sweep_registers_a_champion(registry, synthetic_root, tmp_path
     last = {params: sorted(h, key=lambda m: m.step)[-1].value for params, h in history.items()}
     assert client.get_run(parent).data.metrics["champion/val/AP"] == pytest.approx(max(last.values()))
 
-    from vitpose.model_store import load_vitpose
+    from vitpose.deploy.model_store import load_vitpose
 
     student, meta = load_vitpose("models:/vitpose-student@champion", uri)
     assert student.spec.embed_dim == 64  # vitpose_pico

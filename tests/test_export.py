@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tests.helpers_serving import REPO, random_model, register_model, sqlite_store
-from vitpose.model_store import load_vitpose
-from vitpose.onnx_export import (
+from vitpose.deploy.model_store import load_vitpose
+from vitpose.deploy.onnx import (
     DEFAULT_DECONV,
     INPUT_NAME,
     check_parity,

@@ -6,7 +6,7 @@ params)``, so ``"fused": true`` in configs/deepspeed/zero{0,1,2,3}.json reaches 
 exists since torch 2.4). Each stage wraps that AdamW differently (ZeRO-0 fp32: none; ZeRO-0 bf16: DeepSpeed's
 unfused bf16 wrapper over fp32 masters; ZeRO 1-3: flat fp32 partitions), so every stage and precision is
 checked: the fused kernel really runs, and the losses and weights follow the for-loop's within rounding.
-Exact resume with the fused optimizer: tests/test_engine.py (its stage/resume tests run the shipped JSON).
+Exact resume with the fused optimizer: tests/test_train_loop.py (its stage/resume tests run the shipped JSON).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO, tiny_config
-from vitpose.train.checkpoint import gather_fp32_state_dict
 from vitpose.train.loop import Trainer, gt_loss
+from vitpose.train.run_folder import gather_fp32_state_dict
 from vitpose.train.session import LocalSession, NullSession
 
 ADAM = importlib.import_module("torch.optim.adam")  # torch.optim.adam the module, not the class

@@ -14,10 +14,10 @@ import torch
 from tests.helpers_serving import ModelServer, register_model, sqlite_store
 from tests.test_export import load_cli
 from vitpose.data.keypoints import keypoint_info
-from vitpose.inference import PosePredictor
-from vitpose.onnx_export import export_onnx
-from vitpose.ort_runtime import OrtNetwork
-from vitpose.quantize import calibration_crops, quantize_int8, val_ap
+from vitpose.deploy.inference import PosePredictor
+from vitpose.deploy.int8 import calibration_crops, quantize_int8, val_ap
+from vitpose.deploy.onnx import export_onnx
+from vitpose.deploy.runtime import OrtNetwork
 
 # The trained teacher's val AP is ~0.3 and moves by ~0.01 between neighbouring epochs; int8 measured within
 # 0.005 of eager. Keypoints: int8 moves them by ~0.1 px on 256 px images; a broken calibration by several px.

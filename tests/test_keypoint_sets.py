@@ -16,8 +16,8 @@ import torch
 from tests.conftest import MINI_ANN, MINI_IMAGES, tiny_config
 from vitpose.config import ConfigError
 from vitpose.data.coco import TopDownCocoDataset
-from vitpose.data.keypoint_set import KeypointSet, KeypointSetError
 from vitpose.data.keypoints import BUILTIN_SETS, get_keypoint_set, keypoint_info
+from vitpose.data.keypoints.set import KeypointSet, KeypointSetError
 from vitpose.evaluation import CocoKeypointEvaluator
 
 CROWDPOSE, WHOLEBODY, COCO = BUILTIN_SETS["crowdpose"], BUILTIN_SETS["coco_wholebody"], BUILTIN_SETS["coco"]
@@ -27,7 +27,7 @@ PUBLISHED_COUNTS = {"coco": 17, "crowdpose": 14, "mpii": 16, "aic": 14, "coco_wh
 
 # ------------------------------------------------------------------------------------------ definitions
 def test_every_builtin_has_its_published_count_and_the_cli_lists_them(capsys):
-    from vitpose.data.keypoints import main
+    from vitpose.data.keypoints.__main__ import main
 
     assert {n: s.num_keypoints for n, s in BUILTIN_SETS.items()} == PUBLISHED_COUNTS
     assert main(["--list"]) == 0
@@ -152,7 +152,7 @@ def test_the_init_checkpoint_report_goes_to_the_mlflow_run(tmp_path):
 
     from vitpose.build import model_spec_kwargs
     from vitpose.models import build_model, save_safetensors
-    from vitpose.tracking import WorkerTracker, start_driver_run
+    from vitpose.run.tracking import WorkerTracker, start_driver_run
     from vitpose.train.loop import Trainer
     from vitpose.train.session import LocalSession
 
@@ -254,8 +254,8 @@ def check_served_names(ckpt: Path, kset: KeypointSet, tmp_path: Path) -> None:
     """Serving's predictor and ONNX export name the set's keypoints, in the heatmap channels' order."""
     import onnx
 
-    from vitpose.inference import PosePredictor
-    from vitpose.onnx_export import export_onnx
+    from vitpose.deploy.inference import PosePredictor
+    from vitpose.deploy.onnx import export_onnx
 
     predictor = PosePredictor.from_uri(str(ckpt))
     image = np.asarray(np.random.default_rng(0).integers(0, 255, (80, 60, 3)), dtype=np.uint8)
@@ -456,7 +456,7 @@ DEVIATIONS = {
 
 @pytest.mark.parametrize("name", sorted(SOURCES))
 def test_builtin_constants_match_their_published_source(name):
-    from vitpose.data.keypoint_names import canonical_list
+    from vitpose.data.keypoints.names import canonical_list
 
     s, src = BUILTIN_SETS[name], {**SOURCES[name], **DEVIATIONS.get(name, {})}
     names = src.get("names", list(s.names))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO, tiny_config
-from vitpose.train.checkpoint import gather_fp32_state_dict
 from vitpose.train.loop import Trainer
+from vitpose.train.run_folder import gather_fp32_state_dict
 from vitpose.train.session import NullSession
 
 

@@ -16,15 +16,15 @@ from tests.helpers_ray import LOOPBACK_IPS
 
 PROBE = textwrap.dedent("""
     import json, os, psutil, ray
-    from vitpose import raycluster
+    from vitpose.run import cluster
 
-    raycluster.connect(num_cpus=1)
+    cluster.connect(num_cpus=1)
     assert ray.get(ray.remote(lambda: os.getpid()).remote()) > 0  # a worker process is up and serving
     tree = [psutil.Process(), *psutil.Process().children(recursive=True)]
     pids = {p.pid: p.name() for p in tree}
     bound = sorted({(c.laddr.ip, pids[c.pid]) for c in psutil.net_connections("inet")
                     if c.status == psutil.CONN_LISTEN and c.pid in pids})
-    raycluster.disconnect()
+    cluster.disconnect()
     print(json.dumps({"bound": bound, "switch": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}))
 """)
 
@@ -45,7 +45,7 @@ def test_job_outputs_inside_the_working_dir_copy_are_refused(tmp_path):
     """Under `ray job submit --working-dir`, relative paths resolve inside Ray's temporary copy: refused,
     naming what would be lost; absolute storage and tracking elsewhere pass; outside a job nothing is checked."""
     from vitpose.config import ConfigError
-    from vitpose.raycluster import check_outputs_outlive_job
+    from vitpose.run.cluster import check_outputs_outlive_job
 
     copy = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
     with pytest.raises(ConfigError, match=r"ray.storage_path .* and the MLflow store .* working-dir copy"):

@@ -12,7 +12,7 @@ import torch
 
 from tests.test_pretrained_formats import DEPTH, DIM, HEADS, tokens, transformers_folder
 from vitpose.models import build_model, load_model, load_pretrained, save_safetensors
-from vitpose.models.multi import dataset_meta, export_dataset
+from vitpose.models.multi_dataset import dataset_meta, export_dataset
 from vitpose.models.vitpose import ModelSpec
 
 DATASETS = (("coco", 17), ("crowd", 14), ("mpii", 16))
@@ -52,7 +52,7 @@ def test_one_expert_selected_equals_the_joined_single_expert_model():
 
 
 def test_single_expert_export_round_trips_through_the_single_dataset_loaders(tmp_path: Path):
-    from vitpose.model_store import load_vitpose
+    from vitpose.deploy.model_store import load_vitpose
 
     model = moe_model()
     save_safetensors(model, tmp_path / "moe.safetensors")

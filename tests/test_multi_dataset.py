@@ -16,7 +16,7 @@ from tests.conftest import tiny_config
 from vitpose.build import build_datasets, dataset_configs, model_spec_kwargs
 from vitpose.config import ConfigError
 from vitpose.config import to_dict as to_config_dict
-from vitpose.data.mixing import MixedBatchSampler, batch_counts
+from vitpose.data.multi_dataset import MixedBatchSampler, batch_counts
 
 
 def two_datasets(root: Path, ratio_b: float = 1.0, train: int = 96, val: int = 32) -> str:
@@ -113,10 +113,10 @@ def test_two_datasets_train_in_one_run_each_through_its_own_head(two_dataset_run
 def test_a_dataset_exported_from_the_run_evaluates_as_in_the_run(two_dataset_run, tmp_path):
     """The crowd head's single-expert export, saved and loaded by the single-dataset loader, scores the crowd
     val set as the run did."""
+    from vitpose.deploy.model_store import load_vitpose
     from vitpose.evaluation import CocoKeypointEvaluator, decode_batch_to_predictions
-    from vitpose.model_store import load_vitpose
     from vitpose.models import save_safetensors
-    from vitpose.models.multi import export_dataset
+    from vitpose.models.multi_dataset import export_dataset
 
     trainer, session, _ = two_dataset_run
     model, _ = load_vitpose(str(session.checkpoints[-1]))
@@ -234,7 +234,7 @@ def test_two_ray_workers_train_two_datasets_through_the_teacher_pipeline_and_res
     import ray
 
     from tests.conftest import REPO
-    from vitpose.raycluster import WORKER_ENV
+    from vitpose.run.cluster import WORKER_ENV
 
     sys.path.insert(0, str(REPO / "pipelines"))
     import teacher

@@ -54,7 +54,7 @@ def test_frozen_parameters_do_not_move_in_training(synthetic_root, tmp_path) -> 
     # The real loop: DeepSpeed engine, AdamW with weight decay over the layer-decay groups, three steps.
     import mlflow
 
-    from vitpose.tracking import WorkerTracker
+    from vitpose.run.tracking import WorkerTracker
     from vitpose.train.loop import Trainer
     from vitpose.train.session import LocalSession
 

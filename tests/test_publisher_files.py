@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from vitpose.data.coco import TopDownCocoDataset
-from vitpose.data.keypoint_files import load_keypoint_file
-from vitpose.data.keypoint_set import KeypointSetError
 from vitpose.data.keypoints import BUILTIN_SETS, get_keypoint_set
+from vitpose.data.keypoints.layouts import load_keypoint_file
+from vitpose.data.keypoints.set import KeypointSetError
 from vitpose.evaluation import HEADLINE, PROTOCOL_METRICS, CocoKeypointEvaluator, decode_batch_to_predictions
 
 DATA = Path(__file__).parent / "data"

@@ -22,8 +22,14 @@ from tests.helpers_serving import (
     register_model,
     sqlite_store,
 )
-from vitpose.inference import BadRequest, PosePredictor, decode_image, default_keypoint_info, parse_boxes
-from vitpose.model_store import ModelNotFoundError, load_vitpose
+from vitpose.deploy.inference import (
+    BadRequest,
+    PosePredictor,
+    decode_image,
+    default_keypoint_info,
+    parse_boxes,
+)
+from vitpose.deploy.model_store import ModelNotFoundError, load_vitpose
 
 
 def encode(arr: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:

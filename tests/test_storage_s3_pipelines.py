@@ -18,8 +18,8 @@ import pytest
 from tests.conftest import REPO
 from tests.faults.procs import PY, Launched, cli_args, hold_env, hold_rank, wait_for_status
 from tests.helpers_s3 import s3_server
-from vitpose.storage import Storage
-from vitpose.train.checkpoint import newest_complete_checkpoint, verify_checkpoint
+from vitpose.run.storage import Storage
+from vitpose.train.run_folder import newest_complete_checkpoint, verify_checkpoint
 
 pytestmark = pytest.mark.slow
 

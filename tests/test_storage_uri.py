@@ -1,4 +1,4 @@
-"""vitpose.storage: run storage by URI (local path, s3:// on a local moto server), the probe that stops a run
+"""vitpose.run.storage: run storage by URI (local path, s3:// on a local moto server), the probe that stops a run
 on unreachable storage, and the checkpoint checks and run-folder side files on object storage."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers_s3 import s3_server
+from vitpose.cli import read_run_id, write_run_id
 from vitpose.config import REPO_ROOT, ConfigError
-from vitpose.pipeline import read_run_id, write_run_id
-from vitpose.storage import Storage, StorageError, check_storage, credentials_env, open_storage
-from vitpose.train.checkpoint import (
+from vitpose.run.storage import Storage, StorageError, check_storage, credentials_env, open_storage
+from vitpose.train.run_folder import (
     IncompleteCheckpointError,
     newest_complete_checkpoint,
     verify_checkpoint,
@@ -43,7 +43,7 @@ def s3_env(s3, monkeypatch):
 
 
 def fake_checkpoint(folder: Path, epoch: int, world: int = 2) -> Path:
-    """A checkpoint folder in the run-folder format (see vitpose.train.checkpoint), tiny."""
+    """A checkpoint folder in the run-folder format (see vitpose.train.run_folder), tiny."""
     (folder / "ds").mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(b"w" * 100)
     (folder / "meta.json").write_text(json.dumps({"epoch": epoch, "world_size": world}))

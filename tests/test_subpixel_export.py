@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from vitpose.deploy.onnx import INPUT_NAME, export_onnx, onnx_session
 from vitpose.models import build_model
 from vitpose.models.subpixel import FINAL_FORMS, FORMS, SubpixelDeconv, subpixel_copy
-from vitpose.onnx_export import INPUT_NAME, export_onnx, onnx_session
 
 
 def random_block(cin: int, cout: int, bias: bool, seed: int) -> tuple[nn.ConvTranspose2d, nn.BatchNorm2d]:
@@ -113,7 +113,7 @@ def test_int8_head_runs_in_int8(trained_teacher, tmp_path, form):
     int8 kernel), not a float Conv between Dequantize/Quantize pairs, and no ConvTranspose is left."""
     import onnxruntime as ort
 
-    from vitpose.quantize import calibration_crops, quantize_int8
+    from vitpose.deploy.int8 import calibration_crops, quantize_int8
 
     model, _, (train, _) = trained_teacher
     int8 = quantize_int8(export_onnx(model, tmp_path / "m.onnx", deconv=form), tmp_path / "m.int8.onnx",

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def ray_local(tmp_path_factory):
     import ray
 
-    from vitpose.raycluster import WORKER_ENV
+    from vitpose.run.cluster import WORKER_ENV
 
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": dict(WORKER_ENV)},
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
@@ -79,7 +79,7 @@ def test_two_workers_each_zero_stage(stage, ray_local, tracking, synthetic_root,
     pictures = client.list_artifacts(run.info.run_id, "predictions")
     assert pictures and pictures[0].path.endswith(".png")
 
-    from vitpose.model_store import load_vitpose
+    from vitpose.deploy.model_store import load_vitpose
     from vitpose.models import ViTPose
 
     model, model_meta = load_vitpose(f"models:/vitpose-teacher@stage{stage}", tracking)

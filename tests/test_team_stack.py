@@ -98,7 +98,7 @@ def test_training_goes_on_through_a_tracking_server_outage(stack, as_worker, syn
     is down, and once it is back every epoch's metrics and pictures are there, in PostgreSQL and the bucket."""
     import ray
 
-    from vitpose.raycluster import WORKER_ENV
+    from vitpose.run.cluster import WORKER_ENV
 
     client, storage, epochs, seen = as_worker, tmp_path / "ray", 16, {}
 

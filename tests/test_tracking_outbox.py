@@ -1,4 +1,4 @@
-"""vitpose.outbox against a real `mlflow server` that the tests stop and start: rank 0's tracking calls held
+"""vitpose.run.outbox against a real `mlflow server` that the tests stop and start: rank 0's tracking calls held
 through an outage and delivered in order, a worker start that never waits on the server, what is held kept in
 the run folder as plain JSON and sent by the next tracker once, refusals reported."""
 
@@ -10,8 +10,8 @@ import time
 import mlflow
 import pytest
 
-from vitpose.outbox import OUTBOX_FILE, Outbox, TrackingUnavailable, WorkerTracker
-from vitpose.storage import Storage
+from vitpose.run.outbox import OUTBOX_FILE, Outbox, TrackingUnavailable, WorkerTracker
+from vitpose.run.storage import Storage
 
 pytestmark = pytest.mark.slow
 

@@ -107,9 +107,9 @@ def exact_worker(rank: int, world: int, root: str, out: str) -> None:
     import torch
 
     from tests.conftest import tiny_config
-    from vitpose.dsconfig import complete_deepspeed_config
-    from vitpose.train.checkpoint import gather_fp32_state_dict
+    from vitpose.train.deepspeed_config import complete_deepspeed_config
     from vitpose.train.loop import Trainer
+    from vitpose.train.run_folder import gather_fp32_state_dict
     from vitpose.train.session import NullSession
     from vitpose.train.zero_memory import ENV, shared_fp32_master
 

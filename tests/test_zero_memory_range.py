@@ -32,7 +32,7 @@ def test_pyproject_allows_exactly_the_checked_deepspeed_versions():
 def test_an_unchecked_deepspeed_is_told_on_the_console_once(tmp_path, monkeypatch, capsys):
     import deepspeed
 
-    from vitpose.console import captured
+    from vitpose.run.console import captured
 
     monkeypatch.setattr(deepspeed, "__version__", "0.99.0")
     monkeypatch.setattr(zero_memory, "_told", False)

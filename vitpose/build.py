@@ -56,7 +56,7 @@ def build_datasets(cfg: TrainingConfig, is_local_leader: bool) -> tuple[Any, Any
     if is_local_leader:
         ensure_data(cfg)
     if cfg.data.datasets:
-        from vitpose.data.mixing import MixedTrainSet, MultiValSet
+        from vitpose.data.multi_dataset import MixedTrainSet, MultiValSet
 
         entries = dataset_configs(cfg)
         pairs = [build_datasets(one, is_local_leader=False) for _, _, one in entries]

@@ -151,7 +151,7 @@ class DataConfig(Section):
         return value
 
     def keypoint_set(self) -> Any:
-        """The ``KeypointSet`` this section chooses (``vitpose.data.keypoint_set.KeypointSet``)."""
+        """The ``KeypointSet`` this section chooses (``vitpose.data.keypoints.set.KeypointSet``)."""
         from vitpose.data.keypoints import get_keypoint_set
 
         custom = self.custom_keypoints.model_dump(exclude_none=True) if self.custom_keypoints else None

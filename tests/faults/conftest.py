@@ -12,7 +12,7 @@ def ray_local(tmp_path_factory):
     """A Ray started by this pytest process (so its workers descend from it: the tests may kill them)."""
     import ray
 
-    from vitpose.raycluster import WORKER_ENV
+    from vitpose.run.cluster import WORKER_ENV
 
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": dict(WORKER_ENV)},
              _temp_dir=str(tmp_path_factory.mktemp("ray")))

@@ -34,7 +34,7 @@ from tests.faults.procs import (
     proc_name,
     wait_for_status,
 )
-from vitpose.train.checkpoint import MODEL_FILE, SAVE_TMP_PREFIX, IncompleteCheckpointError, verify_checkpoint
+from vitpose.train.run_folder import MODEL_FILE, SAVE_TMP_PREFIX, IncompleteCheckpointError, verify_checkpoint
 from vitpose.train.session import STATUS_DIR_ENV
 
 sys.path.insert(0, str(REPO / "pipelines"))

@@ -2,7 +2,7 @@
 where the pipelines read checkpoints and knowledge tokens, is refused and never runs. Each test first
 shows that the payload is live (an unguarded loader does create the marker), so it cannot pass vacuously.
 
-The model-checkpoint reader itself (vitpose.models.checkpoints) is covered by
+The model-checkpoint reader itself (vitpose.models.weights) is covered by
 tests/test_checkpoints.py::test_non_tensor_pickle_refused; here are the other ways in.
 """
 
@@ -19,7 +19,7 @@ import torch
 from tests.conftest import REPO, tiny_config
 from tests.faults.procs import PY
 from vitpose.config import ConfigError
-from vitpose.models.checkpoints import UnsafeCheckpointError
+from vitpose.models.weights import UnsafeCheckpointError
 
 
 class Payload:
@@ -44,8 +44,8 @@ def test_deepspeed_shard_with_a_payload_is_refused_on_resume(synthetic_root, tmp
     where one shard was replaced (and the size list rewritten to match) must refuse, not run the payload."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    from vitpose.train.checkpoint import verify_checkpoint
     from vitpose.train.loop import Trainer
+    from vitpose.train.run_folder import verify_checkpoint
     from vitpose.train.session import LocalSession
 
     cfg = tiny_config(synthetic_root, "train.epochs=1", "train.max_steps_per_epoch=1", "deepspeed.zero_stage=1")

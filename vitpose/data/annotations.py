@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from vitpose.data.files import BadSampleError, read_json
-from vitpose.data.keypoint_set import KeypointSet
 from vitpose.data.keypoints import join_keypoint_fields, note_read_with, read_categories
 from vitpose.data.keypoints import upper_body_ids_from_names as upper_body_ids
+from vitpose.data.keypoints.set import KeypointSet
 from vitpose.data.transforms import box_to_center_scale
 
 

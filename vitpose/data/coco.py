@@ -2,7 +2,7 @@
 instances (categories, boxes, validation) is built by ``vitpose.data.annotations``.
 
 ``TopDownCocoDataset`` turns a keypoint annotation file (COCO json, any built-in set's file as its publisher
-ships it: ``vitpose.data.keypoint_files``, or ``vitpose.data.synthetic``) into one item per person instance, with boxes from the ground truth or from a detector's COCO results
+ships it: ``vitpose.data.keypoints.layouts``, or ``vitpose.data.synthetic``) into one item per person instance, with boxes from the ground truth or from a detector's COCO results
 file. Keypoints are those of the chosen keypoint set (``data.keypoints``; a file listing others is refused
 naming both) or, without one, of the built-in set the file's names match, else of the file's own entry. Training items are augmented with replayable ``AugParams`` (see ``vitpose.data.transforms``);
 evaluation items use the deterministic crop. Bad input is either a ``BadSampleError`` naming the file, the
@@ -24,8 +24,8 @@ from PIL import UnidentifiedImageError
 from vitpose.data.annotations import AnnotationIndex, Instance
 from vitpose.data.codec import encode
 from vitpose.data.files import BadSampleError, load_image
-from vitpose.data.keypoint_files import load_keypoint_file
-from vitpose.data.keypoint_set import KeypointSet
+from vitpose.data.keypoints.layouts import load_keypoint_file
+from vitpose.data.keypoints.set import KeypointSet
 from vitpose.data.transforms import (
     IDENTITY,
     AugConfig,

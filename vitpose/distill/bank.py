@@ -23,10 +23,10 @@ from torch.utils.data import Dataset
 
 from vitpose.build import model_spec
 from vitpose.config import StudentConfig
-from vitpose.console import say as console_say
 from vitpose.data.coco import BadSampleError
 from vitpose.data.transforms import AugParams
 from vitpose.distill.student import frozen
+from vitpose.run.console import say as console_say
 
 # Data settings that change how crops are loaded, never which crops there are.
 LOADING_ONLY = {"loader_workers", "image_cache_mb"}

@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from vitpose import console
 from vitpose.config import ConfigError, StudentConfig
 from vitpose.distill.bank import view_stream
 from vitpose.distill.space import arm_configs, preparation, trial_preparations
 from vitpose.distill.student import build_student
 from vitpose.distill.tokens import TokenSetting, random_tokens
 from vitpose.models import match_preset
+from vitpose.run import console
 
 
 def trainable(module: torch.nn.Module | None) -> int:

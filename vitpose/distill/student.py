@@ -40,7 +40,7 @@ def teacher_for_student(teacher: torch.nn.Module, meta: dict[str, Any], keypoint
                         teacher_uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The single-dataset teacher of the dataset whose keypoint set is ``keypoints`` (the student's
     data.keypoints): its head and expert (models/multi.py). A single-dataset teacher is returned as it is."""
-    from vitpose.models.multi import dataset_meta, export_dataset
+    from vitpose.models.multi_dataset import dataset_meta, export_dataset
 
     spec = teacher.spec
     if not spec.datasets:
@@ -61,7 +61,7 @@ def teacher_for_student(teacher: torch.nn.Module, meta: dict[str, Any], keypoint
 
 def load_teacher(cfg: Any, tracking_uri: str | None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The teacher of ``cfg.distill.teacher_uri`` and its meta, for the student's keypoint set."""
-    from vitpose.model_store import load_vitpose
+    from vitpose.deploy.model_store import load_vitpose
 
     teacher, meta = load_vitpose(cfg.distill.teacher_uri, tracking_uri)
     return teacher_for_student(teacher, meta, cfg.data.keypoint_set().name, cfg.distill.teacher_uri)

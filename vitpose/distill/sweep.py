@@ -7,7 +7,7 @@ teacher's heatmaps. Every trial is an MLflow run nested under the sweep's run, w
 and a plot; the student with the best val AP after its last epoch is registered with the alias ``tune.alias``.
 
 The sweep folder (Tune's state, the trials' checkpoints, the MLflow run id, results.csv, sweep.png) is wherever
-``ray.storage_path`` says: a local or shared folder, ``s3://`` or ``gs://`` (``vitpose.storage``). Tokens, view
+``ray.storage_path`` says: a local or shared folder, ``s3://`` or ``gs://`` (``vitpose.run.storage``). Tokens, view
 banks and (with object storage) the teacher's copy stay a local cache under ``runs/distill``: named by what
 produced them, rebuilt identically when missing, and read by trials from disk (banks are memory-mapped).
 """
@@ -21,17 +21,17 @@ from typing import Any
 
 import torch
 
-from vitpose import console, raycluster, tracking
 from vitpose.build import build_datasets, ensure_data
+from vitpose.cli import print_summary, read_run_id, write_run_id
 from vitpose.config import ConfigError, StudentConfig, resolve_path, to_dict
 from vitpose.distill.bank import ViewBank, bank_key, data_identity
 from vitpose.distill.space import preparation, search_space, trial_preparations
 from vitpose.distill.student import check_same_keypoints, load_teacher
 from vitpose.distill.tokens import ensure_knowledge_tokens
 from vitpose.distill.trial import SweepContext, run_trial
-from vitpose.dsconfig import complete_deepspeed_config
-from vitpose.pipeline import print_summary, read_run_id, write_run_id
-from vitpose.storage import Storage, open_storage
+from vitpose.run import cluster, console, tracking
+from vitpose.run.storage import Storage, open_storage
+from vitpose.train.deepspeed_config import complete_deepspeed_config
 
 TOKEN_DIR = "runs/distill/tokens"
 BANK_DIR = "runs/distill/banks"
@@ -42,11 +42,11 @@ def run_sweep(cfg: StudentConfig, resume: bool = False) -> int:
     """Prepare, sweep, register and summarise; returns the exit code (1 when every trial failed)."""
     tracking_uri = preflight(cfg)
     storage = open_storage(cfg.ray.storage_path)  # object storage probed here, before Ray: exit 2 in seconds
-    raycluster.check_outputs_outlive_job(storage.local_path if storage.is_local else None, tracking_uri)
-    name = raycluster.run_name(storage, cfg.ray.name, resume)
-    raycluster.connect()
+    cluster.check_outputs_outlive_job(storage.local_path if storage.is_local else None, tracking_uri)
+    name = cluster.run_name(storage, cfg.ray.name, resume)
+    cluster.connect()
     t = cfg.tune
-    raycluster.check_resources(1, t.cpus_per_trial, t.gpus_per_trial > 0, t.gpus_per_trial, cfg.ray.autoscaler,
+    cluster.check_resources(1, t.cpus_per_trial, t.gpus_per_trial > 0, t.gpus_per_trial, cfg.ray.autoscaler,
                                keys=("one trial", "tune.cpus_per_trial"), gpu_request=f"tune.gpus_per_trial={t.gpus_per_trial:g}",
                                gpu_fix="set tune.gpus_per_trial=0 for CPU trials")
     sweep_dir = storage / name
@@ -101,7 +101,7 @@ def fetch_teacher(cfg: StudentConfig, tracking_uri: str, folder: Path) -> tuple[
     kept in ``folder`` so online-teacher trials load it from there, not from the registry."""
     from safetensors.torch import save_file
 
-    from vitpose.model_store import META, WEIGHTS
+    from vitpose.deploy.model_store import META, WEIGHTS
 
     teacher, meta = load_teacher(cfg, tracking_uri)  # a multi-dataset teacher: the student's dataset's
     folder.mkdir(parents=True, exist_ok=True)
@@ -187,7 +187,7 @@ def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: S
     A trial's number is its metric after its last epoch (choosing each trial's best epoch on the validation
     set would select on the data it is measured on); the champion is the trial with the best such number.
     """
-    from vitpose.serving import register_checkpoint
+    from vitpose.deploy.serving import register_checkpoint
 
     metric, parent, uri = cfg.tune.metric, context.parent_run_id, context.tracking_uri
     close_trial_runs(results, uri, parent)

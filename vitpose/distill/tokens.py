@@ -28,11 +28,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from vitpose.build import model_spec
 from vitpose.config import ConfigError, StudentConfig
-from vitpose.console import say as console_say
 from vitpose.distill.bank import data_identity
 from vitpose.distill.student import frozen
 from vitpose.losses import keypoint_mse
 from vitpose.models.backbone import fixed_lift, initial_knowledge_tokens
+from vitpose.run.console import say as console_say
 
 
 @dataclass(frozen=True)

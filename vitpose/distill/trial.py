@@ -47,8 +47,8 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
     import ray
     from ray import tune
 
-    from vitpose.model_store import load_vitpose
-    from vitpose.tracking import WorkerTracker, start_trial_run
+    from vitpose.deploy.model_store import load_vitpose
+    from vitpose.run.tracking import WorkerTracker, start_trial_run
     from vitpose.train.loop import Trainer
     from vitpose.train.session import TuneSession, single_process_env
 

@@ -12,7 +12,7 @@ Owns the path from network output to COCO keypoint AP, shared by the training lo
   whose keypoints are joined into the ground truth that COCOeval scores (all 133, the "wholebody" AP).
   ``evaluate`` then adds the metrics of the set's protocol (``vitpose.evaluation.protocols``: CrowdPose's
   crowd-index AP, COCO-WholeBody per part, PCKh, PCK/AUC/EPE); ``protocol='coco'`` gives COCO's alone.
-  Files are read as their publishers ship them (``vitpose.data.keypoint_files``).
+  Files are read as their publishers ship them (``vitpose.data.keypoints.layouts``).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from vitpose.data.codec import as_numpy, decode, flip_back, to_image_coords
-from vitpose.data.keypoint_defs import COCO as COCO_SET
-from vitpose.data.keypoint_files import load_keypoint_file
-from vitpose.data.keypoint_set import KeypointSet
 from vitpose.data.keypoints import join_keypoint_fields, recognise_set, set_read_with
+from vitpose.data.keypoints.builtin import COCO as COCO_SET
+from vitpose.data.keypoints.layouts import load_keypoint_file
+from vitpose.data.keypoints.set import KeypointSet
 from vitpose.evaluation.cocoeval import STAT_NAMES, coco_of, run_cocoeval
 from vitpose.evaluation.protocols import check_protocol, protocol_metrics
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from vitpose.data.keypoint_files import CROWD_AREA_FACTOR
-from vitpose.data.keypoint_set import KeypointSet
+from vitpose.data.keypoints.layouts import CROWD_AREA_FACTOR
+from vitpose.data.keypoints.set import KeypointSet
 from vitpose.evaluation.cocoeval import STAT_NAMES, coco_of, run_cocoeval
 from vitpose.evaluation.pck import hand_metrics, mpii_head_size, pckh_metrics
 

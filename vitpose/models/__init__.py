@@ -11,22 +11,10 @@ Typical use::
 
 from .attention import AttentionSpec
 from .backbone import KnowledgeTokens, ViTBackbone, resize_pos_embed
-from .checkpoints import (
-    CheckpointError,
-    CheckpointMismatchError,
-    LoadReport,
-    UnsafeCheckpointError,
-    infer_spec_from_state_dict,
-    load_checkpoint,
-    load_model,
-    read_checkpoint,
-    save_official,
-    save_safetensors,
-)
 from .formats import FORMATS, VITPOSE_PLUS_EXPERTS
 from .freeze import FreezeReport, freeze, frozen_parameter_names
 from .heads import ClassicDecoder, SimpleDecoder
-from .multi import export_dataset
+from .multi_dataset import export_dataset
 from .optim import layer_id, param_groups_layer_decay
 from .pretrained import build_overrides, inspect_file, load_pretrained
 from .vitpose import (
@@ -37,6 +25,18 @@ from .vitpose import (
     build_model_from_spec,
     list_presets,
     match_preset,
+)
+from .weights import (
+    CheckpointError,
+    CheckpointMismatchError,
+    LoadReport,
+    UnsafeCheckpointError,
+    infer_spec_from_state_dict,
+    load_checkpoint,
+    load_model,
+    read_checkpoint,
+    save_official,
+    save_safetensors,
 )
 
 __all__ = [

@@ -13,10 +13,10 @@ import json
 import sys
 
 from .attention import KINDS
-from .checkpoints import CheckpointError
 from .cost import attention_table
 from .pretrained import inspect_file
 from .vitpose import ViTPose, build_model, list_presets
+from .weights import CheckpointError
 
 
 def summary(model: ViTPose, name: str) -> str:
@@ -131,9 +131,9 @@ def export_dataset_folder(uri: str, dataset: str, out: str) -> int:
 
     from safetensors.torch import save_file
 
-    from vitpose.model_store import META, WEIGHTS, load_vitpose
+    from vitpose.deploy.model_store import META, WEIGHTS, load_vitpose
 
-    from .multi import dataset_meta, export_dataset
+    from .multi_dataset import dataset_meta, export_dataset
 
     try:
         model, meta = load_vitpose(uri)

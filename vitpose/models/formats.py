@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from .backbone import token_grid
-from .checkpoints import CheckpointError
 from .moe import VITPOSE_PLUS_EXPERTS
-from .multi import transformers_experts
+from .multi_dataset import transformers_experts
+from .weights import CheckpointError
 
 # The layouts we read. "vitpose" (the official mmpose layout, also what we save) is loaded by checkpoints.py.
 FORMATS = ("vitpose", "mae", "timm", "timm-dinov2", "timm-clip", "transformers-vitpose")

@@ -22,7 +22,10 @@ from safetensors.torch import load_file
 from timm.layers import resample_patch_embed
 
 from .backbone import resize_pos_embed
-from .checkpoints import (
+from .formats import Converted, convert_timm, convert_transformers, detect_format
+from .multi_dataset import fit_experts_and_heads
+from .vitpose import PRESETS, ViTPose, build_model, build_model_from_spec, match_preset
+from .weights import (
     SPEC_KEY,
     CheckpointError,
     LoadReport,
@@ -31,9 +34,6 @@ from .checkpoints import (
     read_checkpoint,
     torch_load_weights_only,
 )
-from .formats import Converted, convert_timm, convert_transformers, detect_format
-from .multi import fit_experts_and_heads
-from .vitpose import PRESETS, ViTPose, build_model, build_model_from_spec, match_preset
 
 log = logging.getLogger(__name__)
 

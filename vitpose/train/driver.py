@@ -4,7 +4,7 @@
 ``train_teacher(cfg, resume)`` is what ``pipelines/teacher.py`` calls. Everything that can be wrong with the
 config, the data, the storage, the tracking store or the cluster raises ``ConfigError`` before training starts.
 The run folder (Ray's checkpoints and our side files: MLflow run id, fatal error) lives wherever
-``ray.storage_path`` says: a local or shared folder, ``s3://`` or ``gs://`` (``vitpose.storage``).
+``ray.storage_path`` says: a local or shared folder, ``s3://`` or ``gs://`` (``vitpose.run.storage``).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vitpose import console, raycluster, tracking
 from vitpose.build import build_datasets, ensure_data
+from vitpose.cli import best_checkpoint, keep_outputs, print_summary, read_run_id, write_run_id
 from vitpose.config import ConfigError, TeacherConfig, one_line, to_dict
-from vitpose.dsconfig import complete_deepspeed_config
-from vitpose.pipeline import best_checkpoint, keep_outputs, print_summary, read_run_id, write_run_id
-from vitpose.storage import Storage, credentials_env, open_storage
-from vitpose.train.checkpoint import META_FILE
+from vitpose.run import cluster, console, tracking
+from vitpose.run.storage import Storage, credentials_env, open_storage
+from vitpose.train.deepspeed_config import complete_deepspeed_config
+from vitpose.train.run_folder import META_FILE
 from vitpose.train.session import STATUS_DIR_ENV
 from vitpose.train.worker import WorkerJob, clear_fatal, read_fatal, stop_on_fatal_error, train_worker
 
@@ -33,12 +33,12 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False) -> int:
 
     tracking_uri = preflight(cfg)
     storage = open_storage(cfg.ray.storage_path)  # object storage probed here, before Ray: exit 2 in seconds
-    raycluster.check_outputs_outlive_job(storage.local_path if storage.is_local else None, tracking_uri)
+    cluster.check_outputs_outlive_job(storage.local_path if storage.is_local else None, tracking_uri)
     keep_outputs(cfg, tracking_uri)  # generated data outside a job's working-dir copy
-    name = raycluster.run_name(storage, cfg.ray.name, resume)
+    name = cluster.run_name(storage, cfg.ray.name, resume)
     check_data(cfg)
-    raycluster.connect()
-    raycluster.check_resources(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu,
+    cluster.connect()
+    cluster.check_resources(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu,
                                cfg.ray.gpus_per_worker, cfg.ray.autoscaler)
 
     run_dir = storage / name
@@ -70,7 +70,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False) -> int:
 def preflight(cfg: TeacherConfig) -> str:
     """Checks that need no Ray: DeepSpeed JSON, data folders, tracking store. Returns the tracking URI."""
     complete_deepspeed_config(cfg, cfg.ray.num_workers)
-    raycluster.check_address()
+    cluster.check_address()
     if cfg.data.kind == "coco":
         root = cfg.data.root_path()
         for key in ("train_ann", "train_images", "val_ann", "val_images"):
@@ -120,7 +120,7 @@ def fit(cfg: TeacherConfig, job: WorkerJob, name: str, storage: Storage) -> Any:
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
-    env = {**raycluster.WORKER_ENV, **console.worker_env(), **credentials_env(),
+    env = {**cluster.WORKER_ENV, **console.worker_env(), **credentials_env(),
            **{k: os.environ[k] for k in (STATUS_DIR_ENV,) if k in os.environ}}
     trainer = TorchTrainer(
         functools.partial(train_worker, job),
@@ -141,7 +141,7 @@ def fit(cfg: TeacherConfig, job: WorkerJob, name: str, storage: Storage) -> Any:
 
 def finish(cfg: TeacherConfig, result: Any, tracking_uri: str, run_id: str) -> dict[str, Any]:
     """Register the best checkpoint, log the curves and final metrics; returns what to print."""
-    from vitpose.serving import register_checkpoint
+    from vitpose.deploy.serving import register_checkpoint
     from vitpose.visualize import plot_curves
 
     best_ckpt, best_metrics = best_checkpoint(result, "val/AP")

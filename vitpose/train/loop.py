@@ -4,7 +4,7 @@ One ``Trainer`` trains one model on one worker: DeepSpeed (ZeRO stage and precis
 paper's layer-decayed AdamW groups, the paper's warm-up and step schedule, epochs of sharded batches, COCO
 evaluation with the flip test, and a checkpoint plus a report to its ``Session`` after each evaluation.
 What it is built from (datasets, model) comes from ``vitpose.build``; where reports and checkpoints go,
-from ``vitpose.train.session``; the checkpoint folder's format, from ``vitpose.train.checkpoint``.
+from ``vitpose.train.session``; the checkpoint folder's format, from ``vitpose.train.run_folder``.
 
 Resuming is exact at epoch boundaries: data order and augmentation are seeded by (seed, epoch, index)
 and the torch RNG by (seed, epoch, rank), so a restored run does what the uninterrupted one would have.
@@ -28,13 +28,15 @@ from torch.utils.data import DataLoader
 
 from vitpose.build import build_datasets, build_model_from_config, build_partitioned_model
 from vitpose.config import TrainingConfig
-from vitpose.console import say
 from vitpose.data.keypoints import keypoint_info
 from vitpose.data.sampling import EpochKeyed, EpochShardSampler
-from vitpose.dsconfig import complete_deepspeed_config, zero_stage
 from vitpose.losses import keypoint_mse
+from vitpose.run.console import say
 from vitpose.train.bad_samples import BadSampleLedger
-from vitpose.train.checkpoint import (
+from vitpose.train.deepspeed_config import complete_deepspeed_config, zero_stage
+from vitpose.train.lone_rank import skip_lone_allreduce
+from vitpose.train.multi_dataset import build_mixed_loaders, evaluate_datasets, is_mixed, mixed_loss
+from vitpose.train.run_folder import (
     CKPT_TAG,
     META_FILE,
     SAVE_TMP_PREFIX,
@@ -48,8 +50,6 @@ from vitpose.train.checkpoint import (
     write_rank_marker,
     write_weights,
 )
-from vitpose.train.lone_rank import skip_lone_allreduce
-from vitpose.train.multi import build_mixed_loaders, evaluate_datasets, is_mixed, mixed_loss
 from vitpose.train.session import Session, WorkerStatus
 from vitpose.train.zero_memory import shared_fp32_master
 

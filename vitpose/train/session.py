@@ -20,8 +20,8 @@ from typing import Any
 
 from pyarrow.fs import LocalFileSystem
 
-from vitpose.storage import Storage
-from vitpose.train.checkpoint import (
+from vitpose.run.storage import Storage
+from vitpose.train.run_folder import (
     SAVE_TMP_PREFIX,
     IncompleteCheckpointError,
     newest_complete_checkpoint,

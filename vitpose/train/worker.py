@@ -2,7 +2,7 @@
 
 What crosses from the driver to every worker is one frozen ``WorkerJob``. A worker that meets an error a
 retry cannot fix (bad data, a NaN loss, a broken checkpoint or config) records it in the run folder's
-``fatal_error.json`` (local or object storage, ``vitpose.storage``) before raising: a worker group Ray
+``fatal_error.json`` (local or object storage, ``vitpose.run.storage``) before raising: a worker group Ray
 restarts reads it and stops at once instead of training up to the same error again, and the driver prints
 that one message instead of Ray's tracebacks.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from vitpose.config import TrainingConfig, one_line
-from vitpose.storage import Storage
-from vitpose.train.checkpoint import IncompleteCheckpointError
+from vitpose.run.storage import Storage
+from vitpose.train.run_folder import IncompleteCheckpointError
 
 FATAL_FILE = "fatal_error.json"
 
@@ -68,8 +68,8 @@ def stop_on_fatal_error(run_dir: Path | Storage) -> Any:
 def unretryable_errors() -> tuple[type[BaseException], ...]:
     from vitpose.config import ConfigError
     from vitpose.data.coco import BadSampleError
-    from vitpose.models.checkpoints import CheckpointError
-    from vitpose.tracking import TrackingUnavailable
+    from vitpose.models.weights import CheckpointError
+    from vitpose.run.tracking import TrackingUnavailable
     from vitpose.train.loop import NonFiniteLossError
 
     return (BadSampleError, NonFiniteLossError, IncompleteCheckpointError, ConfigError, CheckpointError,
@@ -100,7 +100,7 @@ def train_worker(job: WorkerJob) -> None:
     session = RaySession(job.run_dir)
     tracker = None
     if session.rank == 0 and job.mlflow_run_id and job.tracking_uri:
-        from vitpose.tracking import WorkerTracker
+        from vitpose.run.tracking import WorkerTracker
 
         tracker = WorkerTracker(job.tracking_uri, job.mlflow_run_id, cfg.tracking.outage_patience_s,
                                 outbox_journal(job.run_dir))
@@ -119,8 +119,8 @@ def train_worker(job: WorkerJob) -> None:
 
 
 def outbox_journal(run_dir: str | None) -> Storage | None:
-    """Where rank 0 keeps what the tracking server has not taken yet (``vitpose.outbox``): the run folder, local
+    """Where rank 0 keeps what the tracking server has not taken yet (``vitpose.run.outbox``): the run folder, local
     or object storage, which the next worker group of the run (a restart, a ``--resume``) reads."""
-    from vitpose.outbox import OUTBOX_FILE
+    from vitpose.run.outbox import OUTBOX_FILE
 
     return Storage.of(run_dir) / OUTBOX_FILE if run_dir else None

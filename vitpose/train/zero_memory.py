@@ -80,7 +80,7 @@ def _tell_once(text: str) -> None:
     if _told or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
         return
     _told = True
-    from vitpose.console import say
+    from vitpose.run.console import say
 
     say(f"warning: {text}")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vitpose.config import one_line
-from vitpose.storage import Storage
+from vitpose.run.storage import Storage
 
 SLOW_S = 10.0  # a tracking call in flight this long counts as the server being away
 OUTBOX_FILE = "mlflow_outbox.json"
@@ -131,7 +131,7 @@ class Outbox:
         must not end training: the records are still queued)."""
         if self.journal is None:
             return
-        from vitpose.console import say
+        from vitpose.run.console import say
 
         with self.lock:
             try:
@@ -162,7 +162,7 @@ class Outbox:
             self.queue.task_done()
 
     def _send(self, record: dict[str, Any]) -> None:
-        from vitpose.console import say
+        from vitpose.run.console import say
 
         pause = 1.0
         while True:
@@ -241,7 +241,7 @@ class Outbox:
         return seen
 
     def _announce(self, since: float, cause: str) -> None:
-        from vitpose.console import say
+        from vitpose.run.console import say
 
         if self.failing_since is None:
             self.failing_since = since

@@ -2,7 +2,7 @@
 and logging the ONNX file to MLflow as the ``onnx`` flavour.
 
 Owns the network-only export: normalised crops ``images`` (N, 3, H, W) float32 in, ``heatmaps``
-(N, K, H/4, W/4) out. Cropping, the flip test and decoding stay in Python (``vitpose.inference``), so the
+(N, K, H/4, W/4) out. Cropping, the flip test and decoding stay in Python (``vitpose.deploy.inference``), so the
 ONNX file carries the model's ``ModelSpec`` and keypoint metadata (names, flip pairs, skeleton) in its
 ``metadata_props`` for whoever rebuilds that part in another runtime.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitpose.ort_runtime import INPUT_NAME, OUTPUT_NAME, onnx_session  # noqa: F401  (one import place for callers)
+from vitpose.deploy.runtime import INPUT_NAME, OUTPUT_NAME, onnx_session  # noqa: F401  (one import place for callers)
 
 DEFAULT_OPSET = 17  # LayerNormalization is native from 17; onnxruntime >= 1.14 runs it
 # How the head's stride-2 deconvolutions are written into the graph (``vitpose.models.subpixel``):
@@ -128,8 +128,8 @@ def log_onnx_model(tracking_uri: str, run_id: str, path: str | Path, meta: dict[
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
+    from vitpose.deploy.serving import pip_requirements, register_alias
     from vitpose.models import ModelSpec
-    from vitpose.serving import pip_requirements, register_alias
 
     spec = ModelSpec.from_dict(meta["spec"])
     (h, w), (hh, hw) = spec.img_size, spec.heatmap_size

@@ -1,7 +1,7 @@
 """What a keypoint set is: ``KeypointSet`` (names, flip pairs, skeleton, OKS sigmas, joint weights, and the
 annotation fields its keypoints are read from), checked when it is made.
 
-The built-in sets are in ``vitpose.data.keypoint_defs``; choosing one (``data.keypoints``), custom sets and
+The built-in sets are in ``vitpose.data.keypoints.builtin``; choosing one (``data.keypoints``), custom sets and
 the plain-list form stored with a model are in ``vitpose.data.keypoints``. This module only knows the shape
 of a set, so every other module can import it without pulling the definitions in.
 """
@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vitpose.data.keypoint_names import name_differences, same_names
+from vitpose.data.keypoints.names import name_differences, same_names
 
 # A set read from a file's own ``categories`` entry, for a file that matches no built-in set and was loaded
 # without one (``TopDownCocoDataset(keypoints=None)``): flip pairs are then guessed from left_/right_ names.
@@ -97,7 +97,7 @@ class KeypointSet:
 
     def matches_file(self, file_names: Sequence[str]) -> bool:
         """Whether a file's ``categories[].keypoints`` are this set's, written any way people write them
-        (case, spaces, ``-``/``_``, the publishers' synonyms: see ``vitpose.data.keypoint_names``)."""
+        (case, spaces, ``-``/``_``, the publishers' synonyms: see ``vitpose.data.keypoints.names``)."""
         return same_names(file_names, self.expected_file_names()) or same_names(file_names, self.names[: self.parts[0][1]])
 
     def check_file(self, file_names: Sequence[str], path: Any) -> None:

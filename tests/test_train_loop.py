@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_config
-from vitpose.train.checkpoint import MODEL_FILE, newest_complete_checkpoint, verify_checkpoint
 from vitpose.train.loop import NonFiniteLossError, Trainer, gt_loss, lr_factor
+from vitpose.train.run_folder import MODEL_FILE, newest_complete_checkpoint, verify_checkpoint
 from vitpose.train.session import LocalSession
 
 
@@ -159,7 +159,7 @@ def test_zero3_bf16_keeps_batchnorm_statistics_in_fp32(synthetic_root):
     import deepspeed
 
     from vitpose.build import build_partitioned_model
-    from vitpose.dsconfig import complete_deepspeed_config
+    from vitpose.train.deepspeed_config import complete_deepspeed_config
 
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = tiny_config(synthetic_root, "deepspeed.zero_stage=3", "train.precision=bf16")

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .backbone import guess_grid, resize_pos_embed
-from .multi import infer_multi_fields
+from .multi_dataset import infer_multi_fields
 from .vitpose import PRESETS, ModelSpec, ViTPose, build_model_from_spec, match_preset
 
 SPEC_KEY = "vitpose_spec"  # in the .pth 'meta' dict and in the safetensors metadata

@@ -156,7 +156,7 @@ def artifact_location(uri: str) -> str | None:
     """A local store's artifacts go beside its database file (``runs/mlflow.db``: ``runs/mlartifacts``), so runs
     from any working folder, Ray's workers and a ``ray job submit`` (whose working folder is a copy Ray
     deletes) all write where the store is; a server decides for itself (None)."""
-    from vitpose.pipeline import sqlite_file
+    from vitpose.cli import sqlite_file
 
     db = sqlite_file(uri)
     return (db.parent / Path(DEFAULT_ARTIFACTS).name).as_uri() if db is not None else None
@@ -270,5 +270,5 @@ def start_trial_run(cfg: Section, uri: str, parent_run_id: str, trial_id: str, p
                             parent_run_id=parent_run_id, experiment_id=parent.info.experiment_id)
 
 
-# Rank 0's queue of tracking calls lives in vitpose.outbox; importable from here as before.
-from vitpose.outbox import Outbox, TrackingUnavailable, WorkerTracker  # noqa: E402,F401
+# Rank 0's queue of tracking calls lives in vitpose.run.outbox; importable from here as before.
+from vitpose.run.outbox import Outbox, TrackingUnavailable, WorkerTracker  # noqa: E402,F401

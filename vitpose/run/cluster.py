@@ -2,7 +2,7 @@
 
 Local by default (``ray.init()`` starts a private Ray); a cluster when ``RAY_ADDRESS`` is set or the
 script was submitted with ``ray job submit`` (which sets it). Every Ray process gets where this process's object
-storage and tracking server are (endpoint, region: ``vitpose.storage.credentials_env``) through the runtime
+storage and tracking server are (endpoint, region: ``vitpose.run.storage.credentials_env``) through the runtime
 environment, never who we are there: Ray shows a runtime environment in its job metadata and logs it, so keys
 and passwords come from each node's own environment or credential files (a local Ray's processes inherit this
 one's). Impossible requests (more CPUs or GPUs than the cluster has, with no autoscaler to add them) fail here
@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from vitpose.config import ConfigError, one_line
-from vitpose.storage import Storage, credentials_env
+from vitpose.run.storage import Storage, credentials_env
 
 # glibc keeps freed large blocks mapped and fragments under DeepSpeed's big flat buffers; returning
 # blocks over 128 KiB to the OS kept ZeRO-3 at ViT-H size from being killed at 22 GiB (measured on 2 CPU ranks).
@@ -37,7 +37,7 @@ def connect(num_cpus: int | None = None) -> dict[str, Any]:
     if ray.is_initialized():
         return ray.cluster_resources()
     _started_here = True
-    from vitpose.console import worker_env
+    from vitpose.run.console import worker_env
 
     address = check_address()
     # Inside a `ray job submit`, variables the job's own runtime env sets already reach every process of the
@@ -170,7 +170,7 @@ def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, gpu
             "on demand)"
         )
     if problems and autoscaler:
-        from vitpose.console import say
+        from vitpose.run.console import say
 
         say("warning: " + "; ".join(problems) + " (waiting for the autoscaler, ray.autoscaler=true)")
     elif problems:

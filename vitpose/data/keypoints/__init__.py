@@ -10,16 +10,13 @@ sigmas, joint weights), inference, serving and ONNX export (output names), and p
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vitpose.data.keypoint_defs import BUILTIN_SETS, COCO, COCO_KEYPOINTS, COCO_SKELETON
-from vitpose.data.keypoint_names import likeness, name_differences, overlap
-from vitpose.data.keypoint_set import FROM_FILE, KeypointSet, KeypointSetError, mirror_pairs, pairs_by_name
+from vitpose.data.keypoints.builtin import BUILTIN_SETS, COCO, COCO_KEYPOINTS, COCO_SKELETON
+from vitpose.data.keypoints.names import likeness, name_differences, overlap
+from vitpose.data.keypoints.set import FROM_FILE, KeypointSet, KeypointSetError, mirror_pairs, pairs_by_name
 
 __all__ = [
     "BUILTIN_SETS", "COCO_KEYPOINTS", "COCO_SKELETON", "CUSTOM", "KeypointSet", "KeypointSetError",
@@ -181,31 +178,3 @@ def flip_test_allowed(info: Mapping[str, Any]) -> bool:
     if info.get("flip_pairs"):
         return True
     return info.get("set", FROM_FILE) != FROM_FILE and not mirror_pairs(list(info["names"]))
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vitpose.data.keypoints", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--list", action="store_true", help="one line per built-in set: name and keypoint count")
-    p.add_argument("--show", metavar="NAME", help="one set's definition as JSON")
-    args = p.parse_args(argv)
-    if args.show:
-        try:
-            kset = get_keypoint_set(args.show)
-        except KeypointSetError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        print(json.dumps({**kset.to_info(), "source": kset.source}))
-        return 0
-    if not args.list:
-        p.print_help()
-        return 2
-    for kset in BUILTIN_SETS.values():
-        print(f"{kset.name:<16} {kset.num_keypoints:>4}  {kset.source}")
-    print(f"{CUSTOM:<16} {'-':>4}  data.keypoints=custom with data.custom_keypoints (names, flip_pairs, skeleton, "
-          "sigmas)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

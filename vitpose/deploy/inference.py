@@ -1,6 +1,6 @@
 """Top-down inference: images and person boxes → keypoints in original image coordinates.
 
-Owns the one path from (image, boxes) to keypoints, shared by the MLflow pyfunc (``vitpose.serving``),
+Owns the one path from (image, boxes) to keypoints, shared by the MLflow pyfunc (``vitpose.deploy.serving``),
 the predict and evaluate CLIs and the benchmarks:
 
 * ``decode_image``: encoded bytes, base64 text or an array → uint8 RGB; anything else is a ``BadRequest``.
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitpose.data.keypoint_set import KeypointSet
 from vitpose.data.keypoints import default_keypoint_info, flip_test_allowed, keypoint_info
+from vitpose.data.keypoints.set import KeypointSet
 from vitpose.data.transforms import box_to_center_scale, normalize, udp_warp_matrix, warp_crop
 
 # More boxes than this in one image is almost certainly a client bug (unfiltered detector output), and
@@ -191,7 +191,7 @@ def resolve_device(requested: str | None = None) -> str:
 class PosePredictor:
     """A loaded ViTPose and its keypoint metadata, ready for (image, boxes) → keypoints.
 
-    ``meta`` is what ``vitpose.model_store.load_vitpose`` returns: ``spec`` and ``keypoints`` (the keypoint
+    ``meta`` is what ``vitpose.deploy.model_store.load_vitpose`` returns: ``spec`` and ``keypoints`` (the keypoint
     set as ``KeypointSet.to_info`` writes it: ``set``, ``names``, ``flip_pairs``, 1-based ``skeleton``,
     ``sigmas``; older metas lack ``set`` and ``sigmas``). ``batch_size`` counts crops per forward pass (the flip-test
     pass doubles the tensor, not the number of passes).
@@ -222,7 +222,7 @@ class PosePredictor:
     @classmethod
     def from_uri(cls, uri: str, tracking_uri: str | None = None, **kwargs: Any) -> PosePredictor:
         """Load from ``models:/...``, ``runs:/...``, a checkpoint folder or a weights file (see ``load_vitpose``)."""
-        from vitpose.model_store import load_vitpose
+        from vitpose.deploy.model_store import load_vitpose
 
         model, meta = load_vitpose(uri, tracking_uri)
         return cls(model, meta, **kwargs)

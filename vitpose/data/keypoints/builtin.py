@@ -9,7 +9,7 @@ written by name so that a wrong index cannot slip in; ``KeypointSet`` checks eve
 
 from __future__ import annotations
 
-from vitpose.data.keypoint_set import KeypointSet, mirror_pairs, pairs_by_name
+from vitpose.data.keypoints.set import KeypointSet, mirror_pairs, pairs_by_name
 
 # ---- COCO (17) ----------------------------------------------------------------------------------------
 COCO_KEYPOINTS = [

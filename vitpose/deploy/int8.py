@@ -2,7 +2,7 @@
 network behind ``PosePredictor`` (so onnxruntime heatmaps are decoded by the eager path's code), and the checks
 an int8 export must pass (heatmap parity, val AP).
 
-Owns what turns an fp32 export (``vitpose.onnx_export``) into an int8 one: which crops calibrate it
+Owns what turns an fp32 export (``vitpose.deploy.onnx``) into an int8 one: which crops calibrate it
 (``calibration_crops``: items of the training dataset the model's config builds, augmented as in training;
 activation ranges of random tensors are not those of people), the quantizer's recipe (``quantize_int8``,
 its levers as arguments for benchmarks/student_latency.py), and ``OrtNetwork``, an ``nn.Module`` facade over
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitpose.ort_runtime import INPUT_NAME, OrtNetwork
+from vitpose.deploy.runtime import INPUT_NAME, OrtNetwork
 
 CALIBRATION_CROPS = 64  # stable MinMax ranges for a small ViT; each costs one fp32 forward
 # Quantized: the ops with a weight (linear layers, convolutions), where the time goes. Left in float, as
@@ -131,8 +131,8 @@ def _weight_nodes(graph: Any, op_types: set[str], pass_through: set[str] = froze
 def val_ap(network: torch.nn.Module, meta: dict[str, Any], val_dataset: Any) -> float:
     """COCO keypoint AP of ``network`` (eager or ``OrtNetwork``) on ``val_dataset``, flip test on: the
     evaluate CLI's path (``PosePredictor.predict_dataset`` + ``CocoKeypointEvaluator``)."""
+    from vitpose.deploy.inference import PosePredictor
     from vitpose.evaluation import CocoKeypointEvaluator
-    from vitpose.inference import PosePredictor
 
     preds = PosePredictor(network, meta).predict_dataset(val_dataset)
     return float(CocoKeypointEvaluator(val_dataset.ann_file, keypoints=val_dataset.keypoint_set).evaluate(preds)["AP"])

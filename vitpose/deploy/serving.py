@@ -26,7 +26,7 @@ confidence] x K]}`` in original image pixels), ``num_persons``, ``whole_image_bo
 ``bin/`` on ``PATH``).
 
 Both columns are typed ``Any`` in the signature on purpose: MLflow's typed columns refuse integer box
-coordinates for a ``double`` array and bytes for a ``string``; ``vitpose.inference`` validates them instead,
+coordinates for a ``double`` array and bytes for a ``string``; ``vitpose.deploy.inference`` validates them instead,
 with messages that say what to send.
 """
 
@@ -45,16 +45,16 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
-from vitpose.model_store import META, WEIGHTS
+from vitpose.deploy.model_store import META, WEIGHTS
 
 PYFUNC_PATH = "model"
 
 # The models-from-code entry point logged with every model. It only names the class in the installed package,
 # so loading a model runs our code, never code unpickled from the artifact store.
-_MODEL_CODE = '''"""vitpose pose model (models from code): see vitpose/serving.py for inputs and outputs."""
+_MODEL_CODE = '''"""vitpose pose model (models from code): see vitpose/deploy/serving.py for inputs and outputs."""
 from mlflow.models import set_model
 
-from vitpose.serving import VitPosePyfunc
+from vitpose.deploy.serving import VitPosePyfunc
 
 set_model(VitPosePyfunc())
 '''
@@ -84,17 +84,17 @@ class BadInput(MlflowException):
 
 # --------------------------------------------------------------------------------------------- pyfunc
 class VitPosePyfunc(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc around ``vitpose.inference.PosePredictor`` (artifacts ``weights`` and ``meta``)."""
+    """MLflow pyfunc around ``vitpose.deploy.inference.PosePredictor`` (artifacts ``weights`` and ``meta``)."""
 
     def load_context(self, context: Any) -> None:
-        from vitpose.inference import PosePredictor, resolve_device
-        from vitpose.model_store import build_from_files
+        from vitpose.deploy.inference import PosePredictor, resolve_device
+        from vitpose.deploy.model_store import build_from_files
 
         model, meta = build_from_files(Path(context.artifacts["weights"]),
                                        json.loads(Path(context.artifacts["meta"]).read_text()))
         device = resolve_device()
         if "network" in context.artifacts:  # logged with an ONNX network (export --int8): run it in onnxruntime
-            from vitpose.ort_runtime import OrtNetwork
+            from vitpose.deploy.runtime import OrtNetwork
 
             model, device = OrtNetwork(context.artifacts["network"], model.spec), "cpu"
         self.predictor = PosePredictor(model, meta, device=device)
@@ -104,7 +104,7 @@ class VitPosePyfunc(mlflow.pyfunc.PythonModel):
         self._forward_lock = threading.Lock()
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from vitpose.inference import BadRequest, decode_image, parse_boxes
+        from vitpose.deploy.inference import BadRequest, decode_image, parse_boxes
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "image" not in frame.columns:
@@ -128,7 +128,7 @@ class VitPosePyfunc(mlflow.pyfunc.PythonModel):
 def _rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
     """One dict per image. MLflow hands a single-column columnar request ({"inputs": {"image": [a, b]}}) over
     as ONE row whose cell is the list of images; those are split back into rows here."""
-    from vitpose.inference import is_missing
+    from vitpose.deploy.inference import is_missing
 
     rows = []
     for row in frame.to_dict("records"):
@@ -274,7 +274,7 @@ def register_checkpoint(tracking_uri: str, run_id: str, checkpoint: Any, registe
                         lineage: dict[str, Any] | None = None) -> str | None:
     """Log the weights of a training checkpoint (a Ray ``Checkpoint``) as the run's model, register it and
     point ``alias`` at the new version. ``lineage`` (teacher, trial parameters, ...) is kept in the meta."""
-    from vitpose.train.checkpoint import MODEL_FILE, verify_checkpoint
+    from vitpose.train.run_folder import MODEL_FILE, verify_checkpoint
 
     with checkpoint.as_directory() as folder:
         meta = verify_checkpoint(Path(folder))

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vitpose import console
 from vitpose.config import ConfigError, resolve_path
-from vitpose.storage import Storage
+from vitpose.run import console
+from vitpose.run.storage import Storage
 
 RUN_ID_FILE = "mlflow_run_id.txt"
 LOG_DIR = "runs/logs"
@@ -57,7 +57,7 @@ def guarded(body: Callable[[], int], *extra_errors: type[BaseException]) -> int:
 def run(body: Callable[[], int], name: str, verbose: bool = False, tracking_uri: str | None = None) -> int:
     """A long pipeline's body with the console captured (our lines shown, every line in the log file) and
     user errors as one line. ``tracking_uri``: the config's, if it names one (it places the log in a job)."""
-    from vitpose import raycluster
+    from vitpose.run import cluster
 
     folder = log_dir(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     with console.captured(folder / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log", verbose) as log:
@@ -65,7 +65,7 @@ def run(body: Callable[[], int], name: str, verbose: bool = False, tracking_uri:
         try:
             return guarded(body)
         finally:
-            raycluster.disconnect()  # inside the capture: Ray's last words go to the log, not after our error
+            cluster.disconnect()  # inside the capture: Ray's last words go to the log, not after our error
 
 
 def sqlite_file(uri: str | None) -> Path | None:
@@ -80,7 +80,7 @@ def durable_runs(tracking_uri: str | None) -> Path | None:
     """Where outputs the README puts under ``runs/`` go: the repository's ``runs/``; inside a ``ray job submit
     --working-dir`` copy (which Ray deletes with the job), the folder of the job's SQLite store when that lies
     outside the copy (the README's job line puts it in the submitter's ``runs/``); None when nothing says."""
-    from vitpose.raycluster import job_working_copy
+    from vitpose.run.cluster import job_working_copy
 
     copy = job_working_copy()
     if copy is None:
@@ -92,7 +92,7 @@ def durable_runs(tracking_uri: str | None) -> Path | None:
 def log_dir(tracking_uri: str | None) -> Path:
     """``runs/logs`` (see ``durable_runs``); in a job copy with nothing durable named, the head's Ray session log
     folder, which outlives the job (beside Ray's own ``job-driver-*.log``) though not the cluster."""
-    from vitpose.raycluster import job_working_copy
+    from vitpose.run.cluster import job_working_copy
 
     runs = durable_runs(tracking_uri)
     if runs is not None:
@@ -110,7 +110,7 @@ def keep_outputs(cfg: Any, tracking_uri: str) -> None:
     """Point a generated (synthetic) dataset's relative ``data.root`` at ``durable_runs`` inside a job copy, in
     ``cfg`` itself so the workers get the same absolute path; refuse, before any work, one that would land in
     the copy with nothing durable to put it in."""
-    from vitpose.raycluster import job_working_copy
+    from vitpose.run.cluster import job_working_copy
 
     copy = job_working_copy()
     if copy is None:

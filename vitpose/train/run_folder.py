@@ -7,7 +7,7 @@ A checkpoint folder holds DeepSpeed's sharded state under ``ds/`` (every rank), 
 ``verify_checkpoint`` accepts a folder only when all markers are there and every listed file has its size.
 Serving, the pipelines and the tests take these names from here. Checkpoints are written to a local
 folder and handed to Ray, which persists them to ``ray.storage_path`` (local, NFS or object storage);
-``verify_checkpoint`` and ``newest_complete_checkpoint`` read either kind (``vitpose.storage``).
+``verify_checkpoint`` and ``newest_complete_checkpoint`` read either kind (``vitpose.run.storage``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from vitpose.storage import Storage
+from vitpose.run.storage import Storage
 
 CKPT_TAG = "ds"
 MODEL_FILE = "model.safetensors"
@@ -45,7 +45,7 @@ def write_weights(out: Path, state: dict[str, torch.Tensor], spec: dict[str, Any
     """``model.safetensors`` with the spec in its header, so the file alone rebuilds the model."""
     from safetensors.torch import save_file
 
-    from vitpose.models.checkpoints import SPEC_KEY
+    from vitpose.models.weights import SPEC_KEY
 
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / MODEL_FILE),
               metadata={"format": "pt", SPEC_KEY: json.dumps(spec)})
@@ -134,7 +134,7 @@ def load_deepspeed_files_as_weights_only(engine: Any) -> None:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from vitpose.models.checkpoints import torch_load_weights_only
+    from vitpose.models.weights import torch_load_weights_only
 
     allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from vitpose.config import ConfigError
-from vitpose.train.checkpoint import META_FILE as CHECKPOINT_META
-from vitpose.train.checkpoint import MODEL_FILE
+from vitpose.train.run_folder import META_FILE as CHECKPOINT_META
+from vitpose.train.run_folder import MODEL_FILE
 
 WEIGHTS = MODEL_FILE  # the same name in a registered model's artifacts and in a checkpoint folder
 META = "vitpose_meta.json"  # a registered model's spec, keypoint definition and lineage
@@ -85,7 +85,7 @@ def _download(uri: str, tracking_uri: str | None) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from vitpose.tracking import check_tracking_uri, resolve_tracking_uri
+    from vitpose.run.tracking import check_tracking_uri, resolve_tracking_uri
 
     resolved = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(resolved)  # an unreachable server is a clear error here, not a "model not found"
@@ -100,5 +100,5 @@ def _download(uri: str, tracking_uri: str | None) -> Path:
     folder = Path(local)
     if not (folder / "artifacts" / META).is_file():
         raise ModelNotFoundError(f"{uri} is not a vitpose pose model (no artifacts/{META}); ONNX exports are served "
-                                 "by onnxruntime, not loaded here; register with vitpose.serving.log_vitpose_model")
+                                 "by onnxruntime, not loaded here; register with vitpose.deploy.serving.log_vitpose_model")
     return folder

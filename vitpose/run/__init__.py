@@ -1,0 +1,1 @@
+"""Run infrastructure: MLflow tracking and its outbox, storage by URI, the Ray cluster, the console."""
