@@ -95,12 +95,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitpose.deploy.model_store import load_vitpose
     from vitpose.deploy.onnx import check_parity, export_onnx, log_onnx_model, onnx_session
+    from vitpose.models import create
     from vitpose.run import tracking
 
     tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    model, meta = load_vitpose(args.model, tracking_uri)
+    model = create(args.model, tracking_uri=tracking_uri)
+    meta = model.meta
     out = args.out or default_out(args.model)
     path = export_onnx(model, out, opset=args.opset, meta=meta)
     print(f"exported {args.model} -> {path} ({path.stat().st_size / 1e6:.1f} MB, opset {args.opset}, dynamic batch)")

@@ -15,14 +15,14 @@ from vitpose.models import (
     CheckpointMismatchError,
     UnsafeCheckpointError,
     build_model,
+    create,
     infer_spec_from_state_dict,
-    load_checkpoint,
-    load_model,
     match_preset,
     read_checkpoint,
     save_official,
     save_safetensors,
 )
+from vitpose.models.weights import load_checkpoint
 
 # ---- an independent implementation: official keys written by hand, forward in plain torch ops ---------
 
@@ -126,7 +126,7 @@ def test_loads_file_written_by_another_implementation(tmp_path: Path, decoder: s
         expected = _reference_forward(sd, x, num_heads=3)
 
     # Spec inferred from the file alone: width, depth, decoder, 8x6 grid -> 128x96, heads from vitpose_nano.
-    model = load_model(path).eval()
+    model = create(path).eval()
     assert model.spec.img_size == (128, 96) and model.spec.decoder == decoder
     with torch.no_grad():
         got = model(x)
@@ -177,7 +177,7 @@ def test_round_trip_with_knowledge_tokens(tmp_path: Path) -> None:
     model = _trained_like()
     model.backbone.set_knowledge_tokens(torch.randn(2, model.spec.embed_dim), trainable=False)
     save_safetensors(model, tmp_path / "student.safetensors")
-    loaded = load_model(tmp_path / "student.safetensors").eval()
+    loaded = create(tmp_path / "student.safetensors").eval()
     assert loaded.spec == model.spec and loaded.spec.num_knowledge_tokens == 2
     x = torch.randn(1, 3, 64, 48)
     with torch.no_grad():

@@ -95,9 +95,11 @@ def test_two_trial_sweep_registers_a_champion(registry, synthetic_root, tmp_path
     last = {params: sorted(h, key=lambda m: m.step)[-1].value for params, h in history.items()}
     assert client.get_run(parent).data.metrics["champion/val/AP"] == pytest.approx(max(last.values()))
 
-    from vitpose.deploy.model_store import load_vitpose
+    from vitpose.models import create
 
-    student, meta = load_vitpose("models:/vitpose-student@champion", uri)
+    student = create("models:/vitpose-student@champion", tracking_uri=uri)
+
+    meta = student.meta
     assert student.spec.embed_dim == 64  # vitpose_pico
     assert last[str(meta["trial_params"])] == max(last.values())  # the champion's (ties: either)
     assert meta["epoch"] == 2  # the last epoch's weights

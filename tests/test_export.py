@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from tests.helpers_serving import REPO, random_model, register_model, sqlite_store
-from vitpose.deploy.model_store import load_vitpose
 from vitpose.deploy.onnx import (
     DEFAULT_DECONV,
     INPUT_NAME,
@@ -23,6 +22,7 @@ from vitpose.deploy.onnx import (
     onnx_session,
     sample_crops,
 )
+from vitpose.models import create
 
 
 def load_cli():
@@ -36,7 +36,8 @@ def loud_model(tmp_path, **kwargs):
     """A random model whose heatmaps have a trained model's scale (~1), so a tolerance of 1e-4 means something:
     an untrained head outputs ~1e-4 and any export would pass."""
     weights, meta = random_model(tmp_path / "model.safetensors", **kwargs)
-    model, meta = load_vitpose(str(weights))
+    model = create(str(weights))
+    meta = model.meta
     with torch.no_grad():
         peak = float(model(sample_crops(2, tuple(model.spec.img_size), seed=123)).abs().max())
         model.keypoint_head.final_layer.weight.div_(peak)
@@ -129,7 +130,7 @@ def test_export_registers_the_onnx_flavour_beside_the_pyfunc(tmp_path, capsys):
     x = sample_crops(2, (128, 96), seed=9)
     got = onnx_model.predict(x.numpy())
     got = got["heatmaps"] if isinstance(got, dict) else got
-    ref_model, _ = load_vitpose(str(weights))
+    ref_model = create(str(weights))
     with torch.no_grad():
         ref = ref_model(x).numpy()
     assert np.abs(np.asarray(got) - ref).max() <= 1e-4

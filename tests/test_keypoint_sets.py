@@ -110,7 +110,7 @@ def test_a_file_of_another_set_is_an_error_naming_both(tmp_path):
 
 
 def test_teacher_and_student_must_share_a_set(tmp_path):
-    from vitpose.distill.student import check_same_keypoints
+    from vitpose.distill.teacher import check_same_keypoints
 
     root = crowdpose_root(tmp_path)
     ds = TopDownCocoDataset(root / "annotations/crowdpose.json", root / "images", train=False, keypoints=CROWDPOSE)

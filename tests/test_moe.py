@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from tests.test_pretrained_formats import DEPTH, DIM, HEADS, tokens, transformers_folder
-from vitpose.models import build_model, load_model, load_pretrained, save_safetensors
+from vitpose.models import build_model, create, save_safetensors
 from vitpose.models.multi_dataset import dataset_meta, export_dataset
+from vitpose.models.pretrained import load_pretrained
 from vitpose.models.vitpose import ModelSpec
 
 DATASETS = (("coco", 17), ("crowd", 14), ("mpii", 16))
@@ -52,15 +53,15 @@ def test_one_expert_selected_equals_the_joined_single_expert_model():
 
 
 def test_single_expert_export_round_trips_through_the_single_dataset_loaders(tmp_path: Path):
-    from vitpose.deploy.model_store import load_vitpose
+    from vitpose.models import create
 
     model = moe_model()
     save_safetensors(model, tmp_path / "moe.safetensors")
-    again = load_model(tmp_path / "moe.safetensors")  # the spec in the file rebuilds the experts and heads
+    again = create(tmp_path / "moe.safetensors")  # the spec in the file rebuilds the experts and heads
     assert again.spec == model.spec
     single = export_dataset(again, "crowd")
     path = save_safetensors(single, tmp_path / "crowd.safetensors")
-    served, meta = load_vitpose(str(path))  # what serving, evaluation and export load
+    served = create(str(path))  # what serving, evaluation and export load
     assert served.spec == single.spec and served.spec.num_keypoints == 14
     x = torch.randn(2, 3, 64, 48)
     with torch.no_grad():
@@ -68,7 +69,8 @@ def test_single_expert_export_round_trips_through_the_single_dataset_loaders(tmp
     from vitpose.models.__main__ import main
 
     assert main(["export-dataset", str(tmp_path / "moe.safetensors"), "crowd", "--out", str(tmp_path / "crowd")]) == 0
-    folder_model, folder_meta = load_vitpose(str(tmp_path / "crowd"))  # a folder serving loads like any model's
+    folder_model = create(str(tmp_path / "crowd"))
+    folder_meta = folder_model.meta  # a folder serving loads like any model's
     assert folder_model.spec == single.spec and folder_meta["exported_from"] == {"dataset": "crowd", "index": 1}
     assert len(folder_meta["keypoints"]["names"]) == 14  # the file stored no sets: one assumed for 14 keypoints
     multi_meta = {"keypoints": {"set": "coco", "datasets": [{"name": n, "set": n, "names": [str(i) for i in range(k)]}
@@ -118,7 +120,7 @@ def test_an_official_vitpose_plus_file_loads_with_its_experts_and_heads(tmp_path
     model = moe_model()
     sd = {"backbone.cls_token": torch.zeros(1, 1, DIM), **model.state_dict()}
     torch.save({"state_dict": sd, "meta": {"mmcv_version": "1.3.9"}}, tmp_path / "vitpose_plus.pth")
-    loaded = load_model(tmp_path / "vitpose_plus.pth").eval()
+    loaded = create(tmp_path / "vitpose_plus.pth").eval()
     assert loaded.spec.datasets == (("coco", 17), ("aic", 14), ("mpii", 16)) and loaded.spec.moe_part_features == 16
     x = torch.randn(2, 3, 64, 48)
     with torch.no_grad():

@@ -113,14 +113,13 @@ def test_two_datasets_train_in_one_run_each_through_its_own_head(two_dataset_run
 def test_a_dataset_exported_from_the_run_evaluates_as_in_the_run(two_dataset_run, tmp_path):
     """The crowd head's single-expert export, saved and loaded by the single-dataset loader, scores the crowd
     val set as the run did."""
-    from vitpose.deploy.model_store import load_vitpose
     from vitpose.evaluation import CocoKeypointEvaluator, decode_batch_to_predictions
-    from vitpose.models import save_safetensors
+    from vitpose.models import create, save_safetensors
     from vitpose.models.multi_dataset import export_dataset
 
     trainer, session, _ = two_dataset_run
-    model, _ = load_vitpose(str(session.checkpoints[-1]))
-    single, _ = load_vitpose(str(save_safetensors(export_dataset(model, "crowd"), tmp_path / "crowd.safetensors")))
+    model = create(str(session.checkpoints[-1]))
+    single = create(str(save_safetensors(export_dataset(model, "crowd"), tmp_path / "crowd.safetensors")))
     val = trainer.val_ds.datasets[1]
     batch = next(iter(torch.utils.data.DataLoader(val, batch_size=len(val))))
     with torch.no_grad():
@@ -149,7 +148,8 @@ def test_zero3_trains_and_resumes_a_moe_model(tmp_path):
 
 # ------------------------------------------------------------------------------------- distillation
 def test_a_multi_dataset_teacher_teaches_a_single_dataset_student(two_dataset_run, tmp_path):
-    from vitpose.distill.student import distill_loss, frozen, load_teacher
+    from vitpose.distill.student import distill_loss
+    from vitpose.distill.teacher import frozen, load_teacher
     from vitpose.train.loop import Trainer
     from vitpose.train.session import LocalSession
 
@@ -158,8 +158,8 @@ def test_a_multi_dataset_teacher_teaches_a_single_dataset_student(two_dataset_ru
     student_cfg = tiny_config(root, "data.keypoints=crowdpose", f"distill.teacher_uri={session.checkpoints[-1]}",
                               "model.preset=vitpose_pico", "deepspeed.zero_stage=0", "train.precision=fp32",
                               "train.epochs=1", "tracking.log_images=0", student=True)
-    teacher, meta = load_teacher(student_cfg, None)
-    assert teacher.spec.num_keypoints == 14 and not teacher.spec.datasets and meta["keypoints"]["set"] == "crowdpose"
+    teacher = load_teacher(student_cfg, None)
+    assert teacher.spec.num_keypoints == 14 and not teacher.spec.datasets and teacher.meta["keypoints"]["set"] == "crowdpose"
     # The student's data: the crowd dataset of the teacher's run (its remapped files).
     crowd = dataset_configs(two_dataset_run[2])[1][2].data
     student_cfg = student_cfg.model_copy(update={"data": student_cfg.data.model_copy(update={
@@ -199,12 +199,12 @@ def _record_batches() -> None:
     import json
     import os
 
-    from vitpose.data import mixing
+    from vitpose.data import multi_dataset
 
     folder = os.environ.get("VP_TEST_BATCHES")
-    if not folder or getattr(mixing.MixedBatchSampler, "_recorded", False):
+    if not folder or getattr(multi_dataset.MixedBatchSampler, "_recorded", False):
         return
-    drawn = mixing.MixedBatchSampler.__iter__
+    drawn = multi_dataset.MixedBatchSampler.__iter__
 
     def recorded(self):
         for batch in drawn(self):
@@ -212,8 +212,8 @@ def _record_batches() -> None:
                 f.write(json.dumps(batch) + "\n")
             yield batch
 
-    mixing.MixedBatchSampler.__iter__ = recorded
-    mixing.MixedBatchSampler._recorded = True
+    multi_dataset.MixedBatchSampler.__iter__ = recorded
+    multi_dataset.MixedBatchSampler._recorded = True
 
 
 def _drawn(folder: Path, rank: int) -> list[list[tuple[int, int, int]]]:

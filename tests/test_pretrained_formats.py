@@ -22,16 +22,10 @@ from timm.models.vision_transformer import VisionTransformer
 
 from vitpose.build import build_model_from_config
 from vitpose.config import load_config
-from vitpose.models import (
-    CheckpointError,
-    CheckpointMismatchError,
-    build_model,
-    load_checkpoint,
-    load_model,
-    load_pretrained,
-    save_official,
-)
+from vitpose.models import CheckpointError, CheckpointMismatchError, build_model, create, save_official
 from vitpose.models.__main__ import main
+from vitpose.models.pretrained import load_pretrained
+from vitpose.models.weights import load_checkpoint
 
 DIM, DEPTH, HEADS = 64, 2, 2  # vitpose_pico's shape, so inspect suggests it
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -222,7 +216,7 @@ def test_an_official_file_of_another_keypoint_set_starts_a_new_final_layer(tmp_p
 
     with pytest.raises(CheckpointMismatchError, match="final_layer.weight: \\(17, 32, 1, 1\\) vs \\(14, 32, 1, 1\\)"):
         load_checkpoint(build_model("vitpose_pico", num_keypoints=14), path)  # strict as before
-    assert load_model(path).spec.num_keypoints == 17
+    assert create(path).spec.num_keypoints == 17
     with pytest.raises(CheckpointMismatchError, match="fits preset 'vitpose_pico'"):  # the backbone stays strict
         load_pretrained(build_model("vitpose_pico", num_keypoints=14, depth=coco.spec.depth + 1), path)
     with pytest.raises(CheckpointMismatchError, match=r"unexpected keys \(12\)"):  # so does the rest of the head

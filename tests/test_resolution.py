@@ -10,8 +10,10 @@ from timm.layers import resample_abs_pos_embed
 
 from vitpose.build import build_model_from_config, model_spec
 from vitpose.config import ConfigError, load_config
-from vitpose.models import build_model, load_checkpoint, load_pretrained, save_official, save_safetensors
+from vitpose.models import build_model, save_official, save_safetensors
 from vitpose.models.__main__ import main as models_cli
+from vitpose.models.pretrained import load_pretrained
+from vitpose.models.weights import load_checkpoint
 
 
 @pytest.mark.parametrize("size", [(80, 48), (112, 96), (64, 160)])

@@ -29,7 +29,7 @@ from vitpose.deploy.inference import (
     default_keypoint_info,
     parse_boxes,
 )
-from vitpose.deploy.model_store import ModelNotFoundError, load_vitpose
+from vitpose.models import ModelNotFoundError, create
 
 
 def encode(arr: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
@@ -49,7 +49,8 @@ def picture(h: int = 120, w: int = 90, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory) -> PosePredictor:
     weights, meta = random_model(tmp_path_factory.mktemp("w") / "model.safetensors")
-    model, meta = load_vitpose(str(weights))
+    model = create(str(weights))
+    meta = model.meta
     return PosePredictor(model, meta, batch_size=4)
 
 
@@ -160,10 +161,10 @@ def test_flip_test_changes_the_result_and_can_be_turned_off(predictor):
 
 def test_missing_model_uris_say_what_was_tried(tmp_path):
     with pytest.raises(ModelNotFoundError, match="not found"):
-        load_vitpose(str(tmp_path / "nope"))
+        create(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotFoundError, match="has no model.safetensors"):
-        load_vitpose(str(tmp_path / "empty"))
+        create(str(tmp_path / "empty"))
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     with pytest.raises(ModelNotFoundError, match="vitpose-missing"):
         PosePredictor.from_uri("models:/vitpose-missing@champion", uri)
@@ -202,7 +203,7 @@ def test_pyfunc_round_trip_through_the_registry(registry, monkeypatch):
     out = model.predict(frame)
     assert list(out["num_persons"]) == [1, 1] and list(out["whole_image_box"]) == [False, True]
     # The registered model is the same network as the weights we gave it.
-    ref_model, _ = load_vitpose(str(registry["weights"]))
+    ref_model = create(str(registry["weights"]))
     ref = PosePredictor(ref_model, registry["meta"]).predict_batch(
         [(images[0], [[10, 10, 50, 100, 0.8]]), (images[1], None)])
     for got, want in zip(out["persons"], ref, strict=True):
@@ -211,7 +212,8 @@ def test_pyfunc_round_trip_through_the_registry(registry, monkeypatch):
     arr = model.predict([{"image": images[0], "boxes": [[10, 10, 50, 100]]}], params={"flip_test": False})
     assert arr["num_persons"][0] == 1
     # runs:/ URIs and the loader used by the CLIs see the same model.
-    m2, meta2 = load_vitpose(f"runs:/{registry['run_id']}/model", registry["uri"])
+    m2 = create(f"runs:/{registry['run_id']}/model", tracking_uri=registry["uri"])
+    meta2 = m2.meta
     assert meta2["keypoints"]["names"][0] == "nose"
     assert all(torch.equal(a, b) for a, b in zip(m2.state_dict().values(), ref_model.state_dict().values(), strict=True))
 

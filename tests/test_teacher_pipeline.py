@@ -79,10 +79,11 @@ def test_two_workers_each_zero_stage(stage, ray_local, tracking, synthetic_root,
     pictures = client.list_artifacts(run.info.run_id, "predictions")
     assert pictures and pictures[0].path.endswith(".png")
 
-    from vitpose.deploy.model_store import load_vitpose
-    from vitpose.models import ViTPose
+    from vitpose.models import ViTPose, create
 
-    model, model_meta = load_vitpose(f"models:/vitpose-teacher@stage{stage}", tracking)
+    model = create(f"models:/vitpose-teacher@stage{stage}", tracking_uri=tracking)
+
+    model_meta = model.meta
     assert isinstance(model, ViTPose) and model_meta["keypoints"]["names"][0] == "nose"
     assert model(torch.zeros(1, 3, 64, 48)).shape == (1, 17, *model.spec.heatmap_size)
     assert model.spec.patch_size == 8 and model.spec.heatmap_size == (32, 24)  # the config's patch 8, kept

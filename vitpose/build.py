@@ -47,7 +47,7 @@ def ensure_data(cfg: TrainingConfig) -> None:
 def build_datasets(cfg: TrainingConfig, is_local_leader: bool) -> tuple[Any, Any]:
     """The (train, val) top-down datasets; the local leader generates synthetic data first if needed, the
     other ranks wait for it. A multi-dataset run (``data.datasets``) gives a ``MixedTrainSet`` and a
-    ``MultiValSet`` (data/mixing.py) of each dataset's own pair."""
+    ``MultiValSet`` (data/multi_dataset.py) of each dataset's own pair."""
     import torch.distributed as dist
 
     from vitpose.data.coco import TopDownCocoDataset
@@ -138,15 +138,13 @@ def build_model_from_config(cfg: TrainingConfig, **extra: Any) -> torch.nn.Modul
     """The model of ``cfg.model``, initialised from ``train.seed`` (the same seed, the same initial weights,
     whatever ran before in the process) and then from ``model.init_checkpoint`` when one is given. ``extra``
     goes to ``build_model`` (e.g. knowledge-token slots of a student)."""
-    from vitpose.models import build_model, build_overrides, load_pretrained
+    from vitpose.models import create
 
     init = cfg.model.init_checkpoint  # any format `python -m vitpose.models inspect` reads (MAE, timm, ...)
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left where it was
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model.preset, **model_spec_kwargs(cfg), **(build_overrides(init) if init else {}),
-                            **extra)
-    if init:  # the report rides on the model to the Trainer, which logs it to the run (WorkerTracker)
-        model.init_report = load_pretrained(model, init, echo=True)
+        # An init checkpoint's load report rides on the model (init_report) to the Trainer, which logs it.
+        model = create(cfg.model.preset, pretrained=init or None, **model_spec_kwargs(cfg), **extra)
     return _finish(cfg, model)
 
 
@@ -172,7 +170,8 @@ def build_partitioned_model(cfg: TrainingConfig, ds_config: dict[str, Any], rank
     """
     import deepspeed
 
-    from vitpose.models import build_model, build_overrides, load_pretrained
+    from vitpose.models import build_model
+    from vitpose.models.pretrained import build_overrides, load_pretrained
 
     init = cfg.model.init_checkpoint
     torch.manual_seed(cfg.train.seed)

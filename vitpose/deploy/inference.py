@@ -191,7 +191,7 @@ def resolve_device(requested: str | None = None) -> str:
 class PosePredictor:
     """A loaded ViTPose and its keypoint metadata, ready for (image, boxes) → keypoints.
 
-    ``meta`` is what ``vitpose.deploy.model_store.load_vitpose`` returns: ``spec`` and ``keypoints`` (the keypoint
+    ``meta`` (default: ``model.meta``, as ``vitpose.models.create`` sets it): ``spec`` and ``keypoints`` (the keypoint
     set as ``KeypointSet.to_info`` writes it: ``set``, ``names``, ``flip_pairs``, 1-based ``skeleton``,
     ``sigmas``; older metas lack ``set`` and ``sigmas``). ``batch_size`` counts crops per forward pass (the flip-test
     pass doubles the tensor, not the number of passes).
@@ -201,7 +201,7 @@ class PosePredictor:
                  batch_size: int = 32, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         self.device, self.dtype = torch.device(device), dtype
         self.model = model.to(self.device, self.dtype).eval()
-        self.meta = dict(meta or {})
+        self.meta = dict(meta or getattr(model, "meta", None) or {})
         self.input_size: tuple[int, int] = tuple(model.spec.img_size)  # type: ignore[assignment]
         self.num_keypoints: int = int(model.spec.num_keypoints)
         kp = self.meta.get("keypoints") or default_keypoint_info(self.num_keypoints)
@@ -221,11 +221,10 @@ class PosePredictor:
 
     @classmethod
     def from_uri(cls, uri: str, tracking_uri: str | None = None, **kwargs: Any) -> PosePredictor:
-        """Load from ``models:/...``, ``runs:/...``, a checkpoint folder or a weights file (see ``load_vitpose``)."""
-        from vitpose.deploy.model_store import load_vitpose
+        """Load from ``models:/...``, ``runs:/...``, a checkpoint folder or a weights file (``create``)."""
+        from vitpose.models import create
 
-        model, meta = load_vitpose(uri, tracking_uri)
-        return cls(model, meta, **kwargs)
+        return cls(create(uri, tracking_uri=tracking_uri), **kwargs)
 
     # ----------------------------------------------------------------------------------- network
     @torch.inference_mode()

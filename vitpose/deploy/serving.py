@@ -45,7 +45,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
-from vitpose.deploy.model_store import META, WEIGHTS
+from vitpose.models.loading import META, WEIGHTS
 
 PYFUNC_PATH = "model"
 
@@ -88,10 +88,10 @@ class VitPosePyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         from vitpose.deploy.inference import PosePredictor, resolve_device
-        from vitpose.deploy.model_store import build_from_files
+        from vitpose.models import create
 
-        model, meta = build_from_files(Path(context.artifacts["weights"]),
-                                       json.loads(Path(context.artifacts["meta"]).read_text()))
+        model = create(Path(context.artifacts["weights"]).parent)  # the weights and their meta, logged side by side
+        meta = model.meta
         device = resolve_device()
         if "network" in context.artifacts:  # logged with an ONNX network (export --int8): run it in onnxruntime
             from vitpose.deploy.runtime import OrtNetwork
@@ -228,7 +228,7 @@ def log_vitpose_model(
 
     ``network``: an ONNX file of these weights (``pipelines/export.py --int8`` writes one) logged as the
     ``network`` artifact; the served model then runs it in onnxruntime instead of the eager network. Input,
-    output, cropping and decoding are the same; the weights stay in the model for ``load_vitpose``.
+    output, cropping and decoding are the same; the weights stay in the model for ``vitpose.models.create``.
 
     ``meta`` needs ``spec`` (``ModelSpec.to_dict()``) and should carry ``keypoints`` (the keypoint set: names,
     flip pairs, 1-based skeleton, sigmas, as ``vitpose.data.keypoints.keypoint_info`` makes them; COCO's are

@@ -25,7 +25,7 @@ from vitpose.build import model_spec
 from vitpose.config import StudentConfig
 from vitpose.data.coco import BadSampleError
 from vitpose.data.transforms import AugParams
-from vitpose.distill.student import frozen
+from vitpose.distill.teacher import frozen
 from vitpose.run.console import say as console_say
 
 # Data settings that change how crops are loaded, never which crops there are.

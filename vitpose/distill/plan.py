@@ -43,10 +43,10 @@ def arm_plan(arm: StudentConfig) -> dict[str, Any]:
 
 
 def sweep_plan(cfg: StudentConfig, tracking_uri: str) -> dict[str, Any]:
-    from vitpose.distill.student import load_teacher
+    from vitpose.distill.teacher import load_teacher
 
-    teacher, meta = load_teacher(cfg, tracking_uri)
-    spec = teacher.spec
+    teacher = load_teacher(cfg, tracking_uri)
+    spec, meta = teacher.spec, teacher.meta
     arms = {name: arm_plan(arm) for name, arm in arm_configs(cfg).items()}
     student = next(iter(arm_configs(cfg).values()))
     if student.model.img_size and tuple(student.model.img_size) != tuple(spec.img_size):

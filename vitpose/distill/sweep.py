@@ -26,7 +26,7 @@ from vitpose.cli import print_summary, read_run_id, write_run_id
 from vitpose.config import ConfigError, StudentConfig, resolve_path, to_dict
 from vitpose.distill.bank import ViewBank, bank_key, data_identity
 from vitpose.distill.space import preparation, search_space, trial_preparations
-from vitpose.distill.student import check_same_keypoints, load_teacher
+from vitpose.distill.teacher import check_same_keypoints, load_teacher
 from vitpose.distill.tokens import ensure_knowledge_tokens
 from vitpose.distill.trial import SweepContext, run_trial
 from vitpose.run import cluster, console, tracking
@@ -101,9 +101,10 @@ def fetch_teacher(cfg: StudentConfig, tracking_uri: str, folder: Path) -> tuple[
     kept in ``folder`` so online-teacher trials load it from there, not from the registry."""
     from safetensors.torch import save_file
 
-    from vitpose.deploy.model_store import META, WEIGHTS
+    from vitpose.models.loading import META, WEIGHTS
 
-    teacher, meta = load_teacher(cfg, tracking_uri)  # a multi-dataset teacher: the student's dataset's
+    teacher = load_teacher(cfg, tracking_uri)  # a multi-dataset teacher: the student's dataset's
+    meta = teacher.meta
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(folder / WEIGHTS))
     (folder / META).write_text(json.dumps(meta, indent=1))

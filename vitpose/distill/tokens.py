@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from vitpose.build import model_spec
 from vitpose.config import ConfigError, StudentConfig
 from vitpose.distill.bank import data_identity
-from vitpose.distill.student import frozen
+from vitpose.distill.teacher import frozen
 from vitpose.losses import keypoint_mse
 from vitpose.models.backbone import fixed_lift, initial_knowledge_tokens
 from vitpose.run.console import say as console_say

@@ -16,7 +16,8 @@ from vitpose.build import build_datasets
 from vitpose.config import StudentConfig
 from vitpose.distill.bank import BankedViews, ViewBank, bank_key
 from vitpose.distill.space import apply_params
-from vitpose.distill.student import build_student, distill_loss, frozen
+from vitpose.distill.student import build_student, distill_loss
+from vitpose.distill.teacher import frozen
 from vitpose.distill.tokens import tokens_for
 
 
@@ -47,7 +48,7 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
     import ray
     from ray import tune
 
-    from vitpose.deploy.model_store import load_vitpose
+    from vitpose.models import create
     from vitpose.run.tracking import WorkerTracker, start_trial_run
     from vitpose.train.loop import Trainer
     from vitpose.train.session import TuneSession, single_process_env
@@ -71,7 +72,7 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
         # comparison then differ in their loss only.
         bank = ViewBank(Path(context.bank_dir) / bank_key(context.teacher_id, cfg))
         train_ds = BankedViews(train_ds, bank, cfg.train.seed)
-    teacher = frozen(load_vitpose(context.teacher_dir)[0]) if out.enabled and out.mode == "online" else None
+    teacher = frozen(create(context.teacher_dir)) if out.enabled and out.mode == "online" else None
     loss = distill_loss(out.weight if out.enabled else 0.0, teacher)
     # The run's final status is set by the driver (close_trial_runs): Tune may stop a trial inside its
     # last report, before any code after fit() would run.

@@ -131,12 +131,12 @@ def export_dataset_folder(uri: str, dataset: str, out: str) -> int:
 
     from safetensors.torch import save_file
 
-    from vitpose.deploy.model_store import META, WEIGHTS, load_vitpose
-
+    from .loading import META, WEIGHTS, create
     from .multi_dataset import dataset_meta, export_dataset
 
     try:
-        model, meta = load_vitpose(uri)
+        model = create(uri)
+        meta = model.meta
         which: int | str = int(dataset) if dataset.isdigit() else dataset
         single = export_dataset(model, which)
     except (CheckpointError, FileNotFoundError, ValueError) as e:

@@ -21,7 +21,7 @@ from .moe import VITPOSE_PLUS_EXPERTS
 from .multi_dataset import transformers_experts
 from .weights import CheckpointError
 
-# The layouts we read. "vitpose" (the official mmpose layout, also what we save) is loaded by checkpoints.py.
+# The layouts we read. "vitpose" (the official mmpose layout, also what we save) is loaded by weights.py.
 FORMATS = ("vitpose", "mae", "timm", "timm-dinov2", "timm-clip", "transformers-vitpose")
 
 # ViTPose+ trains one MLP expert per dataset (moe.VITPOSE_PLUS_EXPERTS: transformers' `dataset_index` order).

@@ -73,7 +73,7 @@ def _read_raw(path: Path) -> tuple[str, Any, dict[str, Any] | None]:
 
 
 def read_pretrained(path: str | Path, expert: int | None = 0) -> Converted | None:
-    """The file converted to our names, or None for an official ViTPose file (loaded by checkpoints.py)."""
+    """The file converted to our names, or None for an official ViTPose file (loaded by weights.py)."""
     path = Path(path)
     fmt, obj, config = _read_raw(path)
     if fmt == "vitpose":

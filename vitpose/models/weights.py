@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .backbone import guess_grid, resize_pos_embed
 from .multi_dataset import infer_multi_fields
-from .vitpose import PRESETS, ModelSpec, ViTPose, build_model_from_spec, match_preset
+from .vitpose import PRESETS, ModelSpec, ViTPose, match_preset
 
 SPEC_KEY = "vitpose_spec"  # in the .pth 'meta' dict and in the safetensors metadata
 POS_EMBED = "backbone.pos_embed"
@@ -396,19 +396,6 @@ def load_checkpoint(model: ViTPose, path: str | Path, *, new_keypoints: bool = F
     report.loaded = [k for k in state_dict if k not in report.resized]
     report.new = list(report.kept_initialised) + list(new_head)
     return report
-
-
-def load_model(path: str | Path, *, device: torch.device | str | None = None, **overrides: Any) -> ViTPose:
-    """Build the model a checkpoint holds (its stored spec, else inferred from its keys) and load it.
-
-    Overrides change spec fields before building, e.g. img_size=(384, 288) to resize pos_embed.
-    """
-    state_dict, file_spec = read_checkpoint(path)
-    spec = file_spec or infer_spec_from_state_dict(state_dict)
-    spec = ModelSpec.from_dict({**spec.to_dict(), **overrides})
-    model = build_model_from_spec(spec, device=device)
-    load_checkpoint(model, path)
-    return model
 
 
 # ---- writing ------------------------------------------------------------------------------------------

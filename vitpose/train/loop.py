@@ -124,7 +124,7 @@ class Trainer:
         self.stage = zero_stage(self.ds_config)
         self.train_ds, self.val_ds = datasets or build_datasets(cfg, session.local_rank == 0)
         self.keypoint_info = keypoint_info(self.train_ds)
-        if is_mixed(self.train_ds):  # several datasets (train/multi.py): each sample through its own head
+        if is_mixed(self.train_ds):  # several datasets (train/multi_dataset.py): each sample through its own head
             if loss_fn is not gt_loss:
                 raise ValueError("a multi-dataset run (data.datasets) trains with its own per-dataset loss only")
             self.loss_fn = mixed_loss(self.train_ds.names)
@@ -266,7 +266,7 @@ class Trainer:
     def evaluate(self, epoch: int) -> dict[str, float]:
         """COCO keypoint AP/AR on the val set (flip test per config), gathered over ranks; the same dict on
         every rank. Rank 0 also draws the first batch's predictions to the tracker. Several datasets:
-        ``val/<name>/...`` each and ``val/...`` the primary's (train/multi.py)."""
+        ``val/<name>/...`` each and ``val/...`` the primary's (train/multi_dataset.py)."""
         if is_mixed(self.train_ds):
             return evaluate_datasets(self, epoch)
         return self.evaluate_one(self.val_loader, self.val_ds, None, epoch)

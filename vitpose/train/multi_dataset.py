@@ -1,6 +1,6 @@
 """The training loop's multi-dataset parts (issue 20): mixed loaders, the per-dataset loss, per-dataset eval.
 
-Used by ``Trainer`` when its training set is a ``MixedTrainSet`` (data/mixing.py). The loss of each sample
+Used by ``Trainer`` when its training set is a ``MixedTrainSet`` (data/multi_dataset.py). The loss of each sample
 goes through its own dataset's head (and expert): the model's per-sample routing returns one heatmap tensor
 per dataset; each dataset's keypoint MSE over its own K joints is weighted by its share of the batch, so the
 total is the mean per-sample loss. Evaluation runs every val set through its own head and reports

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
+from vitpose.models.loading import CHECKPOINT_META as META_FILE
+from vitpose.models.loading import WEIGHTS as MODEL_FILE
 from vitpose.run.storage import Storage
 
 CKPT_TAG = "ds"
-MODEL_FILE = "model.safetensors"
-META_FILE = "meta.json"
 # Prefix of the temp folders checkpoints are written to before Ray takes them, followed by "<pid>-".
 SAVE_TMP_PREFIX = "vitpose-ckpt-"
 

@@ -153,7 +153,7 @@ def keypoint_info(dataset: Any) -> dict[str, Any]:
     kset = getattr(dataset, "keypoint_set", None)
     if kset is not None:
         info = kset.to_info()
-        if hasattr(dataset, "keypoint_sets"):  # several datasets (data/mixing.py): the primary's, and each one's
+        if hasattr(dataset, "keypoint_sets"):  # several datasets (data/multi_dataset.py): the primary's, and each one's
             info["datasets"] = [{"name": n, **s.to_info()} for n, s in dataset.keypoint_sets]
         return info
     return {  # a dataset-like object without a set (tests' stand-ins)
