@@ -1,6 +1,6 @@
 """COCO keypoint AP of the UDP decoder against mmpose's, on the real mini COCO (tests/data/coco_val2017_mini).
 
-    .venv/bin/python benchmarks/codec_ap.py [--seeds 10]          # ~1 min on 2 cores
+    python -m benchmarks.codec_ap [--seeds 10]          # ~1 min on 2 cores
 
 Three decoders read the same heatmaps: ``mmpose`` (the transcription of mmpose 0.x ``_get_max_preds`` +
 ``post_dark_udp`` in tests/test_codec_reference.py, what ViTPose's published AP was measured with),
@@ -24,24 +24,18 @@ Per row: mean AP over the seeds for each decoder and the per-seed differences to
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from tests.conftest import MINI_ANN, MINI_DETS, MINI_IMAGES  # noqa: E402
-from tests.test_codec_reference import det_crop_heatmaps, mmpose_decode  # noqa: E402
-from vitpose.data.coco import TopDownCocoDataset  # noqa: E402
-from vitpose.data.codec import _argmax, _blur, decode, flip_back, to_image_coords  # noqa: E402
-from vitpose.data.transforms import AugParams  # noqa: E402
-from vitpose.evaluation import CocoKeypointEvaluator, decode_batch_to_predictions  # noqa: E402
+from tests.conftest import MINI_ANN, MINI_DETS, MINI_IMAGES
+from tests.test_codec_reference import det_crop_heatmaps, mmpose_decode
+from vitpose.data.coco import TopDownCocoDataset
+from vitpose.data.codec import _argmax, _blur, decode, flip_back, to_image_coords
+from vitpose.data.transforms import AugParams
+from vitpose.evaluation import CocoKeypointEvaluator, decode_batch_to_predictions
 
 
 def previous_decode(heatmaps: np.ndarray, blur_kernel: int = 11) -> tuple[np.ndarray, np.ndarray]:
@@ -160,7 +154,7 @@ def run_row(scene: Scene, label: str, seeds: int, make) -> dict[str, np.ndarray]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.codec_ap", description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=10, help="noise seeds per row (default 10)")
     p.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5])
     args = p.parse_args()

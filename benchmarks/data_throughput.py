@@ -1,7 +1,7 @@
 """Data loading throughput: crops/second for the training transform (augmentation on) and the evaluation
 transform on the synthetic dataset, in a single process and through a torch DataLoader with workers.
 
-    python benchmarks/data_throughput.py [--root DIR] [--items 400] [--workers 2] [--batch-size 32]
+    python -m benchmarks.data_throughput [--root DIR] [--items 400] [--workers 2] [--batch-size 32]
 
 Everything a training step needs is included: JPEG decode, affine warp, photometrics (train), normalisation
 and UDP target encoding. Per-worker numbers are the DataLoader total divided by the worker count.
@@ -16,16 +16,14 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.harness import Run, add_json_option, clock, timed
 from vitpose.data.coco import TopDownCocoDataset
 from vitpose.data.synthetic import ensure_synthetic_dataset
 
 
 def single_process(ds: TopDownCocoDataset, n: int) -> float:
     ds[0]  # warm-up: imports, first file-system access
-    t0 = time.perf_counter()
-    for i in range(n):
-        ds[i % len(ds)]
-    return n / (time.perf_counter() - t0)
+    return n / timed(lambda: [ds[i % len(ds)] for i in range(n)])
 
 
 def with_loader(ds: TopDownCocoDataset, n: int, workers: int, batch_size: int) -> float:
@@ -33,21 +31,23 @@ def with_loader(ds: TopDownCocoDataset, n: int, workers: int, batch_size: int) -
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers, shuffle=False)
     it = iter(loader)
     first = next(it)  # worker start-up is not throughput
-    t0 = time.perf_counter()
+    t0 = clock()
     count = sum(len(batch["index"]) for batch in it)
-    dt = time.perf_counter() - t0
+    dt = clock() - t0
     del first
     return count / dt
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.data_throughput", description=__doc__.split("\n")[0])
     p.add_argument("--root", type=Path, default=None, help="synthetic dataset folder (default: a temp dir)")
     p.add_argument("--items", type=int, default=1000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
+    add_json_option(p, "data_throughput")
     a = p.parse_args()
     torch.set_num_threads(1)  # the transforms are numpy/cv2; keep torch from competing for the cores
+    run = Run("data_throughput", a.json)
     with tempfile.TemporaryDirectory() as tmp:
         root = a.root or Path(tmp) / "synthetic"
         t0 = time.perf_counter()
@@ -66,6 +66,8 @@ def main() -> None:
         )
         for name, single, loader in rows:
             print(f"{name:<12} {single:12.0f} {loader:16.0f} {loader / max(a.workers, 1):12.0f}")
+    run.finish(items=a.items, workers=a.workers, batch_size=a.batch_size,
+               crops_per_s={name: {"1 process": single, "DataLoader": loader} for name, single, loader in rows})
 
 
 if __name__ == "__main__":

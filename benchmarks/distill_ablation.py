@@ -2,7 +2,7 @@
 x N seeds at the demo's short budget and at a converged budget, paired differences with 95% intervals and the
 share of the teacher-student gap each arm closes.
 
-    python benchmarks/distill_ablation.py [--budgets short converged] [--seeds 0 1 2 3 4] [--skip-online]
+    python -m benchmarks.distill_ablation [--budgets short converged] [--seeds 0 1 2 3 4] [--skip-online]
                                           [--teacher models:/vitpose-teacher@plateau] [--set KEY=VALUE ...]
 
 Distillation can only show transfer when the teacher knows more than the student learns alone, so:
@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.harness import interval
+
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ["none", "token", "random_token", "output", "both"]
 CONFIG = "configs/distill/synthetic_plateau.yaml"
@@ -46,8 +48,6 @@ CONFIG = "configs/distill/synthetic_plateau.yaml"
 BUDGETS = {"short": ["train.epochs=6", "train.lr_steps=[5]", "train.eval_every=1"], "converged": []}
 TEACHER_CONFIG = "configs/teacher/synthetic_plateau.yaml"
 PLATEAU_TOL = 0.01  # val AP: a teacher whose last two evaluations differ by less has stopped rising
-# Two-sided 95% quantiles of Student's t by degrees of freedom (no scipy needed for 1-10 seeds).
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 COMPARISONS = [("token", "none"), ("random_token", "none"), ("output", "none"), ("both", "none"),
                ("token", "random_token"), ("output", "output (online)")]
 
@@ -96,15 +96,6 @@ def rise_at_end(curve: list[tuple[int, float]], fraction: float) -> float:
     last_epoch = curve[-1][0]
     start = [ap for e, ap in curve if e <= last_epoch * (1 - fraction)] or [curve[0][1]]
     return curve[-1][1] - start[-1]
-
-
-def interval(values: list[float]) -> tuple[float, float, float]:
-    """(mean, low, high) of the 95% t interval of the mean."""
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return mean, math.nan, math.nan
-    half = T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
 
 
 def reading(low: float, high: float) -> str:
@@ -210,9 +201,9 @@ def main() -> int:
     t0 = time.time()
     teacher = teacher_at_plateau(a.teacher, out.with_suffix(".teacher.log"))
     from vitpose.config import StudentConfig
-    from vitpose.deploy.model_store import load_vitpose
+    from vitpose.models import create
 
-    teacher["params"] = load_vitpose(a.teacher)[0].num_params()
+    teacher["params"] = create(a.teacher).num_params()
     print(f"teacher {a.teacher} ({teacher['preset']}, {teacher['params']:,} parameters): val AP "
           f"{teacher['val_AP']:.3f}, last evaluation {teacher['last_eval_gain']:+.3f} "
           f"({plateau_word(teacher['last_eval_gain'])}); curve "

@@ -1,6 +1,7 @@
 """GPU check (not a test; needs a CUDA GPU): the same engine and models as on CPU, device from DeepSpeed.
 
-Run on a GPU machine (no Ray or MLflow needed) as ``python benchmarks/gpu_check.py``; it prints:
+Run on a GPU machine (no Ray or MLflow needed) as ``python -m benchmarks.gpu_check``; it prints (and writes
+the speed figures to ``--json``, default runs/bench/gpu_check.json):
 
 1. Engine runs, one process, DeepSpeed on NCCL: the embedded default's model on a small synthetic set,
    trained 2 epochs under ZeRO-0 fp32, ZeRO-2 bf16 + activation checkpointing and ZeRO-3 bf16 (loss, AP,
@@ -9,9 +10,9 @@ Run on a GPU machine (no Ray or MLflow needed) as ``python benchmarks/gpu_check.
    (fwd + MSE + bwd + fused AdamW, batch 32) for ViTPose-B/L/H, beside the paper's A100 inference figures.
 3. ViTPose-G: one bf16 training step with activation checkpointing, peak GPU memory.
 4. The shipped step on the GPU (issue 19, item 6; ``--shipped``, about 6 min on an H200): section 2b of
-   ``benchmarks/compare_peer.py`` on one GPU, bf16, ViTPose-B and -L, ZeRO-0, -2 and -3 engines (the Trainer's
-   real loop) against the transformers port's plain loop on the same GPU, written to ``--shipped-out``
-   (default benchmarks/shipped_step_gpu.md) with the date, the GPU and the command.
+   ``python -m benchmarks.compare_peer`` on one GPU, bf16, ViTPose-B and -L, ZeRO-0, -2 and -3 engines (the
+   Trainer's real loop) against the transformers port's plain loop on the same GPU, written to ``--shipped-out``
+   (default runs/bench/shipped_step_gpu.md) with the date, the GPU and the command.
 
 Nothing here is asserted: the CPU test suite checks behaviour, this shows the GPU path runs and how fast.
 """
@@ -29,10 +30,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.harness import BENCH_RUNS, REPO, Run, add_json_option, timed
 from vitpose.train.session import single_process_env
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 PAPER_A100_FPS = {"vitpose_b": 944, "vitpose_l": 411, "vitpose_h": 241}  # paper Table 9, inference
 
@@ -79,17 +78,6 @@ def engine_runs(data_root: Path, out: Path) -> None:
               f"BatchNorm statistics differ by at most {worst:.1e}", flush=True)
 
 
-def timed(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / reps
-
-
 def bf16_train_step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor):
     """fwd + MSE + bwd + fused AdamW under bf16 autocast, as a closure for ``timed``."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -104,48 +92,53 @@ def bf16_train_step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tenso
     return step
 
 
-def throughput(presets: list[str]) -> None:
+def throughput(presets: list[str]) -> list[dict]:
     from vitpose.models import build_model
 
+    rows = []
     for name in presets:
         model = build_model(name, img_size=(256, 192)).cuda()
         x = torch.randn(64, 3, 256, 192, device="cuda")
         model.eval()
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            infer = 64 / timed(functools.partial(model, x), 10)
+            infer = 64 / timed(functools.partial(model, x), calls=10, warmup=3, cuda=True)
         model.train()
-        train = 32 / timed(bf16_train_step(model, x[:32], torch.rand(32, 17, 64, 48, device="cuda")), 10)
+        step = bf16_train_step(model, x[:32], torch.rand(32, 17, 64, 48, device="cuda"))
+        train = 32 / timed(step, calls=10, warmup=3, cuda=True)
         print(f"[speed] {name} bf16 on {torch.cuda.get_device_name()}: inference {infer:.0f} img/s at batch 64 "
               f"(the paper's figure is for an A100, other hardware: {PAPER_A100_FPS.get(name, '-')}), training step "
               f"{train:.0f} img/s at batch 32", flush=True)
+        rows.append({"preset": name, "bf16 inference img/s (batch 64)": infer, "bf16 train img/s (batch 32)": train})
         del model
         torch.cuda.empty_cache()
+    return rows
 
 
-def giant_step(batch: int) -> None:
+def giant_step(batch: int) -> dict:
     from vitpose.models import build_model
 
     torch.cuda.reset_peak_memory_stats()
     model = build_model("vitpose_g", img_size=(256, 192)).cuda()
     model.set_grad_checkpointing(True)
     x = torch.randn(batch, 3, 256, 192, device="cuda")
-    sec = timed(bf16_train_step(model, x, torch.rand(batch, 17, 64, 48, device="cuda")), 3)
+    sec = timed(bf16_train_step(model, x, torch.rand(batch, 17, 64, 48, device="cuda")), calls=3, warmup=3, cuda=True)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"[giant] vitpose_g ({params:.0f}M) bf16 autocast + activation checkpointing, batch {batch}: "
           f"{batch / sec:.0f} img/s, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+    return {"batch": batch, "img/s": batch / sec, "peak GiB": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def shipped_step(out: Path, models: str, batch: int) -> None:
-    """compare_peer.py's section 2b on this GPU, in its own process (it spawns a process per stage)."""
-    cmd = [sys.executable, str(REPO / "benchmarks" / "compare_peer.py"), "--shipped-only", "--models", models,
+    """compare_peer's section 2b on this GPU, in its own process (it spawns a process per stage)."""
+    cmd = [sys.executable, "-m", "benchmarks.compare_peer", "--shipped-only", "--models", models,
            "--shipped-precisions", "bf16", "--shipped-ranks", "1", "--shipped-stages", "0,2,3",
            "--shipped-batch", str(batch), "--out", str(out)]
-    print("[shipped] " + " ".join(cmd[1:]), flush=True)
+    print("[shipped] python " + " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None, help="run folder (default: a temp folder)")
     p.add_argument("--presets", default="vitpose_b,vitpose_l,vitpose_h")
     p.add_argument("--giant-batch", type=int, default=32, help="0 skips the ViTPose-G step")
@@ -154,7 +147,8 @@ def main() -> None:
     p.add_argument("--shipped-only", action="store_true", help="only item 4")
     p.add_argument("--shipped-models", default="b,l")
     p.add_argument("--shipped-batch", type=int, default=32)
-    p.add_argument("--shipped-out", type=Path, default=REPO / "benchmarks" / "shipped_step_gpu.md")
+    p.add_argument("--shipped-out", type=Path, default=BENCH_RUNS / "shipped_step_gpu.md")
+    add_json_option(p, "gpu_check")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: no CUDA GPU here; this check is for GPU machines (the CPU path is what `make test` checks)")
@@ -172,13 +166,14 @@ def main() -> None:
         shipped_step(args.shipped_out, args.shipped_models, args.shipped_batch)
         if args.shipped_only:
             return
+    run = Run("gpu_check", args.json)
     with tempfile.TemporaryDirectory(prefix="vitpose-gpu-check-") as tmp:
         out = args.out or Path(tmp)
         if not args.skip_engine:
             engine_runs(out / "data", out)
-        throughput([s for s in args.presets.split(",") if s])
-        if args.giant_batch > 0:
-            giant_step(args.giant_batch)
+        speed = throughput([s for s in args.presets.split(",") if s])
+        giant = giant_step(args.giant_batch) if args.giant_batch > 0 else None
+    run.finish(speed=speed, giant=giant)
 
 
 if __name__ == "__main__":

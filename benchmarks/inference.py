@@ -1,13 +1,13 @@
 """Inference throughput of the pose network: images/second in PyTorch eager, onnxruntime and (opt-in)
 torch.compile, for student presets at batch 1 and 32, measured side by side.
 
-    python benchmarks/inference.py                                  # vitpose_nano + vitpose_s, batch 1 and 32
-    python benchmarks/inference.py --compile --presets vitpose_nano # add torch.compile (slow to compile)
+    python -m benchmarks.inference                                  # vitpose_nano + vitpose_s, batch 1 and 32
+    python -m benchmarks.inference --compile --presets vitpose_nano # add torch.compile (slow to compile)
 
 What is timed is the network alone on normalised 256x192 crops (the part a deployment swaps runtimes for);
 cropping and decoding are the same Python in every case. Backends are interleaved within each repetition,
-in a rotating order, so load from other processes hits them alike; the table shows medians and the median
-of the per-repetition ratios to eager. Weights are random: speed does not depend on their values.
+in a rotating order (``benchmarks.harness.rates``), so load from other processes hits them alike; the table
+shows medians and the median of the per-repetition ratios to eager (their spread in the JSON record). Weights are random: speed does not depend on their values.
 
 torch.compile is off by default: on a 2-core CPU it compiles each input shape for 20 s (warm inductor cache)
 to 90 s (cold), which would blow the ~3 minute budget of the default run, for about 1.15x over eager on
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.harness import Run, add_json_option, rates
 from vitpose.deploy.onnx import export_onnx, onnx_session, sample_crops
 from vitpose.models import build_model
 
@@ -48,29 +48,6 @@ def make_backends(preset: str, with_compile: bool, tmp: Path) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def measure(fn: Any, x: torch.Tensor, calls: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn(x)
-    return calls * x.shape[0] / (time.perf_counter() - t0)
-
-
-def interleaved_row(fns: dict[str, Any], x: torch.Tensor, calls: int, reps: int, ref: str) -> dict[str, float]:
-    """Median images/s of each function over ``reps`` rounds, each round in a rotated order (so a machine whose
-    speed drifts hurts all alike), and each one's median per-round ratio to ``ref``."""
-    names = list(fns)
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(reps):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            samples[name].append(measure(fns[name], x, calls))
-    row = {n: statistics.median(v) for n, v in samples.items()}
-    for n in names:
-        if n != ref:
-            row[f"{n}/{ref}"] = statistics.median(a / b for a, b in zip(samples[n], samples[ref], strict=True))
-    return row
-
-
-@torch.inference_mode()
 def bench_preset(preset: str, batches: list[int], reps: int, with_compile: bool, tmp: Path) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     backends = make_backends(preset, with_compile, tmp)
@@ -85,7 +62,8 @@ def bench_preset(preset: str, batches: list[int], reps: int, with_compile: bool,
             backends[name](x)
             if name == "compile":
                 print(f"  torch.compile warm-up at batch {batch}: {time.perf_counter() - t:.0f}s", flush=True)
-        row = {"preset": preset, "batch": batch, **interleaved_row(backends, x, calls, reps, "eager")}
+        row = {"preset": preset, "batch": batch,
+               **rates(backends, reps, "eager", calls=calls, items=batch, args=(x,))}
         rows.append(row)
         print(f"  batch {batch}: " + ", ".join(f"{n} {row[n]:.1f} img/s" for n in names), flush=True)
     return rows
@@ -103,12 +81,13 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.inference", description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", default=["vitpose_nano", "vitpose_s"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions per cell (median reported)")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile (minutes of compilation on CPU)")
     p.add_argument("--threads", type=int, help="intra-op threads for torch and onnxruntime (default: torch's, one per core)")
+    add_json_option(p, "inference")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -120,12 +99,14 @@ def main() -> None:
         print(f"warning: load average {load:.1f} on {cores} cores: other processes compete for the CPU; "
               "compare rows of this run only, and try --threads 1")
     t0 = time.perf_counter()
+    run = Run("inference", a.json)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in a.presets:
             rows += bench_preset(preset, a.batches, a.reps, a.compile, Path(tmp))
     print_table(rows)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s")
+    run.finish(rows=rows)
 
 
 if __name__ == "__main__":

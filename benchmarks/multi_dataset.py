@@ -1,8 +1,8 @@
 """One two-dataset run vs single-dataset runs of the same budget: per-dataset val AP (issue 20).
 
-    python benchmarks/multi_dataset.py [--seeds 0 1 2] [--epochs 6] [--steps-per-epoch 50]
-                                       [--instances 800] [--arms single multi multi_moe] [--set KEY=VALUE ...]
-                                       [--threads 2] [--json]
+    python -m benchmarks.multi_dataset [--seeds 0 1 2] [--epochs 6] [--steps-per-epoch 50]
+                                      [--instances 800] [--arms single multi multi_moe] [--set KEY=VALUE ...]
+                                      [--threads 2] [--json]
 
 Two synthetic datasets with different keypoint sets: "coco" (17 keypoints, generator seed 0) and "crowd"
 (CrowdPose's 14, remapped from generator seed 1: other images, other people), ``--instances`` training and
@@ -25,20 +25,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from vitpose.build import dataset_configs, ensure_data  # noqa: E402
-from vitpose.config import TeacherConfig, load_config  # noqa: E402
-from vitpose.train.session import NullSession, single_process_env  # noqa: E402
+from benchmarks.harness import REPO
+from vitpose.build import dataset_configs, ensure_data
+from vitpose.config import TeacherConfig, load_config
+from vitpose.train.session import NullSession, single_process_env
 
 CONFIG = REPO / "configs" / "teacher" / "synthetic_tiny.yaml"
 OUT = REPO / "runs" / "bench" / "multi_dataset"
@@ -108,7 +103,7 @@ def summarise(results: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.multi_dataset", description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--steps-per-epoch", type=int, default=50)

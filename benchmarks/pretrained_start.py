@@ -1,6 +1,6 @@
 """Does a pretrained backbone in another project's format start fine-tuning ahead of scratch (issue 17)?
 
-    python benchmarks/pretrained_start.py [--seeds 0 1 2] [--epochs 6] [--pretrain-epochs 6]
+    python -m benchmarks.pretrained_start [--seeds 0 1 2] [--epochs 6] [--pretrain-epochs 6]
                                           [--finetune-instances 800] [--threshold AP] [--set KEY=VALUE ...]
                                           [--threads 1] [--json]
 
@@ -39,14 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from distill_ablation import interval  # benchmarks/distill_ablation.py, beside this script
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from vitpose.config import TeacherConfig, load_config  # noqa: E402
-from vitpose.train.session import NullSession, single_process_env  # noqa: E402
+from benchmarks.harness import REPO, interval
+from vitpose.config import TeacherConfig, load_config
+from vitpose.train.session import NullSession, single_process_env
 
 CONFIG = REPO / "configs" / "teacher" / "synthetic_tiny.yaml"
 OUT = REPO / "runs" / "bench" / "pretrained_start"
@@ -201,7 +197,7 @@ def show(r: dict[str, Any], seeds: list[int]) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.pretrained_start", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs per arm and seed")
     p.add_argument("--pretrain-epochs", type=int, default=6)

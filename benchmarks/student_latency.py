@@ -1,9 +1,9 @@
 """Students on CPUs: ms per crop and crops/s of eager PyTorch, onnxruntime fp32 and onnxruntime int8 (static
 QDQ, calibrated on training crops), measured side by side, and the val AP int8 costs on a trained student.
 
-    python benchmarks/student_latency.py                     # every student preset, ViTPose-S and -B
-    python benchmarks/student_latency.py --quick --presets vitpose_pico vitpose_s
-    python benchmarks/student_latency.py --levers            # also: which quantization settings help
+    python -m benchmarks.student_latency                     # every student preset, ViTPose-S and -B
+    python -m benchmarks.student_latency --quick --presets vitpose_pico vitpose_s
+    python -m benchmarks.student_latency --levers            # also: which quantization settings help
 
 Presets: the student sizes (presets narrower than ViTPose-S, without the ``_simple`` variants) at the demo's
 input (configs/distill/synthetic_tiny.yaml: 128x96, patch 8); the ladder (vitpose_student_t/s/m), ViTPose-S and -B
@@ -11,7 +11,7 @@ at 256x192, patch 16, where the ladder is sized.
 Weights are random for the timings (speed does not depend on their values), but calibration always uses
 real training crops of the synthetic dataset at the preset's input size. Timed: the network alone, batch 1
 (ms per crop) and batch 8 (crops/s), at 1 and 2 threads (torch and onnxruntime intra-op threads set alike),
-the three runtimes interleaved in a rotating order per repetition (``inference.interleaved_row``); ratios
+the three runtimes interleaved in a rotating order per repetition (``benchmarks.harness.rates``); ratios
 are medians of per-repetition ratios, > 1 meaning the first is faster.
 
 AP: a demo-size student (the distill config's preset and input, trained directly for --epochs on the
@@ -23,7 +23,6 @@ onnxruntime at batch 1 with an AP drop <= 0.5 points; onnxruntime fp32 >= 1.0x e
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -32,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from inference import interleaved_row  # benchmarks/inference.py, beside this script
 
+from benchmarks.harness import Run, add_json_option, rates
 from vitpose.config import REPO_ROOT, TeacherConfig, load_config
 from vitpose.deploy.int8 import calibration_crops, int8_report, quantize_int8
 from vitpose.deploy.onnx import DEFAULT_DECONV, export_onnx
@@ -115,7 +114,7 @@ def bench_preset(preset: str, tmp: Path, reps: int, calib: int) -> list[dict[str
             x = crops[:batch]
             for fn in fns.values():  # warm-up: first-call allocations, onnxruntime's arena
                 fn(x)
-            r = interleaved_row(fns, x, CALLS[batch], reps, "ort fp32")
+            r = rates(fns, reps, "ort fp32", calls=CALLS[batch], items=batch, args=(x,))
             for name in fns:
                 row[f"b{batch} {name}"] = r[name]  # crops/s
             row[f"b{batch} int8/fp32"] = r["ort int8/ort fp32"]
@@ -199,7 +198,7 @@ def lever_speed(preset: str, tmp: Path, reps: int, calib: int) -> dict[str, floa
         fns.update({name: OrtNetwork(paths[name], model.spec, 1) for name in names[i : i + LEVER_GROUP]})
         for fn in fns.values():
             fn(x)
-        row = interleaved_row(fns, x, CALLS[1], reps, "fp32")
+        row = rates(fns, reps, "fp32", calls=CALLS[1], items=1, args=(x,))
         out.update({name: row[f"{name}/fp32"] for name in fns if name != "fp32"})
         del fns
     torch.set_num_threads(max(THREADS))
@@ -250,7 +249,7 @@ def print_tables(rows: list[dict[str, Any]], ap: dict[str, Any] | None, levers: 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.student_latency", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", help=f"default: {' '.join(student_presets() + list(BIG))}")
     p.add_argument("--quick", action="store_true", help="3 repetitions, 16 calibration crops, a 3-epoch student")
     p.add_argument("--reps", type=int, default=7, help="interleaved repetitions per cell (default 7; --quick 3)")
@@ -258,7 +257,7 @@ def main() -> None:
     p.add_argument("--calib-crops", type=int, default=64, help="calibration crops (default 64; --quick 16)")
     p.add_argument("--no-ap", action="store_true", help="skip training the student and the AP check")
     p.add_argument("--levers", action="store_true", help="also time and score the quantization levers (LEVERS)")
-    p.add_argument("--json", action="store_true", help="end with one JSON line of every number")
+    add_json_option(p, "student_latency")
     a = p.parse_args()
     if a.quick:
         a.reps, a.epochs, a.calib_crops = 3, 3, 16
@@ -273,14 +272,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, {cores} cores, "
           f"load average {load:.1f}" + (" (other processes compete: compare within this run only)" if load > 0.5 * cores else ""))
     t0 = time.perf_counter()
+    run = Run("student_latency", a.json)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [r for preset in presets for r in bench_preset(preset, Path(tmp), a.reps, a.calib_crops)]
         levers = {pr: lever_speed(pr, Path(tmp), a.reps, a.calib_crops) for pr in presets} if a.levers else {}
         ap = None if a.no_ap else ap_check(a.epochs, Path(tmp), a.calib_crops, a.levers)
     targets = print_tables(rows, ap, levers)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s")
-    if a.json:
-        print(json.dumps({"rows": rows, "ap": ap, "levers": levers, "targets": targets}))
+    run.finish(rows=rows, ap=ap, levers=levers, targets=targets)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Full vs window attention for ViTPose-B at 576x432 (36x27 tokens): training step and inference time, peak memory.
 
-    python benchmarks/window_attention.py [--arms full,shift_pool_window:8x8,shift_pool_window:9x9]
+    python -m benchmarks.window_attention [--arms full,shift_pool_window:8x8,shift_pool_window:9x9]
         [--batch 2] [--reps 5] [--precisions fp32,bf16] [--no-memory] [--json]
 
 What is timed (the code path): our `ViTPose` forward, `keypoint_mse` against random heatmaps, `loss.backward()`
@@ -12,9 +12,10 @@ instead, and the same attention path). Inference is `model.eval()` under `torch.
 (fused attention kernel in both precisions).
 
 Time: every arm is built in this one process from the same weights (the kinds share parameters). Per precision
-each arm runs one warm-up step, then `--reps` rounds in which every arm runs one step, in an order that
-rotates each round, so a slower or busier stretch of the machine falls on every arm; the table gives the
-median and the ratio to the first arm's median. Memory: each (arm, precision) runs in a fresh child process
+each arm runs one warm-up step, then `--reps` rounds in which every arm runs one training step, then one
+inference, in an order that rotates each round (`benchmarks.harness.interleave`), so a slower or busier stretch
+of the machine falls on every arm; the table gives the median and the ratio to the first arm's median (the JSON
+record also the per-round ratios' median and spread). Memory: each (arm, precision) runs in a fresh child process
 (`MALLOC_MMAP_THRESHOLD_` as Ray workers set it, so freed tensors return to the system): after an AdamW step on
 zero gradients (its states allocated) the kernel's high-water mark is reset (`5` > /proc/self/clear_refs) and VmHWM is read
 after one more step; "step MB" is that peak minus the resident memory before the step (parameters, Adam
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,13 +36,11 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from vitpose.losses import keypoint_mse  # noqa: E402
-from vitpose.models import build_model  # noqa: E402
-from vitpose.models.cost import activation_bytes  # noqa: E402
-from vitpose.models.optim import param_groups_layer_decay  # noqa: E402
+from benchmarks.harness import REPO, Run, add_json_option, cpu_model, interleave, ratio
+from vitpose.losses import keypoint_mse
+from vitpose.models import build_model
+from vitpose.models.cost import activation_bytes
+from vitpose.models.optim import param_groups_layer_decay
 
 MB = 2**20
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -127,7 +125,7 @@ def memory_child(a: argparse.Namespace) -> None:
 
 
 def measure_memory(arm: str, precision: str, a: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--memory-child", "--arm", arm, "--precision", precision,
+    cmd = [sys.executable, "-m", "benchmarks.window_attention", "--memory-child", "--arm", arm, "--precision", precision,
            "--preset", a.preset, "--batch", str(a.batch), "--img-size", *map(str, a.img_size),
            "--patch-size", str(a.patch_size)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -148,26 +146,30 @@ def run(a: argparse.Namespace) -> dict:
     arms = [first] + [Arm(n, a, first.model.state_dict()) for n in names[1:]]
     result = {"preset": a.preset, "img_size": a.img_size, "patch_size": a.patch_size, "batch": a.batch,
               "reps": a.reps, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "cpu": platform.processor() or platform.machine(), "load_avg_start": os.getloadavg(),
+              "cpu": cpu_model(), "load_avg_start": os.getloadavg(),
               "grid": list(first.model.backbone.grid_size),
               "code_path": "ViTPose forward + keypoint_mse + backward + torch.optim.AdamW step (no DeepSpeed); "
                            "bf16 = torch.autocast over fp32 weights; inference = eval + inference_mode, batch 1",
               "rows": []}
     for precision in a.precisions.split(","):
         dtype = DTYPES[precision]
-        train: dict[str, list[float]] = {n: [] for n in names}
-        infer: dict[str, list[float]] = {n: [] for n in names}
-        for arm in arms:  # warm-up: allocator, AdamW states, oneDNN primitives
-            arm.train_step(dtype)
-            arm.infer(dtype)
-        for rep in range(a.reps):
-            order = arms[rep % len(arms):] + arms[:rep % len(arms)]
-            for arm in order:
-                train[arm.name].append(arm.train_step(dtype))
-            for arm in order:
-                infer[arm.name].append(arm.infer(dtype))
-            print(f"  {precision} round {rep + 1}/{a.reps}: " + ", ".join(
-                f"{n} {train[n][-1]:.2f}s" for n in names), file=sys.stderr, flush=True)
+        fns = {}
+        for arm in arms:  # warm-up (one round): allocator, AdamW states, oneDNN primitives
+            fns[f"train {arm.name}"] = lambda arm=arm, dtype=dtype: arm.train_step(dtype)  # each step times itself
+            fns[f"infer {arm.name}"] = lambda arm=arm, dtype=dtype: arm.infer(dtype)
+
+        def order(r: int, keys: list[str]) -> list[str]:  # every arm's step, then every arm's inference
+            k = r % len(names)
+            rotated = names[k:] + names[:k]
+            return [f"train {n}" for n in rotated] + [f"infer {n}" for n in rotated]
+
+        def progress(r: int, times: dict[str, list[float]], precision: str = precision) -> None:
+            print(f"  {precision} round {r + 1}/{a.reps}: " + ", ".join(
+                f"{n} {times[f'train {n}'][-1]:.2f}s" for n in names), file=sys.stderr, flush=True)
+
+        times = interleave(fns, a.reps, warmup=1, order=order, self_timed=True, after_round=progress)
+        train = {n: times[f"train {n}"] for n in names}
+        infer = {n: times[f"infer {n}"] for n in names}
         base_t, base_i = statistics.median(ms(train[names[0]])), statistics.median(ms(infer[names[0]]))
         for arm in arms:
             row = {"arm": arm.name, "precision": precision, "layouts": arm.layouts,
@@ -178,6 +180,9 @@ def run(a: argparse.Namespace) -> dict:
                 row[f"{what}_min_ms"] = min(row[f"{what}_ms"])
             row["train_ratio"] = row["train_median_ms"] / base_t
             row["infer_ratio"] = row["infer_median_ms"] / base_i
+            for what, samples in (("train", train), ("infer", infer)):  # per-round ratios: median and spread
+                r = ratio(samples[arm.name], samples[names[0]])
+                row[f"{what}_ratio_paired"] = {k: r[k] for k in ("median", "min", "max", "ci95")}
             torch.manual_seed(0)
             row["saved_mb"] = activation_bytes(arm.model, 1, dtype) / MB
             result["rows"].append(row)
@@ -214,7 +219,7 @@ def table(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.window_attention", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="vitpose_b")
     p.add_argument("--img-size", type=int, nargs=2, default=[576, 432], metavar=("H", "W"))
     p.add_argument("--patch-size", type=int, default=16)
@@ -224,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--no-memory", action="store_true", help="skip the per-arm memory children")
-    p.add_argument("--json", action="store_true", help="end with one JSON line of everything measured")
+    add_json_option(p, "window_attention")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--arm", help=argparse.SUPPRESS)
     p.add_argument("--precision", help=argparse.SUPPRESS)
@@ -232,10 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.memory_child:
         memory_child(a)
         return 0
+    record = Run("window_attention", a.json)
     result = run(a)
     print(table(result))
-    if a.json:
-        print(json.dumps(result))
+    record.finish(**result)
     return 0
 
 

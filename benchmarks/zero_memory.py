@@ -1,10 +1,10 @@
 """Peak memory per rank for DeepSpeed ZeRO stages 0-3, two CPU ranks on gloo, through the real engine.
 
-    python benchmarks/zero_memory.py [--preset vitpose_l] [--stages 0,1,2,3] [--batch-size 1] [--steps 2]
-    python benchmarks/zero_memory.py --giant            # also one full-size vitpose_g step under ZeRO-3
-    python benchmarks/zero_memory.py --stages 0,3 --phases   # rank 0's peak per forward/backward/step and
+    python -m benchmarks.zero_memory [--preset vitpose_l] [--stages 0,1,2,3] [--batch-size 1] [--steps 2]
+    python -m benchmarks.zero_memory --giant            # also one full-size vitpose_g step under ZeRO-3
+    python -m benchmarks.zero_memory --stages 0,3 --phases   # rank 0's peak per forward/backward/step and
                                                              # the engine's long-lived buffers under it
-    python benchmarks/zero_memory.py --stages 3 --fp32-master separate   # DeepSpeed's own second fp32 copy
+    python -m benchmarks.zero_memory --stages 3 --fp32-master separate   # DeepSpeed's own second fp32 copy
 
 Each configuration runs in two fresh processes (rank 0 and 1) that build the engine's ``Trainer`` from
 configs/teacher/synthetic_tiny.yaml with the preset at full size (256x192) and the stage's JSON from
@@ -32,9 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.harness import REPO
 from vitpose.train.session import free_port
 
-REPO = Path(__file__).resolve().parents[1]
 GIB = 1024**3
 
 
@@ -199,7 +199,7 @@ def run_pair(stage: int, preset: str, precision: str, args: argparse.Namespace, 
     procs, results = [], []
     for rank in (0, 1):
         result = tmp / f"{preset}-{stage}-{precision}-{rank}.json"
-        cmd = [sys.executable, __file__, "--worker", "--rank", str(rank), "--world", "2", "--stage", str(stage),
+        cmd = [sys.executable, "-m", "benchmarks.zero_memory", "--worker", "--rank", str(rank), "--world", "2", "--stage", str(stage),
                "--preset", preset, "--precision", precision, "--batch-size", str(args.batch_size),
                "--patch-size", str(args.patch_size), "--ds-config", args.ds_config,
                "--steps", str(args.steps), "--data-root", args.data_root, "--result", str(result)]
@@ -246,7 +246,7 @@ def print_phases(rows: list[dict]) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.zero_memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="vitpose_l")
     p.add_argument("--stages", default="0,1,2,3")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])

@@ -37,7 +37,7 @@ target_type='GaussianHeatmap', modulate_kernel=11, use_udp=True)``
 
 Our ``decode`` follows this to float32 rounding (tolerances per test below), with one asserted exception:
 a map whose maximum is <= 0 keeps its argmax instead of mmpose's batch-dependent (-1, -1)-plus-step
-(``benchmarks/codec_ap.py`` measures the AP effect). Heatmap coordinates are in heatmap pixels
+(``python -m benchmarks.codec_ap`` measures the AP effect). Heatmap coordinates are in heatmap pixels
 (64 x 48 here: one heatmap pixel is ~4 input pixels).
 """
 

@@ -1,30 +1,25 @@
-"""benchmarks/pretrained_start.py's plumbing: the backbone it re-saves is timm's ViT layout to the letter (timm
+"""python -m benchmarks.pretrained_start's plumbing: the backbone it re-saves is timm's ViT layout to the letter (timm
 loads it strictly and computes our tokens), both files read back as MAE / timm into the same function, and the
 table's arithmetic (epochs to a threshold, a seed that never gets there). The training itself is the
 benchmark's to run, not the tests'."""
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from tests.conftest import REPO
 from tests.test_pretrained_formats import DEPTH, DIM, HEADS, ours, tokens, without_prefix
-from vitpose.models import load_pretrained
+from vitpose.models.pretrained import load_pretrained
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # it imports distill_ablation from beside itself
-    try:
-        yield importlib.import_module("pretrained_start")
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    from benchmarks import pretrained_start
+
+    return pretrained_start
 
 
 @pytest.fixture()

@@ -1,5 +1,5 @@
 """Memory is a tested property: ZeRO-3's training memory per rank against ZeRO-0's, two gloo ranks, through
-the real engine and optimizer (`benchmarks/zero_memory.py`, the benchmark's own code path).
+the real engine and optimizer (`python -m benchmarks.zero_memory`, the benchmark's own code path).
 
 Resident memory, not time: on these machines the same run gives the same peaks to ~0.01 GiB (five runs, see
 benchmarks/NOTES.md), so a bound a few hundredths above the measured ratio catches a change that makes stage 3
@@ -39,7 +39,7 @@ def test_zero3_keeps_its_share_of_training_memory(tmp_path):
     # On a busy machine stage 0's peak has read low now and then (ViTPose-L: 1 run in 5, by up to 6%), which
     # raises the ratio; one more run before failing. A real regression fails both.
     for _ in range(2):
-        out = subprocess.run([sys.executable, "benchmarks/zero_memory.py", "--preset", PRESET, "--stages", "0,3",
+        out = subprocess.run([sys.executable, "-m", "benchmarks.zero_memory", "--preset", PRESET, "--stages", "0,3",
                               "--json", "--data-root", str(tmp_path / "data")],
                              cwd=REPO, capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
