@@ -74,7 +74,7 @@ def main() -> int:
                                    (("shipped", SHIPPED_DS / f"zero{stage}.json"), ("other", other))}
                         fused = {k: deepspeed_fused(t) for k, t in engines.items()}
                         f_key, l_key = ("shipped", "other") if fused["shipped"] else ("other", "shipped")
-                        batch = engines["shipped"]._to_device(next(iter(engines["shipped"].train_loader)))
+                        batch = engines["shipped"]._to_device(next(iter(engines["shipped"].loaders.train)))
 
                         def backward(k: str, batch: dict = batch, engines: dict = engines) -> None:  # untimed
                             t = engines[k]

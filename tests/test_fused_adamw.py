@@ -81,8 +81,7 @@ def train_and_weights(cfg):
     low = cfg.train.precision != "fp32"
     weights = [gather_fp32_state_dict(trainer.engine, trainer.stage, low)]
     for epoch, steps in enumerate((1, 11)):
-        trainer.steps_per_epoch = steps
-        trainer.train_epoch(epoch, 2)
+        trainer.train_epoch(epoch, 2, max_steps=steps)
         weights.append(gather_fp32_state_dict(trainer.engine, trainer.stage, low))
     return torch.tensor(losses), weights, trainer
 

@@ -23,8 +23,7 @@ def trained_weights(cfg, allreduce: bool | None) -> tuple[dict, dict, int, Train
         engine.enable_backward_allreduce = allreduce
     real = engine.allreduce_gradients
     engine.allreduce_gradients = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
-    trainer.steps_per_epoch = 3
-    trainer.train_epoch(0, 1)
+    trainer.train_epoch(0, 1, max_steps=3)
     return start, gather_fp32_state_dict(engine, trainer.stage, low), len(calls), trainer
 
 

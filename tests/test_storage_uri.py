@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers_s3 import s3_server
-from vitpose.cli import read_run_id, write_run_id
 from vitpose.config import REPO_ROOT, ConfigError
+from vitpose.run.lifecycle import read_run_id, write_run_id
 from vitpose.run.storage import Storage, StorageError, check_storage, credentials_env, open_storage
 from vitpose.train.run_folder import (
     IncompleteCheckpointError,

@@ -102,7 +102,7 @@ def crash_once_loop(config: dict) -> None:
     def loss_fn(model, batch):
         steps["n"] += 1
         if session.rank == 1 and not marker.exists() and trainer.start_epoch == 0 \
-                and steps["n"] == 3 * trainer.steps_per_epoch - 1:
+                and steps["n"] == 3 * trainer.loaders.steps_per_epoch - 1:
             marker.write_text("crashed\n")
             os._exit(1)  # a worker process lost mid-epoch, no clean shutdown
         return gt_loss(model, batch)

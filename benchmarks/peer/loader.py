@@ -27,19 +27,18 @@ def _loader_rank(rank: int, world: int, port: int, steps: int, reps: int, sets: 
         from vitpose.train.loop import Trainer
 
         trainer = Trainer(cfg, NullSession(rank, world))
-        steps = min(steps or trainer.steps_per_epoch, trainer.steps_per_epoch)
-        real_loader = trainer.train_loader
-        trainer.steps_per_epoch = steps
+        steps = min(steps or trainer.loaders.steps_per_epoch, trainer.loaders.steps_per_epoch)
+        real_loader = trainer.loaders.train
         # Warm-up, untimed: DeepSpeed's buffers, the loader processes (if any) and half the image cache (a
         # rank meets the other half over the next epochs, as in training).
-        trainer.train_epoch(0, 1 + reps)
+        trainer.train_epoch(0, 1 + reps, max_steps=steps)
         premade = list(itertools.islice(iter(real_loader), steps))  # the same kind of batches, made beforehand
         epoch = [0]
 
         def feed(batches: Any) -> Callable[[], float]:
             def run() -> float:  # seconds per step, as the Trainer measured the epoch
-                trainer.train_loader = batches
-                stats = trainer.train_epoch(1 + epoch[0], 1 + reps)
+                trainer.loaders.train = batches
+                stats = trainer.train_epoch(1 + epoch[0], 1 + reps, max_steps=steps)
                 return stats.seconds / max(stats.steps, 1)
             return run
 

@@ -116,7 +116,7 @@ def _shipped_one(name: str, precision: str, rank: int, world: int, stage: int, b
     trainers = {"shipped": Trainer(shipped_config(name, precision, batch, SHIPPED_DS / f"zero{stage}.json"),
                                    NullSession(rank, world)),
                 "other": Trainer(shipped_config(name, precision, batch, other_json), NullSession(rank, world))}
-    premade = next(iter(trainers["shipped"].train_loader))  # a real batch of this rank, made beforehand
+    premade = next(iter(trainers["shipped"].loaders.train))  # a real batch of this rank, made beforehand
     losses: dict[str, float] = {}
     opt_times: dict[str, list[float]] = {"shipped": [], "other": [], "peer": []}
     device = trainers["shipped"].device
@@ -129,7 +129,7 @@ def _shipped_one(name: str, precision: str, rank: int, world: int, stage: int, b
 
     def engine_step(key: str) -> Callable[[], None]:
         trainer = trainers[key]
-        trainer.train_loader, trainer.steps_per_epoch = [premade], 1
+        trainer.loaders.train = [premade]
         real_step = trainer.engine.step
 
         def timed_step(*args: Any, **kwargs: Any) -> Any:  # the engine's own step, timed (an instance attribute)
@@ -140,7 +140,7 @@ def _shipped_one(name: str, precision: str, rank: int, world: int, stage: int, b
         trainer.engine.step = timed_step
 
         def run() -> None:  # the real loop: lr, device/dtype, loss, finiteness check, backward, engine.step
-            losses[key] = trainer.train_epoch(0, 1).loss
+            losses[key] = trainer.train_epoch(0, 1, max_steps=1).loss
             synced()
         return run
 

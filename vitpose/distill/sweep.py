@@ -22,15 +22,15 @@ from typing import Any
 import torch
 
 from vitpose.build import build_datasets, ensure_data
-from vitpose.cli import print_summary, read_run_id, write_run_id
 from vitpose.config import ConfigError, StudentConfig, resolve_path, to_dict
 from vitpose.distill.bank import ViewBank, bank_key, data_identity
 from vitpose.distill.space import preparation, search_space, trial_preparations
 from vitpose.distill.teacher import check_same_keypoints, load_teacher
 from vitpose.distill.tokens import ensure_knowledge_tokens
 from vitpose.distill.trial import SweepContext, run_trial
-from vitpose.run import cluster, console, tracking
-from vitpose.run.storage import Storage, open_storage
+from vitpose.run import console, tracking
+from vitpose.run.lifecycle import DriverRun, Request, checkpoint_of, open_run
+from vitpose.run.storage import Storage
 from vitpose.train.deepspeed_config import complete_deepspeed_config
 
 TOKEN_DIR = "runs/distill/tokens"
@@ -40,27 +40,15 @@ TEACHER_CACHE = "runs/distill/teachers"  # the online teacher's copy when the sw
 
 def run_sweep(cfg: StudentConfig, resume: bool = False) -> int:
     """Prepare, sweep, register and summarise; returns the exit code (1 when every trial failed)."""
-    tracking_uri = preflight(cfg)
-    storage = open_storage(cfg.ray.storage_path)  # object storage probed here, before Ray: exit 2 in seconds
-    cluster.check_outputs_outlive_job(storage.local_path if storage.is_local else None, tracking_uri)
-    name = cluster.run_name(storage, cfg.ray.name, resume)
-    cluster.connect()
     t = cfg.tune
-    cluster.check_resources(1, t.cpus_per_trial, t.gpus_per_trial > 0, t.gpus_per_trial, cfg.ray.autoscaler,
-                               keys=("one trial", "tune.cpus_per_trial"), gpu_request=f"tune.gpus_per_trial={t.gpus_per_trial:g}",
-                               gpu_fix="set tune.gpus_per_trial=0 for CPU trials")
-    sweep_dir = storage / name
-    ensure_data(cfg)
-    context = prepare(cfg, sweep_dir, tracking_uri, name)
-    results = run_tune(cfg, context, storage, name, resume)
+    request = Request(1, t.cpus_per_trial, t.gpus_per_trial > 0, t.gpus_per_trial, keys=("one trial", "tune.cpus_per_trial"),
+                      gpu_request=f"tune.gpus_per_trial={t.gpus_per_trial:g}", gpu_fix="set tune.gpus_per_trial=0 for CPU trials")
+    run = open_run(cfg, preflight(cfg), resume, request, check_data=lambda: ensure_data(cfg))
+    context = prepare(cfg, run)
+    results = run_tune(cfg, context, run.storage, run.name, resume)
     if results.num_errors and results.num_terminated == 0:
-        tracking.end_run(tracking_uri, context.parent_run_id, "FAILED")
-        console.error(f"every trial failed; first error: {results.errors[0]}")
-        return 1
-    summary = finish(cfg, results, context, sweep_dir)
-    tracking.end_run(tracking_uri, context.parent_run_id, "FINISHED")
-    print_summary(summary)
-    return 0
+        return run.fail(f"every trial failed; first error: {results.errors[0]}")
+    return run.close(finish(cfg, results, context, run.folder))
 
 
 def plan_sweep(cfg: StudentConfig, as_json: bool = False) -> int:
@@ -112,8 +100,9 @@ def fetch_teacher(cfg: StudentConfig, tracking_uri: str, folder: Path) -> tuple[
     return teacher, meta, f"{cfg.distill.teacher_uri}#{digest}"
 
 
-def prepare(cfg: StudentConfig, sweep_dir: Storage, tracking_uri: str, name: str) -> SweepContext:
+def prepare(cfg: StudentConfig, run: DriverRun) -> SweepContext:
     """Everything the trials share: the teacher, the sweep's MLflow run, tokens per setting, the view bank."""
+    sweep_dir, tracking_uri = run.folder, run.tracking_uri
     teacher, teacher_meta, teacher_id = fetch_teacher(cfg, tracking_uri, teacher_folder(sweep_dir))
     train_ds, _ = build_datasets(cfg, is_local_leader=True)
     check_same_keypoints(teacher_meta, train_ds, cfg.distill.teacher_uri)
@@ -122,9 +111,7 @@ def prepare(cfg: StudentConfig, sweep_dir: Storage, tracking_uri: str, name: str
         raise ConfigError(f"teacher input {list(teacher.spec.img_size)} differs from model.img_size "
                           f"{list(student_size)}; distillation compares heatmaps of the same crops: set "
                           f"model.img_size={list(teacher.spec.img_size)}")
-    parent = tracking.start_driver_run(cfg, tracking_uri, cfg.tracking.experiment, name,
-                                       extra_tags={"teacher": teacher_id}, run_id=read_run_id(sweep_dir))
-    write_run_id(sweep_dir, parent)
+    parent = run.start_tracking(extra_tags={"teacher": teacher_id})
     console.say(f"MLflow sweep run {parent} ({tracking_uri}); sweep folder {sweep_dir}")
 
     token_dir, bank_root = resolve_path(TOKEN_DIR), resolve_path(BANK_DIR)
@@ -210,7 +197,7 @@ def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: S
                     f"{int(row.get('epoch', 0))}, its last ({settings})")
 
     best = results.get_best_result(metric=metric, mode="max", scope="last")
-    ckpt, metrics = final_checkpoint(best, metric)
+    ckpt, metrics = checkpoint_of(best, metric, "last")
     version = register_checkpoint(uri, parent, ckpt, cfg.tune.registered_model, cfg.tune.alias,
                                   lineage={"teacher": context.teacher_id, "trial_params": best.config,
                                            "epoch": metrics["epoch"]})
@@ -223,14 +210,6 @@ def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: S
         "MLflow sweep run": parent,
         "look at it": tracking.ui_link(uri, parent),
     }
-
-
-def final_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:
-    """The (checkpoint, metrics) of a trial's last epoch."""
-    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m and "epoch" in m]
-    if not candidates:
-        raise RuntimeError(f"trial {result.path} finished without a checkpoint that has {metric}; nothing to register")
-    return max(candidates, key=lambda cm: cm[1]["epoch"])
 
 
 def trial_curves(results: Any, metric: str) -> dict[str, list[tuple[int, float]]]:

@@ -156,8 +156,6 @@ def artifact_location(uri: str) -> str | None:
     """A local store's artifacts go beside its database file (``runs/mlflow.db``: ``runs/mlartifacts``), so runs
     from any working folder, Ray's workers and a ``ray job submit`` (whose working folder is a copy Ray
     deletes) all write where the store is; a server decides for itself (None)."""
-    from vitpose.cli import sqlite_file
-
     db = sqlite_file(uri)
     return (db.parent / Path(DEFAULT_ARTIFACTS).name).as_uri() if db is not None else None
 
@@ -272,3 +270,11 @@ def start_trial_run(cfg: Section, uri: str, parent_run_id: str, trial_id: str, p
 
 # Rank 0's queue of tracking calls lives in vitpose.run.outbox; importable from here as before.
 from vitpose.run.outbox import Outbox, TrackingUnavailable, WorkerTracker  # noqa: E402,F401
+
+
+def sqlite_file(uri: str | None) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI, absolute (SQLAlchemy reads a relative one from the
+    working folder), else None."""
+    if not uri or not uri.startswith("sqlite:///"):
+        return None
+    return Path(os.path.abspath(uri[len("sqlite:///"):]))

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from vitpose.build import build_datasets, ensure_data
-from vitpose.cli import best_checkpoint, keep_outputs, print_summary, read_run_id, write_run_id
 from vitpose.config import ConfigError, TeacherConfig, one_line, to_dict
 from vitpose.run import cluster, console, tracking
-from vitpose.run.storage import Storage, credentials_env, open_storage
+from vitpose.run.lifecycle import Request, checkpoint_of, open_run
+from vitpose.run.storage import Storage, credentials_env
 from vitpose.train.deepspeed_config import complete_deepspeed_config
 from vitpose.train.run_folder import META_FILE
 from vitpose.train.session import STATUS_DIR_ENV
@@ -31,40 +31,19 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False) -> int:
     """Train, register and summarise; returns the exit code (1 when training failed)."""
     from ray.train import TrainingFailedError
 
-    tracking_uri = preflight(cfg)
-    storage = open_storage(cfg.ray.storage_path)  # object storage probed here, before Ray: exit 2 in seconds
-    cluster.check_outputs_outlive_job(storage.local_path if storage.is_local else None, tracking_uri)
-    keep_outputs(cfg, tracking_uri)  # generated data outside a job's working-dir copy
-    name = cluster.run_name(storage, cfg.ray.name, resume)
-    check_data(cfg)
-    cluster.connect()
-    cluster.check_resources(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu,
-                               cfg.ray.gpus_per_worker, cfg.ray.autoscaler)
+    request = Request(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu, cfg.ray.gpus_per_worker)
+    run = open_run(cfg, preflight(cfg), resume, request, check_data=lambda: check_data(cfg))
+    run.folder.mkdir()
+    clear_fatal(run.folder)
+    run_id = run.start_tracking()
+    console.say(f"MLflow run {run_id} ({run.tracking_uri}); Ray run folder {run.folder}")
 
-    run_dir = storage / name
-    run_dir.mkdir()
-    clear_fatal(run_dir)
-    resumed_run = read_run_id(run_dir)
-    run_id = tracking.start_driver_run(cfg, tracking_uri, cfg.tracking.experiment, name, run_id=resumed_run)
-    if resumed_run:
-        tracking.increment_tag(tracking_uri, run_id, "driver_resumes")
-    write_run_id(run_dir, run_id)
-    console.say(f"MLflow run {run_id} ({tracking_uri}); Ray run folder {run_dir}")
-
-    job = WorkerJob(config=to_dict(cfg), run_dir=run_dir.uri, tracking_uri=tracking_uri, mlflow_run_id=run_id)
+    job = WorkerJob(config=to_dict(cfg), run_dir=run.folder.uri, tracking_uri=run.tracking_uri, mlflow_run_id=run_id)
     try:
-        result = fit(cfg, job, name, storage)
+        result = fit(cfg, job, run.name, run.storage)
     except TrainingFailedError as err:  # raised once Ray's retries (ray.max_failures) are spent
-        try:
-            tracking.end_run(tracking_uri, run_id, "FAILED")
-        except Exception as end_err:  # noqa: BLE001 (the server may be what is away: the cause comes next)
-            console.say(f"MLflow run {run_id} not marked FAILED ({one_line(end_err)[:120]})")
-        console.error(f"training failed: {failure_cause(err, run_dir)}")
-        return 1
-    summary = finish(cfg, result, tracking_uri, run_id)
-    tracking.end_run(tracking_uri, run_id, "FINISHED")
-    print_summary(summary)
-    return 0
+        return run.fail(f"training failed: {failure_cause(err, run.folder)}")
+    return run.close(finish(cfg, result, run.tracking_uri, run_id))
 
 
 def preflight(cfg: TeacherConfig) -> str:
@@ -144,7 +123,7 @@ def finish(cfg: TeacherConfig, result: Any, tracking_uri: str, run_id: str) -> d
     from vitpose.deploy.serving import register_checkpoint
     from vitpose.visualize import plot_curves
 
-    best_ckpt, best_metrics = best_checkpoint(result, "val/AP")
+    best_ckpt, best_metrics = checkpoint_of(result, "val/AP", "best")
     version = register_checkpoint(tracking_uri, run_id, best_ckpt, cfg.tracking.registered_model,
                                   cfg.tracking.alias)
     latest = result.checkpoint or best_ckpt  # its meta only: on object storage nothing else is fetched

@@ -29,20 +29,19 @@ from torch.utils.data import DataLoader
 from vitpose.build import build_datasets, build_model_from_config, build_partitioned_model
 from vitpose.config import TrainingConfig
 from vitpose.data.keypoints import keypoint_info
-from vitpose.data.sampling import EpochKeyed, EpochShardSampler
 from vitpose.losses import keypoint_mse
 from vitpose.run.console import say
 from vitpose.train.bad_samples import BadSampleLedger
 from vitpose.train.deepspeed_config import complete_deepspeed_config, zero_stage
-from vitpose.train.lone_rank import skip_lone_allreduce
-from vitpose.train.multi_dataset import build_mixed_loaders, evaluate_datasets, is_mixed, mixed_loss
+from vitpose.train.engine import make_engine
+from vitpose.train.loaders import build_loaders
+from vitpose.train.multi_dataset import evaluate_datasets, is_mixed, mixed_loss
 from vitpose.train.run_folder import (
     CKPT_TAG,
     META_FILE,
     SAVE_TMP_PREFIX,
     IncompleteCheckpointError,
     gather_fp32_state_dict,
-    load_deepspeed_files_as_weights_only,
     newest_complete_checkpoint,
     remove_stale_save_dirs,
     verify_checkpoint,
@@ -51,7 +50,6 @@ from vitpose.train.run_folder import (
     write_weights,
 )
 from vitpose.train.session import Session, WorkerStatus
-from vitpose.train.zero_memory import shared_fp32_master
 
 
 class NonFiniteLossError(RuntimeError):
@@ -113,8 +111,6 @@ class Trainer:
                  log_prefix: str = ""):
         import deepspeed
 
-        from vitpose.models import param_groups_layer_decay
-
         self.cfg, self.session, self.loss_fn, self.tracker = cfg, session, loss_fn, tracker
         self.prefix = log_prefix
         self.rank, self.world = session.rank, session.world_size
@@ -137,17 +133,10 @@ class Trainer:
             tracker.log_load_report(model.init_report)
         if tracker is not None and getattr(model, "freeze_report", None) is not None:  # model.freeze
             tracker.log_param("model.frozen_params", model.freeze_report.num_params)
-        layer_decay = cfg.model.layer_decay if cfg.model.layer_decay is not None else model.spec.layer_decay_rate
-        groups = param_groups_layer_decay(model, cfg.train.lr, cfg.train.weight_decay, layer_decay)
-        groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
-        with shared_fp32_master(self.ds_config):  # ZeRO-3 fp32: the optimizer updates the partition, no copy
-            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
-                                                                     config=self.ds_config)
-        load_deepspeed_files_as_weights_only(self.engine)
-        skip_lone_allreduce(self.engine)
+        self.engine, self.optimizer = make_engine(model, cfg, self.ds_config)
         self.device = self.engine.device
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
-        self._build_loaders()
+        self.loaders = build_loaders(cfg, self.train_ds, self.val_ds, self.rank, self.world)
 
         self.start_epoch = 0
         self.global_step = 0
@@ -157,29 +146,6 @@ class Trainer:
         self.restored_at_epochs: list[int] = []  # 0-based epochs at which a run continued from a checkpoint
         self.bad_samples = BadSampleLedger({"train": self.train_ds, "val": self.val_ds}, self.world)
         self.status = WorkerStatus(self.rank)
-
-    def _build_loaders(self) -> None:
-        if is_mixed(self.train_ds):
-            return build_mixed_loaders(self)
-        cfg, workers = self.cfg, self.cfg.data.loader_workers
-        self.train_sampler = EpochShardSampler(len(self.train_ds), self.rank, self.world, True, cfg.train.seed,
-                                               with_epoch=True)
-        self.val_sampler = EpochShardSampler(len(self.val_ds), self.rank, self.world, False, cfg.train.seed)
-        self.train_loader = DataLoader(
-            EpochKeyed(self.train_ds), batch_size=cfg.train.batch_size, sampler=self.train_sampler,
-            drop_last=True, num_workers=workers, persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-        self.val_loader = DataLoader(self.val_ds, batch_size=cfg.train.batch_size, sampler=self.val_sampler,
-                                     num_workers=workers, persistent_workers=workers > 0)
-        self.steps_per_epoch = len(self.train_loader)
-        if cfg.train.max_steps_per_epoch:
-            self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"the training set has {len(self.train_ds)} instances, fewer than one batch per worker "
-                f"({cfg.train.batch_size} x {self.world} workers): lower train.batch_size"
-            )
 
     # ------------------------------------------------------------------------------------ fit
     def fit(self) -> dict[str, float]:
@@ -221,18 +187,20 @@ class Trainer:
         self.status.update(phase="done")
         return last_metrics
 
-    def train_epoch(self, epoch: int, epochs: int) -> EpochStats:
+    def train_epoch(self, epoch: int, epochs: int, max_steps: int | None = None) -> EpochStats:
+        """One epoch of ``loaders.steps_per_epoch`` steps (at most ``max_steps``: tests and benchmarks)."""
         self.engine.train()
-        self.train_sampler.set_epoch(epoch)
+        self.loaders.train_sampler.set_epoch(epoch)
+        steps = min(self.loaders.steps_per_epoch, max_steps or self.loaders.steps_per_epoch)
         t0 = last_print = time.time()
-        batches = iter(self.train_loader)
+        batches = iter(self.loaders.train)
         # Seeded after the loader started: whether it started fresh or reused its processes must not move
         # the torch RNG (drop path), or a resumed run would differ from the uninterrupted one.
         torch.manual_seed(self.cfg.train.seed * 1_000_003 + epoch * 1009 + self.rank)
         stats = EpochStats()
         extra_sums: dict[str, float] = {}
         for i, batch in enumerate(batches):
-            if i >= self.steps_per_epoch:
+            if i >= steps:
                 break
             self.status.update(phase="train", epoch=epoch + 1, step=i + 1, global_step=self.global_step)
             self.bad_samples.note("train", batch)
@@ -255,8 +223,8 @@ class Trainer:
             if self.rank == 0 and now - last_print > 30:
                 last_print = now
                 rate = stats.images * self.world / (now - t0)
-                left = (self.steps_per_epoch - i - 1) * self.cfg.train.batch_size * self.world / max(rate, 1e-9)
-                self._say(f"  epoch {epoch + 1}/{epochs} step {i + 1}/{self.steps_per_epoch} "
+                left = (steps - i - 1) * self.cfg.train.batch_size * self.world / max(rate, 1e-9)
+                self._say(f"  epoch {epoch + 1}/{epochs} step {i + 1}/{steps} "
                           f"loss {stats.loss:.6f} {rate:.1f} img/s, epoch ETA {_fmt_secs(left)}")
         stats.seconds = time.time() - t0
         stats.extra = {k: v / max(stats.steps, 1) for k, v in extra_sums.items()}
@@ -269,7 +237,7 @@ class Trainer:
         ``val/<name>/...`` each and ``val/...`` the primary's (train/multi_dataset.py)."""
         if is_mixed(self.train_ds):
             return evaluate_datasets(self, epoch)
-        return self.evaluate_one(self.val_loader, self.val_ds, None, epoch)
+        return self.evaluate_one(self.loaders.val[0], self.val_ds, None, epoch)
 
     @torch.no_grad()
     def evaluate_one(self, loader: DataLoader, val_ds: Any, dataset_index: int | None, epoch: int,

@@ -1,4 +1,5 @@
-"""The training loop's multi-dataset parts (issue 20): mixed loaders, the per-dataset loss, per-dataset eval.
+"""The training loop's multi-dataset parts: the per-dataset loss and per-dataset evaluation (the mixed loaders
+are ``train/loaders.py``'s).
 
 Used by ``Trainer`` when its training set is a ``MixedTrainSet`` (data/multi_dataset.py). The loss of each sample
 goes through its own dataset's head (and expert): the model's per-sample routing returns one heatmap tensor
@@ -13,9 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
-from vitpose.data.sampling import EpochShardSampler
 from vitpose.losses import keypoint_mse
 
 
@@ -42,29 +41,11 @@ def mixed_loss(names: list[str]):
     return loss_fn
 
 
-def build_mixed_loaders(trainer: Any) -> None:
-    """The trainer's train loader (mixed batches) and one val loader per dataset (``trainer.val_loaders``)."""
-    cfg, workers = trainer.cfg, trainer.cfg.data.loader_workers
-    train = trainer.train_ds
-    trainer.train_sampler = train.batch_sampler(cfg.train.batch_size, trainer.rank, trainer.world, cfg.train.seed)
-    trainer.train_loader = DataLoader(train, batch_sampler=trainer.train_sampler, collate_fn=train.collate,
-                                      num_workers=workers, persistent_workers=workers > 0,
-                                      pin_memory=torch.cuda.is_available())
-    trainer.val_loaders = [
-        DataLoader(ds, batch_size=cfg.train.batch_size, num_workers=workers, persistent_workers=workers > 0,
-                   sampler=EpochShardSampler(len(ds), trainer.rank, trainer.world, False, cfg.train.seed))
-        for ds in trainer.val_ds.datasets]
-    trainer.val_loader = trainer.val_loaders[0]
-    trainer.steps_per_epoch = len(trainer.train_loader)
-    if cfg.train.max_steps_per_epoch:
-        trainer.steps_per_epoch = min(trainer.steps_per_epoch, cfg.train.max_steps_per_epoch)
-
-
 def evaluate_datasets(trainer: Any, epoch: int) -> dict[str, float]:
     """``val/<name>/...`` per dataset through its own head; ``val/...`` the primary's (see the module doc)."""
     metrics: dict[str, float] = {}
     val = trainer.val_ds
-    for d, (name, ds, loader) in enumerate(zip(val.names, val.datasets, trainer.val_loaders, strict=True)):
+    for d, (name, ds, loader) in enumerate(zip(val.names, val.datasets, trainer.loaders.val, strict=True)):
         got = trainer.evaluate_one(loader, ds, d, epoch, draw=d == 0)
         metrics.update({f"val/{name}/{k[len('val/'):]}": v for k, v in got.items()})
         if d == 0:
