@@ -1,5 +1,5 @@
 """A `ray start --head` that a test starts and stops: own ports, own temp dir, loopback only (or on the host side
-of a network namespace the test made), and a second node joined from inside that namespace with the README's
+of a network namespace the test made), and a second node joined from inside that namespace with docs/cluster.md's
 worker command, so the two nodes talk over a real link between two addresses."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from vitpose.train.session import free_port
 
 RAY = Path(sys.executable).parent / "ray"
 # Without it Ray binds the head's servers to the machine's outward address even when given 127.0.0.1 (see
-# vitpose/run/cluster.py); README's one-machine head uses the same variable.
+# vitpose/run/cluster.py); docs/cluster.md's one-machine head uses the same variable.
 LOOPBACK_HEAD_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
@@ -141,7 +141,7 @@ class Node:
 
 @contextmanager
 def ray_node(head: Head, space: Netns, env: dict[str, str], num_cpus: int = 1) -> Iterator[Node]:
-    """A second node joined to ``head`` from inside ``space`` with the README's worker command
+    """A second node joined to ``head`` from inside ``space`` with docs/cluster.md's worker command
     (``ray start --address=<head>:<port>``; ``--block`` keeps it in the foreground), up when this yields."""
     before = _alive_nodes(head, env)
     node_tmp = tempfile.mkdtemp(prefix="vp-node-", dir="/tmp")  # the namespaces share one file system

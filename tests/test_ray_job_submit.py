@@ -1,4 +1,4 @@
-"""README's two `ray job submit` forms of pipelines/teacher.py against a `ray start --head` the test starts and
+"""docs/cluster.md's two `ray job submit` forms of pipelines/teacher.py against a `ray start --head` the test starts and
 stops; then, with that head gone and its temp folder removed, the registered teacher is loaded and served from
 each registry.
 
@@ -26,7 +26,7 @@ from tests.helpers_serving import ModelServer
 pytestmark = pytest.mark.slow
 
 VENV_PY = Path(sys.executable)
-# Small and quick; none of these moves a path (data root, storage, store and log stay the README's defaults).
+# Small and quick; none of these moves a path (data root, storage, store and log stay the documented defaults).
 SMALL = ["data.synthetic.train_instances=64", "data.synthetic.val_instances=16", "model.preset=vitpose_nano",
          f"model.img_size={TEST_IMG}", "train.batch_size=8", "train.epochs=1", "train.eval_every=1",
          "train.warmup_iters=2", "train.lr_steps=[]", "data.loader_workers=0", "tracking.log_images=2"]
@@ -63,9 +63,9 @@ def files_under(folder: Path) -> list[Path]:
 def test_both_readme_job_forms_leave_everything_in_runs_and_the_teacher_serves(tmp_path):
     repo = repo_copy(tmp_path / "repo")
     runs = repo / "runs"
-    runs.mkdir()  # README: `mkdir -p runs` (a sqlite store's folder must exist)
-    # `python` on the head's PATH is the project's (README); the tracking URI reaches a job only through its
-    # runtime env (the README's first form), never from the head's environment.
+    runs.mkdir()  # docs/cluster.md: `mkdir -p runs` (a sqlite store's folder must exist)
+    # `python` on the head's PATH is the project's (docs/cluster.md); the tracking URI reaches a job only through its
+    # runtime env (docs/cluster.md's first form), never from the head's environment.
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")}
     env |= {"RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_PY.parent}{os.pathsep}{env.get('PATH', '')}",
             "PYTHONPATH": str(repo)}
@@ -83,7 +83,7 @@ def test_both_readme_job_forms_leave_everything_in_runs_and_the_teacher_serves(t
         assert lost.returncode != 0 and "working-dir copy" in lost.stdout, lost.stdout[-2000:]
         assert "Traceback" not in lost.stdout, lost.stdout[-2000:]
 
-        # Form 1, as the README writes it: --working-dir ., the store in the runtime env, absolute storage.
+        # Form 1, as docs/cluster.md writes it: --working-dir ., the store in the runtime env, absolute storage.
         form1 = submit(head, env, repo, [
             "--working-dir", ".", "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": store_a}}),
             "--", str(VENV_PY), "pipelines/teacher.py", "--set", f"ray.storage_path={runs / 'ray'}", *SETS], deadline)
@@ -106,7 +106,7 @@ def test_both_readme_job_forms_leave_everything_in_runs_and_the_teacher_serves(t
         assert not [b for b in bound if b[0] not in LOOPBACK_IPS], f"the head listens beyond the loopback: {bound}"
     assert not head_tmp.exists()  # the head is stopped and its temp folder (with the jobs' copies) is gone
 
-    # Where the README says: runs/{logs,data/synthetic,ray,mlartifacts} and both stores, in the repository.
+    # Where docs/cluster.md says: runs/{logs,data/synthetic,ray,mlartifacts} and both stores, in the repository.
     assert len(list((runs / "logs").glob("teacher-*.log"))) == 2
     assert (runs / "data" / "synthetic" / "annotations" / "person_keypoints_train.json").is_file()
     assert len(list((runs / "ray").glob("*/checkpoint_*/meta.json"))) == 2  # one epoch of each form

@@ -4,6 +4,7 @@ no module over the size a newcomer can read, and nothing builds a model through 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,3 +88,33 @@ def test_modules_stay_readable():
 def test_nothing_imports_the_training_loop_to_build_a_model():
     users = {m for m, deps in graph().items() if "vitpose.train.loop" in deps}
     assert users <= {"vitpose.train.worker", "vitpose.distill.trial"}
+
+
+def test_benchmarks_are_a_package_of_short_scripts_that_edit_no_import_path():
+    """benchmarks/ runs as ``python -m benchmarks.NAME`` against the installed package: no script edits sys.path
+    or imports a sibling by bare name, and none is longer than a newcomer can read."""
+    scripts = sorted((REPO / "benchmarks").rglob("*.py"))
+    assert (REPO / "benchmarks" / "__init__.py").is_file() and scripts
+    siblings = {p.stem for p in scripts}
+    problems = []
+    for path in scripts:
+        text = path.read_text()
+        name = str(path.relative_to(REPO))
+        if len(text.splitlines()) > MAX_LINES:
+            problems.append(f"{name}: {len(text.splitlines())} lines")
+        if "sys.path" in text:
+            problems.append(f"{name}: edits sys.path")
+        for node in ast.walk(ast.parse(text)):
+            bare = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            problems += [f"{name}: imports sibling {m!r} by bare name" for m in bare if m.split(".")[0] in siblings]
+    assert problems == []
+
+
+def test_code_comments_say_why_not_which_issue():
+    """Issue numbers belong in commits and notes; a comment or docstring that cites one ages badly."""
+    cited = [f"{p.relative_to(REPO)}:{n}" for p in sorted([*(REPO / "vitpose").rglob("*.py"),
+                                                            *(REPO / "pipelines").glob("*.py")])
+             for n, line in enumerate(p.read_text().splitlines(), 1)
+             if re.search(r"\bissue \d+|\(issue\b|issue #\d+", line, re.IGNORECASE)]
+    assert cited == []

@@ -1,7 +1,7 @@
 """A team's stack on one machine, started and stopped here: an S3-compatible store (moto), an MLflow server on a
 real PostgreSQL with the artifacts it proxies into that store and basic auth (loopback only), and a Ray cluster
 of two nodes that `ray job submit` runs the teacher and the sweep on. The second node is a host of its own: a
-network namespace the test makes, joined to a head on the host side of its veth pair with the README's worker
+network namespace the test makes, joined to a head on the host side of its veth pair with docs/cluster.md's worker
 command (`ray start --address=<head>:<port>`), so Ray's traffic between the nodes crosses a real link between
 two addresses. Every address the tests use is loopback or one of that pair's.
 

@@ -1,7 +1,7 @@
 """Config sections that live beside ``vitpose.config`` (which imports them): the base ``Section``, the data
 sections a multi-dataset run repeats per dataset, and the ViTPose+ mixture-of-experts switch.
 
-Multi-dataset runs (issue 20): ``data.datasets`` lists two or more datasets. Each entry has a ``name`` (the
+Multi-dataset runs: ``data.datasets`` lists two or more datasets. Each entry has a ``name`` (the
 metric prefix ``val/<name>/...`` and the head's name in the model spec), a ``ratio`` (its share of every
 training batch) and any of the per-dataset keys of the data section (``kind``, ``keypoints``,
 ``custom_keypoints``, ``root``, ``*_ann``, ``*_images``, ``val_det_file``, ``synthetic``); a key it leaves out

@@ -110,7 +110,7 @@ def decode(heatmaps, blur_kernel: int = 11) -> tuple[np.ndarray, np.ndarray]:
     no-op anyway: its blurred map is clipped flat). mmpose puts it at (-1, -1), then refines that with
     values read past the start of the heatmap, from the previous joint's or crop's memory (for the batch's
     first joint, the last one's), so its answer depends on the rest of the batch; in
-    ``benchmarks/codec_ap.py`` the argmax never scores lower than mmpose. A singular ``H + eps I`` (where
+    ``python -m benchmarks.codec_ap`` the argmax never scores lower than mmpose. A singular ``H + eps I`` (where
     mmpose's matrix inverse raises) leaves the argmax unrefined.
     """
     hm = as_numpy(heatmaps).astype(np.float32)

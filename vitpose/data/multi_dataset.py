@@ -1,4 +1,4 @@
-"""Several top-down datasets in one run (issue 20): mixed training batches by ratio, per-dataset val sets.
+"""Several top-down datasets in one run: mixed training batches by ratio, per-dataset val sets.
 
 Every training batch holds every dataset: ``batch_counts`` splits the micro batch by the ratios (largest
 remainder, at least one sample each), so each head and expert runs on every step on every rank (ZeRO-3's

@@ -1,7 +1,7 @@
 """COCO-17 annotation files rewritten in another keypoint set's layout, for synthetic multi-dataset runs.
 
-The synthetic generator draws COCO people; a second dataset with another keypoint set (issue 20: two
-synthetic datasets with different sets) is the generator's output remapped, written beside the COCO files as
+The synthetic generator draws COCO people; a second dataset with another keypoint set (so a
+multi-dataset run has two synthetic datasets with different sets) is the generator's output remapped, written beside the COCO files as
 ``person_keypoints_<split>.<set>.json``. CrowdPose (14): its 12 limb joints, the nose standing in for the top
 of the head, the shoulders' midpoint for the neck (labelled when both shoulders are). Written to a temporary
 file and renamed, so concurrent writers never leave a half file.

@@ -5,7 +5,7 @@ an int8 export must pass (heatmap parity, val AP).
 Owns what turns an fp32 export (``vitpose.deploy.onnx``) into an int8 one: which crops calibrate it
 (``calibration_crops``: items of the training dataset the model's config builds, augmented as in training;
 activation ranges of random tensors are not those of people), the quantizer's recipe (``quantize_int8``,
-its levers as arguments for benchmarks/student_latency.py), and ``OrtNetwork``, an ``nn.Module`` facade over
+its levers as arguments for python -m benchmarks.student_latency), and ``OrtNetwork``, an ``nn.Module`` facade over
 an onnxruntime session that ``PosePredictor``, the evaluator and the served pyfunc take in place of the eager
 network.
 """
@@ -23,8 +23,8 @@ import torch
 from vitpose.deploy.runtime import INPUT_NAME, OrtNetwork
 
 CALIBRATION_CROPS = 64  # stable MinMax ranges for a small ViT; each costs one fp32 forward
-# Quantized: the ops with a weight (linear layers, convolutions), where the time goes. Left in float, as
-# measured on vitpose_nano/tiny/s (benchmarks/student_latency.py --levers): the attention's activation x
+# Quantized: the ops with a weight (linear layers, convolutions), where the time goes. Left in float (see
+# `python -m benchmarks.student_latency --levers`): the attention's activation x
 # activation MatMuls (quantized, onnxruntime also fuses the Softmax between them into a QLinearSoftmax, 10x
 # slower than the float one), ConvTranspose (the CPU provider has no int8 kernel: its Quantize/Dequantize
 # pairs only add work; export_onnx writes the head's deconvolutions as Conv + DepthToSpace instead, see

@@ -25,8 +25,8 @@ DEFAULT_OPSET = 17  # LayerNormalization is native from 17; onnxruntime >= 1.14 
 # a grouped Conv, DepthToSpace DCR of K channels, a crop: Convs int8 quantization reaches; fp32 and int8 5-12%
 # faster than "phases" on the small students), "phases_final" (the same with one dense block-diagonal 1x1: a little
 # slower), "phases" (DepthToSpace of the C deconv channels, then the final conv), "conv3x3" (one 3x3 Conv: 10-25%
-# slower in fp32, slower in int8 too), "transpose" (ConvTranspose as trained). Measured in
-# benchmarks/student_latency.py --levers.
+# slower in fp32, slower in int8 too), "transpose" (ConvTranspose as trained); `python -m
+# benchmarks.student_latency --levers` compares them.
 DEFAULT_DECONV = "phases_final_grouped"
 
 

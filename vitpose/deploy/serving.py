@@ -99,8 +99,8 @@ class VitPosePyfunc(mlflow.pyfunc.PythonModel):
             model, device = OrtNetwork(context.artifacts["network"], model.spec), "cpu"
         self.predictor = PosePredictor(model, meta, device=device)
         # The server runs each request in its own thread. Concurrent forwards would each claim every core's
-        # intra-op threads and slow all of them down (measured: 2 threads on a busy 2-core CPU ran a batch-1
-        # forward 50x slower than 1), so forwards take turns; decoding images happens outside the lock.
+        # intra-op threads and oversubscribe the cores, slowing every one of them down many times, so forwards
+        # take turns; decoding images happens outside the lock.
         self._forward_lock = threading.Lock()
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:

@@ -265,9 +265,8 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """softmax(q k^T / sqrt(d)) v as two batched matmuls: the bf16 training path on CPUs.
 
     In bf16 on a CPU the fused kernel's forward + backward is slow for pose-sized sequences, while the two
-    batched matmuls run on the matrix units (AMX): ViT-B shapes (batch 16, 12 heads, 192 tokens, 2 cores)
-    take 22 ms per block instead of 45-50 (the fused kernel in bf16, or in fp32 as this path did before);
-    the whole bf16 training step of ViTPose-S and -B is 1.18x faster. The price is the usual one of
+    batched matmuls run on the matrix units (AMX), about twice as fast per block at ViT-B shapes
+    (benchmarks/RESULTS.md, benchmarks.window_attention). The price is the usual one of
     mixed-precision attention without a fused kernel: the scores are rounded to bf16 before the softmax
     (which accumulates in fp32), and the backward pass keeps the (B, h, N, N) probabilities (14 MB per
     ViT-B block at batch 16). Inference and fp32 keep the fused kernel.

@@ -23,7 +23,7 @@ from vitpose.config import ConfigError, one_line
 from vitpose.run.storage import Storage, credentials_env
 
 # glibc keeps freed large blocks mapped and fragments under DeepSpeed's big flat buffers; returning
-# blocks over 128 KiB to the OS kept ZeRO-3 at ViT-H size from being killed at 22 GiB (measured on 2 CPU ranks).
+# blocks over 128 KiB to the OS keeps ZeRO-3 at ViT-H size on CPU ranks within memory instead of killed.
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "false"}
 
 _started_here = False  # connect() started or joined Ray in this process (not a caller's own ray.init)
@@ -87,7 +87,7 @@ def disconnect() -> None:
 # Ray binds its servers to the node IP, and resolves 127.0.0.1 given as that IP to the machine's outward
 # address (services.resolve_ip_for_localhost), so a private Ray listens on the network. With its multi-node
 # switch off (what it does on Windows and macOS) the node IP is the loopback and nothing else is bound. A
-# head started with the switch off (README, one machine) times out clients that have it on, so drivers of a
+# head started with the switch off (docs/cluster.md, one machine) times out clients that have it on, so drivers of a
 # 127.0.0.1 address switch it off too; such a client also works with an ordinary head.
 _CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _saved_switch: tuple[str | None, bool] | None = None
