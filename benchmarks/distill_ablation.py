@@ -189,6 +189,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budgets", nargs="+", choices=list(BUDGETS), default=list(BUDGETS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=ARMS, help="distill.parts arms (none is always run)")
     p.add_argument("--teacher", default="models:/vitpose-teacher@plateau", help="registered teacher (models:/NAME@ALIAS)")
     p.add_argument("--set", action="append", default=[], help="extra overrides for every sweep")
     p.add_argument("--skip-online", action="store_true", help="only the bank sweeps")
@@ -198,6 +199,7 @@ def main() -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     seeds = "[" + ", ".join(map(str, a.seeds)) + "]"
+    arms = ["none", *(arm for arm in a.arms if arm != "none")]  # the baseline every arm is paired with
     t0 = time.time()
     teacher = teacher_at_plateau(a.teacher, out.with_suffix(".teacher.log"))
     from vitpose.config import StudentConfig
@@ -216,7 +218,7 @@ def main() -> int:
         config, sets = CONFIG, [*BUDGETS[budget], *common]
         preset, n = num_params(config, sets, StudentConfig)
         folder = sweep(config, f"ablation-{budget}-bank", [
-            f"tune.search_space={{distill.parts: {{grid: [{', '.join(ARMS)}]}}, train.seed: {{grid: {seeds}}}}}",
+            f"tune.search_space={{distill.parts: {{grid: [{', '.join(arms)}]}}, train.seed: {{grid: {seeds}}}}}",
             "distill.output.mode=bank", *sets], out.with_suffix(f".{budget}.bank.log"))
         scores, folders = read(folder, {}), [str(folder)]
         if not a.skip_online:

@@ -212,3 +212,34 @@ def test_only_asha_sweeps_must_evaluate_every_epoch(synthetic_root, tmp_path, mo
         preflight(tiny_config(synthetic_root, "train.eval_every=4", student=True))
     fifo = tiny_config(synthetic_root, "train.eval_every=4", "tune.scheduler=fifo", student=True)
     assert preflight(fifo) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def _sparse_evaluation_trial(config):
+    from vitpose.train.session import TuneSession
+
+    session = TuneSession("val/AP")
+    for epoch in range(1, 5):  # evaluated every second epoch, as train.eval_every=2 does
+        metrics = {"epoch": epoch, "train/loss": 1.0 / epoch}
+        if epoch % 2 == 0:
+            metrics["val/AP"] = epoch / 10
+        session.report(metrics, None)
+
+
+@pytest.mark.slow
+def test_a_tune_trial_that_evaluates_every_other_epoch_reports_its_evaluated_epochs(tmp_path):
+    """Tune refuses a result without the sweep's metric; a FIFO sweep with train.eval_every > 1 must run."""
+    import tempfile
+
+    import ray
+    from ray import tune
+
+    ray_tmp = tempfile.mkdtemp(prefix="vp-ray-", dir="/tmp")  # Ray's socket paths must stay under 107 characters
+    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=ray_tmp)
+    try:
+        results = tune.Tuner(_sparse_evaluation_trial, tune_config=tune.TuneConfig(metric="val/AP", mode="max"),
+                             run_config=tune.RunConfig(storage_path=str(tmp_path), name="sparse")).fit()
+    finally:
+        ray.shutdown()
+    assert not results.errors, results.errors
+    best = results.get_best_result()
+    assert list(best.metrics_dataframe["epoch"]) == [2, 4] and best.metrics["val/AP"] == pytest.approx(0.4)

@@ -76,5 +76,5 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
     loss = distill_loss(out.weight if out.enabled else 0.0, teacher)
     # The run's final status is set by the driver (close_trial_runs): Tune may stop a trial inside its
     # last report, before any code after fit() would run.
-    Trainer(cfg, TuneSession(), model=model, loss_fn=loss, datasets=(train_ds, val_ds), tracker=tracker,
+    Trainer(cfg, TuneSession(cfg.tune.metric), model=model, loss_fn=loss, datasets=(train_ds, val_ds), tracker=tracker,
             log_prefix=f"[{trial_id}] ").fit()

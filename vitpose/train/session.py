@@ -156,11 +156,20 @@ def _epoch(ckpt_dir: Path | Storage) -> int:
 
 
 class TuneSession(Session):
-    """One Ray Tune trial = one training process (students are small); reports go to Tune and ASHA."""
+    """One Ray Tune trial = one training process (students are small); reports go to Tune and ASHA.
+
+    Only epochs that carry the sweep's ``metric`` are reported: Tune refuses a result without it, and an
+    epoch without evaluation (``train.eval_every`` > 1, FIFO sweeps only) has nothing to compare trials on.
+    """
+
+    def __init__(self, metric: str = "val/AP") -> None:
+        self.metric = metric
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         from ray import tune
 
+        if self.metric not in metrics:
+            return
         ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         tune.report(metrics, checkpoint=ckpt)
 
