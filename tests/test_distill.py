@@ -156,6 +156,11 @@ def test_preparations_follow_every_searched_key_that_changes_tokens_or_bank(synt
     views = tiny_config(synthetic_root, "tune.search_space={distill.output.views: {grid: [1, 2]}, "
                         "data.aug.rotation_factor: {choice: [0.0, 30.0]}}", student=True)
     assert len({preparation(c)[1] for c in trial_preparations(views)}) == 4
+    # A one-value grid prepares for its value, not the base config's (seed 0 here).
+    one = tiny_config(synthetic_root, "tune.search_space={distill.parts: {grid: [none, token]}, "
+                      "train.seed: {grid: [3]}}", student=True)
+    assert {c.train.seed for c in trial_preparations(one)} == {3}
+    assert {p[0].seed for p in map(preparation, trial_preparations(one)) if p[0]} == {3}
     grid = tiny_config(synthetic_root, "tune.search_space={distill.token.num_tokens: {grid: [1, 2]}}", student=True)
     assert sorted(p[0].num_tokens for p in map(preparation, trial_preparations(grid))) == [1, 2]
     for key, values in (("train.seed", "[0, 4]"), ("distill.token.num_tokens", "[1, 4]"),

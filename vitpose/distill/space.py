@@ -103,8 +103,8 @@ def trial_preparations(cfg: StudentConfig) -> list[StudentConfig]:
         if key == PARTS_KEY:
             enumerated[key] = list(values)
             continue
-        if all(len({preparation(apply_params(arm, {key: v})) for v in values}) == 1 for arm in arms):
-            continue  # e.g. train.lr: the same tokens and bank whatever its value
+        if all(preparation(apply_params(arm, {key: v})) == preparation(arm) for arm in arms for v in values):
+            continue  # e.g. train.lr: the base config's tokens and bank whatever its value
         if kind not in ("grid", "choice"):
             raise ConfigError(f"tune.search_space.{key}: a {kind} value changes the knowledge tokens or the view "
                               "bank, which are made once before the trials; search it with grid or choice")
