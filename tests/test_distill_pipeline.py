@@ -3,6 +3,7 @@ the champion, and an interrupted sweep completed with --resume (real Ray, DeepSp
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import signal
@@ -87,6 +88,15 @@ def test_two_trial_sweep_registers_a_champion(registry, synthetic_root, tmp_path
     children = child_runs(uri, parent)
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
     assert all("val/AP" in r.data.metrics for r in children)
+    assert list(tmp_path.rglob("checkpoint_*")), "trials write checkpoints under the storage path"
+    # What each trial's optimizer held, against the plan of the same arms: tokens enter frozen.
+    plan_out = run(["pipelines/distill.py", *common(synthetic_root, tmp_path / "plan"), "--plan", "--json"], registry)
+    assert plan_out.returncode == 0, plan_out.stdout[-3000:] + plan_out.stderr[-3000:]
+    plan = json.loads(plan_out.stdout.strip().splitlines()[-1])["arms"]
+    for r in children:
+        arm, held = ast.literal_eval(r.data.tags["sweep_params"])["distill.parts"], r.data.params
+        assert int(held["optimizer.params"]) == plan[arm]["trainable_params"] > 0
+        assert int(held["optimizer.token_params"]) == plan[arm]["token_trainable_params"] == 0
     artifacts = {a.path for a in client.list_artifacts(parent)}
     assert {"results.csv", "sweep.png", "knowledge_tokens", "view_banks"} <= artifacts
     # The champion is the trial with the best val AP after its LAST epoch (never its best epoch on val), and
@@ -98,7 +108,6 @@ def test_two_trial_sweep_registers_a_champion(registry, synthetic_root, tmp_path
     from vitpose.models import create
 
     student = create("models:/vitpose-student@champion", tracking_uri=uri)
-
     meta = student.meta
     assert student.spec.embed_dim == 64  # vitpose_pico
     assert last[str(meta["trial_params"])] == max(last.values())  # the champion's (ties: either)
@@ -115,7 +124,7 @@ def test_plan_prints_each_arm_without_training(registry, synthetic_root, tmp_pat
     assert [plan["arms"][a]["teacher_outputs"] for a in ("none", "output", "both")] == [None, "bank", "bank"]
     assert [plan["arms"][a]["tokens"] for a in ("none", "token", "random_token")] == [None, "teacher", "random"]
     assert plan["teacher"]["embed_dim"] == 96 and plan["arms"]["none"]["trainable_params"] > 0
-    assert not list(tmp_path.glob("*/checkpoint_*")), "a plan trains nothing"
+    assert not list(tmp_path.rglob("checkpoint_*")), "a plan trains nothing"
 
     missing = {**registry, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}"}
     out = run(["pipelines/distill.py", *common(synthetic_root, tmp_path), "--plan", "--json"], missing)
@@ -167,3 +176,24 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(registry, s
     assert champion.run_id == parent
     assert [v.version for v in mlflow.MlflowClient(uri).search_model_versions(f"run_id = '{parent}'")] == [
         champion.version]
+
+
+def test_a_seeded_sweep_reports_each_setting_over_its_seeds(registry, synthetic_root, tmp_path):
+    """tune.seeds=2: every setting runs with seeds 0 and 1; two settings that train identically (pictures on
+    or off) cannot be told apart, and the summary says so; the registry says what the champion is."""
+    args = ["pipelines/distill.py", *common(synthetic_root, tmp_path), "--set", "train.epochs=1",
+            "--set", "tune.seeds=2", "--set", "tune.scheduler=fifo", "--set", "tune.baseline=tracking.log_images=0",
+            "--set", "tune.search_space={tracking.log_images: {grid: [0, 1]}}", "--set", "tune.alias=seeded"]
+    out = run(args, registry)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "over 2 seed(s)" in out.stdout and "NOT beyond the interval" in out.stdout
+    assert "over the runner-up" in out.stdout
+    uri = registry["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(uri)
+    version = client.get_model_version_by_alias("vitpose-student", "seeded")
+    assert version.tags["seeds"] == "2" and version.tags["keypoint set"] == "coco" and version.description
+    assert {"setting", "val/AP mean", "val/AP 95% interval", "teacher", "run", "input size"} <= set(version.tags)
+    seeds = {ast.literal_eval(r.data.tags["sweep_params"])["train.seed"] for r in child_runs(uri, version.run_id)}
+    assert seeds == {0, 1}
+    table = client.download_artifacts(version.run_id, "settings.csv", str(tmp_path))
+    assert len(Path(table).read_text().splitlines()) == 3  # header + two settings

@@ -15,8 +15,10 @@ from vitpose.train.run_folder import load_deepspeed_files_as_weights_only
 from vitpose.train.zero_memory import shared_fp32_master
 
 
-def make_engine(model: torch.nn.Module, cfg: TrainingConfig, ds_config: dict[str, Any]) -> tuple[Any, Any]:
-    """(engine, optimizer) of ``model`` under ``ds_config`` (completed from ``cfg`` already)."""
+def make_engine(model: torch.nn.Module, cfg: TrainingConfig,
+                ds_config: dict[str, Any]) -> tuple[Any, Any, dict[str, int]]:
+    """(engine, optimizer, what the optimizer holds) of ``model`` under ``ds_config`` (completed from ``cfg``):
+    ``optimizer.params`` its parameters, ``optimizer.token_params`` those of the knowledge tokens."""
     import deepspeed
 
     from vitpose.models import param_groups_layer_decay
@@ -28,4 +30,16 @@ def make_engine(model: torch.nn.Module, cfg: TrainingConfig, ds_config: dict[str
         engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     load_deepspeed_files_as_weights_only(engine)
     skip_lone_allreduce(engine)
-    return engine, optimizer
+    return engine, optimizer, optimized_counts(model, groups)
+
+
+def optimized_counts(model: torch.nn.Module, groups: list[dict[str, Any]]) -> dict[str, int]:
+    held = {id(p): p for g in groups for p in g["params"]}
+    tokens = getattr(getattr(model, "backbone", None), "knowledge_tokens", None)
+    in_tokens = {id(p) for p in tokens.parameters()} if tokens is not None else set()
+    return {"optimizer.params": sum(_numel(p) for p in held.values()),
+            "optimizer.token_params": sum(_numel(p) for i, p in held.items() if i in in_tokens)}
+
+
+def _numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitions a parameter; ds_numel is its whole size

@@ -133,7 +133,10 @@ class Trainer:
             tracker.log_load_report(model.init_report)
         if tracker is not None and getattr(model, "freeze_report", None) is not None:  # model.freeze
             tracker.log_param("model.frozen_params", model.freeze_report.num_params)
-        self.engine, self.optimizer = make_engine(model, cfg, self.ds_config)
+        self.engine, self.optimizer, optimized = make_engine(model, cfg, self.ds_config)
+        if tracker is not None:  # what training really updates, beside what the config asked for
+            for key, value in optimized.items():
+                tracker.log_param(key, value)
         self.device = self.engine.device
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
         self.loaders = build_loaders(cfg, self.train_ds, self.val_ds, self.rank, self.world)
