@@ -4,6 +4,7 @@ teacher it stores, the distillation loss, and the sweep's search space and prepa
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -32,6 +33,14 @@ def datasets(synthetic_root):
     return build_datasets(tiny_config(synthetic_root), is_local_leader=True)
 
 
+class Untouchable(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        raise AssertionError("the tokens were learned again instead of read from their file")
+
+    def __getitem__(self, i: int) -> None:
+        raise AssertionError("the tokens were learned again instead of read from their file")
+
+
 def test_token_learning_changes_only_the_tokens(trained_teacher, tmp_path):
     teacher, _, datasets = trained_teacher
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -45,8 +54,10 @@ def test_token_learning_changes_only_the_tokens(trained_teacher, tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
     path = ensure_knowledge_tokens(teacher, "teacher-a", datasets[0], setting, tmp_path, say=lambda _: None)
-    assert torch.equal(load_tokens(path), load_tokens(
-        ensure_knowledge_tokens(teacher, "teacher-a", datasets[0], setting, tmp_path, say=lambda _: None)))
+    first, stamp = load_tokens(path), path.stat().st_mtime_ns
+    # Reused, not learned again: the second call has no data it could learn from, and the file stays as it was.
+    again = ensure_knowledge_tokens(teacher, "teacher-a", Untouchable(), setting, tmp_path, say=lambda _: None)
+    assert again == path and path.stat().st_mtime_ns == stamp and torch.equal(load_tokens(again), first)
 
 
 def test_tokens_for_a_narrower_student_are_learned_in_its_width(trained_teacher):
@@ -248,3 +259,76 @@ def test_a_tune_trial_that_evaluates_every_other_epoch_reports_its_evaluated_epo
     assert not results.errors, results.errors
     best = results.get_best_result()
     assert list(best.metrics_dataframe["epoch"]) == [2, 4] and best.metrics["val/AP"] == pytest.approx(0.4)
+
+
+def _declining_trial(config):
+    """Val AP that falls after epoch 1: the trial ASHA stops at epoch 1 shows a higher number than the
+    trial that finishes."""
+    from ray import tune
+
+    for epoch, ap in enumerate(config["curve"], 1):
+        tune.report({"epoch": epoch, "val/AP": ap})
+
+
+@pytest.mark.slow
+def test_the_champion_is_chosen_among_trials_that_trained_every_epoch(tmp_path):
+    import tempfile
+
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from vitpose.distill.sweep import champion
+
+    ray_tmp = tempfile.mkdtemp(prefix="vp-ray-", dir="/tmp")  # Ray's socket paths must stay under 107 characters
+    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=ray_tmp)
+    try:
+        asha = ASHAScheduler(time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2)
+        results = tune.Tuner(_declining_trial, param_space={"curve": tune.grid_search([[0.5, 0.3, 0.3, 0.3],
+                                                                                      [0.4, 0.2, 0.2, 0.2]])},
+                             tune_config=tune.TuneConfig(metric="val/AP", mode="max", scheduler=asha,
+                                                         max_concurrent_trials=1),
+                             run_config=tune.RunConfig(storage_path=str(tmp_path), name="asha")).fit()
+    finally:
+        ray.shutdown()
+    reached = sorted((r.metrics["epoch"], r.metrics["val/AP"]) for r in results)
+    assert reached == [(1, 0.4), (4, 0.3)]  # the second trial stopped at epoch 1, above the finished one's 0.3
+    assert results.get_best_result(metric="val/AP", mode="max", scope="last").metrics["val/AP"] == 0.4
+    best = champion(results, "val/AP", epochs=4)
+    assert (best.metrics["epoch"], best.metrics["val/AP"]) == (4, 0.3)
+
+
+def test_settings_over_seeds_give_means_intervals_and_an_honest_significance_line():
+    from vitpose.distill.stats import group_by_setting, interval, paired, verdict
+
+    trials = [({"distill.parts": arm, "train.seed": s}, ap) for arm, aps in
+              (("none", [0.50, 0.52, 0.48]), ("output", [0.55, 0.58, 0.53]), ("copy", [0.50, 0.52, 0.48]))
+              for s, ap in enumerate(aps)]
+    settings = group_by_setting(trials)
+    assert [s.label for s in settings] == ["distill.parts=none", "distill.parts=output", "distill.parts=copy"]
+    mean, low, high = settings[1].stats
+    assert mean == pytest.approx(0.5533333) and high - mean == pytest.approx(4.303 * 0.0251661 / 3 ** 0.5, rel=1e-4)
+    assert interval([0.5])[0] == 0.5 and math.isnan(interval([0.5])[1])
+    # Paired by seed: output beats none by 0.05, 0.06, 0.05, far narrower than either setting's own spread.
+    diff, d_low, d_high, n = paired(settings[1], settings[0])
+    assert n == 3 and diff == pytest.approx(0.0533333) and d_low > 0.03
+    answer = verdict(settings, "distill.parts=none")
+    assert answer["champion"] is settings[1]
+    assert "over the baseline (distill.parts=none): +0.0533" in answer["leads"][1]
+    assert answer["leads"][1].endswith(", beyond the interval")
+    # Two identical settings: the lead of one over the other is never beyond the interval.
+    twins = verdict([settings[0], settings[2]], None)
+    assert twins["leads"][0].endswith("NOT beyond the interval")
+
+
+def test_tune_seeds_run_every_setting_with_the_same_seeds(synthetic_root):
+    from vitpose.distill.space import searched
+
+    cfg = tiny_config(synthetic_root, "train.seed=5", "tune.seeds=3", student=True)
+    assert searched(cfg)["train.seed"] == {"grid": [5, 6, 7]}
+    assert search_space(cfg)["train.seed"] == {"grid_search": [5, 6, 7]}
+    # Every seed's views are prepared: one bank per seed, tokens per seed for the token arms.
+    assert {c.train.seed for c in trial_preparations(cfg)} == {5, 6, 7}
+    both = tiny_config(synthetic_root, "tune.seeds=2", "tune.search_space={train.seed: {grid: [0, 1]}}", student=True)
+    with pytest.raises(ConfigError, match="tune.seeds=2 and tune.search_space.train.seed both choose seeds"):
+        searched(both)

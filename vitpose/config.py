@@ -274,6 +274,10 @@ class TuneConfig(Section):
     cpus_per_trial: float = Field(1.0, gt=0.0)
     gpus_per_trial: float = Field(0.0, ge=0.0, description="GPUs per trial; a fraction shares one GPU (0.25: four "
                                   "small students per GPU)")
+    seeds: int = Field(1, ge=1, description="seeds per setting (train.seed, train.seed + 1, ...): the same seeds "
+                       "for every setting, each fixing initial weights, views and data order")
+    baseline: str | None = Field(None, description="the setting paired differences are taken against, as "
+                                 "key=value[,key=value], e.g. distill.parts=none")
     registered_model: str = "vitpose-student"
     alias: str = "champion"
 

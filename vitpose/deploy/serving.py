@@ -271,16 +271,32 @@ def log_vitpose_model(
 
 
 def register_checkpoint(tracking_uri: str, run_id: str, checkpoint: Any, registered_name: str, alias: str,
-                        lineage: dict[str, Any] | None = None) -> str | None:
+                        lineage: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
+                        description: str | None = None) -> str | None:
     """Log the weights of a training checkpoint (a Ray ``Checkpoint``) as the run's model, register it and
-    point ``alias`` at the new version. ``lineage`` (teacher, trial parameters, ...) is kept in the meta."""
+    point ``alias`` at the new version. ``lineage`` (teacher, trial parameters, ...) is kept in the meta;
+    ``tags`` and ``description`` go on the version, beside the run, keypoint set and input size, so the
+    registry tells what a model is without opening its run."""
     from vitpose.train.run_folder import MODEL_FILE, verify_checkpoint
 
     with checkpoint.as_directory() as folder:
         meta = verify_checkpoint(Path(folder))
         model_meta = {"spec": meta["spec"], "keypoints": meta["keypoints"], "source_checkpoint": checkpoint.path,
                       **(lineage or {})}
-        return log_vitpose_model(tracking_uri, run_id, Path(folder) / MODEL_FILE, model_meta, registered_name, alias)
+        version = log_vitpose_model(tracking_uri, run_id, Path(folder) / MODEL_FILE, model_meta, registered_name,
+                                    alias)
+    if version is not None:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri)
+        spec = meta["spec"]
+        described = {"run": run_id, "keypoint set": str((meta.get("keypoints") or {}).get("set", "?")),
+                     "input size": "x".join(str(v) for v in spec.get("img_size", [])), **(tags or {})}
+        for key, value in described.items():
+            client.set_model_version_tag(registered_name, version, key, str(value))
+        if description:
+            client.update_model_version(registered_name, version, description=description)
+    return version
 
 
 def _check_weights(weights: Path, spec: dict[str, Any]) -> None:

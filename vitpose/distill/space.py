@@ -11,6 +11,7 @@ from typing import Any
 
 from vitpose.config import ConfigError, StudentConfig
 from vitpose.distill.bank import view_stream
+from vitpose.distill.stats import SEED_KEY
 from vitpose.distill.tokens import TokenSetting
 
 # Arm -> (tokens: None | "teacher" | "random", output distillation on). random_token is the control of token:
@@ -22,11 +23,24 @@ ARMS = list(PARTS)
 PARTS_KEY = "distill.parts"
 
 
+def searched(cfg: StudentConfig) -> dict[str, dict[str, list[Any]]]:
+    """``tune.search_space`` with the seeds of ``tune.seeds`` as a grid of ``train.seed`` (every setting runs
+    with the same seeds: train.seed, train.seed + 1, ...)."""
+    space = dict(cfg.tune.search_space)
+    if cfg.tune.seeds > 1:
+        if SEED_KEY in space:
+            raise ConfigError(f"tune.seeds={cfg.tune.seeds} and tune.search_space.{SEED_KEY} both choose seeds; "
+                              f"keep one (tune.seeds runs every setting with the same {cfg.tune.seeds} seeds)")
+        space[SEED_KEY] = {"grid": [cfg.train.seed + i for i in range(cfg.tune.seeds)]}
+    return space
+
+
 def search_space(cfg: StudentConfig) -> dict[str, Any]:
-    """Tune's param_space from ``tune.search_space`` ({"grid"|"choice"|"uniform"|"loguniform": [...]})."""
+    """Tune's param_space from ``tune.search_space`` ({"grid"|"choice"|"uniform"|"loguniform": [...]}) and
+    ``tune.seeds``."""
     from ray import tune
 
-    space = cfg.tune.search_space
+    space = searched(cfg)
     if not space:
         raise ConfigError("tune.search_space is empty: give at least one key, e.g. "
                           "{distill.parts: {grid: [none, token, random_token, output, both]}}")
@@ -95,7 +109,7 @@ def trial_preparations(cfg: StudentConfig) -> list[StudentConfig]:
     """One trial config per distinct ``preparation`` the sweep can ask for (tokens and banks are made once,
     before the trials). A searched key that changes them must be grid or choice: a sampled value would ask
     for tokens or a bank nobody made, so it is refused here with the key's name."""
-    space = cfg.tune.search_space
+    space = searched(cfg)
     arms = list(arm_configs(cfg).values())
     enumerated: dict[str, list[Any]] = {}
     for key, spec in space.items():

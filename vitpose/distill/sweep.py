@@ -25,6 +25,7 @@ from vitpose.build import build_datasets, ensure_data
 from vitpose.config import ConfigError, StudentConfig, resolve_path, to_dict
 from vitpose.distill.bank import ViewBank, bank_key, data_identity
 from vitpose.distill.space import preparation, search_space, trial_preparations
+from vitpose.distill.stats import SEED_KEY, Setting, find_setting, group_by_setting, paired, verdict
 from vitpose.distill.teacher import check_same_keypoints, load_teacher
 from vitpose.distill.tokens import ensure_knowledge_tokens
 from vitpose.distill.trial import SweepContext, run_trial
@@ -173,7 +174,8 @@ def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: S
     """Results table and plot on the sweep run; the champion registered with the alias.
 
     A trial's number is its metric after its last epoch (choosing each trial's best epoch on the validation
-    set would select on the data it is measured on); the champion is the trial with the best such number.
+    set would select on the data it is measured on); the champion is the trial with the best such number
+    among those that trained every epoch (see ``champion``).
     """
     from vitpose.deploy.serving import register_checkpoint
 
@@ -182,7 +184,9 @@ def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: S
     table = results.get_dataframe()  # each trial's last report
     keep = [c for c in table.columns if c.startswith("config/")] + [c for c in (metric, "val/AR", "epoch", "trial_id")
                                                                      if c in table.columns]
-    table = table[keep].sort_values(metric, ascending=False)
+    table = table[keep]
+    table.insert(len(table.columns), "finished", table["epoch"].astype(int) == cfg.train.epochs)
+    table = table.sort_values(["finished", metric], ascending=False)
     with sweep_dir.as_local_dir(contents=False) as out:  # object storage: written here, then uploaded
         table_path = out / "results.csv"
         table.to_csv(table_path, index=False)
@@ -193,23 +197,75 @@ def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: S
             sweep_dir.upload(out)
     for _, row in table.iterrows():
         settings = ", ".join(f"{c.removeprefix('config/')}={row[c]}" for c in table.columns if c.startswith("config/"))
-        console.say(f"  trial {row.get('trial_id', '?')}: {metric} {row[metric]:.4f} after epoch "
-                    f"{int(row.get('epoch', 0))}, its last ({settings})")
+        last = f"after epoch {int(row['epoch'])}, its last" if row["finished"] else \
+            f"when ASHA stopped it at epoch {int(row['epoch'])} of {cfg.train.epochs}: not compared"
+        console.say(f"  trial {row.get('trial_id', '?')}: {metric} {row[metric]:.4f} {last} ({settings})")
 
-    best = results.get_best_result(metric=metric, mode="max", scope="last")
+    finished = finished_trials(results, metric, cfg.train.epochs)
+    settings = group_by_setting([(r.config, r.metrics[metric]) for r in finished])
+    answer = verdict(settings, cfg.tune.baseline)
+    top: Setting = answer["champion"]
+    mean, low, high = top.stats
+    best = max((r for r in finished if {k: v for k, v in r.config.items() if k != SEED_KEY} == top.params),
+               key=lambda r: r.metrics[metric])  # the champion setting's best seed is the model handed over
+    log_settings(answer["ranked"], cfg, uri, parent)
     ckpt, metrics = checkpoint_of(best, metric, "last")
+    tags = {"setting": top.label, "seeds": str(len(top.by_seed)), f"{metric} mean": f"{mean:.4f}",
+            f"{metric} 95% interval": f"[{low:.4f}, {high:.4f}]", f"{metric} of this seed": f"{metrics[metric]:.4f}",
+            "teacher": context.teacher_id, "precision": cfg.train.precision}
     version = register_checkpoint(uri, parent, ckpt, cfg.tune.registered_model, cfg.tune.alias,
                                   lineage={"teacher": context.teacher_id, "trial_params": best.config,
-                                           "epoch": metrics["epoch"]})
-    tracking.log_metrics(uri, parent, {f"champion/{metric}": metrics[metric]})
+                                           "epoch": metrics["epoch"]}, tags=tags,
+                                  description=f"student distilled from {context.teacher_id}: {answer['line']}")
+    tracking.log_metrics(uri, parent, {f"champion/{metric}": metrics[metric], f"champion/{metric}_mean": mean,
+                                       **({f"champion/{metric}_ci_low": low, f"champion/{metric}_ci_high": high}
+                                          if len(top.by_seed) > 1 else {})})
+    leads = {f"lead {i + 1}": line for i, line in enumerate(answer["leads"])}
     return {
         "trials": f"{len(results)} ({results.num_errors} failed)",
-        "champion val AP": f"{metrics[metric]:.4f} (last epoch) with {best.config}",
+        "champion": answer["line"],
+        **leads,
+        "registered": f"its best seed, val AP {metrics[metric]:.4f} (last epoch) with {best.config}",
         "registered model": f"models:/{cfg.tune.registered_model}@{cfg.tune.alias} (version {version})",
         "results table": str(sweep_dir / "results.csv"),
         "MLflow sweep run": parent,
         "look at it": tracking.ui_link(uri, parent),
     }
+
+
+def finished_trials(results: Any, metric: str, epochs: int) -> list[Any]:
+    """The trials that trained all ``epochs``: a trial ASHA stopped early reported its number at an earlier
+    epoch, which is not comparable with a finished trial's, so it never competes."""
+    finished = [r for r in results if r.error is None and r.metrics and metric in r.metrics
+                and int(r.metrics.get("epoch", 0)) == epochs]
+    if not finished:
+        raise RuntimeError(f"no trial trained all {epochs} epochs; nothing to register (see the trials' errors)")
+    return finished
+
+
+def champion(results: Any, metric: str, epochs: int) -> Any:
+    """The finished trial with the best ``metric``."""
+    return max(finished_trials(results, metric, epochs), key=lambda r: r.metrics[metric])
+
+
+def log_settings(ranked: list[Setting], cfg: StudentConfig, uri: str, parent: str) -> None:
+    """settings.csv on the sweep run: per setting its seeds' values, mean and 95% interval, and the paired
+    difference to the baseline setting (``tune.baseline``)."""
+    import csv
+    import tempfile
+
+    base = find_setting(ranked, cfg.tune.baseline)
+    with tempfile.TemporaryDirectory(prefix="vp-settings-") as tmp:
+        path = Path(tmp) / "settings.csv"
+        with path.open("w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["setting", "seeds", "per_seed", "mean", "ci_low", "ci_high", "minus_baseline",
+                          "minus_baseline_low", "minus_baseline_high"])
+            for s in ranked:
+                diff = paired(s, base)[:3] if base is not None else ("", "", "")
+                out.writerow([s.label, len(s.by_seed), " ".join(f"{k}:{v:.4f}" for k, v in sorted(s.by_seed.items())),
+                              *s.stats, *diff])
+        tracking.log_artifact(uri, parent, path)
 
 
 def trial_curves(results: Any, metric: str) -> dict[str, list[tuple[int, float]]]:

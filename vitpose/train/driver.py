@@ -124,8 +124,12 @@ def finish(cfg: TeacherConfig, result: Any, tracking_uri: str, run_id: str) -> d
     from vitpose.visualize import plot_curves
 
     best_ckpt, best_metrics = checkpoint_of(result, "val/AP", "best")
-    version = register_checkpoint(tracking_uri, run_id, best_ckpt, cfg.tracking.registered_model,
-                                  cfg.tracking.alias)
+    version = register_checkpoint(
+        tracking_uri, run_id, best_ckpt, cfg.tracking.registered_model, cfg.tracking.alias,
+        tags={"val/AP": f"{best_metrics['val/AP']:.4f}", "epoch": str(best_metrics["epoch"]),
+              "precision": cfg.train.precision, "preset": cfg.model.preset},
+        description=f"{cfg.model.preset} teacher, best val AP {best_metrics['val/AP']:.4f} at epoch "
+                    f"{best_metrics['epoch']} of {cfg.train.epochs} (pipelines/teacher.py, run {run_id})")
     latest = result.checkpoint or best_ckpt  # its meta only: on object storage nothing else is fetched
     latest_meta = json.loads((Storage.from_filesystem(latest.filesystem, latest.path) / META_FILE).read_text())
     with tempfile.TemporaryDirectory(prefix="vp-curves-") as tmp:
