@@ -211,7 +211,7 @@ def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: S
     log_settings(answer["ranked"], cfg, uri, parent)
     ckpt, metrics = checkpoint_of(best, metric, "last")
     tags = {"setting": top.label, "seeds": str(len(top.by_seed)), f"{metric} mean": f"{mean:.4f}",
-            f"{metric} 95% interval": f"[{low:.4f}, {high:.4f}]", f"{metric} of this seed": f"{metrics[metric]:.4f}",
+            f"{metric} interval": f"[{low:.4f}, {high:.4f}] (95%, t)", f"{metric} this seed": f"{metrics[metric]:.4f}",
             "teacher": context.teacher_id, "precision": cfg.train.precision}
     version = register_checkpoint(uri, parent, ckpt, cfg.tune.registered_model, cfg.tune.alias,
                                   lineage={"teacher": context.teacher_id, "trial_params": best.config,
