@@ -2,7 +2,7 @@
 x N seeds at the demo's short budget and at a converged budget, paired differences with 95% intervals and the
 share of the teacher-student gap each arm closes.
 
-    python -m benchmarks.distill_ablation [--budgets short converged] [--seeds 0 1 2 3 4] [--skip-online]
+    python -m benchmarks.distill_ablation [--budgets short converged] [--seeds 5] [--first-seed 0] [--skip-online]
                                           [--teacher models:/vitpose-teacher@plateau] [--set KEY=VALUE ...]
 
 Distillation can only show transfer when the teacher knows more than the student learns alone, so:
@@ -13,9 +13,10 @@ Distillation can only show transfer when the teacher knows more than the student
    evaluations differ by less than ``PLATEAU_TOL``.
 1. Per budget (``converged``: ``configs/distill/synthetic_plateau.yaml``, a ``vitpose_femto`` student for 40
    epochs; ``short``: the same with the demo's 6 epochs), one sweep (``pipelines/distill.py``: Ray Tune, DeepSpeed engine,
-   MLflow; FIFO, so every trial runs its whole budget) of arms none / token / random_token / output / both
-   crossed with ``train.seed``; the arms of a seed train on the same view bank's views from the same initial
-   weights and are read after their last epoch. The ``none`` arm's curve (mean over seeds) says how far from
+   MLflow; FIFO, so every trial runs its whole budget) of arms none / token / random_token / output / both, each
+   with the same ``--seeds`` seeds (the sweep's own ``tune.seeds``, baseline ``distill.parts=none``: its summary
+   gives the champion's lead with its interval); the arms of a seed train on the same view bank's views from
+   the same initial weights and are read after their last epoch. The ``none`` arm's curve (mean over seeds) says how far from
    converged the budget is: what its AP gained over the last quarter of the epochs, against its gap to the
    teacher.
 2. Optionally (not ``--skip-online``) arm output again in online mode (fresh seeded augmentation, the teacher
@@ -39,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import interval
+from vitpose.distill.stats import interval
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ["none", "token", "random_token", "output", "both"]
@@ -65,6 +66,9 @@ def sweep(config: str, name: str, sets: list[str], log: Path) -> Path:
     run([sys.executable, "pipelines/distill.py", "--config", config, "--set", f"ray.name={name}",
          "--set", "tune.scheduler=fifo", "--set", "tune.registered_model=vitpose-student-ablation",
          "--set", "tune.alias=ablation", *[x for s in sets for x in ("--set", s)]], log, f"sweep {name}")
+    for line in log.read_text().splitlines():  # the sweep's own verdict: champion, its leads with intervals
+        if line.strip().startswith(("champion:", "lead ")):
+            print(f"  {name}: {line.strip()}", flush=True)
     return sorted((REPO / "runs" / "ray").glob(f"{name}-2*/results.csv"))[-1].parent
 
 
@@ -188,7 +192,8 @@ def num_params(config: str, sets: list[str], schema: type) -> tuple[str, int]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budgets", nargs="+", choices=list(BUDGETS), default=list(BUDGETS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--seeds", type=int, default=5, help="seeds per arm (tune.seeds): --first-seed, +1, ...")
+    p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--arms", nargs="+", choices=ARMS, default=ARMS, help="distill.parts arms (none is always run)")
     p.add_argument("--teacher", default="models:/vitpose-teacher@plateau", help="registered teacher (models:/NAME@ALIAS)")
     p.add_argument("--set", action="append", default=[], help="extra overrides for every sweep")
@@ -198,7 +203,8 @@ def main() -> int:
     os.chdir(REPO)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    seeds = "[" + ", ".join(map(str, a.seeds)) + "]"
+    seeds = list(range(a.first_seed, a.first_seed + a.seeds))
+    per_seed = [f"tune.seeds={a.seeds}", f"train.seed={a.first_seed}", "tune.baseline=distill.parts=none"]
     arms = ["none", *(arm for arm in a.arms if arm != "none")]  # the baseline every arm is paired with
     t0 = time.time()
     teacher = teacher_at_plateau(a.teacher, out.with_suffix(".teacher.log"))
@@ -211,24 +217,24 @@ def main() -> int:
           f"({plateau_word(teacher['last_eval_gain'])}); curve "
           + ", ".join(f"{e}: {ap:.3f}" for e, ap in teacher["curve"]), flush=True)
     common = [f"distill.teacher_uri={a.teacher}", *a.set]
-    result: dict[str, object] = {"teacher": teacher, "seeds": a.seeds, "overrides": a.set, "budgets": {},
+    result: dict[str, object] = {"teacher": teacher, "seeds": seeds, "overrides": a.set, "budgets": {},
                                  "date": time.strftime("%Y-%m-%d"),
                                  "selection": "val/AP after each trial's last epoch (FIFO, equal budgets)"}
     for budget in a.budgets:
         config, sets = CONFIG, [*BUDGETS[budget], *common]
         preset, n = num_params(config, sets, StudentConfig)
         folder = sweep(config, f"ablation-{budget}-bank", [
-            f"tune.search_space={{distill.parts: {{grid: [{', '.join(arms)}]}}, train.seed: {{grid: {seeds}}}}}",
+            f"tune.search_space={{distill.parts: {{grid: [{', '.join(arms)}]}}}}", *per_seed,
             "distill.output.mode=bank", *sets], out.with_suffix(f".{budget}.bank.log"))
         scores, folders = read(folder, {}), [str(folder)]
         if not a.skip_online:
             online = sweep(config, f"ablation-{budget}-online", [
-                f"tune.search_space={{distill.parts: {{grid: [output]}}, train.seed: {{grid: {seeds}}}}}",
+                "tune.search_space={distill.parts: {grid: [output]}}", *per_seed[:2],
                 "distill.output.mode=online", *sets], out.with_suffix(f".{budget}.online.log"))
             scores.update(read(online, {"output": "output (online)"}))
             folders.append(str(online))
         none_curve = arm_curve(folder, "none")
-        r = summarise(scores, a.seeds, teacher["val_AP"])
+        r = summarise(scores, seeds, teacher["val_AP"])
         r.update({"config": config, "student": preset, "student_params": n, "capacity_ratio": teacher["params"] / n,
                   "epochs": none_curve[-1][0] if none_curve else None, "none_curve": none_curve,
                   "none_rise_last_quarter": rise_at_end(none_curve, 0.25), "sweeps": folders,
@@ -240,7 +246,7 @@ def main() -> int:
     result["wall_seconds"] = round(time.time() - t0)
     out.write_text(json.dumps(result, indent=1))
     for budget, r in result["budgets"].items():
-        show(budget, r, a.seeds, teacher["val_AP"])
+        show(budget, r, seeds, teacher["val_AP"])
     print(f"\nwall time {result['wall_seconds']} s; results in {out}")
     return 0
 

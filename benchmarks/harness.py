@@ -30,12 +30,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from vitpose.distill.stats import interval  # noqa: F401 (the sweeps' own t interval, for the benchmarks)
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH_RUNS = REPO / "runs" / "bench"
 PRINT = "-"  # ``--json`` without a path: also print the record as the last line of stdout
 
-# Two-sided 95% quantiles of Student's t by degrees of freedom (no scipy needed for 1-10 seeds).
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 # ------------------------------------------------------------------------------------------ machine
@@ -172,15 +172,6 @@ def interleave(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1, or
 
 
 # --------------------------------------------------------------------------------------- statistics
-def interval(values: list[float]) -> tuple[float, float, float]:
-    """(mean, low, high) of the 95% t interval of the mean."""
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return mean, math.nan, math.nan
-    half = T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
-
-
 def spread(values: Sequence[float]) -> dict[str, float]:
     """Median, min and max of one arm's repetitions."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}

@@ -36,7 +36,7 @@ def test_every_shipped_config_loads():
     assert gpu.ray.use_gpu and gpu.ray.storage_path.startswith("s3://") and gpu.model.preset == "vitpose_l"
     assert load_config(cluster["teacher_gpu_shared_folder.yaml"]).ray.storage_path == "/shared/vitpose/runs"
     sweep = load_config(cluster["distill_gpu_s3.yaml"], schema=StudentConfig)
-    assert sweep.tune.gpus_per_trial == 0.25 and sweep.ray.storage_path.startswith("s3://")
+    assert sweep.tune.gpus_per_worker == 0.25 and sweep.ray.storage_path.startswith("s3://")
 
 
 def test_overrides_are_typed_and_nested():
@@ -91,6 +91,11 @@ def test_override_errors_name_the_override():
         load_config(TINY, ["train.epochs"])
     with pytest.raises(ConfigError, match=r"(?s)--set train.epoch=3.*unknown key"):
         load_config(TINY, ["train.epoch=3"])
+
+
+def test_a_renamed_sweep_key_names_its_new_name():
+    with pytest.raises(ConfigError, match=r"tune\.cpus_per_trial is now tune\.cpus_per_worker.*tune\.workers_per_trial"):
+        load_config("configs/distill/synthetic_tiny.yaml", ["tune.cpus_per_trial=2"], StudentConfig)
 
 
 def test_missing_and_malformed_files(tmp_path):

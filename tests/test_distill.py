@@ -190,7 +190,7 @@ def test_sweep_plot_follows_each_trial_and_marks_stopped_ones(tmp_path):
     import pandas as pd
     from PIL import Image
 
-    from vitpose.distill.sweep import plot_sweep, trial_curves
+    from vitpose.distill.report import plot_sweep, trial_curves
 
     def result(parts: str, aps: list[float]) -> SimpleNamespace:
         frame = pd.DataFrame({"epoch": range(1, len(aps) + 1), "val/AP": aps})
@@ -202,6 +202,13 @@ def test_sweep_plot_follows_each_trial_and_marks_stopped_ones(tmp_path):
     path = plot_sweep(table, "val/AP", tmp_path / "sweep.png", curves, epochs=4)
     with Image.open(path) as im:
         assert im.size[0] > 2 * im.size[1]  # the per-epoch panel beside the per-setting one
+        width = im.size[0]
+    from vitpose.distill.stats import Setting
+
+    seeded = [Setting({"distill.parts": "both"}, {0: 0.4, 1: 0.42}), Setting({"distill.parts": "token"}, {0: 0.15, 1: 0.2})]
+    path = plot_sweep(table, "val/AP", tmp_path / "seeded.png", curves, epochs=4, settings=seeded)
+    with Image.open(path) as im:
+        assert im.size[0] > width * 1.3  # a third panel: each setting's mean and interval over its seeds
 
 
 def test_student_initialisation_follows_train_seed(synthetic_root):

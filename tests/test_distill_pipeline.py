@@ -16,7 +16,14 @@ import mlflow
 import pytest
 
 from tests.conftest import REPO, TEST_IMG
-from tests.faults.procs import Launched, assert_gone_with_the_driver
+from tests.faults.procs import (
+    Launched,
+    assert_gone_with_the_driver,
+    hold_env,
+    hold_rank,
+    kill_owned,
+    read_status,
+)
 from vitpose.train.run_folder import IncompleteCheckpointError, verify_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -125,6 +132,18 @@ def test_plan_prints_each_arm_without_training(registry, synthetic_root, tmp_pat
     assert [plan["arms"][a]["tokens"] for a in ("none", "token", "random_token")] == [None, "teacher", "random"]
     assert plan["teacher"]["embed_dim"] == 96 and plan["arms"]["none"]["trainable_params"] > 0
     assert not list(tmp_path.rglob("checkpoint_*")), "a plan trains nothing"
+    assert [e["setting"]["distill.parts"] for e in plan["settings"]] == list(plan["arms"])
+
+    # What trials will run is what is prepared: a one-value seed grid is seed 3's tokens and bank, not seed 0's.
+    space = "tune.search_space={distill.parts: {grid: [none, token]}, train.seed: {grid: [3]}}"
+    out = run(["pipelines/distill.py", *common(synthetic_root, tmp_path), "--plan", "--json", "--set", space], registry)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    seeded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [(e["setting"], e["seeds"]) for e in seeded["settings"]] == [
+        ({"distill.parts": "none"}, [3]), ({"distill.parts": "token"}, [3])]
+    assert {e["seed"] for e in seeded["preparations"]} == {3}
+    assert {e["token_file"]["seed"] for e in seeded["preparations"] if e["token_file"]} == {3}
+    assert {e["view_bank"]["seed"] for e in seeded["preparations"]} == {3}
 
     missing = {**registry, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}"}
     out = run(["pipelines/distill.py", *common(synthetic_root, tmp_path), "--plan", "--json"], missing)
@@ -186,14 +205,76 @@ def test_a_seeded_sweep_reports_each_setting_over_its_seeds(registry, synthetic_
             "--set", "tune.search_space={tracking.log_images: {grid: [0, 1]}}", "--set", "tune.alias=seeded"]
     out = run(args, registry)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "over 2 seed(s)" in out.stdout and "NOT beyond the interval" in out.stdout
+    assert "(95%, t) over 2 seeds" in out.stdout and "NOT beyond the interval" in out.stdout
     assert "over the runner-up" in out.stdout
     uri = registry["MLFLOW_TRACKING_URI"]
     client = mlflow.MlflowClient(uri)
     version = client.get_model_version_by_alias("vitpose-student", "seeded")
     assert version.tags["seeds"] == "2" and version.tags["keypoint set"] == "coco" and version.description
-    assert {"setting", "val/AP mean", "val/AP interval", "teacher", "run", "input size"} <= set(version.tags)
+    assert {"setting", "val/AP mean", "val/AP interval", "teacher", "run", "input size", "GFLOPs"} <= set(version.tags)
+    assert version.tags["teacher"].startswith("models:/vitpose-teacher/1#")  # the version, not the alias
     seeds = {ast.literal_eval(r.data.tags["sweep_params"])["train.seed"] for r in child_runs(uri, version.run_id)}
     assert seeds == {0, 1}
+    sweep_metrics = client.get_run(version.run_id).data.metrics  # per setting, on the sweep's run
+    for setting in ("tracking.log_images 0", "tracking.log_images 1"):
+        assert {f"setting/{setting}/val_AP_{k}" for k in ("mean", "ci_low", "ci_high")} <= set(sweep_metrics)
+    assert "setting/tracking.log_images 1/val_AP_minus_baseline_ci_low" in sweep_metrics
     table = client.download_artifacts(version.run_id, "settings.csv", str(tmp_path))
     assert len(Path(table).read_text().splitlines()) == 3  # header + two settings
+
+
+def test_trials_of_two_ranks_each_and_a_lost_rank(registry, synthetic_root, tmp_path):
+    """tune.workers_per_trial=2: each trial is a Ray Train run of two ZeRO-2 ranks (gloo) whose ranks train on
+    different shards; SIGKILL of one rank of one trial restarts that trial's ranks from its checkpoint, while
+    the other trial's ranks run on untouched."""
+    status_dir = tmp_path / "status"
+    args = ["pipelines/distill.py", *common(synthetic_root, tmp_path / "ray"), "--set", "train.epochs=3",
+            "--set", "tune.search_space={distill.parts: {grid: [none, output]}}", "--set", "tune.scheduler=fifo",
+            "--set", "tune.workers_per_trial=2", "--set", "tune.cpus_per_worker=0.45",
+            "--set", "deepspeed.zero_stage=2", "--set", "tracking.log_images=0", "--set", "tune.alias=two-ranks"]
+    hold = hold_rank(status_dir, 1, phase="train", epoch=2)  # every trial's rank 1, after epoch 1's checkpoint
+    sweep = Launched(args, {**registry, **hold_env(status_dir)}, tmp_path / "sweep.log")
+    try:
+        # Both trials at the hold at once (2 x 0.45 CPUs each fit); the first loses its rank 1, the other waits.
+        deadline = time.time() + 400
+        while len(trials := sorted(p.parent for p in status_dir.glob("*/rank1.json")
+                                   if (read_status(p.parent, 1) or {}).get("held"))) < 2:
+            assert sweep.proc.poll() is None and time.time() < deadline, sweep.output()[-3000:]
+            time.sleep(0.1)
+        victim, bystander = trials
+        held = read_status(victim, 1)
+        others = {rank: read_status(bystander, rank)["pid"] for rank in (0, 1)}
+        kill_owned(held["pid"], sweep.proc.pid)
+        hold.unlink()
+        assert sweep.wait(timeout=600) == 0, sweep.output()[-3000:]
+    finally:
+        sweep.cleanup()
+    out = sweep.output()
+    assert "registered model: models:/vitpose-student@two-ranks" in out
+
+    for trial in (victim, bystander):
+        ranks = [read_status(trial, rank) for rank in (0, 1)]
+        assert [s["world_size"] for s in ranks] == [2, 2] and [s["phase"] for s in ranks] == ["done", "done"]
+        assert not set(ranks[0]["shard"]) & set(ranks[1]["shard"]), ranks  # each rank its own instances
+    assert read_status(victim, 1)["pid"] != held["pid"]  # a new worker group
+    assert {rank: read_status(bystander, rank)["pid"] for rank in (0, 1)} == others  # never restarted
+
+    def final_meta(trial_id: str) -> dict:
+        (folder,) = (tmp_path / "ray").glob(f"*/*{trial_id}*/train")
+        return max((verify_checkpoint(c) for c in folder.glob("checkpoint_*") if c.is_dir()), key=lambda m: m["epoch"])
+
+    victim_meta, bystander_meta = final_meta(victim.name), final_meta(bystander.name)
+    assert victim_meta["epoch"] == bystander_meta["epoch"] == 2  # 0-based: all three epochs trained
+    assert victim_meta["restored_at_epochs"] == [1]  # went on from epoch 1's checkpoint
+    assert bystander_meta["restored_at_epochs"] == []
+    uri = registry["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_model_version_by_alias("vitpose-student", "two-ranks").run_id
+    for r in child_runs(uri, parent):
+        assert r.data.tags["workers"] == "2" and r.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val/AP")] == [1, 2, 3]
+
+    # Trials of 2 ranks x 1 CPU (+ the trial's own process) cannot be placed on 2 CPUs: refused before any work.
+    too_big = run([*args, "--set", "tune.cpus_per_worker=1"], registry)
+    assert too_big.returncode == 2 and "Traceback" not in too_big.stdout + too_big.stderr
+    assert "tune.workers_per_trial=2 x tune.cpus_per_worker=1" in too_big.stderr, too_big.stderr[-2000:]

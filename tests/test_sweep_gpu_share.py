@@ -1,4 +1,4 @@
-"""tune.gpus_per_trial, on a machine without GPUs: a head that declares one GPU (`ray start --num-gpus=1`)
+"""tune.gpus_per_worker, on a machine without GPUs: a head that declares one GPU (`ray start --num-gpus=1`)
 runs a 2-trial sweep at 0.5 GPU per trial, and each trial's MLflow run records the GPU Ray gave it; a local
 Ray without GPUs refuses the same request before anything starts, naming the key.
 
@@ -34,7 +34,7 @@ def teacher_store(trained_teacher, tmp_path_factory):
 def test_fractional_gpus_reach_the_trials(teacher_store, synthetic_root, tmp_path):
     sweep = ["pipelines/distill.py", *common(synthetic_root, tmp_path), "--set", "train.epochs=1",
              "--set", "tune.search_space={distill.parts: {grid: [none, output]}}", "--set", "tune.scheduler=fifo",
-             "--set", "tune.gpus_per_trial=0.5"]
+             "--set", "tune.gpus_per_worker=0.5"]
     with ray_head(teacher_store, "--num-gpus=1") as head:
         out = run(sweep, {**teacher_store, "RAY_ADDRESS": head.gcs})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -45,4 +45,4 @@ def test_fractional_gpus_reach_the_trials(teacher_store, synthetic_root, tmp_pat
 
     refused = run(sweep, teacher_store)  # a local Ray on this GPU-less machine
     assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
-    assert "tune.gpus_per_trial=0" in refused.stderr and "Traceback" not in refused.stderr + refused.stdout
+    assert "tune.gpus_per_worker=0" in refused.stderr and "Traceback" not in refused.stderr + refused.stdout

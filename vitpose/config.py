@@ -271,9 +271,11 @@ class TuneConfig(Section):
     scheduler: Literal["asha", "fifo"] = Field("asha", description="asha stops weak trials early; fifo runs all")
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1.0)
-    cpus_per_trial: float = Field(1.0, gt=0.0)
-    gpus_per_trial: float = Field(0.0, ge=0.0, description="GPUs per trial; a fraction shares one GPU (0.25: four "
-                                  "small students per GPU)")
+    workers_per_trial: int = Field(1, ge=1, description="ranks of each trial's training run (Ray Train under the "
+                                   "trial, data-parallel, ZeRO stage from deepspeed.*); 1 trains in the trial's process")
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(0.0, ge=0.0, description="GPUs per rank; a fraction shares one GPU (0.25: four "
+                                   "small students per GPU)")
     seeds: int = Field(1, ge=1, description="seeds per setting (train.seed, train.seed + 1, ...): the same seeds "
                        "for every setting, each fixing initial weights, views and data order")
     baseline: str | None = Field(None, description="the setting paired differences are taken against, as "
@@ -282,6 +284,14 @@ class TuneConfig(Section):
     alias: str = "champion"
 
     _alias = field_validator("alias")(_alias_not_reserved)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        for old in {"cpus_per_trial", "gpus_per_trial"} & set(data if isinstance(data, dict) else ()):
+            raise ValueError(f"tune.{old} is now tune.{old[:4]}_per_worker: a trial trains on tune.workers_per_trial "
+                             f"ranks (default 1), each with tune.{old[:4]}_per_worker")
+        return data
 
 
 # A teacher run is a plain training run; the name says which pipeline a config file is for.
@@ -393,7 +403,8 @@ def _explain(err: ValidationError, source: str, schema: type[Section]) -> str:
             hint = f" (did you mean '{'.'.join(loc[:-1] + close)}'?)" if close else ""
             lines.append(f"  {dotted}: unknown key{hint}; allowed keys here: {', '.join(allowed)}")
         else:
-            lines.append(f"  {dotted}: {e['msg']} (got {e.get('input')!r})")
+            got = e.get("input")  # a whole section as the input says nothing the message does not
+            lines.append(f"  {dotted}: {e['msg']}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
     if len(lines) == 1:  # the common case reads as one line: file, key, what is wrong, the fix
         return f"{source}: invalid configuration:{lines[0][1:]}"
     return "\n".join([f"{source}: invalid configuration ({len(lines)} problems):", *lines])

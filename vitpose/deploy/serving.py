@@ -291,12 +291,23 @@ def register_checkpoint(tracking_uri: str, run_id: str, checkpoint: Any, registe
         client = mlflow.MlflowClient(tracking_uri)
         spec = meta["spec"]
         described = {"run": run_id, "keypoint set": str((meta.get("keypoints") or {}).get("set", "?")),
-                     "input size": "x".join(str(v) for v in spec.get("img_size", [])), **(tags or {})}
+                     "input size": "x".join(str(v) for v in spec.get("img_size", [])),
+                     **({"GFLOPs": f"{gflops:.3f}"} if (gflops := model_gflops(spec)) is not None else {}),
+                     **(tags or {})}
         for key, value in described.items():
             client.set_model_version_tag(registered_name, version, key, str(value))
         if description:
             client.update_model_version(registered_name, version, description=description)
     return version
+
+
+def model_gflops(spec: dict[str, Any]) -> float | None:
+    """GFLOPs of one crop through the model (one MAC = one FLOP, the paper's convention), from its spec alone;
+    None for a model that does not count them."""
+    from vitpose.models import build_model_from_spec
+
+    model = build_model_from_spec(spec, device="meta")
+    return model.flops() / 1e9 if hasattr(model, "flops") else None
 
 
 def _check_weights(weights: Path, spec: dict[str, Any]) -> None:

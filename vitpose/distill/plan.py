@@ -8,13 +8,17 @@ only). It reads the registered teacher, so a plan also proves the teacher is the
 
 from __future__ import annotations
 
+import itertools
+import json
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from vitpose.config import ConfigError, StudentConfig
 from vitpose.distill.bank import view_stream
-from vitpose.distill.space import arm_configs, preparation, trial_preparations
+from vitpose.distill.space import arm_configs, preparation, searched, trial_preparations
+from vitpose.distill.stats import SEED_KEY
 from vitpose.distill.student import build_student
 from vitpose.distill.tokens import TokenSetting, random_tokens
 from vitpose.models import match_preset
@@ -52,18 +56,35 @@ def sweep_plan(cfg: StudentConfig, tracking_uri: str) -> dict[str, Any]:
     if student.model.img_size and tuple(student.model.img_size) != tuple(spec.img_size):
         raise ConfigError(f"teacher {cfg.distill.teacher_uri} takes {list(spec.img_size)} crops, model.img_size is "
                           f"{list(student.model.img_size)}; set model.img_size={list(spec.img_size)}")
-    preps = [preparation(c) for c in trial_preparations(cfg)]
+    preps = [(trial.train.seed, *preparation(trial)) for trial in trial_preparations(cfg)]
     return {
         "teacher": {"uri": cfg.distill.teacher_uri, "preset": match_preset(spec), "embed_dim": spec.embed_dim,
                     "depth": spec.depth, "params": sum(p.numel() for p in teacher.parameters()),
                     "img_size": list(spec.img_size), "keypoints": len((meta.get("keypoints") or {}).get("names") or [])
                     or spec.num_keypoints},
         "arms": arms,
-        "prepared_before_trials": {"token_files": len({p[0] for p in preps if p[0]}),
-                                   "view_banks": len({p[1] for p in preps if p[1]})},
+        "prepared_before_trials": {"token_files": len({p[1] for p in preps if p[1]}),
+                                   "view_banks": len({p[2] for p in preps if p[2]})},
+        "preparations": [{"seed": seed, "token_file": asdict(tokens) if tokens else None,
+                          "view_bank": json.loads(bank) if bank else None} for seed, tokens, bank in preps],
+        "settings": settings_plan(cfg),
         "search_space": cfg.tune.search_space,
         "selection": f"each trial's {cfg.tune.metric} after its last epoch",
     }
+
+
+def settings_plan(cfg: StudentConfig) -> list[dict[str, Any]]:
+    """The settings the sweep compares (the grid's points; keys Tune samples are listed as such), each with the
+    seeds it runs with and its number of trials."""
+    space = searched(cfg)
+    seed_spec = space.pop(SEED_KEY, None)
+    seeds = list(seed_spec["grid"]) if seed_spec and "grid" in seed_spec else [cfg.train.seed]
+    if seed_spec and "grid" not in seed_spec:
+        space[SEED_KEY] = seed_spec  # a sampled seed: part of what Tune samples, not a paired seed
+    grid = {k: spec["grid"] for k, spec in space.items() if "grid" in spec}
+    sampled = {k: spec for k, spec in space.items() if "grid" not in spec}
+    return [{"setting": dict(zip(grid, point, strict=True)), "sampled": sampled, "seeds": seeds,
+             "trials": len(seeds) * cfg.tune.num_samples} for point in itertools.product(*grid.values())]
 
 
 def print_plan(plan: dict[str, Any]) -> None:
@@ -76,6 +97,10 @@ def print_plan(plan: dict[str, Any]) -> None:
                     f"(trainable on the way in: {arm['token_trainable_params']})  teacher heatmaps "
                     f"{arm['teacher_outputs'] or '-':<6}  views {views['source']} data {views['data']} "
                     f"seed {views['seed']}")
+    for entry in plan["settings"]:
+        label = ", ".join(f"{k}={v}" for k, v in entry["setting"].items()) or "the base config"
+        sampled = f", sampling {', '.join(entry['sampled'])}" if entry["sampled"] else ""
+        console.say(f"  setting {label}: seeds {entry['seeds']}, {entry['trials']} trial(s){sampled}")
     p = plan["prepared_before_trials"]
-    console.say(f"before the trials: {p['token_files']} token file(s), {p['view_banks']} view bank(s); "
-                f"selection: {plan['selection']}")
+    console.say(f"before the trials: {p['token_files']} token file(s), {p['view_banks']} view bank(s) "
+                f"(seeds {sorted({e['seed'] for e in plan['preparations']})}); selection: {plan['selection']}")

@@ -79,14 +79,20 @@ def lead(champion: Setting, other: Setting, what: str) -> str:
     return f"over {what} ({other.label}): {mean:+.4f} [{low:+.4f}, {high:+.4f}], {beyond}"
 
 
+def spread(setting: Setting) -> str:
+    """The interval of a setting's mean, or that it has none (one seed)."""
+    _, low, high = setting.stats
+    n = len(setting.by_seed)
+    return f"[{low:.4f}, {high:.4f}] (95%, t) over {n} seeds" if n > 1 else "on 1 seed, no interval"
+
+
 def verdict(settings: list[Setting], baseline: str | None) -> dict[str, Any]:
     """The champion (best mean), the runner-up and the baseline, with the summary's significance line."""
     ranked = sorted(settings, key=lambda s: s.stats[0], reverse=True)
     champion = ranked[0]
     mean, low, high = champion.stats
     out: dict[str, Any] = {"champion": champion, "ranked": ranked,
-                           "line": f"{champion.label}: {mean:.4f} [{low:.4f}, {high:.4f}] over "
-                                   f"{len(champion.by_seed)} seed(s)"}
+                           "line": f"{champion.label}: {mean:.4f} {spread(champion)}"}
     leads = []
     if len(ranked) > 1:
         leads.append(lead(champion, ranked[1], "the runner-up"))

@@ -37,7 +37,7 @@ def distill_loss(output_weight: float, teacher: torch.nn.Module | None = None):
         elif teacher is not None:
             images = batch["image"]
             if next(teacher.parameters()).device != images.device:
-                teacher.to(images.device)  # once: the trial's device (a GPU share under tune.gpus_per_trial)
+                teacher.to(images.device)  # once: the trial's device (a GPU share under tune.gpus_per_worker)
             with torch.no_grad():
                 target = teacher(images.float())
         else:

@@ -24,11 +24,12 @@ import torch
 from vitpose.build import build_datasets, ensure_data
 from vitpose.config import ConfigError, StudentConfig, resolve_path, to_dict
 from vitpose.distill.bank import ViewBank, bank_key, data_identity
+from vitpose.distill.report import log_settings, plot_sweep, trial_curves
 from vitpose.distill.space import preparation, search_space, trial_preparations
-from vitpose.distill.stats import SEED_KEY, Setting, find_setting, group_by_setting, paired, verdict
-from vitpose.distill.teacher import check_same_keypoints, load_teacher
+from vitpose.distill.stats import SEED_KEY, Setting, group_by_setting, spread, verdict
+from vitpose.distill.teacher import check_same_keypoints, load_teacher, pinned
 from vitpose.distill.tokens import ensure_knowledge_tokens
-from vitpose.distill.trial import SweepContext, run_trial
+from vitpose.distill.trial import TRIAL_DRIVER_CPUS, SweepContext, run_trial
 from vitpose.run import console, tracking
 from vitpose.run.lifecycle import DriverRun, Request, checkpoint_of, open_run
 from vitpose.run.storage import Storage
@@ -41,10 +42,7 @@ TEACHER_CACHE = "runs/distill/teachers"  # the online teacher's copy when the sw
 
 def run_sweep(cfg: StudentConfig, resume: bool = False) -> int:
     """Prepare, sweep, register and summarise; returns the exit code (1 when every trial failed)."""
-    t = cfg.tune
-    request = Request(1, t.cpus_per_trial, t.gpus_per_trial > 0, t.gpus_per_trial, keys=("one trial", "tune.cpus_per_trial"),
-                      gpu_request=f"tune.gpus_per_trial={t.gpus_per_trial:g}", gpu_fix="set tune.gpus_per_trial=0 for CPU trials")
-    run = open_run(cfg, preflight(cfg), resume, request, check_data=lambda: ensure_data(cfg))
+    run = open_run(cfg, preflight(cfg), resume, trial_request(cfg), check_data=lambda: ensure_data(cfg))
     context = prepare(cfg, run)
     results = run_tune(cfg, context, run.storage, run.name, resume)
     if results.num_errors and results.num_terminated == 0:
@@ -63,13 +61,23 @@ def plan_sweep(cfg: StudentConfig, as_json: bool = False) -> int:
     return 0
 
 
+def trial_request(cfg: StudentConfig) -> Request:
+    """What one trial asks of the cluster: its ranks, and beside them its own process when that is not rank 0."""
+    t = cfg.tune
+    return Request(t.workers_per_trial, t.cpus_per_worker, t.gpus_per_worker > 0, t.gpus_per_worker,
+                   keys=("tune.workers_per_trial", "tune.cpus_per_worker"),
+                   gpu_request=f"tune.gpus_per_worker={t.gpus_per_worker:g}",
+                   gpu_fix="set tune.gpus_per_worker=0 for CPU trials",
+                   extra_cpus=TRIAL_DRIVER_CPUS if t.workers_per_trial > 1 else 0.0)
+
+
 def preflight(cfg: StudentConfig) -> str:
     """Checks that need no Ray and no teacher; returns the tracking URI."""
-    complete_deepspeed_config(cfg, 1)
+    complete_deepspeed_config(cfg, cfg.tune.workers_per_trial)
     search_space(cfg)
     trial_preparations(cfg)  # refuses sampled keys that would change the tokens or the bank
     if cfg.ray.use_gpu:
-        raise ConfigError("ray.use_gpu is for teacher runs; a sweep's trials get GPUs from tune.gpus_per_trial "
+        raise ConfigError("ray.use_gpu is for teacher runs; a sweep's trials get GPUs from tune.gpus_per_worker "
                           "(e.g. 0.25: four students per GPU)")
     if cfg.train.eval_every != 1 and cfg.tune.scheduler == "asha":
         raise ConfigError(f"train.eval_every={cfg.train.eval_every}: ASHA compares trials on val AP every epoch; set "
@@ -92,13 +100,14 @@ def fetch_teacher(cfg: StudentConfig, tracking_uri: str, folder: Path) -> tuple[
 
     from vitpose.models.loading import META, WEIGHTS
 
-    teacher = load_teacher(cfg, tracking_uri)  # a multi-dataset teacher: the student's dataset's
+    uri = pinned(cfg.distill.teacher_uri, tracking_uri)  # the version the alias names now, kept as it is
+    teacher = load_teacher(cfg, tracking_uri, uri)  # a multi-dataset teacher: the student's dataset's
     meta = teacher.meta
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(folder / WEIGHTS))
     (folder / META).write_text(json.dumps(meta, indent=1))
     digest = hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()[:12]
-    return teacher, meta, f"{cfg.distill.teacher_uri}#{digest}"
+    return teacher, meta, f"{uri}#{digest}"
 
 
 def prepare(cfg: StudentConfig, run: DriverRun) -> SweepContext:
@@ -137,21 +146,22 @@ def prepare(cfg: StudentConfig, run: DriverRun) -> SweepContext:
                               f"view_banks/{bank.folder.name}.json")
     return SweepContext(base_config=to_dict(cfg), tracking_uri=tracking_uri, parent_run_id=parent,
                         teacher_dir=str(teacher_folder(sweep_dir)), teacher_id=teacher_id, token_dir=str(token_dir),
-                        bank_dir=str(bank_root) if banks else None)
+                        bank_dir=str(bank_root) if banks else None, trials_uri=sweep_dir.uri)
 
 
 def run_tune(cfg: StudentConfig, context: SweepContext, storage: Storage, name: str, resume: bool) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    resources = {"CPU": cfg.tune.cpus_per_trial, "GPU": cfg.tune.gpus_per_trial}
+    t = cfg.tune
+    one_rank = t.workers_per_trial == 1  # then the trial's process is its rank; else its Train run asks for them
+    resources = {"CPU": t.cpus_per_worker, "GPU": t.gpus_per_worker} if one_rank else {"CPU": TRIAL_DRIVER_CPUS}
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
     path = (storage / name).uri  # Tune keeps its state and the trials' checkpoints there (local or a URI)
     if resume and tune.Tuner.can_restore(path):
         console.say(f"resuming sweep {path}: finished trials are kept, unfinished ones continue")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
         return tuner.fit()
-    t = cfg.tune
     # "epoch", not Tune's own iteration count: a trial restored from a checkpoint Tune had not recorded
     # (see TuneSession.latest_checkpoint) reports epochs its counter has not seen.
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=t.grace_period,
@@ -160,7 +170,7 @@ def run_tune(cfg: StudentConfig, context: SweepContext, storage: Storage, name: 
         trainable,
         param_space=search_space(cfg),
         tune_config=tune.TuneConfig(metric=t.metric, mode="max", scheduler=scheduler, num_samples=t.num_samples,
-                                    max_concurrent_trials=t.max_concurrent_trials),
+                                    max_concurrent_trials=concurrent_trials(cfg)),
         run_config=tune.RunConfig(name=name, storage_path=storage.uri,
                                   # The newest two: a trial's number is its final epoch, never its best on val.
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="epoch",
@@ -168,6 +178,26 @@ def run_tune(cfg: StudentConfig, context: SweepContext, storage: Storage, name: 
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
     return tuner.fit()
+
+
+def concurrent_trials(cfg: StudentConfig) -> int:
+    """``tune.max_concurrent_trials``, or fewer when that many multi-rank trials do not fit the cluster at once: a
+    Train run that cannot place its ranks waits, retrying, while holding its trial's place."""
+    import ray
+
+    t = cfg.tune
+    if t.workers_per_trial == 1:
+        return t.max_concurrent_trials  # Tune places one-rank trials itself
+    total = ray.cluster_resources()
+    fits = [total.get("CPU", 0.0) // (t.workers_per_trial * t.cpus_per_worker + TRIAL_DRIVER_CPUS)]
+    if t.gpus_per_worker > 0:
+        fits.append(total.get("GPU", 0.0) // (t.workers_per_trial * t.gpus_per_worker))
+    fit = max(1, int(min(fits)))
+    if fit < t.max_concurrent_trials and not cfg.ray.autoscaler:
+        console.say(f"tune.max_concurrent_trials={t.max_concurrent_trials}: {fit} trial(s) of "
+                    f"{t.workers_per_trial} ranks fit this cluster at once; running {fit} at a time")
+        return fit
+    return t.max_concurrent_trials
 
 
 def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: Storage) -> dict[str, Any]:
@@ -187,11 +217,14 @@ def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: S
     table = table[keep]
     table.insert(len(table.columns), "finished", table["epoch"].astype(int) == cfg.train.epochs)
     table = table.sort_values(["finished", metric], ascending=False)
+    finished = finished_trials(results, metric, cfg.train.epochs)
+    answer = verdict(group_by_setting([(r.config, r.metrics[metric]) for r in finished]), cfg.tune.baseline)
     with sweep_dir.as_local_dir(contents=False) as out:  # object storage: written here, then uploaded
         table_path = out / "results.csv"
         table.to_csv(table_path, index=False)
         tracking.log_artifact(uri, parent, table_path)
-        plot = plot_sweep(table, metric, out / "sweep.png", trial_curves(results, metric), cfg.train.epochs)
+        plot = plot_sweep(table, metric, out / "sweep.png", trial_curves(results, metric), cfg.train.epochs,
+                          answer["ranked"])
         tracking.log_artifact(uri, parent, plot)
         if not sweep_dir.is_local:
             sweep_dir.upload(out)
@@ -201,17 +234,14 @@ def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: S
             f"when ASHA stopped it at epoch {int(row['epoch'])} of {cfg.train.epochs}: not compared"
         console.say(f"  trial {row.get('trial_id', '?')}: {metric} {row[metric]:.4f} {last} ({settings})")
 
-    finished = finished_trials(results, metric, cfg.train.epochs)
-    settings = group_by_setting([(r.config, r.metrics[metric]) for r in finished])
-    answer = verdict(settings, cfg.tune.baseline)
     top: Setting = answer["champion"]
     mean, low, high = top.stats
     best = max((r for r in finished if {k: v for k, v in r.config.items() if k != SEED_KEY} == top.params),
                key=lambda r: r.metrics[metric])  # the champion setting's best seed is the model handed over
     log_settings(answer["ranked"], cfg, uri, parent)
-    ckpt, metrics = checkpoint_of(best, metric, "last")
+    ckpt, metrics = last_checkpoint(best, metric)
     tags = {"setting": top.label, "seeds": str(len(top.by_seed)), f"{metric} mean": f"{mean:.4f}",
-            f"{metric} interval": f"[{low:.4f}, {high:.4f}] (95%, t)", f"{metric} this seed": f"{metrics[metric]:.4f}",
+            f"{metric} interval": spread(top), f"{metric} this seed": f"{metrics[metric]:.4f}",
             "teacher": context.teacher_id, "precision": cfg.train.precision}
     version = register_checkpoint(uri, parent, ckpt, cfg.tune.registered_model, cfg.tune.alias,
                                   lineage={"teacher": context.teacher_id, "trial_params": best.config,
@@ -243,89 +273,23 @@ def finished_trials(results: Any, metric: str, epochs: int) -> list[Any]:
     return finished
 
 
+def last_checkpoint(result: Any, metric: str) -> tuple[Any, dict[str, Any]]:
+    """A finished trial's last checkpoint and the metrics reported with it. A one-rank trial reported it to
+    Tune; a multi-rank trial's Train run kept it and Tune has its path (``checkpoint_path``)."""
+    from ray.train import Checkpoint
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+    if result.best_checkpoints:
+        return checkpoint_of(result, metric, "last")
+    path = (result.metrics or {}).get(CHECKPOINT_PATH_KEY)
+    if not path:
+        raise RuntimeError(f"{result.path} finished without a checkpoint; nothing to register")
+    return Checkpoint(path, filesystem=result.filesystem), result.metrics
+
+
 def champion(results: Any, metric: str, epochs: int) -> Any:
     """The finished trial with the best ``metric``."""
     return max(finished_trials(results, metric, epochs), key=lambda r: r.metrics[metric])
-
-
-def log_settings(ranked: list[Setting], cfg: StudentConfig, uri: str, parent: str) -> None:
-    """settings.csv on the sweep run: per setting its seeds' values, mean and 95% interval, and the paired
-    difference to the baseline setting (``tune.baseline``)."""
-    import csv
-    import tempfile
-
-    base = find_setting(ranked, cfg.tune.baseline)
-    with tempfile.TemporaryDirectory(prefix="vp-settings-") as tmp:
-        path = Path(tmp) / "settings.csv"
-        with path.open("w", newline="") as f:
-            out = csv.writer(f)
-            out.writerow(["setting", "seeds", "per_seed", "mean", "ci_low", "ci_high", "minus_baseline",
-                          "minus_baseline_low", "minus_baseline_high"])
-            for s in ranked:
-                diff = paired(s, base)[:3] if base is not None else ("", "", "")
-                out.writerow([s.label, len(s.by_seed), " ".join(f"{k}:{v:.4f}" for k, v in sorted(s.by_seed.items())),
-                              *s.stats, *diff])
-        tracking.log_artifact(uri, parent, path)
-
-
-def trial_curves(results: Any, metric: str) -> dict[str, list[tuple[int, float]]]:
-    """Per trial, its settings as a label and the (epoch, metric) it reported, in order."""
-    curves = {}
-    for result in results:
-        frame = result.metrics_dataframe
-        if frame is None or metric not in frame or "epoch" not in frame:
-            continue
-        rows = frame[["epoch", metric]].dropna()
-        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted((result.config or {}).items()))
-        curves[label or str((result.metrics or {}).get("trial_id"))] = [(int(e), float(v)) for e, v in rows.values]
-    return curves
-
-
-def plot_sweep(table: Any, metric: str, path: Path, curves: dict[str, list[tuple[int, float]]], epochs: int) -> Path:
-    """Left: each trial's metric against epoch, a trial that the scheduler stopped early ending in an x.
-    Right: the last metric of each trial against each searched setting, stopped trials hollow and labelled
-    with the epoch they stopped at (their number is not comparable with a finished trial's)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = [c for c in table.columns if c.startswith("config/")]
-    panels = 1 + max(len(columns), 1)
-    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False)
-    curve_ax = axes[0][0]
-    for label, points in curves.items():
-        xs, ys = zip(*points, strict=True) if points else ((), ())
-        (line,) = curve_ax.plot(xs, ys, marker="o", markersize=3, label=label)
-        if xs and xs[-1] < epochs:
-            curve_ax.plot(xs[-1], ys[-1], marker="x", markersize=9, color=line.get_color())
-    curve_ax.set_xlabel("epoch")
-    curve_ax.set_ylabel(metric)
-    curve_ax.set_title("x: stopped early by the scheduler", fontsize=9)
-    curve_ax.grid(alpha=0.3)
-    if curves:
-        curve_ax.legend(fontsize=7)
-    stopped = table["epoch"] < epochs  # a trial whose last report is before the last epoch was stopped
-    for ax, col in zip(axes[0][1:], columns, strict=False):
-        values = table[col]
-        numeric = values.map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all()
-        labels = sorted({str(v) for v in values})
-        xs = values if numeric else values.map(str).map({label: i for i, label in enumerate(labels)})
-        ax.scatter(xs[~stopped], table[metric][~stopped], label="finished")
-        ax.scatter(xs[stopped], table[metric][stopped], facecolors="none", edgecolors="tab:red", label="stopped early")
-        for x, y, ep in zip(xs[stopped], table[metric][stopped], table["epoch"][stopped], strict=True):
-            ax.annotate(f"stopped @ epoch {int(ep)}", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        if not numeric:
-            ax.set_xticks(range(len(labels)), labels)
-        ax.set_xlabel(col.removeprefix("config/"))
-        ax.set_ylabel(f"{metric}, last epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def close_trial_runs(results: Any, tracking_uri: str, parent_run_id: str) -> None:

@@ -55,12 +55,31 @@ def teacher_for_student(teacher: torch.nn.Module, keypoints: str, teacher_uri: s
     return narrowed
 
 
-def load_teacher(cfg: Any, tracking_uri: str | None) -> torch.nn.Module:
-    """The teacher of ``cfg.distill.teacher_uri`` (``model.meta`` with it), for the student's keypoint set."""
+def load_teacher(cfg: Any, tracking_uri: str | None, uri: str | None = None) -> torch.nn.Module:
+    """The teacher of ``uri`` (default ``cfg.distill.teacher_uri``; ``model.meta`` with it), for the student's
+    keypoint set."""
     from vitpose.models import create
 
-    uri = cfg.distill.teacher_uri
+    uri = uri or cfg.distill.teacher_uri
     return teacher_for_student(create(uri, tracking_uri=tracking_uri), cfg.data.keypoint_set().name, uri)
+
+
+def pinned(uri: str, tracking_uri: str) -> str:
+    """``models:/NAME@ALIAS`` as the version the alias points at now (``models:/NAME/VERSION``), so a sweep
+    and what it registers name the teacher it used even after the alias moves; other URIs as they are."""
+    import re
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    match = re.fullmatch(r"models:/([^/@]+)@([^/]+)", uri)
+    if match is None:
+        return uri
+    try:
+        version = mlflow.MlflowClient(tracking_uri).get_model_version_by_alias(*match.groups()).version
+    except MlflowException:
+        return uri  # loading it names what is missing, with the fix
+    return f"models:/{match.group(1)}/{version}"
 
 
 def frozen(model: torch.nn.Module) -> torch.nn.Module:

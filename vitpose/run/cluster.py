@@ -144,12 +144,13 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float,
                     autoscaler: bool = False, keys: tuple[str, str] = ("ray.num_workers", "ray.cpus_per_worker"),
-                    gpu_request: str = "ray.use_gpu=true", gpu_fix: str = "set ray.use_gpu=false (CPU training)") -> None:
+                    gpu_request: str = "ray.use_gpu=true", gpu_fix: str = "set ray.use_gpu=false (CPU training)",
+                    extra_cpus: float = 0.0) -> None:
     """Refuse requests the cluster cannot satisfy now, unless it has an autoscaler to add nodes.
 
     ``keys`` name the config keys the worker count and CPUs per worker came from, ``gpu_request`` the setting
     that asked for GPUs and ``gpu_fix`` how to ask for none, so the message says which to change (a teacher
-    run's ``ray.*``, a sweep's ``tune.*``).
+    run's ``ray.*``, a sweep's ``tune.*``); ``extra_cpus`` are needed beside the workers'.
     """
     import ray
 
@@ -162,10 +163,11 @@ def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, gpu
             f"{gpu_request} asks for {gpus_per_worker * num_workers:g} GPUs but the Ray cluster has "
             f"{gpus:g}; {gpu_fix} or connect to a GPU cluster with RAY_ADDRESS"
         )
-    need = cpus_per_worker * num_workers
+    need = cpus_per_worker * num_workers + extra_cpus
     if need > cpus:
+        beside = f" (+{extra_cpus:g} for the trial's own process)" if extra_cpus else ""
         problems.append(
-            f"{count_key}={num_workers} x {cpus_key}={cpus_per_worker:g} needs {need:g} CPUs but the Ray cluster "
+            f"{count_key}={num_workers} x {cpus_key}={cpus_per_worker:g}{beside} needs {need:g} CPUs but the Ray cluster "
             f"has {cpus:g}; lower {count_key} or {cpus_key} (or set ray.autoscaler=true if the cluster adds nodes "
             "on demand)"
         )

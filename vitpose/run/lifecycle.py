@@ -33,6 +33,7 @@ class Request:
     keys: tuple[str, str] = ("ray.num_workers", "ray.cpus_per_worker")
     gpu_request: str = "ray.use_gpu=true"
     gpu_fix: str = "set ray.use_gpu=false (CPU training)"
+    extra_cpus: float = 0.0  # beside the workers' (a multi-rank sweep trial's own process)
 
 
 @dataclass
@@ -84,7 +85,8 @@ def open_run(cfg: Any, tracking_uri: str, resume: bool, request: Request,
         check_data()
     cluster.connect()
     cluster.check_resources(request.workers, request.cpus, request.use_gpu, request.gpus, cfg.ray.autoscaler,
-                            keys=request.keys, gpu_request=request.gpu_request, gpu_fix=request.gpu_fix)
+                            keys=request.keys, gpu_request=request.gpu_request, gpu_fix=request.gpu_fix,
+                            extra_cpus=request.extra_cpus)
     return DriverRun(cfg, tracking_uri, storage, name)
 
 

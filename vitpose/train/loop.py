@@ -12,6 +12,7 @@ and the torch RNG by (seed, epoch, rank), so a restored run does what the uninte
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -194,6 +195,8 @@ class Trainer:
         """One epoch of ``loaders.steps_per_epoch`` steps (at most ``max_steps``: tests and benchmarks)."""
         self.engine.train()
         self.loaders.train_sampler.set_epoch(epoch)
+        if self.status.path is not None:  # which instances this rank trains on, for outside watchers
+            self.status.update(world_size=self.world, shard=shard_head(self.loaders.train_sampler))
         steps = min(self.loaders.steps_per_epoch, max_steps or self.loaders.steps_per_epoch)
         t0 = last_print = time.time()
         batches = iter(self.loaders.train)
@@ -405,6 +408,11 @@ class Trainer:
         ap = f"  val AP {m['val/AP']:.3f} AR {m['val/AR']:.3f}" if "val/AP" in m else ""
         self._say(f"epoch {epoch + 1}/{epochs}  loss {m['train/loss']:.6f}  lr {m['train/lr']:.2e}  "
                   f"{m['train/images_per_sec']:.1f} img/s{ap}  ETA {_fmt_secs(eta)}")
+
+
+def shard_head(sampler: Any, count: int = 8) -> list[str]:
+    """The first ``count`` keys (instances, or batches of several datasets) of this rank's epoch order."""
+    return [str(k) for k in itertools.islice(iter(sampler), count)]
 
 
 def _fmt_secs(s: float) -> str:

@@ -206,7 +206,8 @@ class WorkerStatus:
     rank at a point it names, so a kill lands there every time rather than when a poller happens to catch a
     phase that lasts milliseconds: while ``<dir>/hold-rank<R>.json`` holds ``{"phase": P, "epoch": E}``
     matching an update, the rank writes ``"held": true`` and waits until that file is removed (at most
-    ``"timeout_s"``, default 300 s). Without the switch such a file is never read.
+    ``"timeout_s"``, default 300 s). Without the switch such a file is never read. A sweep trial's ranks keep
+    their files in ``<dir>/<trial id>/`` and also obey holds in ``<dir>``.
     """
 
     def __init__(self, rank: int):
@@ -235,10 +236,14 @@ class WorkerStatus:
         """The hold request matching the current phase and epoch, if a test left one (and enabled holds)."""
         if not self.holds:
             return None
-        file = self.path.with_name(f"hold-{self.path.name}")
-        try:
-            hold = json.loads(file.read_text())
-        except (FileNotFoundError, ValueError):
+        # A sweep trial's ranks write in <dir>/<trial id>/: a hold in <dir> applies to every trial's rank R.
+        for folder in (self.path.parent, self.path.parent.parent):
+            try:
+                hold = json.loads((folder / f"hold-{self.path.name}").read_text())
+                break
+            except (FileNotFoundError, ValueError):
+                continue
+        else:
             return None
         wanted = (hold.get("phase"), hold.get("epoch"))
         return hold if wanted == (self.fields.get("phase"), self.fields.get("epoch")) else None

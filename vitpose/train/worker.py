@@ -9,8 +9,10 @@ that one message instead of Ray's tracebacks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,9 +39,6 @@ class WorkerJob:
     run_dir: str | None = None
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
-
-    def fatal_file(self) -> Storage | None:
-        return Storage.of(self.run_dir) / FATAL_FILE if self.run_dir else None
 
 
 class FatalTrainingError(RuntimeError):
@@ -93,9 +92,6 @@ def train_worker(job: WorkerJob) -> None:
     from vitpose.train.session import RaySession
 
     logging.basicConfig(level=logging.WARNING)
-    fatal = job.fatal_file()
-    if fatal is not None and fatal.is_file():
-        raise RuntimeError(f"not retried: {json.loads(fatal.read_text())['message']}")
     cfg = TrainingConfig.model_validate(job.config)
     session = RaySession(job.run_dir)
     tracker = None
@@ -105,17 +101,28 @@ def train_worker(job: WorkerJob) -> None:
         tracker = WorkerTracker(job.tracking_uri, job.mlflow_run_id, cfg.tracking.outage_patience_s,
                                 outbox_journal(job.run_dir))
     try:
-        Trainer(cfg, session, tracker=tracker).fit()
+        with recording_fatal_errors(job.run_dir, session.rank):
+            Trainer(cfg, session, tracker=tracker).fit()
         if tracker is not None:
             tracker.close()  # every epoch's metrics delivered before the run counts as finished
-    except unretryable_errors() as err:
-        if fatal is not None:
-            fatal.write_text(json.dumps({"rank": session.rank, "type": type(err).__name__,
-                                         "message": one_line(err)}))
-        raise
     finally:
         if tracker is not None:
             tracker.flush_quietly()  # a failed group: what it logged still reaches the run if the server is up
+
+
+@contextlib.contextmanager
+def recording_fatal_errors(run_dir: str | None, rank: int) -> Iterator[None]:
+    """Refuse to start when the run folder records a fatal error; record one raised inside (see the module
+    docstring), then let it propagate."""
+    fatal = Storage.of(run_dir) / FATAL_FILE if run_dir else None
+    if fatal is not None and fatal.is_file():
+        raise RuntimeError(f"not retried: {json.loads(fatal.read_text())['message']}")
+    try:
+        yield
+    except unretryable_errors() as err:
+        if fatal is not None:
+            fatal.write_text(json.dumps({"rank": rank, "type": type(err).__name__, "message": one_line(err)}))
+        raise
 
 
 def outbox_journal(run_dir: str | None) -> Storage | None:
