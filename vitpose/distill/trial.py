@@ -4,7 +4,7 @@ A trial of ``tune.workers_per_trial`` = 1 trains in the Tune trial's own process
 a Ray Train run of that many ranks (Ray's Tune + Train integration: a ``TorchTrainer`` inside the trial, its
 epochs passed to Tune by a ``TuneReportCallback``); Ray Train restarts a lost rank's worker group from the
 trial's last checkpoint and the other trials never notice. Starting a Train controller and worker group costs
-~20 s per trial, which is why one rank does without.
+~30 s per trial on 2 cores (benchmarks/trial_ranks.py), which is why one rank does without.
 
 What a trial needs from the driver's preparation comes in one frozen ``SweepContext``; what Tune sampled
 for it comes as ``params``.
