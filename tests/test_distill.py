@@ -339,3 +339,12 @@ def test_tune_seeds_run_every_setting_with_the_same_seeds(synthetic_root):
     both = tiny_config(synthetic_root, "tune.seeds=2", "tune.search_space={train.seed: {grid: [0, 1]}}", student=True)
     with pytest.raises(ConfigError, match="tune.seeds=2 and tune.search_space.train.seed both choose seeds"):
         searched(both)
+
+
+def test_multi_rank_trials_under_asha_are_refused(synthetic_root):
+    from vitpose.config import ConfigError
+    from vitpose.distill.sweep import preflight
+
+    cfg = tiny_config(synthetic_root, "tune.workers_per_trial=2", "tune.scheduler=asha", student=True)
+    with pytest.raises(ConfigError, match="tune.workers_per_trial=2 with tune.scheduler=asha.*tune.scheduler=fifo"):
+        preflight(cfg)

@@ -82,6 +82,10 @@ def preflight(cfg: StudentConfig) -> str:
     if cfg.train.eval_every != 1 and cfg.tune.scheduler == "asha":
         raise ConfigError(f"train.eval_every={cfg.train.eval_every}: ASHA compares trials on val AP every epoch; set "
                           "train.eval_every=1, or tune.scheduler=fifo (every trial runs its whole budget)")
+    if cfg.tune.workers_per_trial > 1 and cfg.tune.scheduler == "asha":
+        # Seen with Ray 2.60: a trial ASHA stops keeps its Train run's ranks placed, and later trials wait forever.
+        raise ConfigError(f"tune.workers_per_trial={cfg.tune.workers_per_trial} with tune.scheduler=asha: a trial "
+                          "that ASHA stops does not release its Ray Train ranks yet; set tune.scheduler=fifo")
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     tracking.check_tracking_uri(uri)
     return uri
