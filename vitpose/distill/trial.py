@@ -12,6 +12,7 @@ for it comes as ``params``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -92,7 +93,7 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
         train_student(job, TuneSession(cfg.tune.metric))
         return
     trial_folder = f"{context.trials_uri.rstrip('/')}/{Path(trial.get_trial_dir()).name}"
-    fit_on_workers(cfg, StudentJob(**{**job.__dict__, "run_dir": f"{trial_folder}/{TRAIN_FOLDER}"}), trial_folder)
+    fit_on_workers(cfg, dataclasses.replace(job, run_dir=f"{trial_folder}/{TRAIN_FOLDER}"), trial_folder)
 
 
 def fit_on_workers(cfg: StudentConfig, job: StudentJob, trial_folder: str) -> None:
@@ -101,13 +102,10 @@ def fit_on_workers(cfg: StudentConfig, job: StudentJob, trial_folder: str) -> No
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from vitpose.run import cluster, console
-    from vitpose.run.storage import Storage, credentials_env
-    from vitpose.train.worker import stop_on_fatal_error
+    from vitpose.run.storage import Storage
+    from vitpose.train.worker import stop_on_fatal_error, worker_env
 
     t = cfg.tune
-    env = {**cluster.WORKER_ENV, **console.worker_env(), **credentials_env(),
-           **{k: os.environ[k] for k in (STATUS_DIR_ENV,) if k in os.environ}}
     trainer = TorchTrainer(
         functools.partial(student_worker, job),
         scaling_config=ScalingConfig(num_workers=t.workers_per_trial, use_gpu=t.gpus_per_worker > 0,
@@ -119,7 +117,7 @@ def fit_on_workers(cfg: StudentConfig, job: StudentJob, trial_folder: str) -> No
             # The newest two: a trial's number is its final epoch, never its best on val.
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="epoch",
                                                checkpoint_score_order="max"),
-            worker_runtime_env={"env_vars": env},
+            worker_runtime_env={"env_vars": worker_env()},
             callbacks=[epochs_to_tune(t.metric), stop_on_fatal_error(Storage.parse(job.run_dir))],
         ),
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,17 @@ from vitpose.build import build_datasets, ensure_data
 from vitpose.config import ConfigError, TeacherConfig, one_line, to_dict
 from vitpose.run import cluster, console, tracking
 from vitpose.run.lifecycle import Request, checkpoint_of, open_run
-from vitpose.run.storage import Storage, credentials_env
+from vitpose.run.storage import Storage
 from vitpose.train.deepspeed_config import complete_deepspeed_config
 from vitpose.train.run_folder import META_FILE
-from vitpose.train.session import STATUS_DIR_ENV
-from vitpose.train.worker import WorkerJob, clear_fatal, read_fatal, stop_on_fatal_error, train_worker
+from vitpose.train.worker import (
+    WorkerJob,
+    clear_fatal,
+    read_fatal,
+    stop_on_fatal_error,
+    train_worker,
+    worker_env,
+)
 
 
 def train_teacher(cfg: TeacherConfig, resume: bool = False) -> int:
@@ -99,8 +104,6 @@ def fit(cfg: TeacherConfig, job: WorkerJob, name: str, storage: Storage) -> Any:
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
-    env = {**cluster.WORKER_ENV, **console.worker_env(), **credentials_env(),
-           **{k: os.environ[k] for k in (STATUS_DIR_ENV,) if k in os.environ}}
     trainer = TorchTrainer(
         functools.partial(train_worker, job),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
@@ -111,7 +114,7 @@ def fit(cfg: TeacherConfig, job: WorkerJob, name: str, storage: Storage) -> Any:
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep,
                                                checkpoint_score_attribute="val/AP", checkpoint_score_order="max"),
-            worker_runtime_env={"env_vars": env},
+            worker_runtime_env={"env_vars": worker_env()},
             callbacks=[stop_on_fatal_error(Storage.parse(job.run_dir))] if job.run_dir else None,
         ),
     )

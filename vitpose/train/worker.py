@@ -125,6 +125,19 @@ def recording_fatal_errors(run_dir: str | None, rank: int) -> Iterator[None]:
         raise
 
 
+def worker_env() -> dict[str, str]:
+    """The environment of a Train run's workers: allocator and console settings, where storage and tracking are
+    (never credentials), and the worker status folder when one is set."""
+    import os
+
+    from vitpose.run import cluster, console
+    from vitpose.run.storage import credentials_env
+    from vitpose.train.session import STATUS_DIR_ENV
+
+    return {**cluster.WORKER_ENV, **console.worker_env(), **credentials_env(),
+            **{k: os.environ[k] for k in (STATUS_DIR_ENV,) if k in os.environ}}
+
+
 def outbox_journal(run_dir: str | None) -> Storage | None:
     """Where rank 0 keeps what the tracking server has not taken yet (``vitpose.run.outbox``): the run folder, local
     or object storage, which the next worker group of the run (a restart, a ``--resume``) reads."""
