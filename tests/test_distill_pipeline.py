@@ -278,3 +278,26 @@ def test_trials_of_two_ranks_each_and_a_lost_rank(registry, synthetic_root, tmp_
     too_big = run([*args, "--set", "tune.cpus_per_worker=1"], registry)
     assert too_big.returncode == 2 and "Traceback" not in too_big.stdout + too_big.stderr
     assert "tune.workers_per_trial=2 x tune.cpus_per_worker=1" in too_big.stderr, too_big.stderr[-2000:]
+
+
+def test_ranks_of_a_trial_asha_stops_go_to_the_next_trial(registry, synthetic_root, tmp_path):
+    """ASHA stops every trial inside its last report (max_t = 1 epoch), killing the trial and its Train controller.
+    Two trials of 2 ranks fit at once and the third fits only once a stopped trial's ranks are released, which
+    Ray Train's placement-group cleaner does when the state API tells it the controller is gone."""
+    args = ["pipelines/distill.py", *common(synthetic_root, tmp_path / "ray"), "--set", "train.epochs=1",
+            "--set", "tune.search_space={distill.parts: {grid: [none, output, token]}}", "--set", "tune.scheduler=asha",
+            "--set", "tune.grace_period=1", "--set", "tune.workers_per_trial=2", "--set", "tune.cpus_per_worker=0.45",
+            "--set", "deepspeed.zero_stage=2", "--set", "tracking.log_images=0", "--set", "tune.alias=asha-ranks"]
+    sweep = Launched(args, registry, tmp_path / "sweep.log")
+    try:
+        assert sweep.wait(timeout=420) == 0, sweep.output()[-3000:]
+    finally:
+        sweep.cleanup()
+    uri = registry["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_model_version_by_alias("vitpose-student", "asha-ranks").run_id
+    trials = child_runs(uri, parent)
+    assert sorted(ast.literal_eval(r.data.tags["sweep_params"])["distill.parts"] for r in trials) == ["none", "output", "token"]
+    for r in trials:
+        assert r.data.tags["workers"] == "2" and r.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val/AP")] == [1]

@@ -31,6 +31,7 @@ from vitpose.distill.teacher import check_same_keypoints, load_teacher, pinned
 from vitpose.distill.tokens import ensure_knowledge_tokens
 from vitpose.distill.trial import TRIAL_DRIVER_CPUS, SweepContext, run_trial
 from vitpose.run import console, tracking
+from vitpose.run.cluster import check_state_api
 from vitpose.run.lifecycle import DriverRun, Request, checkpoint_of, open_run
 from vitpose.run.storage import Storage
 from vitpose.train.deepspeed_config import complete_deepspeed_config
@@ -43,6 +44,10 @@ TEACHER_CACHE = "runs/distill/teachers"  # the online teacher's copy when the sw
 def run_sweep(cfg: StudentConfig, resume: bool = False) -> int:
     """Prepare, sweep, register and summarise; returns the exit code (1 when every trial failed)."""
     run = open_run(cfg, preflight(cfg), resume, trial_request(cfg), check_data=lambda: ensure_data(cfg))
+    if cfg.tune.workers_per_trial > 1 and cfg.tune.scheduler == "asha":
+        # A trial ASHA stops dies with its Train controller; only the cleaner frees its ranks for the next trial.
+        check_state_api(f"tune.workers_per_trial={cfg.tune.workers_per_trial} with tune.scheduler=asha "
+                        "(to free the ranks of a stopped trial; or set tune.scheduler=fifo)")
     context = prepare(cfg, run)
     results = run_tune(cfg, context, run.storage, run.name, resume)
     if results.num_errors and results.num_terminated == 0:
@@ -82,10 +87,6 @@ def preflight(cfg: StudentConfig) -> str:
     if cfg.train.eval_every != 1 and cfg.tune.scheduler == "asha":
         raise ConfigError(f"train.eval_every={cfg.train.eval_every}: ASHA compares trials on val AP every epoch; set "
                           "train.eval_every=1, or tune.scheduler=fifo (every trial runs its whole budget)")
-    if cfg.tune.workers_per_trial > 1 and cfg.tune.scheduler == "asha":
-        # Seen with Ray 2.60: a trial ASHA stops keeps its Train run's ranks placed, and later trials wait forever.
-        raise ConfigError(f"tune.workers_per_trial={cfg.tune.workers_per_trial} with tune.scheduler=asha: a trial "
-                          "that ASHA stops does not release its Ray Train ranks yet; set tune.scheduler=fifo")
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     tracking.check_tracking_uri(uri)
     return uri

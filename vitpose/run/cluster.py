@@ -57,8 +57,10 @@ def connect(num_cpus: int | None = None) -> dict[str, Any]:
         # "local": a private Ray, never one that a `ray start` left running on this machine (ray.init()
         # without an address joins that one, with someone else's workers and resources).
         _loopback_only(True)
-        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False,
-                 log_to_driver=True)
+        # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner asks whether a Train
+        # controller still lives: without it the ranks of a sweep trial that Tune stopped stay placed for good.
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=True)
     return ray.cluster_resources()
 
 
@@ -177,6 +179,18 @@ def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, gpu
         say("warning: " + "; ".join(problems) + " (waiting for the autoscaler, ray.autoscaler=true)")
     elif problems:
         raise ConfigError(problems[0])
+
+
+def check_state_api(needed_by: str) -> None:
+    """Refuse, naming ``needed_by``, a cluster whose state API does not answer (a head started without its
+    dashboard): Ray Train's placement-group cleaner asks it whether a Train controller still lives."""
+    from ray.util.state import list_nodes
+
+    try:
+        list_nodes(limit=1, timeout=10, raise_on_missing_output=False)
+    except Exception as err:  # the state API's client raises several kinds, all meaning "not served"
+        raise ConfigError(f"{needed_by} needs Ray's state API, which this cluster does not serve ({one_line(err)}); "
+                          "start the head with its dashboard (ray start --head --include-dashboard=true)") from None
 
 
 def run_name(storage: Path | Storage, name: str, resume: bool) -> str:
