@@ -41,7 +41,8 @@ def ensure_data(cfg: TrainingConfig) -> None:
     knobs = SynthConfig(clutter=s.clutter, max_figures=s.max_figures, occlusion_prob=s.occlusion_prob,
                         pose_variety=s.pose_variety)
     ensure_synthetic_dataset(cfg.data.root_path(), train_instances=s.train_instances,
-                             val_instances=s.val_instances, seed=s.seed, cfg=knobs)
+                             val_instances=s.val_instances, seed=s.seed, cfg=knobs,
+                             unlabeled_instances=s.unlabeled_instances)
 
 
 def build_datasets(cfg: TrainingConfig, is_local_leader: bool) -> tuple[Any, Any]:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from vitpose.config_sections import (
     CustomKeypointsSection,
     DatasetEntry,
+    DistillConfig,
     MoeSection,
     Section,
     SyntheticDataConfig,
@@ -236,30 +237,6 @@ class TrainingConfig(Section):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
-
-
-class TokenConfig(Section):
-    enabled: bool = True
-    random: bool = Field(False, description="control arm: the tokens at their seeded initialisation, never "
-                         "trained on the teacher (the token's effect is token minus this)")
-    num_tokens: int = Field(1, ge=1)
-    epochs: int = Field(2, ge=1, description="epochs of token learning on the frozen teacher")
-    lr: float = Field(1e-3, gt=0.0)
-
-
-class OutputDistillConfig(Section):
-    enabled: bool = True
-    weight: float = Field(1.0, ge=0.0)
-    mode: Literal["bank", "online"] = Field("bank", description="the training views of EVERY arm: bank = V stored "
-                                            "views per instance with the teacher's heatmaps (GT-only arms ignore "
-                                            "them); online = a fresh seeded draw per epoch, the teacher run per batch")
-    views: int = Field(4, ge=1, description="augmented views per instance stored in the view bank")
-
-
-class DistillConfig(Section):
-    teacher_uri: str = "models:/vitpose-teacher@current"
-    token: TokenConfig = TokenConfig()
-    output: OutputDistillConfig = OutputDistillConfig()
 
 
 class TuneConfig(Section):

@@ -1,5 +1,6 @@
 """Config sections that live beside ``vitpose.config`` (which imports them): the base ``Section``, the data
-sections a multi-dataset run repeats per dataset, and the ViTPose+ mixture-of-experts switch.
+sections a multi-dataset run repeats per dataset, the ViTPose+ mixture-of-experts switch and the distillation
+sections of a student's config.
 
 Multi-dataset runs: ``data.datasets`` lists two or more datasets. Each entry has a ``name`` (the
 metric prefix ``val/<name>/...`` and the head's name in the model spec), a ``ratio`` (its share of every
@@ -16,7 +17,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class Section(BaseModel):
@@ -33,6 +34,8 @@ class SyntheticDataConfig(Section):
     max_figures: int = Field(2, ge=1, le=8)
     occlusion_prob: float = Field(0.15, ge=0.0, le=1.0)
     pose_variety: float = Field(0.5, ge=0.0, le=1.0)
+    unlabeled_instances: int = Field(0, ge=0, description="people in an unlabelled split (images and noisy "
+                                     "person detections, no keypoints) for distill.unlabeled")
     generate: bool = Field(False, description="generate into a data.root folder that does not exist yet (the "
                                               "default root is always generated)")
 
@@ -117,3 +120,56 @@ def resolve_entries(data: Any, data_cls: type) -> list[tuple[str, float, Any]]:
             raise ValueError(f"datasets.{i}.{key} ({e.name}): {first['msg']}") from None
         out.append((e.name, e.ratio / total, section))
     return out
+
+
+class TokenConfig(Section):
+    enabled: bool = True
+    random: bool = Field(False, description="control arm: the tokens at their seeded initialisation, never "
+                         "trained on the teacher (the token's effect is token minus this)")
+    num_tokens: int = Field(1, ge=1)
+    epochs: int = Field(2, ge=1, description="epochs of token learning on the frozen teacher")
+    lr: float = Field(1e-3, gt=0.0)
+
+
+class OutputDistillConfig(Section):
+    enabled: bool = True
+    flip_average: bool = Field(False, description="the bank's teacher heatmaps of labelled crops averaged with "
+                               "those of the mirrored crop, as the flip test does (unlabelled crops always are)")
+    weight: float = Field(1.0, ge=0.0)
+    mode: Literal["bank", "online"] = Field("bank", description="the training views of EVERY arm: bank = V stored "
+                                            "views per instance with the teacher's heatmaps (GT-only arms ignore "
+                                            "them); online = a fresh seeded draw per epoch, the teacher run per batch")
+    views: int = Field(4, ge=1, description="augmented views per instance stored in the view bank")
+
+
+class UnlabeledConfig(Section):
+    """Person crops without keypoints, labelled by the teacher once into the view bank: ``images`` (a folder) and
+    ``boxes`` (person detections in COCO's detection-results format, what a detector writes: a json list of
+    ``{"image_id", "bbox": [x, y, w, h], "score", "category_id"}``, ``image_id`` the number in the image's file
+    name as COCO names its images). Relative paths are taken from ``data.root``."""
+
+    images: str | None = None
+    boxes: str | None = None
+    ratio: float = Field(0.5, gt=0.0, le=1.0, description="share of every epoch's crops drawn from the unlabelled "
+                         "set (1: teacher-labelled crops only); an epoch keeps the labelled set's length")
+    score_thr: float = Field(0.3, ge=0.0, le=1.0, description="detections below this score are not used")
+    category_id: int = Field(1, description="the detections' person category; other categories are not used")
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> UnlabeledConfig:
+        if (self.images is None) != (self.boxes is None):
+            given, missing = ("images", "boxes") if self.images is not None else ("boxes", "images")
+            raise ValueError(f"distill.unlabeled.{given} is set but distill.unlabeled.{missing} is not: give the "
+                             "image folder and its person-detection file together")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.images is not None
+
+
+class DistillConfig(Section):
+    teacher_uri: str = "models:/vitpose-teacher@current"
+    token: TokenConfig = TokenConfig()
+    output: OutputDistillConfig = OutputDistillConfig()
+    unlabeled: UnlabeledConfig = UnlabeledConfig()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vitpose.config import one_line
 from vitpose.data.files import BadSampleError, read_json
 from vitpose.data.keypoints import join_keypoint_fields, note_read_with, read_categories
 from vitpose.data.keypoints import upper_body_ids_from_names as upper_body_ids
@@ -56,18 +57,25 @@ class AnnotationIndex:
 
     def _read_categories(self, data: dict, chosen: KeypointSet | None) -> None:
         kset, self.category_id, self.category_ids = read_categories(data, chosen, self.ann_file)
+        self._use_keypoint_set(kset)
+        note_read_with(self.ann_file, kset)  # so an evaluator built from this path alone scores it with kset
+
+    def _use_keypoint_set(self, kset: KeypointSet) -> None:
         self.keypoint_set = kset
         self.keypoint_names: list[str] = list(kset.names)
         self.num_keypoints = kset.num_keypoints
         self.flip_pairs = [tuple(p) for p in kset.flip_pairs]
         self.upper_body_ids = upper_body_ids(self.keypoint_names)
         self.skeleton = [tuple(link) for link in kset.skeleton]  # 0-based
-        note_read_with(self.ann_file, kset)  # so an evaluator built from this path alone scores it with kset
 
     def _bad(self, reason: str, message: str) -> None:
         if self.on_bad_sample == "error":
             raise BadSampleError(reason, message + self._skip_hint())
         self.bad_sample_counts[reason] += 1
+
+    def _image_list(self) -> str:
+        """Where the image ids that detections name are listed, for messages."""
+        return f"the images of {self.ann_file}"
 
     def _skip_hint(self) -> str:
         """How to go on without such samples, in the form a user types; said only when it would change things."""
@@ -180,21 +188,24 @@ class AnnotationIndex:
         zeros = np.zeros((self.num_keypoints, 3))
         out = []
         for i, det in enumerate(dets):
-            if int(det.get("category_id", self.category_id)) not in self.category_ids:
+            where = f"detection #{i} in {self.det_file}"
+            try:
+                category, score = int(det.get("category_id", self.category_id)), float(det.get("score", 1.0))
+                image_id, box = int(det["image_id"]), [float(v) for v in det["bbox"]]
+                if len(box) != 4:
+                    raise ValueError(f"bbox has {len(box)} numbers, not x, y, w, h")
+            except (AttributeError, KeyError, TypeError, ValueError) as err:
+                self._bad("bad_detection", f"{where}: {one_line(err)}; each detection needs image_id, "
+                          "bbox [x, y, w, h] and score (COCO's detection-results format)")
                 continue
-            score = float(det.get("score", 1.0))
-            if score < score_thr:
+            if category not in self.category_ids or score < score_thr:
                 continue
-            where = f"detection #{i} (image id {det.get('image_id')}) in {self.det_file}"
-            im = images.get(int(det["image_id"]))
+            where = f"detection #{i} (image id {image_id}) in {self.det_file}"
+            im = images.get(image_id)
             if im is None:
-                self._bad(
-                    "unknown_image_id",
-                    f"{where}: image id {det['image_id']} is not in {self.ann_file}; detections must come "
-                    "from the same image set",
-                )
+                self._bad("unknown_image_id", f"{where}: image id {image_id} is not among {self._image_list()}; "
+                          "detections must come from the same image set")
                 continue
-            box = [float(v) for v in det["bbox"]]
             if not self._image_path_ok(im, checked, where) or not self._box_ok(box, im, where):
                 continue
             center, scale = box_to_center_scale(box, self.aspect_ratio, self.padding)
@@ -211,7 +222,7 @@ class AnnotationIndex:
                     keypoints=zeros,
                     bbox_score=score,
                     area=box[2] * box[3],
-                    category_id=int(det.get("category_id", self.category_id)),
+                    category_id=category,
                 )  # fmt: skip
             )
         return out

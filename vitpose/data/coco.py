@@ -128,16 +128,9 @@ class TopDownCocoDataset(AnnotationIndex, torch.utils.data.Dataset):
         self._image_cache_left = int(image_cache_mb * 2**20)
         self._photometric = Photometric(self.aug) if train and self.aug.photometric_prob > 0 else None
 
-        data = load_keypoint_file(self.ann_file)  # publishers' layouts, missing fields derived
-        self._read_categories(data, keypoints)
+        self.instances: list[Instance] = self._index(keypoints, det_score_thr)
         self._joint_weights = (np.asarray(self.keypoint_set.joint_weights, np.float32) if joint_weights
                                else None)
-        images = {int(im["id"]): im for im in data.get("images", [])}
-        if self.det_file is None:
-            instances = self._gt_instances(data, images)
-        else:
-            instances = self._det_instances(images, det_score_thr)
-        self.instances: list[Instance] = instances
         # Bad samples found while indexing; the same in every process that builds this dataset, unlike
         # bad_sample_counts, which also grows as this process meets unreadable images.
         self.index_bad_counts: dict[str, int] = dict(self.bad_sample_counts)
@@ -151,6 +144,15 @@ class TopDownCocoDataset(AnnotationIndex, torch.utils.data.Dataset):
                 + (f" with detections {self.det_file} (score >= {det_score_thr})" if self.det_file else "")
                 + f"; filtered {dict(self.filtered_counts)}, bad {dict(self.bad_sample_counts)}"
             )
+
+    def _index(self, keypoints: KeypointSet | None, det_score_thr: float) -> list[Instance]:
+        """The person instances of ``ann_file`` (boxes from ``det_file`` when given); sets the keypoint set."""
+        data = load_keypoint_file(self.ann_file)  # publishers' layouts, missing fields derived
+        self._read_categories(data, keypoints)
+        images = {int(im["id"]): im for im in data.get("images", [])}
+        if self.det_file is None:
+            return self._gt_instances(data, images)
+        return self._det_instances(images, det_score_thr)
 
     # ----------------------------------------------------------------------------------------- items
     def __len__(self) -> int:

@@ -18,7 +18,11 @@ OKS sigmas apply. The same (seed, config) gives byte-identical json and JPEGs: e
 own ``numpy`` generator keyed by (seed, split, image index).
 
 Layout under ``root``: ``images/{train,val}/*.jpg``, ``annotations/person_keypoints_{train,val}.json``
-and ``synthetic.json`` (the generation parameters, the marker ``ensure_synthetic_dataset`` compares).
+and ``synthetic.json`` (the generation parameters, the marker ``ensure_synthetic_dataset`` compares). With
+``unlabeled_instances`` > 0 also an unlabelled split as a detector would leave it: ``images/unlabeled/*.jpg``
+(files named by image id, as COCO's) and ``annotations/person_detections_unlabeled.json``, COCO
+detection results whose boxes are the people's boxes with a detector's errors (jitter, misses, false boxes);
+no keypoints anywhere.
 
 CLI: ``python -m vitpose.data.synthetic --out DIR --train-instances 2000 --val-instances 400 --seed 0``.
 """
@@ -53,6 +57,10 @@ CATEGORIES = [
     }
 ]
 MARKER = "synthetic.json"
+UNLABELED_IMAGES = "images/unlabeled"
+UNLABELED_BOXES = "annotations/person_detections_unlabeled.json"
+# A detector's errors on the unlabelled split: box jitter (share of the box size), missed people, false boxes.
+DETECTOR_JITTER, DETECTOR_MISS_RATE, DETECTOR_FALSE_RATE = 0.08, 0.05, 0.05
 # ---------------------------------------------------------------------------------------------- files
 def generate_split(
     out_dir: str | os.PathLike, split: str, num_instances: int, seed: int, cfg: SynthConfig
@@ -104,6 +112,36 @@ def generate_split(
     return ann_file
 
 
+def generate_unlabeled_split(out_dir: str | os.PathLike, num_instances: int, seed: int, cfg: SynthConfig) -> Path:
+    """Write the unlabelled split (see the module docstring); returns the detection file's path."""
+    out = Path(out_dir)
+    ann_file = generate_split(out, "unlabeled", num_instances, seed, cfg)
+    data = json.loads(ann_file.read_text())
+    ann_file.unlink()  # the keypoints stay unknown: only what a detector would say is kept
+    rng = np.random.default_rng([seed, 2, 0])
+    size = cfg.image_size
+    detections = []
+    for ann in data["annotations"]:
+        if ann["num_keypoints"] == 0 or rng.random() < DETECTOR_MISS_RATE:
+            continue
+        x, y, w, h = ann["bbox"]
+        dx, dy = rng.normal(0, DETECTOR_JITTER, 2) * (w, h)
+        sw, sh = np.exp(rng.normal(0, DETECTOR_JITTER, 2))
+        box = [x + dx + w * (1 - sw) / 2, y + dy + h * (1 - sh) / 2, w * sw, h * sh]
+        detections.append({"image_id": ann["image_id"], "category_id": 1, "bbox": [round(float(v), 2) for v in box],
+                           "score": round(float(rng.uniform(0.5, 1.0)), 3)})
+    for im in data["images"]:
+        if rng.random() < DETECTOR_FALSE_RATE * 2:  # about one false box per ten people (two per image)
+            w, h = rng.uniform(0.1, 0.4, 2) * size
+            x, y = rng.uniform(0, size - w), rng.uniform(0, size - h)
+            detections.append({"image_id": im["id"], "category_id": 1,
+                               "bbox": [round(float(v), 2) for v in (x, y, w, h)],
+                               "score": round(float(rng.uniform(0.3, 0.7)), 3)})
+    boxes = out / UNLABELED_BOXES
+    boxes.write_text(json.dumps(detections, separators=(",", ":")))
+    return boxes
+
+
 @dataclass(frozen=True)
 class SyntheticPaths:
     root: Path
@@ -130,24 +168,32 @@ def generate_dataset(
     val_instances: int,
     seed: int = 0,
     cfg: SynthConfig | None = None,
+    unlabeled_instances: int = 0,
 ) -> SyntheticPaths:
-    """Write both splits and the parameter marker under ``root`` (which may exist; files are overwritten)."""
+    """Write the splits and the parameter marker under ``root`` (which may exist; files are overwritten)."""
     cfg = cfg or SynthConfig()
     root = Path(root)
     generate_split(root, "train", train_instances, seed, cfg)
     generate_split(root, "val", val_instances, seed, cfg)
-    (root / MARKER).write_text(json.dumps(_params(train_instances, val_instances, seed, cfg), indent=1))
+    if unlabeled_instances:
+        generate_unlabeled_split(root, unlabeled_instances, seed, cfg)
+    params = _params(train_instances, val_instances, seed, cfg, unlabeled_instances)
+    (root / MARKER).write_text(json.dumps(params, indent=1))
     return _paths(root)
 
 
-def _params(train_instances: int, val_instances: int, seed: int, cfg: SynthConfig) -> dict:
-    return {
+def _params(train_instances: int, val_instances: int, seed: int, cfg: SynthConfig, unlabeled_instances: int = 0
+            ) -> dict:
+    params = {
         "generator_version": GENERATOR_VERSION,
         "train_instances": train_instances,
         "val_instances": val_instances,
         "seed": seed,
         "config": asdict(cfg),
     }
+    if unlabeled_instances:  # absent when 0, so folders written before the split existed stay current
+        params["unlabeled_instances"] = unlabeled_instances
+    return params
 
 
 def ensure_synthetic_dataset(
@@ -157,6 +203,7 @@ def ensure_synthetic_dataset(
     val_instances: int = 400,
     seed: int = 0,
     cfg: SynthConfig | None = None,
+    unlabeled_instances: int = 0,
 ) -> SyntheticPaths:
     """Generate the dataset at ``root`` unless it is already there with exactly these parameters.
 
@@ -166,7 +213,7 @@ def ensure_synthetic_dataset(
     """
     cfg = cfg or SynthConfig()
     root = Path(root)
-    wanted = _params(train_instances, val_instances, seed, cfg)
+    wanted = _params(train_instances, val_instances, seed, cfg, unlabeled_instances)
 
     def current() -> dict | None:
         try:
@@ -184,9 +231,8 @@ def ensure_synthetic_dataset(
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
-        generate_dataset(
-            tmp, train_instances=train_instances, val_instances=val_instances, seed=seed, cfg=cfg
-        )
+        generate_dataset(tmp, train_instances=train_instances, val_instances=val_instances, seed=seed, cfg=cfg,
+                         unlabeled_instances=unlabeled_instances)
         if root.exists():
             if current() == wanted:  # someone else finished first
                 return _paths(root)
@@ -208,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--train-instances", type=int, default=2000)
     p.add_argument("--val-instances", type=int, default=400)
+    p.add_argument("--unlabeled-instances", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     d = SynthConfig()
     p.add_argument("--image-size", type=int, default=d.image_size)
@@ -225,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     t0 = time.perf_counter()
     paths = generate_dataset(
-        a.out, train_instances=a.train_instances, val_instances=a.val_instances, seed=a.seed, cfg=cfg
+        a.out, train_instances=a.train_instances, val_instances=a.val_instances, seed=a.seed, cfg=cfg,
+        unlabeled_instances=a.unlabeled_instances,
     )
     print(
         f"wrote {a.train_instances} train + {a.val_instances} val instances to {paths.root} "

@@ -24,10 +24,13 @@ from torch.utils.data import Dataset
 from vitpose.build import model_spec
 from vitpose.config import StudentConfig
 from vitpose.data.coco import BadSampleError
+from vitpose.data.codec import flip_back
 from vitpose.data.transforms import AugParams
 from vitpose.distill.teacher import frozen
 from vitpose.run.console import say as console_say
+from vitpose.train.run_folder import write_atomic
 
+PROGRESS = "progress.json"  # in a bank being built: the build's identity and the views written so far
 # Data settings that change how crops are loaded, never which crops there are.
 LOADING_ONLY = {"loader_workers", "image_cache_mb"}
 
@@ -37,6 +40,7 @@ def data_identity(cfg: StudentConfig) -> str:
     augmentation, synthetic knobs) and the crop and heatmap sizes, not how the crops are loaded."""
     # A single-dataset section digests as it did before data.datasets existed (cached banks stay valid).
     data = cfg.data.model_dump(mode="json", exclude=LOADING_ONLY | (set() if cfg.data.datasets else {"datasets"}))
+    del data["synthetic"]["unlabeled_instances"]  # the unlabelled split changes no labelled crop
     data["root"] = str(cfg.data.root_path())
     spec = model_spec(cfg)
     text = json.dumps({"data": data, "img_size": list(spec.img_size), "heatmap": list(spec.heatmap_size)},
@@ -48,8 +52,11 @@ def view_stream(cfg: StudentConfig) -> dict[str, Any]:
     """What identifies the training views of a student of ``cfg`` (the same for every arm of a comparison):
     bank mode, V stored views per instance; online mode, a fresh seeded draw per (epoch, instance)."""
     o = cfg.distill.output
-    return {"source": o.mode, "data": data_identity(cfg), "seed": cfg.train.seed,
-            "views_per_instance": o.views if o.mode == "bank" else None}
+    stream = {"source": o.mode, "data": data_identity(cfg), "seed": cfg.train.seed,
+              "views_per_instance": o.views if o.mode == "bank" else None}
+    if o.mode == "bank" and o.flip_average:  # only when on: banks made before the option keep their names
+        stream["flip_averaged"] = True
+    return stream
 
 
 def bank_key(teacher_id: str, cfg: StudentConfig) -> str:
@@ -84,63 +91,100 @@ class ViewBank:
     @classmethod
     def build(cls, teacher: torch.nn.Module, dataset: Any, views: int, seed: int, folder: Path,
               teacher_id: str, batch_size: int = 64, say: Callable[[str], None] = console_say,
-              device: torch.device | str = "cpu") -> ViewBank:
+              device: torch.device | str = "cpu", flip_pairs: list[tuple[int, int]] | None = None) -> ViewBank:
+        """The bank of ``dataset`` in ``folder``: reused when it holds these views, else built. With
+        ``flip_pairs`` each view's heatmaps average the teacher's on the crop and, flipped back, on its mirror
+        (the flip test). A build that stops part-way goes on from its last written batch when run again."""
         folder = Path(folder)
+        build = {"teacher": teacher_id, "views": views, "seed": seed, "instances": len(dataset),
+                 "flip_averaged": flip_pairs is not None}
         if (folder / "bank.json").is_file():
             bank = cls(folder)
-            if bank.info.get("teacher") == teacher_id and bank.views == views and bank.info.get("seed") == seed \
-                    and bank.info.get("instances") == len(dataset):
+            if {k: bank.info.get(k, False) for k in build} == build:
                 say(f"view bank reused from {folder}")
                 return bank
         teacher = frozen(teacher).to(device)
         n, k = len(dataset), teacher.spec.num_keypoints
         h, w = teacher.spec.heatmap_size
         tmp = folder.with_name(folder.name + ".building")
-        tmp.mkdir(parents=True, exist_ok=True)
-        heat = np.lib.format.open_memmap(tmp / "heatmaps.npy", mode="w+", dtype=np.float16, shape=(n, views, k, h, w))
+        start = _resume_point(tmp, build)
+        if start == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        else:
+            say(f"view bank: going on from view {start}/{n * views} of the interrupted build in {tmp}")
+        mode = "r+" if start else "w+"
+        heat = np.lib.format.open_memmap(tmp / "heatmaps.npy", mode=mode, dtype=np.float16, shape=(n, views, k, h, w))
+        valid = np.lib.format.open_memmap(tmp / "valid.npy", mode=mode, dtype=bool, shape=(n,))
+        if not start:
+            valid[:] = True
         params = np.zeros((n, views, AugParams.ARRAY_SIZE), dtype=np.float64)
-        valid = np.ones(n, dtype=bool)
-        t0, done = time.time(), 0
+        t0, loaded = time.time(), 0
         pending: list[tuple[int, int, torch.Tensor]] = []
 
-        def flush() -> None:
-            if not pending:
-                return
-            with torch.no_grad():
-                out = teacher(torch.stack([p[2] for p in pending]).to(device)).float().cpu().numpy()
-            for (i, v, _), hm in zip(pending, out, strict=True):
-                heat[i, v] = hm.astype(np.float16)
-            pending.clear()
+        def flush(position: int) -> None:
+            """Label the pending crops, then record that every view before ``position`` is written."""
+            if pending:
+                out = teacher_heatmaps(teacher, torch.stack([p[2] for p in pending]).to(device), flip_pairs)
+                for (i, v, _), hm in zip(pending, out.cpu().numpy(), strict=True):
+                    heat[i, v] = hm.astype(np.float16)
+                pending.clear()
+            heat.flush()
+            valid.flush()
+            write_atomic(tmp / PROGRESS, json.dumps({**build, "done": position}))
 
-        for v in range(views):
-            for i in range(n):
-                p = cls.view_params(dataset, i, v, seed)
-                params[i, v] = p.to_array()
-                try:
-                    item = dataset.load(i, p)
-                except BadSampleError:
-                    if dataset.on_bad_sample == "error":
-                        raise
-                    valid[i] = False
-                    continue
-                pending.append((i, v, item["image"]))
-                if len(pending) == batch_size:
-                    flush()
-                done += 1
-                if done % 1000 == 0:
-                    say(f"  view bank: {done}/{n * views} views ({done / (time.time() - t0):.0f}/s)")
-            flush()
-        heat.flush()
+        for position in range(n * views):
+            v, i = divmod(position, n)
+            p = cls.view_params(dataset, i, v, seed)
+            params[i, v] = p.to_array()
+            if position < start:
+                continue  # labelled before the interruption; its parameters are recomputed, not stored
+            try:
+                item = dataset.load(i, p)
+            except BadSampleError:
+                if dataset.on_bad_sample == "error":
+                    raise
+                valid[i] = False
+                continue
+            pending.append((i, v, item["image"]))
+            loaded += 1
+            if len(pending) == batch_size:
+                flush(position + 1)
+            if loaded % 1000 == 0:
+                say(f"  view bank: {position + 1}/{n * views} views ({loaded / (time.time() - t0):.0f}/s)")
+        flush(n * views)
         np.save(tmp / "params.npy", params)
-        np.save(tmp / "valid.npy", valid)
-        info = {"teacher": teacher_id, "views": views, "seed": seed, "instances": n, "keypoints": k,
-                "heatmap_size": [h, w], "seconds": round(time.time() - t0, 1), "teacher_forwards": done}
+        forwards = (n * views - start) * (2 if flip_pairs is not None else 1)
+        info = {**build, "keypoints": k, "heatmap_size": [h, w], "seconds": round(time.time() - t0, 1),
+                "teacher_forwards": forwards, "invalid_instances": int((~valid).sum())}
         (tmp / "bank.json").write_text(json.dumps(info, indent=1))
+        (tmp / PROGRESS).unlink()
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
         say(f"view bank built: {n} instances x {views} views in {info['seconds']}s -> {folder}")
         return cls(folder)
+
+
+def teacher_heatmaps(teacher: torch.nn.Module, crops: torch.Tensor,
+                     flip_pairs: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """The teacher's heatmaps of ``crops`` (float32); with ``flip_pairs``, averaged with those of the mirrored
+    crops mapped back (the flip test)."""
+    with torch.no_grad():
+        out = teacher(crops).float()
+        if flip_pairs is not None:
+            out = 0.5 * (out + flip_back(teacher(crops.flip(-1)).float(), flip_pairs))
+    return out
+
+
+def _resume_point(tmp: Path, build: dict[str, Any]) -> int:
+    """The first view an interrupted build of ``build`` in ``tmp`` has not written (0: start afresh)."""
+    try:
+        progress = json.loads((tmp / PROGRESS).read_text())
+    except (FileNotFoundError, ValueError):
+        return 0
+    done = progress.pop("done", 0)
+    return int(done) if progress == build and (tmp / "heatmaps.npy").is_file() else 0
 
 
 class BankedViews(Dataset):

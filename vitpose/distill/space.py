@@ -101,8 +101,17 @@ def preparation(cfg: StudentConfig) -> tuple[TokenSetting | None, str | None]:
     ones) and the view bank it trains on (its ``view_stream``, None in online mode)."""
     t = cfg.distill.token
     tokens = TokenSetting.from_config(cfg) if t.enabled and not t.random else None
-    bank = json.dumps(view_stream(cfg), sort_keys=True) if cfg.distill.output.mode == "bank" else None
-    return tokens, bank
+    if cfg.distill.output.mode != "bank":
+        return tokens, None
+    # The unlabelled set's bank, for the arms that learn from it, is made beside the labelled one.
+    unlabeled = {"unlabeled": cfg.distill.unlabeled.model_dump(exclude={"ratio"})} if uses_unlabeled(cfg) else {}
+    return tokens, json.dumps({**view_stream(cfg), **unlabeled}, sort_keys=True)
+
+
+def uses_unlabeled(cfg: StudentConfig) -> bool:
+    """Whether trials of ``cfg`` train on the unlabelled set: only an arm with output distillation learns from it."""
+    o = cfg.distill.output
+    return cfg.distill.unlabeled.enabled and o.enabled and o.mode == "bank"
 
 
 def trial_preparations(cfg: StudentConfig) -> list[StudentConfig]:

@@ -25,11 +25,12 @@ from vitpose.build import build_datasets, ensure_data
 from vitpose.config import ConfigError, StudentConfig, resolve_path, to_dict
 from vitpose.distill.bank import ViewBank, bank_key, data_identity
 from vitpose.distill.report import log_settings, plot_sweep, trial_curves
-from vitpose.distill.space import preparation, search_space, trial_preparations
+from vitpose.distill.space import preparation, search_space, trial_preparations, uses_unlabeled
 from vitpose.distill.stats import SEED_KEY, Setting, group_by_setting, spread, verdict
 from vitpose.distill.teacher import check_same_keypoints, load_teacher, pinned
 from vitpose.distill.tokens import ensure_knowledge_tokens
 from vitpose.distill.trial import TRIAL_DRIVER_CPUS, SweepContext, run_trial
+from vitpose.distill.unlabeled import describe, unlabeled_bank_key, unlabeled_dataset
 from vitpose.run import console, tracking
 from vitpose.run.cluster import check_state_api
 from vitpose.run.lifecycle import DriverRun, Request, checkpoint_of, open_run
@@ -84,6 +85,9 @@ def preflight(cfg: StudentConfig) -> str:
     if cfg.ray.use_gpu:
         raise ConfigError("ray.use_gpu is for teacher runs; a sweep's trials get GPUs from tune.gpus_per_worker "
                           "(e.g. 0.25: four students per GPU)")
+    if cfg.distill.unlabeled.enabled and cfg.distill.output.mode != "bank":
+        raise ConfigError("distill.unlabeled needs distill.output.mode=bank: the teacher labels the unlabelled crops "
+                          "once, into the view bank")
     if cfg.train.eval_every != 1 and cfg.tune.scheduler == "asha":
         raise ConfigError(f"train.eval_every={cfg.train.eval_every}: ASHA compares trials on val AP every epoch; set "
                           "train.eval_every=1, or tune.scheduler=fifo (every trial runs its whole budget)")
@@ -142,11 +146,21 @@ def prepare(cfg: StudentConfig, run: DriverRun) -> SweepContext:
         if setting is not None:
             path = ensure_knowledge_tokens(teacher, teacher_id, trial_train, setting, token_dir, device=device)
             tracking.log_artifact(tracking_uri, parent, path, "knowledge_tokens")
-        if stream is not None and stream not in banks:
-            banks.add(stream)
-            o = trial.distill.output
-            bank = ViewBank.build(teacher, trial_train, o.views, trial.train.seed,
-                                  bank_root / bank_key(teacher_id, trial), teacher_id, device=device)
+        if stream is None:
+            continue
+        o, seed = trial.distill.output, trial.train.seed
+        made = []
+        if (key := bank_key(teacher_id, trial)) not in banks:
+            flips = trial_train.flip_pairs if o.flip_average else None
+            made.append(ViewBank.build(teacher, trial_train, o.views, seed, bank_root / key, teacher_id,
+                                       device=device, flip_pairs=flips))
+        if uses_unlabeled(trial) and (key := unlabeled_bank_key(teacher_id, trial)) not in banks:
+            unlabeled = unlabeled_dataset(trial, trial_train)
+            console.say(describe(unlabeled))
+            made.append(ViewBank.build(teacher, unlabeled, o.views, seed, bank_root / key, teacher_id,
+                                       device=device, flip_pairs=unlabeled.flip_pairs))
+        for bank in made:
+            banks.add(bank.folder.name)
             tracking.log_json(tracking_uri, parent, {**bank.info, "stream": json.loads(stream)},
                               f"view_banks/{bank.folder.name}.json")
     return SweepContext(base_config=to_dict(cfg), tracking_uri=tracking_uri, parent_run_id=parent,

@@ -23,10 +23,11 @@ from typing import Any
 from vitpose.build import build_datasets
 from vitpose.config import StudentConfig, to_dict
 from vitpose.distill.bank import BankedViews, ViewBank, bank_key
-from vitpose.distill.space import apply_params
+from vitpose.distill.space import apply_params, uses_unlabeled
 from vitpose.distill.student import build_student, distill_loss
 from vitpose.distill.teacher import frozen
 from vitpose.distill.tokens import tokens_for
+from vitpose.distill.unlabeled import MixedViews, unlabeled_bank_key, unlabeled_dataset
 from vitpose.train.session import STATUS_DIR_ENV
 
 TRIAL_DRIVER_CPUS = 0.01  # a multi-rank trial's own process only waits on its Train run (Tune refuses 0)
@@ -153,12 +154,17 @@ def train_student(job: StudentJob, session: Any) -> None:
 
     train_ds, val_ds = build_datasets(cfg, is_local_leader=False)
     model = build_student(cfg, tokens_for(cfg, Path(context.token_dir), context.teacher_id))
-    out = cfg.distill.output
+    out, seed = cfg.distill.output, cfg.train.seed
     if out.mode == "bank":
         # Every arm trains on the bank's views, whether or not its loss reads the stored heatmaps: arms of one
         # comparison then differ in their loss only.
-        bank = ViewBank(Path(context.bank_dir) / bank_key(context.teacher_id, cfg))
-        train_ds = BankedViews(train_ds, bank, cfg.train.seed)
+        banks = Path(context.bank_dir)
+        labeled = BankedViews(train_ds, ViewBank(banks / bank_key(context.teacher_id, cfg)), seed)
+        if uses_unlabeled(cfg):
+            unlabeled = BankedViews(unlabeled_dataset(cfg, train_ds),
+                                    ViewBank(banks / unlabeled_bank_key(context.teacher_id, cfg)), seed)
+            labeled = MixedViews(labeled, unlabeled, cfg.distill.unlabeled.ratio, seed)
+        train_ds = labeled
     teacher = frozen(create(context.teacher_dir)) if out.enabled and out.mode == "online" else None
     loss = distill_loss(out.weight if out.enabled else 0.0, teacher)
     # The run's final status is set by the driver (close_trial_runs): Tune may stop a trial inside its
