@@ -135,15 +135,21 @@ def test_plan_prints_each_arm_without_training(registry, synthetic_root, tmp_pat
     assert [e["setting"]["distill.parts"] for e in plan["settings"]] == list(plan["arms"])
 
     # What trials will run is what is prepared: a one-value seed grid is seed 3's tokens and bank, not seed 0's.
-    space = "tune.search_space={distill.parts: {grid: [none, token]}, train.seed: {grid: [3]}}"
-    out = run(["pipelines/distill.py", *common(synthetic_root, tmp_path), "--plan", "--json", "--set", space], registry)
+    # With unlabeled images, the arm that learns from the teacher's heatmaps also gets the unlabeled set's bank.
+    space = "tune.search_space={distill.parts: {grid: [none, token, output]}, train.seed: {grid: [3]}}"
+    unlabeled = ["--set", "distill.unlabeled.images=images/unlabeled", "--set", "distill.unlabeled.boxes=boxes.json"]
+    out = run(["pipelines/distill.py", *common(synthetic_root, tmp_path), "--plan", "--json", "--set", space,
+               *unlabeled], registry)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     seeded = json.loads(out.stdout.strip().splitlines()[-1])
     assert [(e["setting"], e["seeds"]) for e in seeded["settings"]] == [
-        ({"distill.parts": "none"}, [3]), ({"distill.parts": "token"}, [3])]
+        ({"distill.parts": "none"}, [3]), ({"distill.parts": "token"}, [3]), ({"distill.parts": "output"}, [3])]
     assert {e["seed"] for e in seeded["preparations"]} == {3}
     assert {e["token_file"]["seed"] for e in seeded["preparations"] if e["token_file"]} == {3}
     assert {e["view_bank"]["seed"] for e in seeded["preparations"]} == {3}
+    assert [a["unlabeled_ratio"] for a in seeded["arms"].values()] == [0.0, 0.0, 0.5]
+    assert seeded["prepared_before_trials"]["view_banks"] == 2  # the labelled views' bank, the unlabeled set's
+    assert "unlabelled share 0.5" in out.stdout
 
     missing = {**registry, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}"}
     out = run(["pipelines/distill.py", *common(synthetic_root, tmp_path), "--plan", "--json"], missing)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
+from vitpose.config import ConfigError
 from vitpose.data.codec import flip_back
 from vitpose.data.figures import SynthConfig
 from vitpose.data.files import BadSampleError
@@ -211,3 +212,33 @@ def test_a_student_learns_from_teacher_labelled_crops_alone(trained_teacher, unl
     first, last = session.reports[0], session.reports[-1]
     assert first["train/gt_loss"] == 0 and last["train/gt_loss"] == 0  # nothing but the teacher's labels
     assert last["val/AP"] > 0.1, [r["val/AP"] for r in session.reports]  # untrained: ~0; 0.23 when measured
+
+
+def test_an_unlabeled_set_on_object_storage_is_copied_once_per_content(unlabeled_split, tmp_path, monkeypatch):
+    from tests.helpers_s3 import s3_server
+    from vitpose.distill import unlabeled as module
+
+    monkeypatch.setattr(module, "CACHE", str(tmp_path / "cache"))
+    with s3_server() as s3:
+        for key, value in s3.env.items():
+            monkeypatch.setenv(key, value)
+        s3.create_bucket("frames")
+        client = s3.client()
+        names = sorted(p.name for p in (unlabeled_split / UNLABELED_IMAGES).iterdir())[:20]
+        for name in names:
+            client.upload_file(str(unlabeled_split / UNLABELED_IMAGES / name), "frames", f"cam1/{name}")
+        kept = {int(n[:8]) for n in names}
+        detections = [d for d in json.loads((unlabeled_split / UNLABELED_BOXES).read_text()) if d["image_id"] in kept]
+        client.put_object(Bucket="frames", Key="cam1-boxes.json", Body=json.dumps(detections).encode())
+        cfg = tiny_config(tmp_path, "distill.unlabeled.images=s3://frames/cam1",
+                          "distill.unlabeled.boxes=s3://frames/cam1-boxes.json", student=True)
+        images, boxes = module.unlabeled_paths(cfg)
+        assert sorted(p.name for p in images.iterdir()) == names and json.loads(boxes.read_text()) == detections
+        assert module.unlabeled_paths(cfg) == (images, boxes)  # the same content: the same copy
+        client.put_object(Bucket="frames", Key="cam1-boxes.json", Body=json.dumps(detections[:3]).encode())
+        again = module.unlabeled_paths(cfg)
+        assert again[0] == images and json.loads(again[1].read_text()) == detections[:3]  # new boxes, new copy
+        missing = tiny_config(tmp_path, "distill.unlabeled.images=s3://frames/cam2",
+                              "distill.unlabeled.boxes=s3://frames/cam1-boxes.json", student=True)
+        with pytest.raises(ConfigError, match="distill.unlabeled.images=s3://frames/cam2: no folder there"):
+            module.unlabeled_paths(missing)

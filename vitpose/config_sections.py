@@ -150,8 +150,8 @@ class UnlabeledConfig(Section):
 
     images: str | None = None
     boxes: str | None = None
-    ratio: float = Field(0.5, gt=0.0, le=1.0, description="share of every epoch's crops drawn from the unlabelled "
-                         "set (1: teacher-labelled crops only); an epoch keeps the labelled set's length")
+    ratio: float = Field(0.5, ge=0.0, le=1.0, description="share of every epoch's crops drawn from the unlabelled "
+                         "set (0: none, 1: teacher-labelled crops only); an epoch keeps the labelled set's length")
     score_thr: float = Field(0.3, ge=0.0, le=1.0, description="detections below this score are not used")
     category_id: int = Field(1, description="the detections' person category; other categories are not used")
 

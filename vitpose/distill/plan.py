@@ -17,7 +17,7 @@ import torch
 
 from vitpose.config import ConfigError, StudentConfig
 from vitpose.distill.bank import view_stream
-from vitpose.distill.space import arm_configs, preparation, searched, trial_preparations
+from vitpose.distill.space import arm_configs, preparation, searched, trial_preparations, uses_unlabeled
 from vitpose.distill.stats import SEED_KEY
 from vitpose.distill.student import build_student
 from vitpose.distill.tokens import TokenSetting, random_tokens
@@ -43,6 +43,7 @@ def arm_plan(arm: StudentConfig) -> dict[str, Any]:
         "teacher_outputs": o.mode if o.enabled else None,
         "output_weight": o.weight if o.enabled else 0.0,
         "views": view_stream(arm),
+        "unlabeled_ratio": arm.distill.unlabeled.ratio if uses_unlabeled(arm) else 0.0,
     }
 
 
@@ -64,13 +65,20 @@ def sweep_plan(cfg: StudentConfig, tracking_uri: str) -> dict[str, Any]:
                     or spec.num_keypoints},
         "arms": arms,
         "prepared_before_trials": {"token_files": len({p[1] for p in preps if p[1]}),
-                                   "view_banks": len({p[2] for p in preps if p[2]})},
+                                   "view_banks": count_banks([p[2] for p in preps if p[2]])},
         "preparations": [{"seed": seed, "token_file": asdict(tokens) if tokens else None,
                           "view_bank": json.loads(bank) if bank else None} for seed, tokens, bank in preps],
         "settings": settings_plan(cfg),
         "search_space": cfg.tune.search_space,
         "selection": f"each trial's {cfg.tune.metric} after its last epoch",
     }
+
+
+def count_banks(streams: list[str]) -> int:
+    """View banks the preparations make: one per labelled view stream, one per unlabelled set they add."""
+    parsed = [json.loads(s) for s in streams]
+    unlabeled = {json.dumps(p.pop("unlabeled"), sort_keys=True) for p in parsed if "unlabeled" in p}
+    return len({json.dumps(p, sort_keys=True) for p in parsed}) + len(unlabeled)
 
 
 def settings_plan(cfg: StudentConfig) -> list[dict[str, Any]]:
@@ -96,7 +104,8 @@ def print_plan(plan: dict[str, Any]) -> None:
         console.say(f"  arm {name:<12} trainable {arm['trainable_params']:>9,}  tokens {arm['tokens'] or '-':<7} "
                     f"(trainable on the way in: {arm['token_trainable_params']})  teacher heatmaps "
                     f"{arm['teacher_outputs'] or '-':<6}  views {views['source']} data {views['data']} "
-                    f"seed {views['seed']}")
+                    f"seed {views['seed']}" + (f"  unlabelled share {arm['unlabeled_ratio']:g}"
+                                               if arm["unlabeled_ratio"] else ""))
     for entry in plan["settings"]:
         label = ", ".join(f"{k}={v}" for k, v in entry["setting"].items()) or "the base config"
         sampled = f", sampling {', '.join(entry['sampled'])}" if entry["sampled"] else ""

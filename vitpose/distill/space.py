@@ -110,8 +110,8 @@ def preparation(cfg: StudentConfig) -> tuple[TokenSetting | None, str | None]:
 
 def uses_unlabeled(cfg: StudentConfig) -> bool:
     """Whether trials of ``cfg`` train on the unlabelled set: only an arm with output distillation learns from it."""
-    o = cfg.distill.output
-    return cfg.distill.unlabeled.enabled and o.enabled and o.mode == "bank"
+    o, u = cfg.distill.output, cfg.distill.unlabeled
+    return u.enabled and u.ratio > 0 and o.enabled and o.mode == "bank"
 
 
 def trial_preparations(cfg: StudentConfig) -> list[StudentConfig]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +46,24 @@ def _local(where: str, cfg: StudentConfig, key: str, folder: bool = False) -> Pa
     source = Storage.parse(where)
     if not (source.is_dir() if folder else source.is_file()):
         raise ConfigError(f"{key}={where}: no {'folder' if folder else 'file'} there")
-    copy = resolve_path(CACHE) / hashlib.sha256(where.encode()).hexdigest()[:16] / source.name
-    if not copy.exists():
-        tmp = copy.with_name(copy.name + ".part")
-        if folder:
-            source.download(tmp)
-        else:
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(source.read_bytes())
-        tmp.rename(copy)
+    # Keyed by what is there now: a folder by its files' names and sizes, a file by its bytes.
+    content = json.dumps(source.file_sizes(), sort_keys=True).encode() if folder else source.read_bytes()
+    digest = hashlib.sha256(where.encode() + b"\0" + content).hexdigest()[:16]
+    copy = resolve_path(CACHE) / digest / source.name
+    if copy.exists():
+        return copy
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    part = Path(tempfile.mkdtemp(prefix=".part-", dir=copy.parent)) / source.name  # trials may fetch at once
+    if folder:
+        source.download(part)
+    else:
+        part.write_bytes(content)
+    try:
+        part.rename(copy)
+    except OSError:  # another process put its copy there first
+        if not copy.exists():
+            raise
+    shutil.rmtree(part.parent, ignore_errors=True)
     return copy
 
 
