@@ -133,6 +133,53 @@ def test_distill_loss_adds_the_weighted_heatmap_term(trained_teacher):
     assert banked.item() == pytest.approx(online.item(), rel=1e-4)
 
 
+class _Heatmaps(torch.nn.Module):
+    """A 'student' whose heatmaps are one leaf tensor: the gradient the loss sends to each joint is read off it."""
+
+    def __init__(self, heatmaps: torch.Tensor):
+        super().__init__()
+        self.heatmaps = torch.nn.Parameter(heatmaps.clone())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.heatmaps
+
+
+def test_only_the_joints_the_teacher_sees_teach(trained_teacher):
+    """min_confidence: a joint whose teacher peak is below it sends the student no gradient; the others do."""
+    teacher, _, (train_ds, _) = trained_teacher
+    items = [train_ds[i] for i in range(16)]
+    images = torch.stack([it["image"] for it in items])
+    with torch.no_grad():
+        target = teacher(images)
+        start = build_model("vitpose_nano", img_size=(64, 48), patch_size=8).eval()(images)
+    peaks = target.amax(dim=(2, 3))
+    threshold = float(peaks.median())  # about half the joints of these crops
+    batch = {"image": images, "target": torch.zeros_like(target), "target_weight": torch.zeros(peaks.shape),
+             "teacher_heatmaps": target}  # no ground truth: what moves the student is the teacher's term alone
+    student = _Heatmaps(start)
+    loss, _ = distill_loss(1.0, min_confidence=threshold)(student, batch)
+    loss.backward()
+    pushed = student.heatmaps.grad.abs().sum(dim=(2, 3)) > 0
+    assert torch.equal(pushed, peaks >= threshold)
+    assert 0.3 < pushed.float().mean() < 0.7 and peaks.max() > 0.3  # a trained teacher: peaks far above noise
+
+
+def test_a_decaying_distillation_weight_follows_the_trainers_epochs(trained_teacher, tmp_path):
+    teacher, cfg, (train_ds, _) = trained_teacher
+    items = [train_ds[i] for i in range(8)]
+    batch = {k: torch.stack([it[k] for it in items]) for k in ("image", "target", "target_weight")}
+    student = build_model("vitpose_nano", img_size=(64, 48), patch_size=8).eval()
+    constant, decaying = distill_loss(2.0, teacher), distill_loss(2.0, teacher, schedule="linear_decay")
+    kd = constant(student, batch)[1]["kd_loss"]
+    for epoch, share in ((0, 1.0), (2, 0.5), (3, 0.25)):
+        decaying.set_progress(epoch, 4)
+        assert decaying(student, batch)[1]["kd_loss"] == pytest.approx(share * kd, rel=1e-5)
+    assert kd > 1e-4  # a trained teacher's heatmaps against an untrained student's: far from zero
+    trainer = Trainer(cfg, LocalSession(tmp_path), model=student, loss_fn=decaying, datasets=(train_ds, train_ds))
+    trainer.train_epoch(3, 8, max_steps=1)
+    assert decaying.weight == pytest.approx(2.0 * (1 - 3 / 8))
+
+
 def test_search_space_arms_and_trial_configs(synthetic_root):
     cfg = tiny_config(synthetic_root, student=True)
     space = search_space(cfg)

@@ -140,6 +140,10 @@ class OutputDistillConfig(Section):
                                             "views per instance with the teacher's heatmaps (GT-only arms ignore "
                                             "them); online = a fresh seeded draw per epoch, the teacher run per batch")
     views: int = Field(4, ge=1, description="augmented views per instance stored in the view bank")
+    schedule: Literal["constant", "linear_decay"] = Field("constant", description="the weight over training: "
+                                                          "constant, or falling linearly towards 0 (DWPose)")
+    min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="joints whose teacher heatmap peaks below this "
+                                  "are left out of the distillation loss (0: every joint)")
 
 
 class UnlabeledConfig(Section):

@@ -166,7 +166,8 @@ def train_student(job: StudentJob, session: Any) -> None:
             labeled = MixedViews(labeled, unlabeled, cfg.distill.unlabeled.ratio, seed)
         train_ds = labeled
     teacher = frozen(create(context.teacher_dir)) if out.enabled and out.mode == "online" else None
-    loss = distill_loss(out.weight if out.enabled else 0.0, teacher)
+    loss = distill_loss(out.weight if out.enabled else 0.0, teacher, schedule=out.schedule,
+                        min_confidence=out.min_confidence)
     # The run's final status is set by the driver (close_trial_runs): Tune may stop a trial inside its
     # last report, before any code after fit() would run.
     Trainer(cfg, session, model=model, loss_fn=loss, datasets=(train_ds, val_ds), tracker=tracker,

@@ -195,6 +195,8 @@ class Trainer:
         """One epoch of ``loaders.steps_per_epoch`` steps (at most ``max_steps``: tests and benchmarks)."""
         self.engine.train()
         self.loaders.train_sampler.set_epoch(epoch)
+        if hasattr(self.loss_fn, "set_progress"):  # a loss whose terms follow the schedule (distillation weight)
+            self.loss_fn.set_progress(epoch, epochs)
         if self.status.path is not None:  # which instances this rank trains on, for outside watchers
             self.status.update(world_size=self.world, shard=shard_head(self.loaders.train_sampler))
         steps = min(self.loaders.steps_per_epoch, max_steps or self.loaders.steps_per_epoch)
