@@ -4,7 +4,7 @@
     python pipelines/distill.py --config configs/distill/synthetic_tiny.yaml --set tune.num_samples=2
     ray job submit --working-dir . -- python pipelines/distill.py --config ...
     python pipelines/distill.py --resume                              # finish an interrupted sweep
-    python pipelines/distill.py --plan [--json]                       # what each arm would do; no training
+    python pipelines/distill.py --plan [--json]                       # what each arm would do; no student trained
 
 Before any trial: the teacher is fetched once, the knowledge tokens of every token setting in the search
 space are learned once, and (bank mode, the default) the views every arm trains on are stored once in the
@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(parser, DEFAULT_CONFIG)
     parser.add_argument("--plan", action="store_true",
-                        help="print what each arm would train (parameters, tokens, teacher heatmaps, views) and stop")
+                        help="print what each arm would train (parameters, tokens, teacher heatmaps, views) and what the "
+                        "learned tokens do to the frozen teacher's val loss (learning them if needed), and stop")
     parser.add_argument("--json", action="store_true", help="with --plan: the plan as one JSON object on the last line")
     args = parser.parse_args(argv)
     if args.json and not args.plan:

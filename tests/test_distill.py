@@ -22,6 +22,7 @@ from vitpose.distill.tokens import (
     learn_knowledge_tokens,
     load_tokens,
     random_tokens,
+    token_effect,
 )
 from vitpose.models import build_model
 from vitpose.train.loop import Trainer
@@ -52,6 +53,10 @@ def test_token_learning_changes_only_the_tokens(trained_teacher, tmp_path):
     assert (learned - start).abs().max() > 0.02, "tokens did not move"
     after = teacher.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # What --plan reports: the frozen teacher's val loss with the learned tokens against the random control.
+    effect = token_effect(teacher, datasets[1], setting, learned)
+    assert effect["learned"] < effect["random"] and effect["change"] == effect["learned"] / effect["random"] - 1
+    assert token_effect(teacher, datasets[1], setting, start)["change"] == 0.0
 
     path = ensure_knowledge_tokens(teacher, "teacher-a", datasets[0], setting, tmp_path, say=lambda _: None)
     first, stamp = load_tokens(path), path.stat().st_mtime_ns

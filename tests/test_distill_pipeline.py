@@ -133,6 +133,9 @@ def test_plan_prints_each_arm_without_training(registry, synthetic_root, tmp_pat
     assert plan["teacher"]["embed_dim"] == 96 and plan["arms"]["none"]["trainable_params"] > 0
     assert not list(tmp_path.rglob("checkpoint_*")), "a plan trains nothing"
     assert [e["setting"]["distill.parts"] for e in plan["settings"]] == list(plan["arms"])
+    (effect,) = plan["token_effects"]  # one token setting (token and both share it): its effect on the teacher
+    assert effect["setting"]["num_tokens"] == 1 and effect["random"] > 0 and effect["learned"] > 0
+    assert "learned tokens (K=1, 1 epoch(s)" in out.stdout and "with the random control" in out.stdout
 
     # What trials will run is what is prepared: a one-value seed grid is seed 3's tokens and bank, not seed 0's.
     # With unlabeled images, the arm that learns from the teacher's heatmaps also gets the unlabeled set's bank.

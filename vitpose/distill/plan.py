@@ -1,9 +1,12 @@
-"""What a sweep would do, without training: ``pipelines/distill.py --plan [--json]``.
+"""What a sweep would do, without training a student: ``pipelines/distill.py --plan [--json]``.
 
 Per arm: its trainable parameters, the trainable parameters between the stored knowledge tokens and the
 student (0 by construction: tokens enter frozen, with nothing learnable on the way), where the teacher's
 heatmaps come from, and what identifies its training views (equal across arms, so arms differ in their loss
 only). It reads the registered teacher, so a plan also proves the teacher is there and fits the students.
+Per token setting: what the learned tokens do to the frozen teacher's own val loss against the random control
+(tokens that do not help the teacher cannot help a student); the plan learns them when no earlier run did, into
+the file the sweep then reuses.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from vitpose.distill.bank import view_stream
 from vitpose.distill.space import arm_configs, preparation, searched, trial_preparations, uses_unlabeled
 from vitpose.distill.stats import SEED_KEY
 from vitpose.distill.student import build_student
+from vitpose.distill.teacher import pinned, teacher_identity
 from vitpose.distill.tokens import TokenSetting, random_tokens
 from vitpose.models import match_preset
 from vitpose.run import console
@@ -50,7 +54,8 @@ def arm_plan(arm: StudentConfig) -> dict[str, Any]:
 def sweep_plan(cfg: StudentConfig, tracking_uri: str) -> dict[str, Any]:
     from vitpose.distill.teacher import load_teacher
 
-    teacher = load_teacher(cfg, tracking_uri)
+    uri = pinned(cfg.distill.teacher_uri, tracking_uri)
+    teacher = load_teacher(cfg, tracking_uri, uri)
     spec, meta = teacher.spec, teacher.meta
     arms = {name: arm_plan(arm) for name, arm in arm_configs(cfg).items()}
     student = next(iter(arm_configs(cfg).values()))
@@ -69,9 +74,31 @@ def sweep_plan(cfg: StudentConfig, tracking_uri: str) -> dict[str, Any]:
         "preparations": [{"seed": seed, "token_file": asdict(tokens) if tokens else None,
                           "view_bank": json.loads(bank) if bank else None} for seed, tokens, bank in preps],
         "settings": settings_plan(cfg),
+        "token_effects": token_effects(cfg, teacher, teacher_identity(uri, teacher)),
         "search_space": cfg.tune.search_space,
         "selection": f"each trial's {cfg.tune.metric} after its last epoch",
     }
+
+
+def token_effects(cfg: StudentConfig, teacher: torch.nn.Module, teacher_id: str) -> list[dict[str, Any]]:
+    """Per token setting the sweep learns: the frozen teacher's val loss with the learned tokens against the
+    control's random ones. The tokens are learned here when no earlier sweep or plan left them (the sweep then
+    reuses the file)."""
+    from vitpose.build import build_datasets
+    from vitpose.config import resolve_path
+    from vitpose.distill.tokens import TOKEN_DIR, ensure_knowledge_tokens, load_tokens, token_effect
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    effects: dict[TokenSetting, dict[str, Any]] = {}
+    for trial in trial_preparations(cfg):
+        setting = preparation(trial)[0]
+        if setting is None or setting in effects:
+            continue
+        train_ds, val_ds = build_datasets(trial, is_local_leader=True)
+        path = ensure_knowledge_tokens(teacher, teacher_id, train_ds, setting, resolve_path(TOKEN_DIR), device=device)
+        effects[setting] = {"setting": asdict(setting), "file": str(path),
+                            **token_effect(teacher, val_ds, setting, load_tokens(path), device=device)}
+    return list(effects.values())
 
 
 def count_banks(streams: list[str]) -> int:
@@ -110,6 +137,11 @@ def print_plan(plan: dict[str, Any]) -> None:
         label = ", ".join(f"{k}={v}" for k, v in entry["setting"].items()) or "the base config"
         sampled = f", sampling {', '.join(entry['sampled'])}" if entry["sampled"] else ""
         console.say(f"  setting {label}: seeds {entry['seeds']}, {entry['trials']} trial(s){sampled}")
+    for e in plan["token_effects"]:
+        t = e["setting"]
+        console.say(f"  learned tokens (K={t['num_tokens']}, {t['epochs']} epoch(s), lr {t['lr']:g}, seed {t['seed']}): "
+                    f"the frozen teacher's val loss {e['learned']:.6f} vs {e['random']:.6f} with the random control "
+                    f"({e['change']:+.2%})")
     p = plan["prepared_before_trials"]
     console.say(f"before the trials: {p['token_files']} token file(s), {p['view_banks']} view bank(s) "
                 f"(seeds {sorted({e['seed'] for e in plan['preparations']})}); selection: {plan['selection']}")

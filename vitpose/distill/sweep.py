@@ -14,7 +14,6 @@ produced them, rebuilt identically when missing, and read by trials from disk (b
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,8 @@ from vitpose.distill.bank import ViewBank, bank_key, data_identity
 from vitpose.distill.report import log_settings, plot_sweep, trial_curves
 from vitpose.distill.space import preparation, search_space, trial_preparations, uses_unlabeled
 from vitpose.distill.stats import SEED_KEY, Setting, group_by_setting, spread, verdict
-from vitpose.distill.teacher import check_same_keypoints, load_teacher, pinned
-from vitpose.distill.tokens import ensure_knowledge_tokens
+from vitpose.distill.teacher import check_same_keypoints, load_teacher, pinned, teacher_identity
+from vitpose.distill.tokens import TOKEN_DIR, ensure_knowledge_tokens
 from vitpose.distill.trial import TRIAL_DRIVER_CPUS, SweepContext, run_trial
 from vitpose.distill.unlabeled import describe, unlabeled_bank_key, unlabeled_dataset
 from vitpose.run import console, tracking
@@ -37,7 +36,6 @@ from vitpose.run.lifecycle import DriverRun, Request, checkpoint_of, open_run
 from vitpose.run.storage import Storage
 from vitpose.train.deepspeed_config import complete_deepspeed_config
 
-TOKEN_DIR = "runs/distill/tokens"
 BANK_DIR = "runs/distill/banks"
 TEACHER_CACHE = "runs/distill/teachers"  # the online teacher's copy when the sweep folder is on object storage
 
@@ -57,7 +55,7 @@ def run_sweep(cfg: StudentConfig, resume: bool = False) -> int:
 
 
 def plan_sweep(cfg: StudentConfig, as_json: bool = False) -> int:
-    """``--plan``: the sweep's arms as they would train, from the registered teacher; nothing is trained."""
+    """``--plan``: the sweep's arms as they would train, from the registered teacher; no student is trained."""
     from vitpose.distill.plan import print_plan, sweep_plan
 
     plan = sweep_plan(cfg, preflight(cfg))
@@ -115,8 +113,7 @@ def fetch_teacher(cfg: StudentConfig, tracking_uri: str, folder: Path) -> tuple[
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(folder / WEIGHTS))
     (folder / META).write_text(json.dumps(meta, indent=1))
-    digest = hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()[:12]
-    return teacher, meta, f"{uri}#{digest}"
+    return teacher, meta, teacher_identity(uri, (folder / WEIGHTS).read_bytes())
 
 
 def prepare(cfg: StudentConfig, run: DriverRun) -> SweepContext:

@@ -82,6 +82,18 @@ def pinned(uri: str, tracking_uri: str) -> str:
     return f"models:/{match.group(1)}/{version}"
 
 
+def teacher_identity(pinned_uri: str, weights: bytes | torch.nn.Module) -> str:
+    """``<pinned uri>#<digest of the weights' safetensors bytes>``: names exactly the weights token files and
+    view banks were made with (``weights``: those bytes, or the model to serialise)."""
+    import hashlib
+
+    if isinstance(weights, torch.nn.Module):
+        from safetensors.torch import save
+
+        weights = save({k: v.contiguous() for k, v in weights.state_dict().items()})
+    return f"{pinned_uri}#{hashlib.sha256(weights).hexdigest()[:12]}"
+
+
 def frozen(model: torch.nn.Module) -> torch.nn.Module:
     """Eval mode (BatchNorm statistics and drop path fixed) and no gradients anywhere."""
     model.eval()

@@ -34,6 +34,8 @@ from vitpose.losses import keypoint_mse
 from vitpose.models.backbone import fixed_lift, initial_knowledge_tokens
 from vitpose.run.console import say as console_say
 
+TOKEN_DIR = "runs/distill/tokens"  # the learned token files, shared by sweeps and plans
+
 
 @dataclass(frozen=True)
 class TokenSetting:
@@ -101,6 +103,29 @@ def learn_knowledge_tokens(teacher: torch.nn.Module, train_ds: Dataset, setting:
         say(f"  knowledge tokens epoch {epoch + 1}/{setting.epochs}: loss {total / max(steps, 1):.6f} "
             f"({time.time() - t0:.0f}s)")
     return tokens.tokens.detach().float().cpu().clone()
+
+
+def token_effect(teacher: torch.nn.Module, val_ds: Dataset, setting: TokenSetting, learned: torch.Tensor,
+                 batch_size: int = 64, device: torch.device | str = "cpu") -> dict[str, float]:
+    """The frozen teacher's ground-truth heatmap loss on ``val_ds`` with the control's random tokens and with the
+    ``learned`` ones (keys ``random``, ``learned``), and ``change``, learned / random - 1: what token learning
+    did to the teacher itself, the most a student can get from those tokens."""
+    loader = DataLoader(val_ds, batch_size=batch_size, shuffle=False)
+    losses = {}
+    for name, tokens in (("random", None), ("learned", learned)):
+        model = frozen(copy.deepcopy(teacher)).to(device)
+        width = setting.width or model.backbone.embed_dim
+        lift = None if width == model.backbone.embed_dim else fixed_lift(width, model.backbone.embed_dim, setting.seed)
+        model.backbone.set_knowledge_tokens(random_tokens(setting, width) if tokens is None else tokens, lift=lift)
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in loader:
+                heatmaps = model(batch["image"].to(device))
+                n = batch["image"].shape[0]
+                loss = keypoint_mse(heatmaps, batch["target"].to(device), batch["target_weight"].to(device))
+                total, count = total + float(loss) * n, count + n
+        losses[name] = total / max(count, 1)
+    return {**losses, "change": losses["learned"] / losses["random"] - 1.0}
 
 
 def ensure_knowledge_tokens(teacher: torch.nn.Module, teacher_id: str, train_ds: Dataset,
