@@ -242,3 +242,19 @@ def test_an_unlabeled_set_on_object_storage_is_copied_once_per_content(unlabeled
                               "distill.unlabeled.boxes=s3://frames/cam1-boxes.json", student=True)
         with pytest.raises(ConfigError, match="distill.unlabeled.images=s3://frames/cam2: no folder there"):
             module.unlabeled_paths(missing)
+
+
+def test_unlabeled_sets_the_sweep_cannot_use_are_refused_before_it_starts(tmp_path):
+    from vitpose.distill.sweep import preflight
+
+    given = ["distill.unlabeled.images=frames", "distill.unlabeled.boxes=boxes.json"]
+    online = tiny_config(tmp_path, *given, "distill.output.mode=online", student=True)
+    with pytest.raises(ConfigError, match="distill.unlabeled needs distill.output.mode=bank"):
+        preflight(online)
+    with pytest.raises(ConfigError, match="distill.unlabeled.images is set but distill.unlabeled.boxes is not"):
+        tiny_config(tmp_path, given[0], student=True)
+    cfg = tiny_config(tmp_path, *given, student=True)
+    with pytest.raises(ConfigError, match=r"distill.unlabeled.images=frames: no folder at .*frames"):
+        from vitpose.distill.unlabeled import unlabeled_paths
+
+        unlabeled_paths(cfg)

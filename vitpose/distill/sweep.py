@@ -29,7 +29,7 @@ from vitpose.distill.stats import SEED_KEY, Setting, group_by_setting, spread, v
 from vitpose.distill.teacher import check_same_keypoints, load_teacher, pinned, teacher_identity
 from vitpose.distill.tokens import TOKEN_DIR, ensure_knowledge_tokens
 from vitpose.distill.trial import TRIAL_DRIVER_CPUS, SweepContext, run_trial
-from vitpose.distill.unlabeled import describe, unlabeled_bank_key, unlabeled_dataset
+from vitpose.distill.unlabeled import describe, unlabeled_bank_key, unlabeled_dataset, unlabeled_paths
 from vitpose.run import console, tracking
 from vitpose.run.cluster import check_state_api
 from vitpose.run.lifecycle import DriverRun, Request, checkpoint_of, open_run
@@ -42,7 +42,7 @@ TEACHER_CACHE = "runs/distill/teachers"  # the online teacher's copy when the sw
 
 def run_sweep(cfg: StudentConfig, resume: bool = False) -> int:
     """Prepare, sweep, register and summarise; returns the exit code (1 when every trial failed)."""
-    run = open_run(cfg, preflight(cfg), resume, trial_request(cfg), check_data=lambda: ensure_data(cfg))
+    run = open_run(cfg, preflight(cfg), resume, trial_request(cfg), check_data=lambda: check_inputs(cfg))
     if cfg.tune.workers_per_trial > 1 and cfg.tune.scheduler == "asha":
         # A trial ASHA stops dies with its Train controller; only the cleaner frees its ranks for the next trial.
         check_state_api(f"tune.workers_per_trial={cfg.tune.workers_per_trial} with tune.scheduler=asha "
@@ -63,6 +63,13 @@ def plan_sweep(cfg: StudentConfig, as_json: bool = False) -> int:
     if as_json:
         console.say(json.dumps(plan))
     return 0
+
+
+def check_inputs(cfg: StudentConfig) -> None:
+    """The training data (a synthetic set generated first) and the unlabeled set, before Ray starts."""
+    ensure_data(cfg)
+    if cfg.distill.unlabeled.enabled:
+        unlabeled_paths(cfg)
 
 
 def trial_request(cfg: StudentConfig) -> Request:
@@ -86,6 +93,9 @@ def preflight(cfg: StudentConfig) -> str:
     if cfg.distill.unlabeled.enabled and cfg.distill.output.mode != "bank":
         raise ConfigError("distill.unlabeled needs distill.output.mode=bank: the teacher labels the unlabelled crops "
                           "once, into the view bank")
+    if cfg.distill.unlabeled.enabled and cfg.data.datasets:
+        raise ConfigError("distill.unlabeled with data.datasets: unlabeled crops have no dataset of their own to be "
+                          "labelled for; distill from one dataset (leave data.datasets empty)")
     if cfg.train.eval_every != 1 and cfg.tune.scheduler == "asha":
         raise ConfigError(f"train.eval_every={cfg.train.eval_every}: ASHA compares trials on val AP every epoch; set "
                           "train.eval_every=1, or tune.scheduler=fifo (every trial runs its whole budget)")
