@@ -61,10 +61,10 @@ def run(cmd: list[str], log: Path, what: str) -> None:
         sys.exit(f"{what} failed (exit {code}); its output is in {log}")
 
 
-def sweep(config: str, name: str, sets: list[str], log: Path) -> Path:
+def sweep(config: str, name: str, sets: list[str], log: Path, registered: str = "vitpose-student-ablation") -> Path:
     """Run one sweep; returns its folder (results.csv and one folder per trial)."""
     run([sys.executable, "pipelines/distill.py", "--config", config, "--set", f"ray.name={name}",
-         "--set", "tune.scheduler=fifo", "--set", "tune.registered_model=vitpose-student-ablation",
+         "--set", "tune.scheduler=fifo", "--set", f"tune.registered_model={registered}",
          "--set", "tune.alias=ablation", *[x for s in sets for x in ("--set", s)]], log, f"sweep {name}")
     for line in log.read_text().splitlines():  # the sweep's own verdict: champion, its leads with intervals
         if line.strip().startswith(("champion:", "lead ")):
@@ -106,12 +106,13 @@ def reading(low: float, high: float) -> str:
     return "no difference shown" if low <= 0 <= high else ("higher" if low > 0 else "lower")
 
 
-def summarise(scores: dict[str, dict[int, float]], seeds: list[int], teacher_ap: float) -> dict[str, object]:
+def summarise(scores: dict[str, dict[int, float]], seeds: list[int], teacher_ap: float,
+              comparisons: list[tuple[str, str]] = COMPARISONS) -> dict[str, object]:
     arms = {arm: {"per_seed": [v[s] for s in seeds], "mean": statistics.mean(v[s] for s in seeds),
                   "std": statistics.stdev([v[s] for s in seeds]) if len(seeds) > 1 else 0.0}
             for arm, v in scores.items()}
     pairs = {}
-    for a, b in COMPARISONS:
+    for a, b in comparisons:
         if a in scores and b in scores:
             diffs = [scores[a][s] - scores[b][s] for s in seeds]
             mean, low, high = interval(diffs)
@@ -189,21 +190,27 @@ def num_params(config: str, sets: list[str], schema: type) -> tuple[str, int]:
     return cfg.model.preset, build_model_from_spec(model_spec(cfg), device="meta").num_params()
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budgets", nargs="+", choices=list(BUDGETS), default=list(BUDGETS))
+def parse_common(p: argparse.ArgumentParser, out_name: str) -> tuple[argparse.Namespace, Path, list[int]]:
+    """The options every distillation benchmark takes (seeds, teacher, overrides, output file), parsed; returns
+    (arguments, the output file, the seeds). Runs from the repository root."""
     p.add_argument("--seeds", type=int, default=5, help="seeds per arm (tune.seeds): --first-seed, +1, ...")
     p.add_argument("--first-seed", type=int, default=0)
-    p.add_argument("--arms", nargs="+", choices=ARMS, default=ARMS, help="distill.parts arms (none is always run)")
     p.add_argument("--teacher", default="models:/vitpose-teacher@plateau", help="registered teacher (models:/NAME@ALIAS)")
     p.add_argument("--set", action="append", default=[], help="extra overrides for every sweep")
-    p.add_argument("--skip-online", action="store_true", help="only the bank sweeps")
-    p.add_argument("--out", default=str(REPO / "runs" / "bench" / "distill_ablation.json"))
+    p.add_argument("--out", default=str(REPO / "runs" / "bench" / out_name))
     a = p.parse_args()
     os.chdir(REPO)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    seeds = list(range(a.first_seed, a.first_seed + a.seeds))
+    return a, out, list(range(a.first_seed, a.first_seed + a.seeds))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budgets", nargs="+", choices=list(BUDGETS), default=list(BUDGETS))
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=ARMS, help="distill.parts arms (none is always run)")
+    p.add_argument("--skip-online", action="store_true", help="only the bank sweeps")
+    a, out, seeds = parse_common(p, "distill_ablation.json")
     per_seed = [f"tune.seeds={a.seeds}", f"train.seed={a.first_seed}", "tune.baseline=distill.parts=none"]
     arms = ["none", *(arm for arm in a.arms if arm != "none")]  # the baseline every arm is paired with
     t0 = time.time()

@@ -254,10 +254,12 @@ def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: S
         tracking.log_artifact(uri, parent, plot)
         if not sweep_dir.is_local:
             sweep_dir.upload(out)
+    # Under FIFO a trial short of its budget was interrupted (the sweep stopped, the trial failed), not judged.
+    stopper = "ASHA stopped it" if cfg.tune.scheduler == "asha" else "it stopped"
     for _, row in table.iterrows():
         settings = ", ".join(f"{c.removeprefix('config/')}={row[c]}" for c in table.columns if c.startswith("config/"))
         last = f"after epoch {int(row['epoch'])}, its last" if row["finished"] else \
-            f"when ASHA stopped it at epoch {int(row['epoch'])} of {cfg.train.epochs}: not compared"
+            f"when {stopper} at epoch {int(row['epoch'])} of {cfg.train.epochs}: not compared"
         console.say(f"  trial {row.get('trial_id', '?')}: {metric} {row[metric]:.4f} {last} ({settings})")
 
     top: Setting = answer["champion"]
