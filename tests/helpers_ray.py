@@ -143,14 +143,15 @@ class Node:
 def ray_node(head: Head, space: Netns, env: dict[str, str], num_cpus: int = 1) -> Iterator[Node]:
     """A second node joined to ``head`` from inside ``space`` with docs/cluster.md's worker command
     (``ray start --address=<head>:<port>``; ``--block`` keeps it in the foreground), up when this yields."""
-    before = _alive_nodes(head, env)
     node_tmp = tempfile.mkdtemp(prefix="vp-node-", dir="/tmp")  # the namespaces share one file system
     node = subprocess.Popen(space.run([str(RAY), "start", f"--address={head.gcs}", f"--num-cpus={num_cpus}",
                                        f"--temp-dir={node_tmp}", "--block"]),
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 90
-        while _alive_nodes(head, env) <= before:
+        # Waited for by its address: a count taken while the head's state API was not answering yet read 0,
+        # and the head alone then passed for the joined node.
+        while space.ns_ip not in node_ips(head, env):
             assert node.poll() is None, "the second node's ray start exited"
             assert time.time() < deadline, "the second Ray node did not join in 90 s"
             time.sleep(2)
@@ -168,7 +169,10 @@ def node_ips(head: Head, env: dict[str, str]) -> set[str]:
     """The addresses of the head's alive nodes, as Ray records them."""
     done = subprocess.run([str(RAY), "list", "nodes", "--address", head.dashboard, "--filter", "state=ALIVE",
                            "--format", "json"], env=env, capture_output=True, text=True)
-    return {n["node_ip"] for n in json.loads(done.stdout or "[]")}
+    try:
+        return {n["node_ip"] for n in json.loads(done.stdout or "[]")}
+    except ValueError:  # the state API not answering yet: an error text, not a list
+        return set()
 
 
 def _answers(url: str) -> bool:
@@ -179,15 +183,6 @@ def _answers(url: str) -> bool:
             return True
     except OSError:
         return False
-
-
-def _alive_nodes(head: Head, env: dict[str, str]) -> int:
-    done = subprocess.run([str(RAY), "list", "nodes", "--address", head.dashboard, "--filter", "state=ALIVE",
-                           "--format", "json"], env=env, capture_output=True, text=True)
-    try:
-        return len(json.loads(done.stdout))
-    except ValueError:
-        return 0
 
 
 @contextmanager

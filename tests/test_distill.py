@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
 from vitpose.build import build_datasets
 from vitpose.config import ConfigError
 from vitpose.distill.bank import BankedViews, ViewBank, view_stream
@@ -393,20 +396,45 @@ def test_tune_seeds_run_every_setting_with_the_same_seeds(synthetic_root):
         searched(both)
 
 
-@pytest.mark.slow
-def test_multi_rank_asha_sweeps_are_refused_on_a_ray_without_its_state_api():
-    """A head without its dashboard serves no state API; Ray Train's cleaner then never frees a stopped trial's
-    ranks, so the sweep must refuse before any trial starts."""
-    import tempfile
-
-    import ray
-
+STATE_API_PROBE = textwrap.dedent("""
+    import json, os, subprocess, sys, ray
+    from ray.util.state import list_nodes
     from vitpose.config import ConfigError
-    from vitpose.run.cluster import check_state_api
+    from vitpose.run import cluster
 
-    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="vp-ray-", dir="/tmp"))
+    other = subprocess.Popen([sys.executable, "-c", "import ray, time; ray.init(address='local', num_cpus=1, "
+                              "include_dashboard=False); print('up', flush=True); time.sleep(300)"],
+                             stdout=subprocess.PIPE, text=True)
     try:
-        with pytest.raises(ConfigError, match="tune.scheduler=asha needs Ray's state API.*--include-dashboard=true"):
-            check_state_api("tune.scheduler=asha")
+        assert other.stdout.readline().strip() == "up"  # a second Ray on this machine, as in a test session
+        cluster.connect(num_cpus=1)
+        cluster.check_state_api("a sweep")
+        ours = ray.get_runtime_context().get_node_id()
+        # What Ray Train's placement-group cleaner does inside a worker: the state API with no address.
+        seen = ray.get(ray.remote(lambda: [n.node_id for n in list_nodes(raise_on_missing_output=False)]).remote())
+        # A cluster whose state API does not answer (Ray's clients read the variable before their argument).
+        cluster._state_api = os.environ["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:9"
+        try:
+            cluster.check_state_api("tune.workers_per_trial=2 with tune.scheduler=asha")
+            refused = ""
+        except ConfigError as err:
+            refused = str(err)
+        cluster.disconnect()
     finally:
-        ray.shutdown()
+        other.terminate()
+        other.wait()
+    print(json.dumps({"ours": ours, "seen": seen, "refused": refused, "left": os.environ.get("RAY_API_SERVER_ADDRESS")}))
+""")
+
+
+@pytest.mark.slow
+def test_workers_find_their_own_clusters_state_api_beside_another_ray():
+    """Ray Train frees a stopped trial's ranks after asking the state API, from a worker, with no address: with a
+    second Ray on the machine that asks which one; the local Ray tells its processes its own. A cluster whose
+    state API does not answer is refused for multi-rank ASHA sweeps in one line."""
+    out = subprocess.run([sys.executable, "-c", STATE_API_PROBE], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["seen"] == [report["ours"]]
+    assert "tune.scheduler=asha needs Ray's state API, which does not answer at http://127.0.0.1:9" in report["refused"]
+    assert "--include-dashboard=true" in report["refused"] and report["left"] is None  # restored on disconnect

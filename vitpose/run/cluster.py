@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 from vitpose.config import ConfigError, one_line
 from vitpose.run.storage import Storage, credentials_env
+from vitpose.train.session import free_port
 
 # glibc keeps freed large blocks mapped and fragments under DeepSpeed's big flat buffers; returning
 # blocks over 128 KiB to the OS keeps ZeRO-3 at ViT-H size on CPU ranks within memory instead of killed.
@@ -49,7 +50,7 @@ def connect(num_cpus: int | None = None) -> dict[str, Any]:
         if _host_port(address)[0] in ("127.0.0.1", "localhost", "::1"):
             _loopback_only(True)  # a loopback-only head answers only clients with the switch off
         try:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         except ConnectionError as err:  # e.g. RAY_ADDRESS=auto with no cluster on this machine
             raise ConfigError(f"RAY_ADDRESS={address}: {one_line(err)}; start the head (ray start --head) or "
                               "unset RAY_ADDRESS to run on a local Ray") from None
@@ -59,8 +60,14 @@ def connect(num_cpus: int | None = None) -> dict[str, Any]:
         _loopback_only(True)
         # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner asks whether a Train
         # controller still lives: without it the ranks of a sweep trial that Tune stopped stay placed for good.
-        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=True,
-                 dashboard_host="127.0.0.1", log_to_driver=True)
+        # The cleaner finds the API by RAY_API_SERVER_ADDRESS, else by looking for Ray on this machine, which
+        # fails when there is more than one: every process of this Ray inherits the variable set here.
+        port = free_port()
+        _state_api_here(f"http://127.0.0.1:{port}")
+        context = ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=True,
+                           dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True)
+    global _state_api
+    _state_api = f"http://{context.dashboard_url}" if context.dashboard_url else ""
     return ray.cluster_resources()
 
 
@@ -84,6 +91,29 @@ def disconnect() -> None:
         ray.shutdown()
         _started_here = False
         _loopback_only(False)
+        _state_api_here(None)
+
+
+_STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
+_saved_state_api: tuple[str | None] | None = None
+_state_api = ""  # the dashboard (state API) of the Ray connect() joined; "" when it has none
+
+
+def _state_api_here(url: str | None) -> None:
+    """Point Ray's state-API clients of this process and its children at ``url``, or restore what was there."""
+    global _saved_state_api
+    if url is not None:
+        if _saved_state_api is None:
+            _saved_state_api = (os.environ.get(_STATE_API_ENV),)
+        os.environ[_STATE_API_ENV] = url
+        return
+    if _saved_state_api is not None:
+        (before,) = _saved_state_api
+        if before is None:
+            os.environ.pop(_STATE_API_ENV, None)
+        else:
+            os.environ[_STATE_API_ENV] = before
+        _saved_state_api = None
 
 
 # Ray binds its servers to the node IP, and resolves 127.0.0.1 given as that IP to the machine's outward
@@ -186,11 +216,14 @@ def check_state_api(needed_by: str) -> None:
     dashboard): Ray Train's placement-group cleaner asks it whether a Train controller still lives."""
     from ray.util.state import list_nodes
 
+    fix = "start the head with its dashboard (ray start --head --include-dashboard=true)"
+    if not _state_api:
+        raise ConfigError(f"{needed_by} needs Ray's state API, which this cluster does not serve (no dashboard); {fix}")
     try:
-        list_nodes(limit=1, timeout=10, raise_on_missing_output=False)
+        list_nodes(address=_state_api, limit=1, timeout=10, raise_on_missing_output=False)
     except Exception as err:  # the state API's client raises several kinds, all meaning "not served"
-        raise ConfigError(f"{needed_by} needs Ray's state API, which this cluster does not serve ({one_line(err)}); "
-                          "start the head with its dashboard (ray start --head --include-dashboard=true)") from None
+        raise ConfigError(f"{needed_by} needs Ray's state API, which does not answer at {_state_api} "
+                          f"({one_line(err)}); {fix}") from None
 
 
 def run_name(storage: Path | Storage, name: str, resume: bool) -> str:
