@@ -159,12 +159,11 @@ def train_student(job: StudentJob, session: Any) -> None:
         # Every arm trains on the bank's views, whether or not its loss reads the stored heatmaps: arms of one
         # comparison then differ in their loss only.
         banks = Path(context.bank_dir)
-        labeled = BankedViews(train_ds, ViewBank(banks / bank_key(context.teacher_id, cfg)), seed)
+        train_ds = BankedViews(train_ds, ViewBank(banks / bank_key(context.teacher_id, cfg)), seed)
         if uses_unlabeled(cfg):
             unlabeled = BankedViews(unlabeled_dataset(cfg, train_ds),
                                     ViewBank(banks / unlabeled_bank_key(context.teacher_id, cfg)), seed)
-            labeled = MixedViews(labeled, unlabeled, cfg.distill.unlabeled.ratio, seed)
-        train_ds = labeled
+            train_ds = MixedViews(train_ds, unlabeled, cfg.distill.unlabeled.ratio, seed)
     teacher = frozen(create(context.teacher_dir)) if out.enabled and out.mode == "online" else None
     loss = distill_loss(out.weight if out.enabled else 0.0, teacher, schedule=out.schedule,
                         min_confidence=out.min_confidence)
