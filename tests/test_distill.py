@@ -200,6 +200,14 @@ def test_search_space_arms_and_trial_configs(synthetic_root):
     assert list(arm_configs(cfg)) == ["none", "token", "random_token", "output", "both"]
     # Every arm trains on the same views: bank mode gives them all the same bank.
     assert len({json.dumps(view_stream(c), sort_keys=True) for c in arm_configs(cfg).values()}) == 1
+    # Feature distillation on in the base config: every arm but none (the student alone) learns the teacher's
+    # tokens, whatever order the trial's values come in; its arms need banks that also hold them.
+    featured = tiny_config(synthetic_root, "distill.feature.weight=0.001", student=True)
+    weights = {arm: c.distill.feature.weight for arm, c in arm_configs(featured).items()}
+    assert weights == {"none": 0.0, "token": 0.001, "random_token": 0.001, "output": 0.001, "both": 0.001}
+    assert apply_params(featured, {"distill.feature.weight": 0.01, "distill.parts": "none"}).distill.feature.weight == 0
+    assert json.loads(preparation(arm_configs(featured)["output"])[1])["features"] is True
+    assert "features" not in json.loads(preparation(arm_configs(featured)["none"])[1])
 
     empty = tiny_config(synthetic_root, "tune.search_space={}", student=True)
     with pytest.raises(ConfigError, match="search_space is empty"):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from safetensors import safe_open
 
 from tests.conftest import REPO, TEST_IMG
 from tests.faults.procs import (
@@ -24,7 +25,7 @@ from tests.faults.procs import (
     kill_owned,
     read_status,
 )
-from vitpose.train.run_folder import IncompleteCheckpointError, verify_checkpoint
+from vitpose.train.run_folder import MODEL_FILE, IncompleteCheckpointError, verify_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -81,9 +82,18 @@ def final_checkpoint_saved(storage: Path, trial_id: str, epochs: int) -> bool:
     return False
 
 
+def weight_names(path: Path) -> list[str]:
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
 def test_two_trial_sweep_registers_a_champion(registry, synthetic_root, tmp_path):
+    # Feature distillation for every arm but none (which never learns from the teacher): the banks hold the
+    # teacher's tokens, the both arm trains a projector that its weights leave out.
+    features = ["--set", "distill.feature.weight=0.001"]
     args = ["pipelines/distill.py", *common(synthetic_root, tmp_path), "--set", "train.epochs=2",
-            "--set", "tune.search_space={distill.parts: {grid: [none, both]}}", "--set", "tune.grace_period=2"]
+            "--set", "tune.search_space={distill.parts: {grid: [none, both]}}", "--set", "tune.grace_period=2",
+            *features]
     out = run(args, registry)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "registered model: models:/vitpose-student@champion (version 1)" in out.stdout
@@ -97,15 +107,23 @@ def test_two_trial_sweep_registers_a_champion(registry, synthetic_root, tmp_path
     assert all("val/AP" in r.data.metrics for r in children)
     assert list(tmp_path.rglob("checkpoint_*")), "trials write checkpoints under the storage path"
     # What each trial's optimizer held, against the plan of the same arms: tokens enter frozen.
-    plan_out = run(["pipelines/distill.py", *common(synthetic_root, tmp_path / "plan"), "--plan", "--json"], registry)
+    plan_out = run(["pipelines/distill.py", *common(synthetic_root, tmp_path / "plan"), "--plan", "--json",
+                    *features], registry)
     assert plan_out.returncode == 0, plan_out.stdout[-3000:] + plan_out.stderr[-3000:]
     plan = json.loads(plan_out.stdout.strip().splitlines()[-1])["arms"]
+    assert plan["both"]["feature_weight"] == 0.001 and plan["none"]["feature_weight"] == 0
+    assert plan["both"]["trainable_params"] > plan["none"]["trainable_params"]  # the projector
     for r in children:
         arm, held = ast.literal_eval(r.data.tags["sweep_params"])["distill.parts"], r.data.params
         assert int(held["optimizer.params"]) == plan[arm]["trainable_params"] > 0
         assert int(held["optimizer.token_params"]) == plan[arm]["token_trainable_params"] == 0
+        assert ("train/feature_loss" in r.data.metrics) == (arm == "both")
     artifacts = {a.path for a in client.list_artifacts(parent)}
     assert {"results.csv", "sweep.png", "knowledge_tokens", "view_banks"} <= artifacts
+    (bank,) = client.list_artifacts(parent, "view_banks")
+    assert json.loads(Path(client.download_artifacts(parent, bank.path, str(tmp_path))).read_text())["features"]
+    weights = list(tmp_path.rglob(f"checkpoint_*/{MODEL_FILE}"))
+    assert len(weights) >= 2 and not any("feature_projector" in key for w in weights for key in weight_names(w))
     # The champion is the trial with the best val AP after its LAST epoch (never its best epoch on val), and
     # the registered weights are that epoch's.
     history = {r.data.tags["sweep_params"]: client.get_metric_history(r.info.run_id, "val/AP") for r in children}

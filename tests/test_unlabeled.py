@@ -184,7 +184,8 @@ def test_the_mix_gives_each_epoch_its_share_of_unlabeled_crops_in_turn(trained_t
 
 def test_a_student_learns_from_teacher_labelled_crops_alone(trained_teacher, unlabeled_split, tmp_path):
     """A sweep trial's training (``train_student``) with ``ratio=1``: no ground truth reaches the student, only
-    the teacher's labels of the detector's boxes; its val AP ends far above an untrained student's."""
+    the teacher's labels of the detector's boxes (heatmaps, and tokens through the student's feature projector,
+    both read from the banks); its val AP ends far above an untrained student's."""
     from vitpose.config import to_dict
     from vitpose.distill.bank import bank_key
     from vitpose.distill.trial import StudentJob, SweepContext, train_student
@@ -197,21 +198,23 @@ def test_a_student_learns_from_teacher_labelled_crops_alone(trained_teacher, unl
                       "train.precision=fp32", "deepspeed.zero_stage=0", "distill.token.enabled=false",
                       f"distill.unlabeled.images={unlabeled_split / UNLABELED_IMAGES}",
                       f"distill.unlabeled.boxes={unlabeled_split / UNLABELED_BOXES}", "distill.unlabeled.ratio=1.0",
-                      "distill.output.views=2", student=True)
+                      "distill.output.views=2", "distill.feature.weight=1e-3", student=True)
     banks = tmp_path / "banks"
-    ViewBank.build(teacher, train_ds, 2, cfg.train.seed, banks / bank_key("t", cfg), "t", **QUIET)
+    ViewBank.build(teacher, train_ds, 2, cfg.train.seed, banks / bank_key("t", cfg), "t", features=True, **QUIET)
     ds = unlabeled_dataset(cfg, train_ds)
     ViewBank.build(teacher, ds, 2, cfg.train.seed, banks / unlabeled_bank_key("t", cfg), "t",
-                   flip_pairs=ds.flip_pairs, **QUIET)
+                   flip_pairs=ds.flip_pairs, features=True, **QUIET)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = mlflow.MlflowClient(uri).create_run(mlflow.MlflowClient(uri).create_experiment("u")).info.run_id
     context = SweepContext(base_config=to_dict(cfg), tracking_uri=uri, parent_run_id=run_id, teacher_dir="",
-                           teacher_id="t", token_dir=str(tmp_path), bank_dir=str(banks))
+                           teacher_id="t", token_dir=str(tmp_path), bank_dir=str(banks),
+                           teacher_width=teacher.spec.embed_dim)
     session = LocalSession(tmp_path / "run")
     train_student(StudentJob(to_dict(cfg), context, run_id, "trial"), session)
     first, last = session.reports[0], session.reports[-1]
     assert first["train/gt_loss"] == 0 and last["train/gt_loss"] == 0  # nothing but the teacher's labels
     assert last["val/AP"] > 0.1, [r["val/AP"] for r in session.reports]  # untrained: ~0; 0.23 when measured
+    assert last["train/feature_loss"] < 0.5 * first["train/feature_loss"]
 
 
 def test_an_unlabeled_set_on_object_storage_is_copied_once_per_content(unlabeled_split, tmp_path, monkeypatch):

@@ -140,10 +140,20 @@ class OutputDistillConfig(Section):
                                             "views per instance with the teacher's heatmaps (GT-only arms ignore "
                                             "them); online = a fresh seeded draw per epoch, the teacher run per batch")
     views: int = Field(4, ge=1, description="augmented views per instance stored in the view bank")
-    schedule: Literal["constant", "linear_decay"] = Field("constant", description="the weight over training: "
-                                                          "constant, or falling linearly towards 0 (DWPose)")
+    schedule: Literal["constant", "linear_decay"] = Field("constant", description="the teacher terms' "
+                                                          "weights (output and feature) over training: constant, "
+                                                          "or falling linearly towards 0 (DWPose)")
     min_confidence: float = Field(0.0, ge=0.0, le=1.0, description="joints whose teacher heatmap peaks below this "
                                   "are left out of the distillation loss (0: every joint)")
+
+
+class FeatureDistillConfig(Section):
+    """Feature distillation (FitNets; DWPose's feature term): the student's last backbone tokens, through a trainable
+    1x1 projector to the teacher's width (dropped at export), pulled by MSE towards the teacher's last tokens."""
+
+    weight: float = Field(0.0, ge=0.0, description="the term's weight (0: off; the distill.parts 'none' arm never "
+                          "uses it); the teacher's tokens are layer-normed, so their MSE is ~1000x a heatmap MSE: "
+                          "start near 1e-3")
 
 
 class UnlabeledConfig(Section):
@@ -176,4 +186,5 @@ class DistillConfig(Section):
     teacher_uri: str = "models:/vitpose-teacher@current"
     token: TokenConfig = TokenConfig()
     output: OutputDistillConfig = OutputDistillConfig()
+    feature: FeatureDistillConfig = FeatureDistillConfig()
     unlabeled: UnlabeledConfig = UnlabeledConfig()

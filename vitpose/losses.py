@@ -28,3 +28,15 @@ def heatmap_distill_mse(student: torch.Tensor, teacher: torch.Tensor, weight: fl
             "teacher and student need the same input size and keypoint set"
         )
     return weight * (student.float() - teacher.detach().float()).pow(2).mean()
+
+
+def feature_distill_mse(student: torch.Tensor, teacher: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """Feature distillation: MSE between the student's projected tokens and the (detached) teacher's last tokens,
+    both (B, C, Hp, Wp); a student token grid of another size is resized to the teacher's (bilinear)."""
+    if student.shape[:2] != teacher.shape[:2]:
+        raise ValueError(f"student features {tuple(student.shape)} and teacher features {tuple(teacher.shape)} "
+                         "differ in batch or channels: the student's projector must map to the teacher's width")
+    if student.shape[2:] != teacher.shape[2:]:
+        student = torch.nn.functional.interpolate(student.float(), size=teacher.shape[2:], mode="bilinear",
+                                                  align_corners=False)
+    return weight * (student.float() - teacher.detach().float()).pow(2).mean()

@@ -31,6 +31,7 @@ from vitpose.run.console import say as console_say
 from vitpose.train.run_folder import write_atomic
 
 PROGRESS = "progress.json"  # in a bank being built: the build's identity and the views written so far
+FEATURES = "features.npy"  # the teacher's last tokens per view, in banks built for feature distillation
 # Data settings that change how crops are loaded, never which crops there are.
 LOADING_ONLY = {"loader_workers", "image_cache_mb"}
 
@@ -69,8 +70,9 @@ class ViewBank:
     """Teacher heatmaps for V augmented views per training instance, memory-mapped from ``folder``.
 
     ``heatmaps.npy`` (N, V, K, h, w) float16, ``params.npy`` (N, V, P) float64 (``AugParams`` arrays),
-    ``valid.npy`` (N,) bool, ``bank.json`` (what built it). A bank is written to a temporary folder and
-    renamed into place, so a half-built bank is never opened.
+    ``valid.npy`` (N,) bool, ``bank.json`` (what built it); built for feature distillation, also
+    ``features.npy`` (N, V, C, Hp, Wp) float16, the teacher's last tokens. A bank is written to a temporary
+    folder and renamed into place, so a half-built bank is never opened.
     """
 
     def __init__(self, folder: Path):
@@ -83,6 +85,8 @@ class ViewBank:
         self.params = np.load(self.folder / "params.npy")
         self.valid = np.load(self.folder / "valid.npy")
         self.views = int(self.info["views"])
+        tokens = self.folder / FEATURES
+        self.features = np.load(tokens, mmap_mode="r") if tokens.is_file() else None
 
     @staticmethod
     def view_params(dataset: Any, index: int, view: int, seed: int) -> Any:
@@ -91,18 +95,21 @@ class ViewBank:
     @classmethod
     def build(cls, teacher: torch.nn.Module, dataset: Any, views: int, seed: int, folder: Path,
               teacher_id: str, batch_size: int = 64, say: Callable[[str], None] = console_say,
-              device: torch.device | str = "cpu", flip_pairs: list[tuple[int, int]] | None = None) -> ViewBank:
-        """The bank of ``dataset`` in ``folder``: reused when it holds these views, else built. With
-        ``flip_pairs`` each view's heatmaps average the teacher's on the crop and, flipped back, on its mirror
-        (the flip test). A build that stops part-way goes on from its last written batch when run again."""
+              device: torch.device | str = "cpu", flip_pairs: list[tuple[int, int]] | None = None,
+              features: bool = False) -> ViewBank:
+        """The bank of ``dataset`` in ``folder``: reused when it holds these views (and, with ``features``, the
+        teacher's tokens), else built. With ``flip_pairs`` each view's heatmaps average the teacher's on the crop
+        and, flipped back, on its mirror (the flip test); tokens are the crop's own (a mirrored crop's tokens do
+        not map back). A build that stops part-way goes on from its last written batch when run again."""
         folder = Path(folder)
         build = {"teacher": teacher_id, "views": views, "seed": seed, "instances": len(dataset),
                  "flip_averaged": flip_pairs is not None}
         if (folder / "bank.json").is_file():
             bank = cls(folder)
-            if {k: bank.info.get(k, False) for k in build} == build:
+            if {k: bank.info.get(k, False) for k in build} == build and (bank.features is not None or not features):
                 say(f"view bank reused from {folder}")
                 return bank
+        build["features"] = features
         teacher = frozen(teacher).to(device)
         n, k = len(dataset), teacher.spec.num_keypoints
         h, w = teacher.spec.heatmap_size
@@ -116,6 +123,11 @@ class ViewBank:
         mode = "r+" if start else "w+"
         heat = np.lib.format.open_memmap(tmp / "heatmaps.npy", mode=mode, dtype=np.float16, shape=(n, views, k, h, w))
         valid = np.lib.format.open_memmap(tmp / "valid.npy", mode=mode, dtype=bool, shape=(n,))
+        tokens = None
+        if features:
+            grid = teacher.backbone.grid_size
+            tokens = np.lib.format.open_memmap(tmp / FEATURES, mode=mode, dtype=np.float16,
+                                               shape=(n, views, teacher.spec.embed_dim, *grid))
         if not start:
             valid[:] = True
         params = np.zeros((n, views, AugParams.ARRAY_SIZE), dtype=np.float64)
@@ -125,11 +137,16 @@ class ViewBank:
         def flush(position: int) -> None:
             """Label the pending crops, then record that every view before ``position`` is written."""
             if pending:
-                out = teacher_heatmaps(teacher, torch.stack([p[2] for p in pending]).to(device), flip_pairs)
-                for (i, v, _), hm in zip(pending, out.cpu().numpy(), strict=True):
-                    heat[i, v] = hm.astype(np.float16)
+                crops = torch.stack([p[2] for p in pending]).to(device)
+                out, feats = teacher_outputs(teacher, crops, flip_pairs, features)
+                for j, (i, v, _) in enumerate(pending):
+                    heat[i, v] = out[j].cpu().numpy().astype(np.float16)
+                    if tokens is not None:
+                        tokens[i, v] = feats[j].cpu().numpy().astype(np.float16)
                 pending.clear()
             heat.flush()
+            if tokens is not None:
+                tokens.flush()
             valid.flush()
             write_atomic(tmp / PROGRESS, json.dumps({**build, "done": position}))
 
@@ -170,11 +187,21 @@ def teacher_heatmaps(teacher: torch.nn.Module, crops: torch.Tensor,
                      flip_pairs: list[tuple[int, int]] | None = None) -> torch.Tensor:
     """The teacher's heatmaps of ``crops`` (float32); with ``flip_pairs``, averaged with those of the mirrored
     crops mapped back (the flip test)."""
+    return teacher_outputs(teacher, crops, flip_pairs)[0]
+
+
+def teacher_outputs(teacher: torch.nn.Module, crops: torch.Tensor, flip_pairs: list[tuple[int, int]] | None = None,
+                    features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``teacher_heatmaps`` and, with ``features``, the teacher's last tokens of the crops themselves."""
     with torch.no_grad():
-        out = teacher(crops).float()
+        if features:
+            out, tokens = teacher(crops, with_features=True)
+            out, tokens = out.float(), tokens.float()
+        else:
+            out, tokens = teacher(crops).float(), None
         if flip_pairs is not None:
             out = 0.5 * (out + flip_back(teacher(crops.flip(-1)).float(), flip_pairs))
-    return out
+    return out, tokens
 
 
 def _resume_point(tmp: Path, build: dict[str, Any]) -> int:
@@ -190,14 +217,19 @@ def _resume_point(tmp: Path, build: dict[str, Any]) -> int:
 class BankedViews(Dataset):
     """A training dataset whose every item is one of the bank's views, with the teacher's heatmaps.
 
-    The view of (epoch, index) is drawn from (seed, epoch, index), so a resumed epoch replays exactly.
-    Everything else (keypoint names, flip pairs, ...) is the wrapped dataset's.
+    The view of (epoch, index) is drawn from (seed, epoch, index), so a resumed epoch replays exactly; with
+    ``features`` an item also carries the teacher's tokens of its view. Everything else (keypoint names, flip
+    pairs, ...) is the wrapped dataset's.
     """
 
-    def __init__(self, dataset: Any, bank: ViewBank, seed: int):
+    def __init__(self, dataset: Any, bank: ViewBank, seed: int, features: bool = False):
         if len(dataset) != bank.heatmaps.shape[0]:
             raise ValueError(f"view bank {bank.folder} has {bank.heatmaps.shape[0]} instances, dataset {len(dataset)}")
+        if features and bank.features is None:
+            raise ValueError(f"view bank {bank.folder} holds no teacher tokens ({FEATURES}); the sweep builds them "
+                             "when a trial sets distill.feature.weight > 0 (run it again to rebuild the bank)")
         self.dataset, self.bank, self.seed, self.epoch = dataset, bank, seed, 0
+        self.features = features
         self.valid = np.flatnonzero(bank.valid)
 
     def __getattr__(self, name: str) -> Any:
@@ -216,5 +248,7 @@ class BankedViews(Dataset):
         view = int(np.random.default_rng([self.seed, self.epoch, index]).integers(self.bank.views))
         item = self.dataset.load(index, AugParams.from_array(self.bank.params[index, view]))
         item["teacher_heatmaps"] = torch.from_numpy(np.asarray(self.bank.heatmaps[index, view], dtype=np.float32))
+        if self.features:
+            item["teacher_features"] = torch.from_numpy(np.asarray(self.bank.features[index, view], dtype=np.float32))
         item["view"] = view
         return item

@@ -33,19 +33,21 @@ def trainable(module: torch.nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def arm_plan(arm: StudentConfig) -> dict[str, Any]:
-    """One arm's row of the plan (the student is built as a trial builds it, with tokens of the right shape)."""
+def arm_plan(arm: StudentConfig, teacher_width: int) -> dict[str, Any]:
+    """One arm's row of the plan (the student is built as a trial builds it, with tokens of the right shape and
+    the feature projector to ``teacher_width`` when the arm distills features)."""
     t, o = arm.distill.token, arm.distill.output
     tokens = None
     if t.enabled:
         tokens = random_tokens(TokenSetting.from_config(arm))  # the stored ones have this shape
-    student = build_student(arm, tokens)
+    student = build_student(arm, tokens, teacher_width)
     return {
         "trainable_params": trainable(student),
         "token_trainable_params": trainable(student.backbone.knowledge_tokens),
         "tokens": ("random" if t.random else "teacher") if t.enabled else None,
         "teacher_outputs": o.mode if o.enabled else None,
         "output_weight": o.weight if o.enabled else 0.0,
+        "feature_weight": arm.distill.feature.weight,
         "views": view_stream(arm),
         "unlabeled_ratio": arm.distill.unlabeled.ratio if uses_unlabeled(arm) else 0.0,
     }
@@ -57,7 +59,7 @@ def sweep_plan(cfg: StudentConfig, tracking_uri: str) -> dict[str, Any]:
     uri = pinned(cfg.distill.teacher_uri, tracking_uri)
     teacher = load_teacher(cfg, tracking_uri, uri)
     spec, meta = teacher.spec, teacher.meta
-    arms = {name: arm_plan(arm) for name, arm in arm_configs(cfg).items()}
+    arms = {name: arm_plan(arm, spec.embed_dim) for name, arm in arm_configs(cfg).items()}
     student = next(iter(arm_configs(cfg).values()))
     if student.model.img_size and tuple(student.model.img_size) != tuple(spec.img_size):
         raise ConfigError(f"teacher {cfg.distill.teacher_uri} takes {list(spec.img_size)} crops, model.img_size is "
@@ -104,6 +106,8 @@ def token_effects(cfg: StudentConfig, teacher: torch.nn.Module, teacher_id: str)
 def count_banks(streams: list[str]) -> int:
     """View banks the preparations make: one per labelled view stream, one per unlabelled set they add."""
     parsed = [json.loads(s) for s in streams]
+    for p in parsed:
+        p.pop("features", None)  # a bank that also holds the teacher's tokens is the same bank
     unlabeled = {json.dumps(p.pop("unlabeled"), sort_keys=True) for p in parsed if "unlabeled" in p}
     return len({json.dumps(p, sort_keys=True) for p in parsed}) + len(unlabeled)
 
@@ -132,7 +136,8 @@ def print_plan(plan: dict[str, Any]) -> None:
                     f"(trainable on the way in: {arm['token_trainable_params']})  teacher heatmaps "
                     f"{arm['teacher_outputs'] or '-':<6}  views {views['source']} data {views['data']} "
                     f"seed {views['seed']}" + (f"  unlabelled share {arm['unlabeled_ratio']:g}"
-                                               if arm["unlabeled_ratio"] else ""))
+                                               if arm["unlabeled_ratio"] else "")
+                    + (f"  feature weight {arm['feature_weight']:g}" if arm["feature_weight"] else ""))
     for entry in plan["settings"]:
         label = ", ".join(f"{k}={v}" for k, v in entry["setting"].items()) or "the base config"
         sampled = f", sampling {', '.join(entry['sampled'])}" if entry["sampled"] else ""

@@ -90,6 +90,8 @@ def apply_params(base: StudentConfig, params: dict[str, Any]) -> StudentConfig:
         for part in parents:
             node = node[part]
         node[last] = value
+    if params.get(PARTS_KEY) == "none":
+        data["distill"]["feature"]["weight"] = 0.0  # the baseline learns from no teacher term at all
     try:
         return StudentConfig.model_validate(data)
     except Exception as err:
@@ -105,7 +107,8 @@ def preparation(cfg: StudentConfig) -> tuple[TokenSetting | None, str | None]:
         return tokens, None
     # The unlabelled set's bank, for the arms that learn from it, is made beside the labelled one.
     unlabeled = {"unlabeled": cfg.distill.unlabeled.model_dump(exclude={"ratio"})} if uses_unlabeled(cfg) else {}
-    return tokens, json.dumps({**view_stream(cfg), **unlabeled}, sort_keys=True)
+    features = {"features": True} if cfg.distill.feature.weight > 0 else {}  # the banks also hold its tokens
+    return tokens, json.dumps({**view_stream(cfg), **unlabeled, **features}, sort_keys=True)
 
 
 def uses_unlabeled(cfg: StudentConfig) -> bool:

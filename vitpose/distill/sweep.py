@@ -144,7 +144,13 @@ def prepare(cfg: StudentConfig, run: DriverRun) -> SweepContext:
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the driver's: a GPU head learns on its GPU
     banks: set[str] = set()
     datasets = {(data_identity(cfg), cfg.train.seed): train_ds}  # the crops follow the data and the seed
-    for trial in trial_preparations(cfg):
+    trials = trial_preparations(cfg)
+    with_tokens = set()  # the banks that also hold the teacher's tokens, for the trials that distill them
+    for trial in (t for t in trials if t.distill.feature.weight > 0):
+        with_tokens.add(bank_key(teacher_id, trial))
+        if uses_unlabeled(trial):
+            with_tokens.add(unlabeled_bank_key(teacher_id, trial))
+    for trial in trials:
         setting, stream = preparation(trial)
         key = (data_identity(trial), trial.train.seed)
         if key not in datasets:
@@ -160,19 +166,20 @@ def prepare(cfg: StudentConfig, run: DriverRun) -> SweepContext:
         if (key := bank_key(teacher_id, trial)) not in banks:
             flips = trial_train.flip_pairs if o.flip_average else None
             made.append(ViewBank.build(teacher, trial_train, o.views, seed, bank_root / key, teacher_id,
-                                       device=device, flip_pairs=flips))
+                                       device=device, flip_pairs=flips, features=key in with_tokens))
         if uses_unlabeled(trial) and (key := unlabeled_bank_key(teacher_id, trial)) not in banks:
             unlabeled = unlabeled_dataset(trial, trial_train)
             console.say(describe(unlabeled))
             made.append(ViewBank.build(teacher, unlabeled, o.views, seed, bank_root / key, teacher_id,
-                                       device=device, flip_pairs=unlabeled.flip_pairs))
+                                       device=device, flip_pairs=unlabeled.flip_pairs, features=key in with_tokens))
         for bank in made:
             banks.add(bank.folder.name)
             tracking.log_json(tracking_uri, parent, {**bank.info, "stream": json.loads(stream)},
                               f"view_banks/{bank.folder.name}.json")
     return SweepContext(base_config=to_dict(cfg), tracking_uri=tracking_uri, parent_run_id=parent,
                         teacher_dir=str(teacher_folder(sweep_dir)), teacher_id=teacher_id, token_dir=str(token_dir),
-                        bank_dir=str(bank_root) if banks else None, trials_uri=sweep_dir.uri)
+                        bank_dir=str(bank_root) if banks else None, trials_uri=sweep_dir.uri,
+                        teacher_width=teacher.spec.embed_dim)
 
 
 def run_tune(cfg: StudentConfig, context: SweepContext, storage: Storage, name: str, resume: bool) -> Any:

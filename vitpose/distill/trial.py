@@ -43,6 +43,7 @@ class SweepContext:
         tracking_uri: the MLflow store; parent_run_id: the sweep's run, parent of every trial's run.
         teacher_dir: the teacher fetched to local storage (model.safetensors + vitpose_meta.json).
         teacher_id: names exactly those weights (registry URI + content digest); keys tokens and bank.
+        teacher_width: the teacher's token width (the students' feature projectors map to it).
         token_dir: where the knowledge-token files are; bank_dir: the folder of the view banks (one per
         ``bank_key``), None in online mode.
         trials_uri: the sweep's Tune folder (local or a storage URI), where multi-rank trials keep their
@@ -57,6 +58,7 @@ class SweepContext:
     token_dir: str
     bank_dir: str | None
     trials_uri: str = ""
+    teacher_width: int = 0
 
 
 @dataclass(frozen=True)
@@ -153,20 +155,21 @@ def train_student(job: StudentJob, session: Any) -> None:
         tracker.client.set_tag(job.run_id, "workers", str(session.world_size))
 
     train_ds, val_ds = build_datasets(cfg, is_local_leader=False)
-    model = build_student(cfg, tokens_for(cfg, Path(context.token_dir), context.teacher_id))
-    out, seed = cfg.distill.output, cfg.train.seed
+    model = build_student(cfg, tokens_for(cfg, Path(context.token_dir), context.teacher_id), context.teacher_width)
+    out, seed, features = cfg.distill.output, cfg.train.seed, cfg.distill.feature.weight > 0
     if out.mode == "bank":
         # Every arm trains on the bank's views, whether or not its loss reads the stored heatmaps: arms of one
         # comparison then differ in their loss only.
         banks = Path(context.bank_dir)
-        train_ds = BankedViews(train_ds, ViewBank(banks / bank_key(context.teacher_id, cfg)), seed)
+        train_ds = BankedViews(train_ds, ViewBank(banks / bank_key(context.teacher_id, cfg)), seed, features)
         if uses_unlabeled(cfg):
             unlabeled = BankedViews(unlabeled_dataset(cfg, train_ds),
-                                    ViewBank(banks / unlabeled_bank_key(context.teacher_id, cfg)), seed)
+                                    ViewBank(banks / unlabeled_bank_key(context.teacher_id, cfg)), seed, features)
             train_ds = MixedViews(train_ds, unlabeled, cfg.distill.unlabeled.ratio, seed)
-    teacher = frozen(create(context.teacher_dir)) if out.enabled and out.mode == "online" else None
+    online = (out.enabled or features) and out.mode == "online"
+    teacher = frozen(create(context.teacher_dir)) if online else None
     loss = distill_loss(out.weight if out.enabled else 0.0, teacher, schedule=out.schedule,
-                        min_confidence=out.min_confidence)
+                        min_confidence=out.min_confidence, feature_weight=cfg.distill.feature.weight)
     # The run's final status is set by the driver (close_trial_runs): Tune may stop a trial inside its
     # last report, before any code after fit() would run.
     Trainer(cfg, session, model=model, loss_fn=loss, datasets=(train_ds, val_ds), tracker=tracker,

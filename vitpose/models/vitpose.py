@@ -195,6 +195,16 @@ def match_preset(spec: ModelSpec) -> str | None:
     return None
 
 
+# A submodule that exists only while a student trains (feature distillation's projector to the teacher's
+# width): trained with the model, kept in its DeepSpeed checkpoints, never in the weights it is served with.
+FEATURE_PROJECTOR = "feature_projector"
+
+
+def exported_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the training-only submodules: what rebuilds the model from its spec."""
+    return {k: v for k, v in state.items() if not k.startswith(f"{FEATURE_PROJECTOR}.")}
+
+
 class ViTPose(nn.Module):
     """Top-down pose model: images (B, 3, H, W) -> heatmaps (B, K, 4*Hp, 4*Wp) (= H/4 x W/4 at patch 16)."""
 
@@ -237,8 +247,17 @@ class ViTPose(nn.Module):
         for head in self.heads:
             head.init_weights()
 
-    def forward(self, images: torch.Tensor, dataset_index: int | torch.Tensor | None = None) -> Any:
-        """Heatmaps (B, K, H, W); for a multi-dataset model see moe.py (a (B,) index gives one per dataset)."""
+    def forward(self, images: torch.Tensor, dataset_index: int | torch.Tensor | None = None,
+                with_features: bool = False) -> Any:
+        """Heatmaps (B, K, H, W); for a multi-dataset model see moe.py (a (B,) index gives one per dataset).
+        ``with_features``: (heatmaps, the backbone's last tokens as a (B, C, Hp, Wp) map), the tokens through the
+        feature projector when the model carries one (feature distillation)."""
+        if with_features:
+            if dataset_index is not None:
+                raise ValueError("with_features is for single-dataset models (dataset_index must be None)")
+            tokens = self.backbone(images)
+            projector = getattr(self, FEATURE_PROJECTOR, None)
+            return self.keypoint_head(tokens), tokens if projector is None else projector(tokens)
         if dataset_index is None:
             return self.keypoint_head(self.backbone(images))
         moe = bool(self._spec.moe_part_features)
@@ -246,6 +265,11 @@ class ViTPose(nn.Module):
             d = int(dataset_index)
             return self.heads[d](self.backbone(images, d if moe else None))
         return route_heads(self.heads, self.backbone(images, dataset_index if moe else None), dataset_index)
+
+    def add_feature_projector(self, width: int) -> None:
+        """A trainable 1x1 projection of the backbone's tokens to ``width`` channels (a teacher's width), for
+        feature distillation. Not part of the spec: ``exported_state`` leaves it out of saved weights."""
+        setattr(self, FEATURE_PROJECTOR, nn.Conv2d(self._spec.embed_dim, width, kernel_size=1))
 
     @property
     def spec(self) -> ModelSpec:

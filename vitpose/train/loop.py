@@ -31,6 +31,7 @@ from vitpose.build import build_datasets, build_model_from_config, build_partiti
 from vitpose.config import TrainingConfig
 from vitpose.data.keypoints import keypoint_info
 from vitpose.losses import keypoint_mse
+from vitpose.models.vitpose import exported_state
 from vitpose.run.console import say
 from vitpose.train.bad_samples import BadSampleLedger
 from vitpose.train.deepspeed_config import complete_deepspeed_config, zero_stage
@@ -304,7 +305,7 @@ class Trainer:
         if self.rank == 0:
             if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
                 raise NonFiniteLossError(f"refusing to save a checkpoint with NaN/inf weights at epoch {epoch + 1}")
-            write_weights(out, state, self.spec.to_dict())
+            write_weights(out, exported_state(state), self.spec.to_dict())
             meta = {
                 "epoch": epoch,
                 "global_step": self.global_step,
