@@ -3,6 +3,7 @@ has few labels and many unlabeled images (configs/distill/synthetic_fewlabels.ya
 
     python -m benchmarks.distill_gap [--arms none output unlabeled ...] [--seeds 5] [--first-seed 0]
                                      [--teacher models:/vitpose-teacher@plateau] [--set KEY=VALUE ...]
+                                     [--reuse none output ...]
 
 Every arm is one sweep (``pipelines/distill.py``: Ray Tune, DeepSpeed engine, MLflow; FIFO) of ``--seeds``
 seeds; arms differ in their distillation settings only (``ARMS``) and take the same optimizer steps at the same
@@ -11,11 +12,14 @@ trains on the labelled crops alone. Students are read after their last epoch. Pe
 to ``none`` with its 95% t interval over seeds, and the share of the gap it closes, (arm - none) /
 (teacher - none) per seed, with its interval. The target: an arm closes >= 40% with an interval above 30%.
 Results (per-seed values, the unlabeled set's size and labelling time) go to ``runs/bench/distill_gap.json``.
+``--reuse ARM ...`` reads those arms from their newest sweep that finished every seed (same command otherwise)
+instead of training them again, so arms can be added to a table one run at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
 import sys
@@ -45,6 +49,8 @@ ARMS = {
     "unlabeled_confident": ("output", ["distill.output.min_confidence=0.2"]),
     "unlabeled_decay": ("output", ["distill.output.schedule=linear_decay"]),
     "unlabeled_flip": ("output", ["distill.output.flip_average=true"]),
+    "unlabeled_feature": ("output", ["distill.feature.weight=0.001"]),
+    "unlabeled_second_stage": ("output", ["distill.second_stage.epochs=20"]),  # the last 10% of the epochs
 }
 TARGET, FLOOR = 0.40, 0.30  # the share of the gap to close, and what its interval must stay above
 
@@ -55,9 +61,20 @@ def labelling(log: Path) -> list[str]:
     return [ln.strip() for ln in lines if "unlabelled set:" in ln or re.search(r"view bank .*unlabeled-", ln)]
 
 
+def finished_sweep(name: str, seeds: list[int]) -> Path | None:
+    """The newest sweep folder of ``name`` whose results hold every seed of ``seeds`` (None: none has)."""
+    for results in sorted((REPO / "runs" / "ray").glob(f"{name}-2*/results.csv"), reverse=True):
+        done = {int(row["config/train.seed"]) for row in csv.DictReader(results.open())}
+        if set(seeds) <= done:
+            return results.parent
+    return None
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="none is always run")
+    p.add_argument("--reuse", nargs="+", choices=list(ARMS), default=[],
+                   help="arms read from their newest finished sweep instead of trained again")
     a, out, seeds = parse_common(p, "distill_gap.json")
     arms = ["none", *(arm for arm in a.arms if arm != "none")]
     t0 = time.time()
@@ -75,8 +92,12 @@ def main() -> int:
     for arm in arms:
         parts, own = ARMS[arm]
         log = out.with_suffix(f".{arm}.log")
-        folder = sweep(CONFIG, f"gap-{arm}", [f"tune.search_space={{distill.parts: {{grid: [{parts}]}}}}", *own,
-                                              *common], log, registered="vitpose-student-gap")
+        folder = finished_sweep(f"gap-{arm}", seeds) if arm in a.reuse else None
+        if folder is not None:
+            print(f"  {arm}: reusing {folder}", flush=True)
+        else:
+            folder = sweep(CONFIG, f"gap-{arm}", [f"tune.search_space={{distill.parts: {{grid: [{parts}]}}}}", *own,
+                                                  *common], log, registered="vitpose-student-gap")
         scores.update(read(folder, {parts: arm}))
         folders[arm] = str(folder)
         unlabeled_lines += labelling(log)

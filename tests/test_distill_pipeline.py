@@ -160,7 +160,7 @@ def test_plan_prints_each_arm_without_training(registry, synthetic_root, tmp_pat
     space = "tune.search_space={distill.parts: {grid: [none, token, output]}, train.seed: {grid: [3]}}"
     unlabeled = ["--set", "distill.unlabeled.images=images/unlabeled", "--set", "distill.unlabeled.boxes=boxes.json"]
     out = run(["pipelines/distill.py", *common(synthetic_root, tmp_path), "--plan", "--json", "--set", space,
-               *unlabeled], registry)
+               *unlabeled, "--set", "distill.second_stage.epochs=1"], registry)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     seeded = json.loads(out.stdout.strip().splitlines()[-1])
     assert [(e["setting"], e["seeds"]) for e in seeded["settings"]] == [
@@ -171,6 +171,7 @@ def test_plan_prints_each_arm_without_training(registry, synthetic_root, tmp_pat
     assert [a["unlabeled_ratio"] for a in seeded["arms"].values()] == [0.0, 0.0, 0.5]
     assert seeded["prepared_before_trials"]["view_banks"] == 2  # the labelled views' bank, the unlabeled set's
     assert "unlabelled share 0.5" in out.stdout
+    assert [a["second_stage_epochs"] for a in seeded["arms"].values()] == [0, 1, 1]  # never in the none arm
 
     missing = {**registry, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}"}
     out = run(["pipelines/distill.py", *common(synthetic_root, tmp_path), "--plan", "--json"], missing)

@@ -281,6 +281,13 @@ class StudentConfig(TrainingConfig):
     distill: DistillConfig = DistillConfig()
     tune: TuneConfig = TuneConfig()
 
+    @model_validator(mode="after")
+    def _second_stage_inside_training(self) -> StudentConfig:
+        if self.distill.second_stage.epochs >= self.train.epochs:
+            raise ValueError(f"distill.second_stage.epochs={self.distill.second_stage.epochs} must be below "
+                             f"train.epochs={self.train.epochs}: the second stage is the last epochs of training")
+        return self
+
 
 ConfigT = TypeVar("ConfigT", bound=Section)
 

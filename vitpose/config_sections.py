@@ -156,6 +156,16 @@ class FeatureDistillConfig(Section):
                           "start near 1e-3")
 
 
+class SecondStageConfig(Section):
+    """DWPose's second stage (head-aware self-distillation), inside ``train.epochs``: for its last ``epochs`` epochs
+    the backbone's patch embedding and blocks are frozen (learning rate 0) and the rest (its final norm, the head)
+    trains on the ground truth plus ``weight`` x the MSE to the student's own heatmaps at the stage's start, in
+    place of the teacher terms."""
+
+    epochs: int = Field(0, ge=0, description="the last epochs of train.epochs that are the second stage (0: off)")
+    weight: float = Field(1.0, ge=0.0, description="weight of the MSE to the student's own heatmaps")
+
+
 class UnlabeledConfig(Section):
     """Person crops without keypoints, labelled by the teacher once into the view bank: ``images`` (a folder) and
     ``boxes`` (person detections in COCO's detection-results format, what a detector writes: a json list of
@@ -187,4 +197,5 @@ class DistillConfig(Section):
     token: TokenConfig = TokenConfig()
     output: OutputDistillConfig = OutputDistillConfig()
     feature: FeatureDistillConfig = FeatureDistillConfig()
+    second_stage: SecondStageConfig = SecondStageConfig()
     unlabeled: UnlabeledConfig = UnlabeledConfig()

@@ -48,6 +48,7 @@ def arm_plan(arm: StudentConfig, teacher_width: int) -> dict[str, Any]:
         "teacher_outputs": o.mode if o.enabled else None,
         "output_weight": o.weight if o.enabled else 0.0,
         "feature_weight": arm.distill.feature.weight,
+        "second_stage_epochs": arm.distill.second_stage.epochs,
         "views": view_stream(arm),
         "unlabeled_ratio": arm.distill.unlabeled.ratio if uses_unlabeled(arm) else 0.0,
     }
@@ -137,7 +138,8 @@ def print_plan(plan: dict[str, Any]) -> None:
                     f"{arm['teacher_outputs'] or '-':<6}  views {views['source']} data {views['data']} "
                     f"seed {views['seed']}" + (f"  unlabelled share {arm['unlabeled_ratio']:g}"
                                                if arm["unlabeled_ratio"] else "")
-                    + (f"  feature weight {arm['feature_weight']:g}" if arm["feature_weight"] else ""))
+                    + (f"  feature weight {arm['feature_weight']:g}" if arm["feature_weight"] else "")
+                    + (f"  second stage: last {arm['second_stage_epochs']} epochs" if arm["second_stage_epochs"] else ""))
     for entry in plan["settings"]:
         label = ", ".join(f"{k}={v}" for k, v in entry["setting"].items()) or "the base config"
         sampled = f", sampling {', '.join(entry['sampled'])}" if entry["sampled"] else ""

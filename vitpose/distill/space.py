@@ -90,8 +90,9 @@ def apply_params(base: StudentConfig, params: dict[str, Any]) -> StudentConfig:
         for part in parents:
             node = node[part]
         node[last] = value
-    if params.get(PARTS_KEY) == "none":
-        data["distill"]["feature"]["weight"] = 0.0  # the baseline learns from no teacher term at all
+    if params.get(PARTS_KEY) == "none":  # the baseline: the student alone, no teacher term and no second stage
+        data["distill"]["feature"]["weight"] = 0.0
+        data["distill"]["second_stage"]["epochs"] = 0
     try:
         return StudentConfig.model_validate(data)
     except Exception as err:

@@ -33,10 +33,14 @@ def build_student(cfg: Any, tokens: torch.Tensor | None, teacher_width: int = 0)
 
 
 def distill_loss(output_weight: float, teacher: torch.nn.Module | None = None, *, schedule: str = "constant",
-                 min_confidence: float = 0.0, feature_weight: float = 0.0) -> DistillLoss:
+                 min_confidence: float = 0.0, feature_weight: float = 0.0,
+                 second_stage: tuple[int, float] = (0, 0.0)) -> DistillLoss:
     """GT loss + ``output_weight`` x MSE to teacher heatmaps (from the batch, else ``teacher`` online) +
-    ``feature_weight`` x MSE of the student's projected tokens to the teacher's."""
-    return DistillLoss(output_weight, teacher, schedule, min_confidence, feature_weight)
+    ``feature_weight`` x MSE of the student's projected tokens to the teacher's; ``second_stage`` (epochs,
+    weight): the last epochs train the head on GT + weight x MSE to the student's own heatmaps."""
+    loss = DistillLoss(output_weight, teacher, schedule, min_confidence, feature_weight)
+    loss.second_stage_epochs, loss.self_weight = second_stage
+    return loss
 
 
 class DistillLoss:
@@ -44,7 +48,14 @@ class DistillLoss:
     heatmaps over the joints whose teacher peak reaches ``min_confidence`` (0: all joints), plus the weighted MSE
     of the student's tokens (through its feature projector) to the teacher's last tokens. ``schedule``
     ``linear_decay`` lowers both teacher weights linearly from their value in the first epoch towards 0 after
-    the last (DWPose's weight decay); the trainer calls ``set_progress`` before every epoch."""
+    the last (DWPose's weight decay); the trainer calls ``set_progress`` before every epoch.
+
+    In the last ``second_stage_epochs`` epochs (DWPose's second stage) the loss is the GT MSE plus ``self_weight``
+    x the MSE to the heatmaps of ``own``, the student as it was when the stage began, which the trainer hands
+    over (``begin_second_stage``) when ``frozen_backbone`` turns true; it then also freezes the backbone."""
+
+    second_stage_epochs: int = 0
+    self_weight: float = 0.0
 
     def __init__(self, output_weight: float, teacher: torch.nn.Module | None, schedule: str, min_confidence: float,
                  feature_weight: float = 0.0):
@@ -53,6 +64,8 @@ class DistillLoss:
         self.output_weight, self.feature_weight = output_weight, feature_weight
         self.teacher, self.schedule, self.min_confidence = teacher, schedule, min_confidence
         self.factor = 1.0  # this epoch's share of the weights
+        self.frozen_backbone = False  # in the second stage
+        self.own: torch.nn.Module | None = None
 
     @property
     def weight(self) -> float:
@@ -62,6 +75,11 @@ class DistillLoss:
     def set_progress(self, epoch: int, epochs: int) -> None:
         if self.schedule == "linear_decay":
             self.factor = 1.0 - epoch / max(epochs, 1)
+        self.frozen_backbone = self.second_stage_epochs > 0 and epoch >= epochs - self.second_stage_epochs
+
+    def begin_second_stage(self, own: torch.nn.Module) -> None:
+        """The student as the second stage found it (frozen): its heatmaps are the stage's targets."""
+        self.own = own
 
     def teacher_targets(self, batch: dict[str, Any], features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The teacher's heatmaps and, when ``features``, its last tokens: the bank's, else the online teacher's."""
@@ -79,6 +97,8 @@ class DistillLoss:
             return self.teacher(images.float()), None
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.frozen_backbone:
+            return self.second_stage_loss(model, batch)
         features = self.feature_weight > 0
         if features:
             heatmaps, tokens = model(batch["image"], with_features=True)
@@ -101,6 +121,16 @@ class DistillLoss:
             fd = feature_distill_mse(tokens, teacher_tokens, self.feature_weight * self.factor)
             loss, parts["feature_loss"] = loss + fd, float(fd.detach())
         return loss, parts
+
+    def second_stage_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.own is None:
+            raise RuntimeError("the second stage began without the student's own copy (begin_second_stage)")
+        heatmaps = model(batch["image"])
+        gt = keypoint_mse(heatmaps, batch["target"], batch["target_weight"])
+        with torch.no_grad():
+            own = self.own(batch["image"].float())
+        self_kd = heatmap_distill_mse(heatmaps, own, self.self_weight)
+        return gt + self_kd, {"gt_loss": float(gt.detach()), "self_kd_loss": float(self_kd.detach())}
 
 
 SCHEDULES = ("constant", "linear_decay")

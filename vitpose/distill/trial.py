@@ -169,7 +169,8 @@ def train_student(job: StudentJob, session: Any) -> None:
     online = (out.enabled or features) and out.mode == "online"
     teacher = frozen(create(context.teacher_dir)) if online else None
     loss = distill_loss(out.weight if out.enabled else 0.0, teacher, schedule=out.schedule,
-                        min_confidence=out.min_confidence, feature_weight=cfg.distill.feature.weight)
+                        min_confidence=out.min_confidence, feature_weight=cfg.distill.feature.weight,
+                        second_stage=(cfg.distill.second_stage.epochs, cfg.distill.second_stage.weight))
     # The run's final status is set by the driver (close_trial_runs): Tune may stop a trial inside its
     # last report, before any code after fit() would run.
     Trainer(cfg, session, model=model, loss_fn=loss, datasets=(train_ds, val_ds), tracker=tracker,

@@ -31,7 +31,7 @@ from vitpose.build import build_datasets, build_model_from_config, build_partiti
 from vitpose.config import TrainingConfig
 from vitpose.data.keypoints import keypoint_info
 from vitpose.losses import keypoint_mse
-from vitpose.models.vitpose import exported_state
+from vitpose.models.vitpose import build_model_from_spec, exported_state
 from vitpose.run.console import say
 from vitpose.train.bad_samples import BadSampleLedger
 from vitpose.train.deepspeed_config import complete_deepspeed_config, zero_stage
@@ -67,9 +67,12 @@ def lr_factor(step: int, epoch: int, cfg: TrainingConfig) -> float:
     return decay
 
 
-def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> float:
+def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float, frozen_below: int = 0) -> float:
+    """Every group's lr from the schedule and its layer scale; groups of layer ids below ``frozen_below`` get 0
+    (frozen: AdamW's step, weight decay included, is a multiple of the lr)."""
     for group in optimizer.param_groups:
-        group["lr"] = base_lr * factor * group.get("lr_scale", 1.0)
+        frozen = group.get("layer_id", frozen_below) < frozen_below
+        group["lr"] = 0.0 if frozen else base_lr * factor * group.get("lr_scale", 1.0)
     return base_lr * factor
 
 
@@ -196,8 +199,13 @@ class Trainer:
         """One epoch of ``loaders.steps_per_epoch`` steps (at most ``max_steps``: tests and benchmarks)."""
         self.engine.train()
         self.loaders.train_sampler.set_epoch(epoch)
+        frozen_below = 0
         if hasattr(self.loss_fn, "set_progress"):  # a loss whose terms follow the schedule (distillation weight)
             self.loss_fn.set_progress(epoch, epochs)
+            if getattr(self.loss_fn, "frozen_backbone", False):  # a second stage: the head learns, the backbone not
+                frozen_below = self.spec.depth + 1  # patch embedding, position embedding, blocks (optim.layer_id)
+                if self.loss_fn.own is None:
+                    self.loss_fn.begin_second_stage(self.frozen_copy())
         if self.status.path is not None:  # which instances this rank trains on, for outside watchers
             self.status.update(world_size=self.world, shard=shard_head(self.loaders.train_sampler))
         steps = min(self.loaders.steps_per_epoch, max_steps or self.loaders.steps_per_epoch)
@@ -213,7 +221,7 @@ class Trainer:
                 break
             self.status.update(phase="train", epoch=epoch + 1, step=i + 1, global_step=self.global_step)
             self.bad_samples.note("train", batch)
-            set_lr(self.optimizer, self.cfg.train.lr, lr_factor(self.global_step, epoch, self.cfg))
+            set_lr(self.optimizer, self.cfg.train.lr, lr_factor(self.global_step, epoch, self.cfg), frozen_below)
             batch = self._to_device(batch)
             loss, parts = self.loss_fn(self.engine, batch)
             if not self._all_finite(loss):
@@ -297,6 +305,15 @@ class Trainer:
             self.save_checkpoint(Path(tmp), epoch, metrics)
             self.status.update(phase="report")
             self.session.report(metrics, Path(tmp))
+
+    def frozen_copy(self) -> torch.nn.Module:
+        """The model as it is now, as a frozen fp32 copy on this rank's device (gathered under ZeRO-3: every rank
+        calls this at the same point)."""
+        state = gather_fp32_state_dict(self.engine, self.stage, low_precision=self.dtype != torch.float32)
+        copy = build_model_from_spec(self.spec)
+        copy.load_state_dict(exported_state(state))
+        copy.eval().requires_grad_(False)
+        return copy.to(self.device)
 
     def save_checkpoint(self, out: Path, epoch: int, metrics: dict[str, float]) -> None:
         """DeepSpeed's sharded state (all ranks) + full weights and metadata (rank 0) + completion markers."""
