@@ -158,7 +158,17 @@ def test_plan_prints_each_arm_without_training(registry, synthetic_root, tmp_pat
     # What trials will run is what is prepared: a one-value seed grid is seed 3's tokens and bank, not seed 0's.
     # With unlabeled images, the arm that learns from the teacher's heatmaps also gets the unlabeled set's bank.
     space = "tune.search_space={distill.parts: {grid: [none, token, output]}, train.seed: {grid: [3]}}"
-    unlabeled = ["--set", "distill.unlabeled.images=images/unlabeled", "--set", "distill.unlabeled.boxes=boxes.json"]
+    frames = tmp_path / "frames"  # three of the val images as a camera's frames, and a detector's boxes
+    frames.mkdir()
+    val = json.loads((synthetic_root / "annotations" / "person_keypoints_val.json").read_text())
+    for ann in val["annotations"][:3]:
+        name = f"{ann['image_id']:08d}.jpg"
+        (frames / name).write_bytes((synthetic_root / "images" / "val" / name).read_bytes())
+    boxes = [{"image_id": a["image_id"], "bbox": a["bbox"], "score": 0.9, "category_id": 1}
+             for a in val["annotations"][:3]] + [{"image_id": 999999, "bbox": [0, 0, 50, 90], "score": 0.9,
+                                                  "category_id": 1}]
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    unlabeled = ["--set", f"distill.unlabeled.images={frames}", "--set", f"distill.unlabeled.boxes={tmp_path}/boxes.json"]
     out = run(["pipelines/distill.py", *common(synthetic_root, tmp_path), "--plan", "--json", "--set", space,
                *unlabeled, "--set", "distill.second_stage.epochs=1"], registry)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -172,6 +182,12 @@ def test_plan_prints_each_arm_without_training(registry, synthetic_root, tmp_pat
     assert seeded["prepared_before_trials"]["view_banks"] == 2  # the labelled views' bank, the unlabeled set's
     assert "unlabelled share 0.5" in out.stdout
     assert [a["second_stage_epochs"] for a in seeded["arms"].values()] == [0, 1, 1]  # never in the none arm
+    images = len({a["image_id"] for a in val["annotations"][:3]})
+    assert seeded["unlabeled_set"].startswith(f"unlabelled set: 3 person boxes on {images} images of {frames}")
+    assert "1 boxes of boxes.json name images that are not in the folder" in out.stdout
+    out = run(["pipelines/distill.py", *common(synthetic_root, tmp_path), "--plan", "--set", space,
+               "--set", f"distill.unlabeled.images={tmp_path}/nowhere", *unlabeled[2:]], registry)
+    assert out.returncode == 2 and "distill.unlabeled.images" in out.stderr and "Traceback" not in out.stderr
 
     missing = {**registry, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}"}
     out = run(["pipelines/distill.py", *common(synthetic_root, tmp_path), "--plan", "--json"], missing)

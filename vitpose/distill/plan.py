@@ -78,9 +78,21 @@ def sweep_plan(cfg: StudentConfig, tracking_uri: str) -> dict[str, Any]:
                           "view_bank": json.loads(bank) if bank else None} for seed, tokens, bank in preps],
         "settings": settings_plan(cfg),
         "token_effects": token_effects(cfg, teacher, teacher_identity(uri, teacher)),
+        "unlabeled_set": unlabeled_set(cfg),
         "search_space": cfg.tune.search_space,
         "selection": f"each trial's {cfg.tune.metric} after its last epoch",
     }
+
+
+def unlabeled_set(cfg: StudentConfig) -> str | None:
+    """What the unlabelled set gives the arms that learn from it (its files read as the sweep reads them)."""
+    from vitpose.build import build_datasets
+    from vitpose.distill.unlabeled import describe, unlabeled_dataset
+
+    trial = next((t for t in trial_preparations(cfg) if uses_unlabeled(t)), None)
+    if trial is None:
+        return None
+    return describe(unlabeled_dataset(trial, build_datasets(trial, is_local_leader=True)[0]))
 
 
 def token_effects(cfg: StudentConfig, teacher: torch.nn.Module, teacher_id: str) -> list[dict[str, Any]]:
@@ -144,6 +156,8 @@ def print_plan(plan: dict[str, Any]) -> None:
         label = ", ".join(f"{k}={v}" for k, v in entry["setting"].items()) or "the base config"
         sampled = f", sampling {', '.join(entry['sampled'])}" if entry["sampled"] else ""
         console.say(f"  setting {label}: seeds {entry['seeds']}, {entry['trials']} trial(s){sampled}")
+    if plan["unlabeled_set"]:
+        console.say(f"  {plan['unlabeled_set']}")
     for e in plan["token_effects"]:
         t = e["setting"]
         console.say(f"  learned tokens (K={t['num_tokens']}, {t['epochs']} epoch(s), lr {t['lr']:g}, seed {t['seed']}): "

@@ -58,7 +58,9 @@ def plan_sweep(cfg: StudentConfig, as_json: bool = False) -> int:
     """``--plan``: the sweep's arms as they would train, from the registered teacher; no student is trained."""
     from vitpose.distill.plan import print_plan, sweep_plan
 
-    plan = sweep_plan(cfg, preflight(cfg))
+    tracking_uri = preflight(cfg)
+    check_inputs(cfg)
+    plan = sweep_plan(cfg, tracking_uri)
     print_plan(plan)
     if as_json:
         console.say(json.dumps(plan))
