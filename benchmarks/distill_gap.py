@@ -38,19 +38,20 @@ from benchmarks.distill_ablation import (
     sweep,
     teacher_at_plateau,
 )
+from vitpose.distill.space import PARTS
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/distill/synthetic_fewlabels.yaml"
 # arm -> (distill.parts, its own settings). Every arm but none learns from the teacher's heatmaps.
 ARMS = {
     "none": ("none", []),
-    "output": ("output", ["distill.unlabeled.ratio=0"]),  # the teacher's heatmaps of the labelled crops only
-    "unlabeled": ("output", []),  # plus the teacher-labelled unlabeled crops (distill.unlabeled.ratio)
-    "unlabeled_confident": ("output", ["distill.output.min_confidence=0.2"]),
-    "unlabeled_decay": ("output", ["distill.output.schedule=linear_decay"]),
-    "unlabeled_flip": ("output", ["distill.output.flip_average=true"]),
-    "unlabeled_feature": ("output", ["distill.feature.weight=0.001"]),
-    "unlabeled_second_stage": ("output", ["distill.second_stage.epochs=20"]),  # the last 10% of the epochs
+    "output": ("output", []),  # the teacher's heatmaps of the labelled crops only
+    "unlabeled": ("unlabeled", []),  # plus the teacher-labelled unlabeled crops (distill.unlabeled.ratio)
+    "unlabeled_confident": ("unlabeled", ["distill.output.min_confidence=0.2"]),
+    "unlabeled_decay": ("unlabeled", ["distill.output.schedule=linear_decay"]),
+    "unlabeled_flip": ("unlabeled", ["distill.output.flip_average=true"]),
+    "unlabeled_feature": ("unlabeled", ["distill.feature.weight=0.001"]),
+    "unlabeled_second_stage": ("unlabeled", ["distill.second_stage.epochs=20"]),  # the last 10% of the epochs
 }
 TARGET, FLOOR = 0.40, 0.30  # the share of the gap to close, and what its interval must stay above
 
@@ -98,7 +99,7 @@ def main() -> int:
         else:
             folder = sweep(CONFIG, f"gap-{arm}", [f"tune.search_space={{distill.parts: {{grid: [{parts}]}}}}", *own,
                                                   *common], log, registered="vitpose-student-gap")
-        scores.update(read(folder, {parts: arm}))
+        scores.update(read(folder, dict.fromkeys(PARTS, arm)))  # one arm per sweep, whatever its parts
         folders[arm] = str(folder)
         unlabeled_lines += labelling(log)
         print(f"  {arm} done, {round(time.time() - t0)} s so far", flush=True)

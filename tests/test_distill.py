@@ -208,6 +208,14 @@ def test_search_space_arms_and_trial_configs(synthetic_root):
     assert apply_params(featured, {"distill.feature.weight": 0.01, "distill.parts": "none"}).distill.feature.weight == 0
     assert json.loads(preparation(arm_configs(featured)["output"])[1])["features"] is True
     assert "features" not in json.loads(preparation(arm_configs(featured)["none"])[1])
+    # The unlabeled arm: output distillation plus the unlabeled crops; every other arm keeps to the labelled ones,
+    # a searched ratio notwithstanding; without an unlabeled set it is refused by name.
+    both_sets = tiny_config(synthetic_root, "distill.unlabeled.images=frames", "distill.unlabeled.boxes=boxes.json",
+                            "distill.unlabeled.ratio=0.4", student=True)
+    assert apply_params(both_sets, {"distill.parts": "unlabeled"}).distill.unlabeled.ratio == 0.4
+    assert apply_params(both_sets, {"distill.unlabeled.ratio": 0.7, "distill.parts": "output"}).distill.unlabeled.ratio == 0
+    with pytest.raises(ConfigError, match="'unlabeled' arm needs an unlabeled set: set distill.unlabeled.images"):
+        apply_params(cfg, {"distill.parts": "unlabeled"})
 
     empty = tiny_config(synthetic_root, "tune.search_space={}", student=True)
     with pytest.raises(ConfigError, match="search_space is empty"):

@@ -156,8 +156,8 @@ def test_plan_prints_each_arm_without_training(registry, synthetic_root, tmp_pat
     assert "learned tokens (K=1, 1 epoch(s)" in out.stdout and "with the random control" in out.stdout
 
     # What trials will run is what is prepared: a one-value seed grid is seed 3's tokens and bank, not seed 0's.
-    # With unlabeled images, the arm that learns from the teacher's heatmaps also gets the unlabeled set's bank.
-    space = "tune.search_space={distill.parts: {grid: [none, token, output]}, train.seed: {grid: [3]}}"
+    # With unlabeled images, the unlabeled arm also gets the unlabeled set's bank; output stays on labelled crops.
+    space = "tune.search_space={distill.parts: {grid: [none, token, output, unlabeled]}, train.seed: {grid: [3]}}"
     frames = tmp_path / "frames"  # three of the val images as a camera's frames, and a detector's boxes
     frames.mkdir()
     val = json.loads((synthetic_root / "annotations" / "person_keypoints_val.json").read_text())
@@ -174,14 +174,15 @@ def test_plan_prints_each_arm_without_training(registry, synthetic_root, tmp_pat
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     seeded = json.loads(out.stdout.strip().splitlines()[-1])
     assert [(e["setting"], e["seeds"]) for e in seeded["settings"]] == [
-        ({"distill.parts": "none"}, [3]), ({"distill.parts": "token"}, [3]), ({"distill.parts": "output"}, [3])]
+        ({"distill.parts": "none"}, [3]), ({"distill.parts": "token"}, [3]), ({"distill.parts": "output"}, [3]),
+        ({"distill.parts": "unlabeled"}, [3])]
     assert {e["seed"] for e in seeded["preparations"]} == {3}
     assert {e["token_file"]["seed"] for e in seeded["preparations"] if e["token_file"]} == {3}
     assert {e["view_bank"]["seed"] for e in seeded["preparations"]} == {3}
-    assert [a["unlabeled_ratio"] for a in seeded["arms"].values()] == [0.0, 0.0, 0.5]
+    assert [a["unlabeled_ratio"] for a in seeded["arms"].values()] == [0.0, 0.0, 0.0, 0.5]
     assert seeded["prepared_before_trials"]["view_banks"] == 2  # the labelled views' bank, the unlabeled set's
     assert "unlabelled share 0.5" in out.stdout
-    assert [a["second_stage_epochs"] for a in seeded["arms"].values()] == [0, 1, 1]  # never in the none arm
+    assert [a["second_stage_epochs"] for a in seeded["arms"].values()] == [0, 1, 1, 1]  # never in the none arm
     images = len({a["image_id"] for a in val["annotations"][:3]})
     assert seeded["unlabeled_set"].startswith(f"unlabelled set: 3 person boxes on {images} images of {frames}")
     assert "1 boxes of boxes.json name images that are not in the folder" in out.stdout

@@ -1,6 +1,7 @@
 """The sweep's search space: ``tune.search_space`` from the config -> Tune's param_space, and back from a
 trial's sampled values to a validated config. ``distill.parts`` is a virtual key naming the paper's
-ablation arms (which distillation parts are on); every other key is a dotted config key.
+ablation arms (which distillation parts are on) and the unlabeled arm beyond it; every other key is a dotted
+config key.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from vitpose.distill.bank import view_stream
 from vitpose.distill.stats import SEED_KEY
 from vitpose.distill.tokens import TokenSetting
 
-# Arm -> (tokens: None | "teacher" | "random", output distillation on). random_token is the control of token:
-# the same K frozen tokens at the initialisation token learning starts from, never trained on the teacher.
-PARTS = {"none": (None, False), "token": ("teacher", False), "random_token": ("random", False),
-         "output": (None, True), "both": ("teacher", True)}
+# Arm -> (tokens: None | "teacher" | "random", output distillation on, unlabeled crops on). random_token is the
+# control of token: the same K frozen tokens at the initialisation token learning starts from, never trained on
+# the teacher. unlabeled is output distillation plus the teacher-labelled crops of distill.unlabeled; every other
+# arm trains on the labelled crops alone.
+PARTS = {"none": (None, False, False), "token": ("teacher", False, False), "random_token": ("random", False, False),
+         "output": (None, True, False), "both": ("teacher", True, False), "unlabeled": (None, True, True)}
 ARMS = list(PARTS)
 # A virtual key: which distillation parts are on, as the paper's ablation names them (plus the control).
 PARTS_KEY = "distill.parts"
@@ -80,7 +83,7 @@ def apply_params(base: StudentConfig, params: dict[str, Any]) -> StudentConfig:
     data = base.model_dump(mode="json")
     for key, value in params.items():
         if key == PARTS_KEY:
-            tokens, output_on = PARTS[value]
+            tokens, output_on, _ = PARTS[value]
             data["distill"]["token"]["enabled"] = tokens is not None
             data["distill"]["token"]["random"] = tokens == "random"
             data["distill"]["output"]["enabled"] = output_on
@@ -90,9 +93,15 @@ def apply_params(base: StudentConfig, params: dict[str, Any]) -> StudentConfig:
         for part in parents:
             node = node[part]
         node[last] = value
-    if params.get(PARTS_KEY) == "none":  # the baseline: the student alone, no teacher term and no second stage
+    arm = params.get(PARTS_KEY)  # the arm's own settings win over searched keys, in whatever order they came
+    if arm == "none":  # the baseline: the student alone, no teacher term and no second stage
         data["distill"]["feature"]["weight"] = 0.0
         data["distill"]["second_stage"]["epochs"] = 0
+    if arm is not None and not PARTS[arm][2]:
+        data["distill"]["unlabeled"]["ratio"] = 0.0  # labelled crops only
+    if arm == "unlabeled" and not (data["distill"]["unlabeled"]["images"] and data["distill"]["unlabeled"]["ratio"]):
+        raise ConfigError("the distill.parts 'unlabeled' arm needs an unlabeled set: set distill.unlabeled.images "
+                          "and distill.unlabeled.boxes, and distill.unlabeled.ratio above 0")
     try:
         return StudentConfig.model_validate(data)
     except Exception as err:
@@ -149,7 +158,7 @@ def arm_configs(cfg: StudentConfig) -> dict[str, StudentConfig]:
     space = cfg.tune.search_space
     if PARTS_KEY not in space:
         t, o = cfg.distill.token, cfg.distill.output
-        name = next((a for a, parts in PARTS.items()
-                     if parts == (("random" if t.random else "teacher") if t.enabled else None, o.enabled)), "none")
+        own = (("random" if t.random else "teacher") if t.enabled else None, o.enabled, uses_unlabeled(cfg))
+        name = next((a for a, parts in PARTS.items() if parts == own), "custom")
         return {name: cfg}
     return {arm: apply_params(cfg, {PARTS_KEY: arm}) for arm in next(iter(space[PARTS_KEY].values()))}
