@@ -19,6 +19,8 @@ from vitpose.deploy.smoothing import KeypointSmoother, OneEuroParams
 from vitpose.deploy.tracking import PeopleTracker
 from vitpose.deploy.video import VideoWriter, read_video
 
+DEFAULT_SMOOTHING = OneEuroParams()
+
 
 @dataclass
 class VideoResult:
@@ -30,7 +32,7 @@ class VideoResult:
 
 def poses_in_video(predictor: Any, path: str | Path, out_video: str | Path | None, *,
                    detector: Callable[[np.ndarray], np.ndarray] | None = None,
-                   smoothing: OneEuroParams | None = OneEuroParams(), tracker: PeopleTracker | None = None,
+                   smoothing: OneEuroParams | None = DEFAULT_SMOOTHING, tracker: PeopleTracker | None = None,
                    draw: Callable[[np.ndarray, dict[str, Any]], np.ndarray] | None = None,
                    say: Callable[[str], None] = print) -> VideoResult:
     """Poses of every frame of ``path``; ``out_video`` gets each frame drawn with ``draw`` (None: no video).
