@@ -1,7 +1,16 @@
-"""Keypoints and pictures for images: a model, an image (or folder) and person boxes → PNGs + a JSON.
+"""Keypoints and pictures for images and videos: a model, images / folders / videos, person boxes → PNGs, videos
+and JSON.
 
     python pipelines/predict.py --model models:/vitpose-student@champion photo.jpg
     python pipelines/predict.py --model runs/ray/.../checkpoint_000007 images/ --boxes dets.json --box-score-thr 0.5
+    python pipelines/predict.py --model models:/vitpose-student@champion walk.mp4 --detector yolox_m.onnx \
+        --detector-format yolox
+
+A video gives ``OUT/<name>_pose.mp4`` (every frame drawn) and ``OUT/<name>_poses.json``: per frame, every person
+as a COCO keypoint result (``bbox``, ``keypoints`` flat x, y, score, ``score``) with its ``track_id`` (people are
+tracked across frames, and their keypoints smoothed by a One-Euro filter unless --no-smooth). --detector is an
+ONNX person detector (vitpose.deploy.detector: mmdeploy's YOLOX / RTMDet as rtmlib ships them, ultralytics
+YOLO exports); it finds the people of every video frame and of every image --boxes does not cover.
 
 For each image it writes ``OUT/<name>_pose.png`` (skeletons drawn: limb colours by side, dot size by
 keypoint confidence, joints and limbs below --score-thr faded, the threshold written on the picture, each box
@@ -14,13 +23,14 @@ skipped (listed at the end), 2 nothing written or a usage error.
   * ``{"<file name or stem>": [[x, y, w, h(, score)], ...], ...}``: boxes per image;
   * a COCO detection results list ``[{"image_id": 785, "bbox": [...], "score": s, "category_id": 1}, ...]``,
     matched to images whose file stem is the id (000000000785.jpg).
-An image without boxes (no --boxes, or not in the file) is taken whole as one person, and the JSON says so
-(``whole_image_box``); an explicit empty list means nobody is there.
+An image without boxes (no --boxes, or not in the file) and no --detector is taken whole as one person, and the
+JSON says so (``whole_image_box``); an explicit empty list means nobody is there.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -35,7 +45,7 @@ CHUNK = 8  # images whose crops share forward passes; bounds memory on folders o
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders of images")
+    p.add_argument("inputs", nargs="+", type=Path, help="image files, folders of images, video files")
     p.add_argument("--model", required=True,
                    help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a checkpoint folder or weights file")
     p.add_argument("--boxes", type=Path, help="person boxes JSON (see above); default: each whole image is one person")
@@ -46,11 +56,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-flip-test", action="store_true", help="one pass per box instead of two (faster, less accurate)")
     p.add_argument("--device", help="torch device, e.g. cuda:0 (default: cuda when available, else cpu)")
     p.add_argument("--tracking-uri", help="MLflow store for models:/ and runs:/ URIs (default MLFLOW_TRACKING_URI)")
+    p.add_argument("--detector", type=Path, help="ONNX person detector for videos and images without --boxes")
+    p.add_argument("--detector-format", default="auto", choices=["auto", "yolox", "rtmdet", "ultralytics"],
+                   help="the detector file's layout (auto tells ultralytics from mmdeploy's)")
+    p.add_argument("--detector-score-thr", type=float, default=0.3, help="person boxes below this are dropped")
+    p.add_argument("--no-smooth", action="store_true", help="videos: raw keypoints, no One-Euro smoothing")
+    p.add_argument("--smooth-min-cutoff", type=float, default=1.0, help="One-Euro cutoff of a still joint, Hz")
+    p.add_argument("--smooth-beta", type=float, default=0.05, help="One-Euro speed coefficient, per pixel/s")
     return p.parse_args(argv)
 
 
 def collect_images(inputs: list[Path]) -> list[Path]:
-    """Every image to predict: files as given, folders contribute their image files, sorted."""
+    """Every image or video to predict: files as given, folders contribute their image files, sorted."""
     found: list[Path] = []
     for item in inputs:
         if item.is_dir():
@@ -124,10 +141,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from vitpose.deploy.inference import BadRequest, PosePredictor, decode_image, parse_boxes, resolve_device
+    from vitpose.deploy.video import VIDEO_SUFFIXES
 
     t0 = time.perf_counter()
-    images = collect_images(args.inputs)
-    boxes = load_boxes(args.boxes, images) if args.boxes else {}
+    found = collect_images(args.inputs)
+    videos = [f for f in found if f.suffix.lower() in VIDEO_SUFFIXES]
+    images = [f for f in found if f.suffix.lower() not in VIDEO_SUFFIXES]
+    boxes = load_boxes(args.boxes, images) if args.boxes and images else {}
+    detector = open_detector(args) if args.detector else None
     predictor = PosePredictor.from_uri(args.model, args.tracking_uri, flip_test=not args.no_flip_test,
                                        device=resolve_device(args.device))
     from PIL import Image
@@ -138,13 +159,22 @@ def run(args: argparse.Namespace) -> int:
     records: list[dict[str, Any]] = []
     skipped: list[tuple[Path, str]] = []
     used_names: set[str] = set()
+    for video in videos:
+        try:
+            records.append(predict_video(args, predictor, detector, video))
+        except (ValueError, OSError) as err:  # VideoError is a ValueError: one bad video does not stop the rest
+            print(f"warning: skipping {video}: {err}", file=sys.stderr)
+            skipped.append((video, str(err)))
     for start in range(0, len(images), CHUNK):
         chunk = []
         for path in images[start : start + CHUNK]:
             try:
                 image = decode_image(path.read_bytes())
                 # Parsed here, not inside the batch, so an error names the image its boxes belong to.
-                parsed = parse_boxes(_filter(boxes.get(path), args.box_score_thr), image.shape[1], image.shape[0])
+                given = boxes.get(path)
+                if given is None and detector is not None:  # boxes given by the caller win over the detector's
+                    given = detector(image).tolist()
+                parsed = parse_boxes(_filter(given, args.box_score_thr), image.shape[1], image.shape[0])
             except (BadRequest, OSError) as err:  # one bad file does not stop the others
                 print(f"warning: skipping {path}: {err}", file=sys.stderr)
                 skipped.append((path, str(err).split(";")[0]))
@@ -169,16 +199,55 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model, "flip_test": predictor.flip_test, "keypoint_names": predictor.names,
         "skeleton": predictor.keypoint_info.get("skeleton", []), "images": records,
     }, indent=1))
-    print(f"wrote {len(records)} picture(s) and {out_json} in {time.perf_counter() - t0:.1f}s; threshold "
+    print(f"wrote {len(records)} picture(s) / video(s) and {out_json} in {time.perf_counter() - t0:.1f}s; threshold "
           f"--score-thr {args.score_thr:g} (keypoints below it drawn faded)")
     if skipped:
-        print(f"skipped {len(skipped)} of {len(images)} image(s):", file=sys.stderr)
+        print(f"skipped {len(skipped)} of {len(found)} input(s):", file=sys.stderr)
         for path, why in skipped:
             print(f"  {path}: {why}", file=sys.stderr)
     if not records:
-        print(f"error: no picture written: all {len(images)} input(s) were skipped (reasons above)", file=sys.stderr)
+        print(f"error: nothing written: all {len(found)} input(s) were skipped (reasons above)", file=sys.stderr)
         return 2
     return 1 if skipped else 0
+
+
+def open_detector(args: argparse.Namespace) -> Any:
+    from vitpose.deploy.detector import OnnxPersonDetector
+
+    try:
+        return OnnxPersonDetector(args.detector, args.detector_format, score_thr=args.detector_score_thr)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(f"--detector {err}") from None
+
+
+def predict_video(args: argparse.Namespace, predictor: Any, detector: Any, video: Path) -> dict[str, Any]:
+    """``OUT/<stem>_pose.mp4`` and ``OUT/<stem>_poses.json`` for one video; returns its record for keypoints.json."""
+    import numpy as np
+    from PIL import Image
+
+    from vitpose.deploy.smoothing import OneEuroParams
+    from vitpose.deploy.video_poses import poses_in_video
+    from vitpose.visualize import draw_persons
+
+    smoothing = None if args.no_smooth else OneEuroParams(args.smooth_min_cutoff, args.smooth_beta)
+
+    def draw(rgb: np.ndarray, result: dict[str, Any]) -> np.ndarray:
+        return np.asarray(draw_persons(Image.fromarray(rgb), result, predictor.keypoint_info, args.score_thr))
+
+    out_video, out_json = args.out / f"{video.stem}_pose.mp4", args.out / f"{video.stem}_poses.json"
+    result = poses_in_video(predictor, video, out_video, detector=detector, smoothing=smoothing, draw=draw)
+    results = [{"image_id": f["frame"], "category_id": 1, "track_id": p["track_id"], "bbox": p["box"],
+                "score": p["score"], "keypoints": [v for kp in p["keypoints"] for v in kp]}
+               for f in result.frames for p in f["people"]]
+    out_json.write_text(json.dumps({"video": str(video), "fps": result.fps, "frames": len(result.frames),
+                                    "stopped": result.stopped, "keypoint_names": predictor.names,
+                                    "smoothing": None if smoothing is None else dataclasses.asdict(smoothing),
+                                    "results": results}, indent=1))
+    note = f"; {result.stopped}" if result.stopped else ""
+    whole = "" if detector is not None else " (no --detector: each frame whole as one person)"
+    print(f"{video}: {len(result.frames)} frames, {result.tracks} track(s){whole}{note} -> {out_video}, {out_json}")
+    return {"file": str(video), "video": out_video.name, "json": out_json.name, "frames": len(result.frames),
+            "tracks": result.tracks}
 
 
 if __name__ == "__main__":

@@ -149,6 +149,48 @@ def test_predict_draws_skeletons_and_writes_keypoints(trained, tmp_path, capsys)
     assert all(len(p["keypoints"]) == 17 for p in entry["persons"]) and len(result["keypoint_names"]) == 17
 
 
+def test_predict_a_video_and_an_image_with_a_detector(trained, tmp_path, capsys):
+    """A video and a photo without boxes: the detector file (mmdeploy's layout) finds the people, every frame's
+    people keep their track ids, and a file that is no video is skipped with a line (exit 1: partial)."""
+    from tests.test_detector import fixed_output_model
+    from vitpose.deploy.video import VideoWriter, read_video
+
+    ann = json.loads((trained.data_root / "annotations/person_keypoints_val.json").read_text())
+    counts = {}
+    for a in ann["annotations"]:
+        counts[a["image_id"]] = counts.get(a["image_id"], 0) + 1
+    image = next(i for i in ann["images"] if counts.get(i["id"]) == 2)  # two people
+    boxes = [a["bbox"] for a in ann["annotations"] if a["image_id"] == image["id"]]
+    src = trained.data_root / "images/val" / image["file_name"]
+    still = np.asarray(Image.open(src).convert("RGB"))
+    with VideoWriter(tmp_path / "two.mp4", fps=10) as out:
+        for _ in range(8):
+            out.write(still)
+    ratio = 640 / max(still.shape[:2])
+    dets = np.array([[[x * ratio, y * ratio, (x + w) * ratio, (y + h) * ratio, 0.9] for x, y, w, h in boxes]],
+                    dtype=np.float32)
+    fixed_output_model(tmp_path / "end2end.onnx", "input", 640, {"dets": dets, "labels": np.zeros((1, 2), np.int64)})
+    (tmp_path / "broken.mp4").write_text("not a video")
+    out = tmp_path / "pred"
+    rc = predict_cli.main(["--model", str(trained.checkpoint), str(tmp_path / "two.mp4"), str(src),
+                           str(tmp_path / "broken.mp4"), "--detector", str(tmp_path / "end2end.onnx"),
+                           "--detector-format", "yolox", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 1 and "skipping" in printed.err and "broken.mp4: not a video FFmpeg can read" in printed.err
+    assert "two.mp4: 8 frames, 2 track(s)" in printed.out
+    assert len(list(read_video(out / "two_pose.mp4"))) == 8
+    poses = json.loads((out / "two_poses.json").read_text())
+    assert poses["frames"] == 8 and poses["stopped"] is None and poses["smoothing"]["min_cutoff"] == 1.0
+    tracks = {}
+    for r in poses["results"]:
+        tracks.setdefault(r["track_id"], []).append(r["image_id"])
+        assert len(r["keypoints"]) == 17 * 3 and r["category_id"] == 1
+    assert sorted(tracks) == [1, 2] and all(frames == list(range(8)) for frames in tracks.values())
+    photo = next(e for e in json.loads((out / "keypoints.json").read_text())["images"] if e["file"] == str(src))
+    assert photo["num_persons"] == 2 and photo["whole_image_box"] is False  # the detector's two people
+    assert predict_cli.main(["--model", str(trained.checkpoint), str(src), "--detector", str(src)]) == 2
+
+
 def test_predict_folder_with_coco_detections_and_whole_images(trained, tmp_path):
     out = tmp_path / "mini"
     assert predict_cli.main(["--model", str(trained.checkpoint), str(MINI_IMAGES), "--boxes", str(MINI_DETS),
