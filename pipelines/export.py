@@ -52,12 +52,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calib-crops", type=int, default=64, help="with --int8: training crops to calibrate on (default 64)")
     p.add_argument("--max-ap-drop", type=float, default=0.5,
                    help="with --int8: largest val AP drop from eager accepted, in AP points (default 0.5)")
+    p.add_argument("--detector", type=Path, help="with --register: an ONNX person detector registered with the "
+                   "pose pyfunc, so the served model answers images without boxes (vitpose.deploy.detector)")
+    p.add_argument("--detector-format", default="auto", choices=["auto", "yolox", "rtmdet", "ultralytics"],
+                   help="with --detector: the file's layout")
+    p.add_argument("--detector-score-thr", type=float, default=0.3, help="with --detector: person boxes below this "
+                   "are dropped")
     p.add_argument("--experiment", default="vitpose-export",
                    help="MLflow experiment when the source model has no run (default vitpose-export)")
     p.add_argument("--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else runs/mlflow.db)")
     args = p.parse_args(argv)
     if args.alias and not args.register:
         p.error("--alias needs --register NAME")
+    if args.detector and not args.register:
+        p.error("--detector needs --register NAME: it is registered with the pose model")
     if (args.config or args.calib_crops != 64) and not args.int8:
         p.error("--config and --calib-crops go with --int8")
     if args.calib_crops < 1:
@@ -100,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     from vitpose.run import tracking
 
     tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    if args.detector:
+        check_detector(args)
     model = create(args.model, tracking_uri=tracking_uri)
     meta = model.meta
     out = args.out or default_out(args.model)
@@ -129,8 +139,9 @@ def run(args: argparse.Namespace) -> int:
             exp_id = tracking.ensure_experiment(args.experiment, tracking_uri)
             run_id = mlflow.MlflowClient(tracking_uri).create_run(
                 exp_id, tags={"mlflow.runName": f"export-{path.stem}", "vitpose.model": args.model}).info.run_id
-        if int8 is not None:
-            version, kind = register_int8(tracking_uri, run_id, model, meta, int8, args), "pose pyfunc, int8 ONNX network"
+        if int8 is not None or args.detector:
+            version, kind = register_pyfunc(tracking_uri, run_id, model, meta, int8, args), "pose pyfunc" + (
+                ", int8 ONNX network" if int8 else "") + (f", {args.detector_format} detector" if args.detector else "")
         else:
             version, kind = log_onnx_model(tracking_uri, run_id, path, meta, args.register, args.alias), "mlflow.onnx flavour"
         where = f"models:/{args.register}@{args.alias}" if args.alias else f"models:/{args.register}/{version}"
@@ -199,21 +210,36 @@ def training_config(args: argparse.Namespace, tracking_uri: str) -> tuple[Any, s
     return load_config(path, schema=schema), where
 
 
-def register_int8(tracking_uri: str, run_id: str, model: Any, meta: dict[str, Any],
-                  int8: tuple[Path, dict[str, float]], args: argparse.Namespace) -> str | None:
-    """The pose pyfunc with the int8 file as its network (see vitpose.deploy.serving.log_vitpose_model)."""
+def register_pyfunc(tracking_uri: str, run_id: str, model: Any, meta: dict[str, Any],
+                    int8: tuple[Path, dict[str, float]] | None, args: argparse.Namespace) -> str | None:
+    """The pose pyfunc (see vitpose.deploy.serving.log_vitpose_model) with the int8 file as its network and the
+    --detector, when given."""
     import tempfile
 
     from vitpose.deploy.serving import log_vitpose_model
     from vitpose.models import save_safetensors
 
-    path, report = int8
+    extra: dict[str, Any] = {}
+    if int8 is not None:
+        extra["network"] = {"runtime": "onnxruntime", "precision": "int8", "source": args.model,
+                            **{k: round(v, 6) for k, v in int8[1].items()}}
+    if args.detector:
+        extra["detector"] = {"format": args.detector_format, "score_thr": args.detector_score_thr,
+                             "file": args.detector.name}
     with tempfile.TemporaryDirectory() as tmp:
         weights = save_safetensors(model, Path(tmp) / "model.safetensors")
-        network = {"runtime": "onnxruntime", "precision": "int8", "source": args.model,
-                   **{k: round(v, 6) for k, v in report.items()}}
-        return log_vitpose_model(tracking_uri, run_id, Path(weights), {**meta, "network": network},
-                                 args.register, args.alias, network=path)
+        return log_vitpose_model(tracking_uri, run_id, Path(weights), {**meta, **extra}, args.register,
+                                 args.alias, network=int8[0] if int8 else None, detector=args.detector)
+
+
+def check_detector(args: argparse.Namespace) -> None:
+    """Open --detector before any export work: a file that is no known detector is a usage error."""
+    from vitpose.deploy.detector import DetectorFormatError, OnnxPersonDetector
+
+    try:
+        OnnxPersonDetector(args.detector, args.detector_format, score_thr=args.detector_score_thr)
+    except (DetectorFormatError, FileNotFoundError) as err:
+        raise UsageError(f"--detector {err}") from None
 
 
 if __name__ == "__main__":

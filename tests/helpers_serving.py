@@ -48,6 +48,19 @@ def sqlite_store(root: Path) -> tuple[str, str]:
     return uri, exp
 
 
+def register_trained(model: Any, dataset: Any, root: Path, name: str = "vitpose-student",
+                     alias: str = "champion") -> tuple[str, str]:
+    """``model`` (with ``dataset``'s keypoint set) registered as ``models:/NAME@ALIAS`` in a private store under
+    ``root``; returns (tracking URI, run id)."""
+    from vitpose.data.keypoints import keypoint_info
+    from vitpose.models import save_safetensors
+
+    uri, exp = sqlite_store(root)
+    weights = save_safetensors(model, root / "model.safetensors")
+    meta = {"spec": model.spec.to_dict(), "keypoints": keypoint_info(dataset)}
+    return uri, register_model(uri, exp, weights, meta, name, alias)
+
+
 def register_model(uri: str, experiment_id: str, weights: Path, meta: dict[str, Any], name: str, alias: str) -> str:
     """Log + register through the production path (``log_vitpose_model``); returns the run id."""
     import mlflow

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers_serving import ModelServer, register_model, sqlite_store
+from tests.helpers_serving import ModelServer, register_trained
 from tests.test_export import load_cli
 from vitpose.data.keypoints import keypoint_info
 from vitpose.deploy.inference import PosePredictor
@@ -48,14 +48,11 @@ def test_export_cli_int8_registers_a_served_int8_model(trained_teacher, tmp_path
     from PIL import Image
 
     from vitpose.config import dump_config
-    from vitpose.models import save_safetensors
 
     model, cfg, (_, val) = trained_teacher
     root = tmp_path / "store"
-    uri, exp = sqlite_store(root)
-    weights = save_safetensors(model, root / "model.safetensors")
-    meta = {"spec": model.spec.to_dict(), "keypoints": keypoint_info(val)}
-    run_id = register_model(uri, exp, weights, meta, "vitpose-student", "champion")
+    uri, run_id = register_trained(model, val, root)
+    weights, meta = root / "model.safetensors", {"spec": model.spec.to_dict(), "keypoints": keypoint_info(val)}
     cli = load_cli()
     # A model file has no run, so no stored config: the CLI says to give --config.
     assert cli.main(["--model", str(weights), "--out", str(tmp_path / "f.onnx"), "--int8"]) == 2

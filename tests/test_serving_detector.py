@@ -9,10 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers_serving import ModelServer, register_model, sqlite_store
+from tests.helpers_serving import ModelServer, register_trained
 from tests.test_detector import fixed_output_model
 from tests.test_export import load_cli
-from vitpose.data.keypoints import keypoint_info
 
 
 @pytest.mark.slow
@@ -20,14 +19,8 @@ def test_a_registered_model_with_a_detector_answers_a_bare_image(trained_teacher
     import mlflow
     import pandas as pd
 
-    from vitpose.models import save_safetensors
-
     model, _, (_, val) = trained_teacher
-    root = tmp_path / "store"
-    uri, exp = sqlite_store(root)
-    weights = save_safetensors(model, root / "model.safetensors")
-    register_model(uri, exp, weights, {"spec": model.spec.to_dict(), "keypoints": keypoint_info(val)},
-                   "vitpose-student", "champion")
+    uri, _ = register_trained(model, val, tmp_path / "store")
     ann = json.loads(val.ann_file.read_text())
     counts: dict[int, int] = {}
     for a in ann["annotations"]:

@@ -7,15 +7,18 @@ names, flip pairs and skeleton), an input/output signature and an input example.
 registrations are the same kind of model, so ``mlflow.pyfunc.load_model("models:/vitpose-student@champion")``
 and ``mlflow models serve -m models:/vitpose-student@champion --env-manager local`` work for both. A model
 logged with a third artifact, ``network`` (an ONNX file of the same weights, e.g. the int8 one
-``pipelines/export.py --int8 --register`` writes), runs its network in onnxruntime; nothing else changes.
+``pipelines/export.py --int8 --register`` writes), runs its network in onnxruntime; nothing else changes. A
+model logged with a ``detector`` artifact (an ONNX person detector, ``vitpose.deploy.detector``; its format and
+score threshold in the meta's ``detector``) finds the people of every image sent without boxes.
 
 Pyfunc input, one row per image (a DataFrame, a list of dicts, or JSON ``dataframe_records`` /
 ``dataframe_split`` / ``inputs`` when served):
 
 * ``image``: the encoded image file (bytes in Python; base64 text in JSON), or an (H, W, 3) uint8 array.
 * ``boxes`` (optional): person boxes ``[[x, y, w, h], ...]`` or ``[[x, y, w, h, score], ...]`` in image
-  pixels (or COCO ``{"bbox": ..., "score": ...}`` dicts, or JSON text of either). Missing/null: the whole
-  image is taken as one person and ``whole_image_box`` says so; ``[]``: no person, nothing predicted.
+  pixels (or COCO ``{"bbox": ..., "score": ...}`` dicts, or JSON text of either). Missing/null: the model's
+  detector finds them, or, for a model without one, the whole image is taken as one person and
+  ``whole_image_box`` says so; ``[]``: no person, nothing predicted.
 
 Output, one row per image: ``persons`` (list of ``{"box", "box_score", "score", "keypoints": [[x, y,
 confidence] x K]}`` in original image pixels), ``num_persons``, ``whole_image_box``, ``keypoint_names``,
@@ -98,13 +101,20 @@ class VitPosePyfunc(mlflow.pyfunc.PythonModel):
 
             model, device = OrtNetwork(context.artifacts["network"], model.spec), "cpu"
         self.predictor = PosePredictor(model, meta, device=device)
+        self.detector = None
+        if "detector" in context.artifacts:  # people found here for images sent without boxes
+            from vitpose.deploy.detector import OnnxPersonDetector
+
+            d = meta.get("detector") or {}
+            self.detector = OnnxPersonDetector(context.artifacts["detector"], d.get("format", "auto"),
+                                               score_thr=float(d.get("score_thr", 0.3)))
         # The server runs each request in its own thread. Concurrent forwards would each claim every core's
         # intra-op threads and oversubscribe the cores, slowing every one of them down many times, so forwards
         # take turns; decoding images happens outside the lock.
         self._forward_lock = threading.Lock()
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from vitpose.deploy.inference import BadRequest, decode_image, parse_boxes
+        from vitpose.deploy.inference import BadRequest, decode_image, is_missing, parse_boxes
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "image" not in frame.columns:
@@ -114,9 +124,12 @@ class VitPosePyfunc(mlflow.pyfunc.PythonModel):
         for i, row in enumerate(_rows(frame)):
             try:
                 image = decode_image(row["image"])
-                items.append((image, row.get("boxes")))
+                boxes = row.get("boxes")
+                if self.detector is not None and is_missing(boxes):
+                    boxes = self.detector(image).tolist()  # boxes a client sends win over the detector's
+                items.append((image, boxes))
                 # Boxes are checked now, so a bad row fails before any model time is spent on the others.
-                parse_boxes(row.get("boxes"), image.shape[1], image.shape[0])
+                parse_boxes(boxes, image.shape[1], image.shape[0])
             except BadRequest as err:
                 raise BadInput(f"row {i}: {err}") from None
         flip = (params or {}).get("flip_test")
@@ -223,12 +236,16 @@ def log_vitpose_model(
     registered_name: str | None = None,
     alias: str | None = None,
     network: Path | None = None,
+    detector: Path | None = None,
 ) -> str | None:
     """Log the pyfunc model under ``run_id``; register it (and point ``alias`` at it) when a name is given.
 
     ``network``: an ONNX file of these weights (``pipelines/export.py --int8`` writes one) logged as the
     ``network`` artifact; the served model then runs it in onnxruntime instead of the eager network. Input,
     output, cropping and decoding are the same; the weights stay in the model for ``vitpose.models.create``.
+
+    ``detector``: an ONNX person detector logged as the ``detector`` artifact, its ``format`` and ``score_thr``
+    in ``meta["detector"]``; it is opened here first, so a file that is no known detector is refused now.
 
     ``meta`` needs ``spec`` (``ModelSpec.to_dict()``) and should carry ``keypoints`` (the keypoint set: names,
     flip pairs, 1-based skeleton, sigmas, as ``vitpose.data.keypoints.keypoint_info`` makes them; COCO's are
@@ -246,6 +263,11 @@ def log_vitpose_model(
     _check_weights(Path(weights), meta["spec"])
     if network is not None and not Path(network).is_file():
         raise FileNotFoundError(f"ONNX network not found: {network}; write it with pipelines/export.py --int8")
+    if detector is not None:
+        from vitpose.deploy.detector import OnnxPersonDetector
+
+        d = meta.get("detector") or {}
+        OnnxPersonDetector(detector, d.get("format", "auto"), score_thr=float(d.get("score_thr", 0.3)))
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         meta_path = Path(tmp) / META
@@ -261,10 +283,12 @@ def log_vitpose_model(
                 name=PYFUNC_PATH,
                 python_model=str(code_path),
                 artifacts={"weights": str(named), "meta": str(meta_path),
-                           **({"network": str(network)} if network else {})},
+                           **({"network": str(network)} if network else {}),
+                           **({"detector": str(detector)} if detector else {})},
                 signature=signature(),
                 input_example=input_example(),
-                pip_requirements=pip_requirements() + (pip_requirements(("onnxruntime",)) if network else []),
+                pip_requirements=pip_requirements() + (pip_requirements(("onnxruntime",))
+                                                       if network or detector else []),
                 registered_model_name=registered_name,
             )
     return register_alias(tracking_uri, info, registered_name, alias)
