@@ -1,0 +1,104 @@
+"""Poses from a video on CPUs: frames per second of the shipped path and the jitter its smoothing removes.
+
+    python -m benchmarks.video_poses [--model models:/vitpose-student@champion] [--frames 60] [--people 1 2 4]
+
+The video is the synthetic one (``vitpose.data.synthetic_video``: walkers crossing still people, fresh noise
+each frame). The path timed is ``vitpose.deploy.video_poses.poses_in_video`` as ``pipelines/predict.py`` runs it:
+decoding, the pose model on every person's crop (flip test on), tracking, One-Euro smoothing; without writing
+the annotated video ("poses") and with it ("poses + video": drawing and H.264 encoding). The person boxes are the
+video's ground truth handed over as the detector's output, so the detector's own time is NOT in these figures
+(``--detector FILE`` adds a real ONNX detector's). Threads: torch's intra-op threads, 1 and 2.
+
+Jitter: the mean frame-to-frame motion of a still person's confident keypoints (pure noise: the person does not
+move), raw and smoothed, with the One-Euro defaults of predict.py.
+Results: ``runs/bench/video_poses.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.harness import REPO, machine
+
+
+def ground_truth_detector(truth: dict) -> object:
+    """A callable answering each frame in turn with the video's true boxes (score 0.9), as a detector would."""
+    frames = iter(truth["frames"])
+
+    def detect(_rgb: np.ndarray) -> np.ndarray:
+        people = next(frames)["people"]
+        return np.array([[*p["bbox"], 0.9] for p in people], dtype=np.float64).reshape(-1, 5)
+
+    return detect
+
+
+def still_jitter(result, truth: dict) -> float:
+    """Jitter of the still person's keypoints that the model sees (confidence > 0.3 in the first frame)."""
+    from vitpose.deploy.smoothing import jitter
+
+    still_box = next(p["bbox"] for p in truth["frames"][0]["people"] if p["still"])
+    first = min(result.frames[0]["people"], key=lambda p: np.abs(np.subtract(p["box"], still_box)).sum())
+    track = first["track_id"]
+    kps = np.array([[kp for p in f["people"] if p["track_id"] == track for kp in p["keypoints"]]
+                    for f in result.frames])  # (T, K, 3)
+    seen = kps[0, :, 2] > 0.3
+    return jitter(kps[:, seen, :2])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="models:/vitpose-student@champion")
+    p.add_argument("--frames", type=int, default=60)
+    p.add_argument("--people", type=int, nargs="+", default=[1, 2, 4], help="people per video (half of them still)")
+    p.add_argument("--detector", type=Path, help="an ONNX person detector to run instead of the true boxes")
+    p.add_argument("--detector-format", default="auto")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "video_poses.json")
+    a = p.parse_args()
+    import torch
+
+    from vitpose.data.synthetic_video import make_video
+    from vitpose.deploy.detector import OnnxPersonDetector
+    from vitpose.deploy.inference import PosePredictor
+    from vitpose.deploy.smoothing import OneEuroParams
+    from vitpose.deploy.video_poses import poses_in_video
+    from vitpose.run.tracking import resolve_tracking_uri
+
+    predictor = PosePredictor.from_uri(a.model, resolve_tracking_uri())
+    work = a.out.parent / "video_poses"
+    rows = []
+    for people in a.people:
+        still = max(1, people // 2)
+        video = work / f"people{people}.mp4"
+        truth = json.loads(make_video(video, a.frames, walking=people - still, still=still).read_text())
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for label, out in (("poses", None), ("poses + video", work / f"out{people}.mp4")):
+                detector = (OnnxPersonDetector(a.detector, a.detector_format, threads=threads) if a.detector
+                            else ground_truth_detector(truth))
+                t0 = time.perf_counter()
+                result = poses_in_video(predictor, video, out, detector=detector, say=lambda _: None)
+                fps = len(result.frames) / (time.perf_counter() - t0)
+                rows.append({"people": people, "threads": threads, "path": label, "fps": round(fps, 2)})
+                print(f"{people} people, {threads} thread(s), {label}: {fps:.1f} frames/s", flush=True)
+        raw = poses_in_video(predictor, video, None, detector=ground_truth_detector(truth), smoothing=None,
+                             say=lambda _: None)
+        smooth = poses_in_video(predictor, video, None, detector=ground_truth_detector(truth),
+                                smoothing=OneEuroParams(), say=lambda _: None)
+        before, after = still_jitter(raw, truth), still_jitter(smooth, truth)
+        rows.append({"people": people, "jitter_raw_px": round(before, 3), "jitter_smoothed_px": round(after, 3)})
+        print(f"{people} people: a still person's keypoint jitter {before:.2f} px raw, {after:.2f} px smoothed "
+              f"({after / before:.2f}x)", flush=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"model": a.model, "frames": a.frames, "machine": machine(), "rows": rows}, indent=1))
+    print(f"results in {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
