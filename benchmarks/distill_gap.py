@@ -105,7 +105,7 @@ def main() -> int:
         print(f"  {arm} done, {round(time.time() - t0)} s so far", flush=True)
     none_curve = arm_curve(Path(folders["none"]), "none")
     result = summarise(scores, seeds, teacher["val_AP"], [(arm, "none") for arm in arms if arm != "none"]
-                       + [(arm, "unlabeled") for arm in arms if arm.startswith("unlabeled_")])
+                       + [("unlabeled", "output")] + [(arm, "unlabeled") for arm in arms if arm.startswith("unlabeled_")])
     meets = [arm for arm, c in result["closure"].items() if c["mean"] >= TARGET and c["ci95"][0] > FLOOR]
     result.update({"teacher": teacher, "seeds": seeds, "overrides": a.set, "config": CONFIG, "student": preset,
                    "student_params": n, "capacity_ratio": teacher["params"] / n, "date": time.strftime("%Y-%m-%d"),
