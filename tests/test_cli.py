@@ -220,7 +220,7 @@ def test_predict_reports_an_unreadable_image_and_goes_on(trained, tmp_path, caps
     assert predict_cli.main(["--model", str(trained.checkpoint), str(folder), "--out", str(out)]) == 1  # partial
     captured = capsys.readouterr()
     assert len(list(out.glob("*_pose.png"))) == 2
-    assert "skipped 1 of 3 image(s):" in captured.err and "broken.jpg: image:" in captured.err
+    assert "skipped 1 of 3 input(s):" in captured.err and "broken.jpg: image:" in captured.err
     assert "wrote 2 picture(s)" in captured.out and "--score-thr 0.3" in captured.out
 
 
