@@ -139,10 +139,12 @@ class ViewBank:
             if pending:
                 crops = torch.stack([p[2] for p in pending]).to(device)
                 out, feats = teacher_outputs(teacher, crops, flip_pairs, features)
+                out = out.cpu().numpy().astype(np.float16)  # one device-to-host copy per batch
+                feats = feats.cpu().numpy().astype(np.float16) if tokens is not None else None
                 for j, (i, v, _) in enumerate(pending):
-                    heat[i, v] = out[j].cpu().numpy().astype(np.float16)
+                    heat[i, v] = out[j]
                     if tokens is not None:
-                        tokens[i, v] = feats[j].cpu().numpy().astype(np.float16)
+                        tokens[i, v] = feats[j]
                 pending.clear()
             heat.flush()
             if tokens is not None:

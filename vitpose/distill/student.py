@@ -38,9 +38,7 @@ def distill_loss(output_weight: float, teacher: torch.nn.Module | None = None, *
     """GT loss + ``output_weight`` x MSE to teacher heatmaps (from the batch, else ``teacher`` online) +
     ``feature_weight`` x MSE of the student's projected tokens to the teacher's; ``second_stage`` (epochs,
     weight): the last epochs train the head on GT + weight x MSE to the student's own heatmaps."""
-    loss = DistillLoss(output_weight, teacher, schedule, min_confidence, feature_weight)
-    loss.second_stage_epochs, loss.self_weight = second_stage
-    return loss
+    return DistillLoss(output_weight, teacher, schedule, min_confidence, feature_weight, second_stage)
 
 
 class DistillLoss:
@@ -54,15 +52,13 @@ class DistillLoss:
     x the MSE to the heatmaps of ``own``, the student as it was when the stage began, which the trainer hands
     over (``begin_second_stage``) when ``frozen_backbone`` turns true; it then also freezes the backbone."""
 
-    second_stage_epochs: int = 0
-    self_weight: float = 0.0
-
     def __init__(self, output_weight: float, teacher: torch.nn.Module | None, schedule: str, min_confidence: float,
-                 feature_weight: float = 0.0):
+                 feature_weight: float = 0.0, second_stage: tuple[int, float] = (0, 0.0)):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.output_weight, self.feature_weight = output_weight, feature_weight
         self.teacher, self.schedule, self.min_confidence = teacher, schedule, min_confidence
+        self.second_stage_epochs, self.self_weight = second_stage
         self.factor = 1.0  # this epoch's share of the weights
         self.frozen_backbone = False  # in the second stage
         self.own: torch.nn.Module | None = None
