@@ -23,9 +23,8 @@ from vitpose.config import ConfigError, one_line
 from vitpose.run.storage import Storage, credentials_env
 from vitpose.train.session import free_port
 
-# glibc keeps freed large blocks mapped and fragments under DeepSpeed's big flat buffers; returning
-# blocks over 128 KiB to the OS keeps ZeRO-3 at ViT-H size on CPU ranks within memory instead of killed.
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "false"}
+# The C heap's policy is set per model inside the worker (vitpose/train/heap.py), not here for every process.
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
 
 _started_here = False  # connect() started or joined Ray in this process (not a caller's own ray.init)
 

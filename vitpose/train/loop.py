@@ -36,6 +36,7 @@ from vitpose.run.console import say
 from vitpose.train.bad_samples import BadSampleLedger
 from vitpose.train.deepspeed_config import complete_deepspeed_config, zero_stage
 from vitpose.train.engine import make_engine
+from vitpose.train.heap import return_freed_blocks
 from vitpose.train.loaders import build_loaders
 from vitpose.train.multi_dataset import evaluate_datasets, is_mixed, mixed_loss
 from vitpose.train.run_folder import (
@@ -134,6 +135,7 @@ class Trainer:
             model = (build_partitioned_model(cfg, self.ds_config, self.rank) if self.stage == 3
                      else build_model_from_config(cfg))
         self.spec = model.spec
+        return_freed_blocks(sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()))
         if tracker is not None and getattr(model, "init_report", None) is not None:  # from model.init_checkpoint
             tracker.log_load_report(model.init_report)
         if tracker is not None and getattr(model, "freeze_report", None) is not None:  # model.freeze
