@@ -1,6 +1,6 @@
 """Where the demo's training time goes: the demo teacher's step and a demo sweep trial's step, phase by phase.
 
-    python -m benchmarks.demo_profile [--parts teacher student] [--steps 40] [--set KEY=VALUE ...]
+    python -m benchmarks.demo_profile [--parts teacher student] [--steps 40] [--warmup 5] [--skip-eval]
                                       [--teacher-set ...] [--student-set ...] [--json [PATH]]
 
 Both run the shipped ``Trainer`` (vitpose/train/loop.py, ``train_epoch``) outside Ray, with the demo's configs:
@@ -169,7 +169,8 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / statistics.median(times[1:]) / 1e9
 
 
-def profile_rank(part: str, rank: int, world: int, port: int, steps: int, sets: list[str], queue: Any) -> None:
+def profile_rank(part: str, rank: int, world: int, port: int, steps: int, sets: list[str], queue: Any,
+                 warmup: int = 5, skip_eval: bool = False) -> None:
     try:
         from torch.profiler import ProfilerActivity, profile
 
@@ -182,7 +183,7 @@ def profile_rank(part: str, rank: int, world: int, port: int, steps: int, sets: 
         with tempfile.TemporaryDirectory() as tmp:
             trainer = (build_teacher_trainer(rank, world, sets) if part == "teacher"
                        else build_student_trainer(sets, Path(tmp) / "bank"))
-            trainer.train_epoch(0, 4, max_steps=5)  # warm-up: DeepSpeed's buffers, the image cache's first reads
+            trainer.train_epoch(0, 4, max_steps=warmup)  # warm-up: DeepSpeed's buffers, the image cache's first reads
             clock = PhaseClock()
             undo = instrument(trainer, clock)
             stats = trainer.train_epoch(1, 4, max_steps=steps)
@@ -197,12 +198,14 @@ def profile_rank(part: str, rank: int, world: int, port: int, steps: int, sets: 
                 wall = time.perf_counter() - t0
             ops = op_breakdown(prof, wall, pstats.steps)
             top = top_ops(prof, pstats.steps, TOP_OPS)
-            t0 = time.perf_counter()
-            ap = trainer.evaluate(2).get("val/AP", float("nan"))
-            eval_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            trainer.save_checkpoint(Path(tmp) / "ckpt", 2, {})
-            save_s = time.perf_counter() - t0
+            eval_s = save_s = ap = float("nan")
+            if not skip_eval:
+                t0 = time.perf_counter()
+                ap = trainer.evaluate(2).get("val/AP", float("nan"))
+                eval_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                trainer.save_checkpoint(Path(tmp) / "ckpt", 2, {})
+                save_s = time.perf_counter() - t0
             spec, precision = trainer.spec, trainer.cfg.train.precision
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
             peak = matmul_peak(dtype)
@@ -229,7 +232,7 @@ def profile_rank(part: str, rank: int, world: int, port: int, steps: int, sets: 
     os._exit(0)  # gloo/DeepSpeed threads at interpreter teardown can abort the process after the result is sent
 
 
-def run_part(part: str, steps: int, sets: list[str]) -> list[dict[str, Any]]:
+def run_part(part: str, steps: int, sets: list[str], warmup: int = 5, skip_eval: bool = False) -> list[dict[str, Any]]:
     import torch.multiprocessing as mp
 
     from vitpose.build import ensure_data
@@ -243,7 +246,7 @@ def run_part(part: str, steps: int, sets: list[str]) -> list[dict[str, Any]]:
             world = int(s.split("=", 1)[1])
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=profile_rank, args=(part, r, world, port, steps, sets, queue)) for r in range(world)]
+    procs = [ctx.Process(target=profile_rank, args=(part, r, world, port, steps, sets, queue, warmup, skip_eval)) for r in range(world)]
     for p in procs:
         p.start()
     results = [queue.get(timeout=1800) for _ in procs]
@@ -278,7 +281,8 @@ def report(results: list[dict[str, Any]]) -> None:
     print("\n".join(table(results, "ops ms (profiled steps)")))
     print("  top ops by self time (rank 0): " + "; ".join(f"{n} {ms:.1f} ms x{c}" for n, ms, c in
                                                           r0["top ops (name, ms per step, calls per step)"]))
-    print(f"  one evaluation {r0['eval s']:.2f} s; one checkpoint save {r0['checkpoint s']:.2f} s (rank 0)")
+    if r0["eval s"] == r0["eval s"]:  # not NaN: measured
+        print(f"  one evaluation {r0['eval s']:.2f} s; one checkpoint save {r0['checkpoint s']:.2f} s (rank 0)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="+", choices=["teacher", "student"], default=["teacher", "student"])
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--skip-eval", action="store_true", help="no evaluation or checkpoint timing (big models)")
     p.add_argument("--teacher-set", action="append", default=[], help="config override for the teacher")
     p.add_argument("--student-set", action="append", default=[], help="config override for the trial")
     add_json_option(p, "demo_profile")
@@ -295,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {}
     for part in a.parts:
         sets = a.teacher_set if part == "teacher" else a.student_set
-        out[part] = run_part(part, a.steps, sets)
+        out[part] = run_part(part, a.steps, sets, a.warmup, a.skip_eval)
         report(out[part])
     with contextlib.suppress(Exception):
         out["load average at end"] = load_average()

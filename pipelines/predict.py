@@ -63,7 +63,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-smooth", action="store_true", help="videos: raw keypoints, no One-Euro smoothing")
     p.add_argument("--smooth-min-cutoff", type=float, default=1.0, help="One-Euro cutoff of a still joint, Hz")
     p.add_argument("--smooth-beta", type=float, default=0.05, help="One-Euro speed coefficient, per pixel/s")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.no_smooth:  # checked here: a bad value is a usage error, not a video skipped later
+        from vitpose.deploy.smoothing import OneEuroParams
+
+        try:
+            OneEuroParams(args.smooth_min_cutoff, args.smooth_beta)
+        except ValueError as err:
+            p.error(f"--smooth-min-cutoff / --smooth-beta: {err}")
+    return args
 
 
 def collect_images(inputs: list[Path]) -> list[Path]:

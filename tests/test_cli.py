@@ -248,3 +248,6 @@ def test_predict_user_errors_exit_2_without_a_traceback(trained, tmp_path, capsy
         assert "fits one image" in capsys.readouterr().err
     assert predict_cli.main(["--model", model, str(tmp_path / "missing.jpg")]) == 2
     assert "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # refused before any input is read, not a video skipped later
+        predict_cli.main(["--model", model, str(not_image), "--smooth-beta", "-1"])
+    assert stop.value.code == 2 and "--smooth-beta: One-Euro beta must be >= 0, got -1.0" in capsys.readouterr().err
