@@ -1,7 +1,7 @@
 """Where the demo's training time goes: the demo teacher's step and a demo sweep trial's step, phase by phase.
 
     python -m benchmarks.demo_profile [--parts teacher student] [--steps 40] [--warmup 5] [--skip-eval]
-                                      [--teacher-set ...] [--student-set ...] [--json [PATH]]
+                                      [--levers REPS] [--teacher-set ...] [--student-set ...] [--json [PATH]]
 
 Both run the shipped ``Trainer`` (vitpose/train/loop.py, ``train_epoch``) outside Ray, with the demo's configs:
 the teacher (configs/teacher/synthetic_tiny.yaml: vitpose_nano, 2 ranks of 1 thread, ZeRO-3, bf16, batch 16
@@ -18,6 +18,8 @@ Per rank, after an untimed warm-up epoch of a few steps:
    collectives, of the other aten ops, and the rest of the wall time, which runs in Python (ours, DeepSpeed's
    hooks, autograd's engine) and is what tiny models are bound by;
 3. one evaluation (val set, flip test, COCOeval on rank 0) and one checkpoint save, each timed once.
+``--levers REPS``: instead, the step time (phases only) of each lever in ``LEVERS`` against the shipped setting,
+one thing changed per arm, the arms taking turns REPS times; the median ratio with its min and max.
 MFU: training FLOPs (3 x the forward's, the forward's being 2 x ``ViTPose.flops`` multiply-accumulates) per
 second of step, over this machine's matmul rate at the run's precision on one thread (2048^3, measured here).
 """
@@ -170,7 +172,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 
 
 def profile_rank(part: str, rank: int, world: int, port: int, steps: int, sets: list[str], queue: Any,
-                 warmup: int = 5, skip_eval: bool = False) -> None:
+                 warmup: int = 5, skip_eval: bool = False, phases_only: bool = False) -> None:
     try:
         from torch.profiler import ProfilerActivity, profile
 
@@ -191,15 +193,18 @@ def profile_rank(part: str, rank: int, world: int, port: int, steps: int, sets: 
             n = stats.steps
             phases = {k: 1000 * v / n for k, v in clock.seconds.items()}
             phases["loop"] = max(0.0, 1000 * stats.seconds / n - sum(phases.values()))
-            prof_steps = max(2, steps // 2)
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                t0 = time.perf_counter()
-                pstats = trainer.train_epoch(2, 4, max_steps=prof_steps)
-                wall = time.perf_counter() - t0
-            ops = op_breakdown(prof, wall, pstats.steps)
-            top = top_ops(prof, pstats.steps, TOP_OPS)
+            ops: dict[str, float] = {}
+            top: list[tuple[str, float, int]] = []
+            wall, prof_step_count = float("nan"), 1
+            if not phases_only:
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    t0 = time.perf_counter()
+                    pstats = trainer.train_epoch(2, 4, max_steps=max(2, steps // 2))
+                    wall, prof_step_count = time.perf_counter() - t0, pstats.steps
+                ops = op_breakdown(prof, wall, prof_step_count)
+                top = top_ops(prof, prof_step_count, TOP_OPS)
             eval_s = save_s = ap = float("nan")
-            if not skip_eval:
+            if not (skip_eval or phases_only):
                 t0 = time.perf_counter()
                 ap = trainer.evaluate(2).get("val/AP", float("nan"))
                 eval_s = time.perf_counter() - t0
@@ -216,7 +221,7 @@ def profile_rank(part: str, rank: int, world: int, port: int, steps: int, sets: 
                 "part": part, "rank": rank, "world": world, "stage": trainer.stage, "precision": precision,
                 "preset": trainer.cfg.model.preset, "batch per rank": batch, "steps": n,
                 "step ms": step_ms, "img/s": batch * world * 1000 / step_ms, "phases ms": phases,
-                "ops ms (profiled steps)": ops, "top ops (name, ms per step, calls per step)": top, "profiled step ms": 1000 * wall / pstats.steps,
+                "ops ms (profiled steps)": ops, "top ops (name, ms per step, calls per step)": top, "profiled step ms": 1000 * wall / prof_step_count,
                 "eval s": eval_s, "checkpoint s": save_s, "val AP (untrained)": ap,
                 "train GFLOP per image": train_flops / 1e9, "matmul peak GFLOP/s (1 thread)": peak,
                 "MFU": train_flops * batch / (step_ms / 1000) / (peak * 1e9),
@@ -232,7 +237,8 @@ def profile_rank(part: str, rank: int, world: int, port: int, steps: int, sets: 
     os._exit(0)  # gloo/DeepSpeed threads at interpreter teardown can abort the process after the result is sent
 
 
-def run_part(part: str, steps: int, sets: list[str], warmup: int = 5, skip_eval: bool = False) -> list[dict[str, Any]]:
+def run_part(part: str, steps: int, sets: list[str], warmup: int = 5, skip_eval: bool = False,
+             phases_only: bool = False, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
     import torch.multiprocessing as mp
 
     from vitpose.build import ensure_data
@@ -246,9 +252,16 @@ def run_part(part: str, steps: int, sets: list[str], warmup: int = 5, skip_eval:
             world = int(s.split("=", 1)[1])
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=profile_rank, args=(part, r, world, port, steps, sets, queue, warmup, skip_eval)) for r in range(world)]
-    for p in procs:
-        p.start()
+    procs = [ctx.Process(target=profile_rank, args=(part, r, world, port, steps, sets, queue, warmup, skip_eval,
+                                                    phases_only)) for r in range(world)]
+    saved = dict(os.environ)
+    os.environ.update(env or {})  # what glibc reads as the children start (a spawned child copies it)
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     results = [queue.get(timeout=1800) for _ in procs]
     for p in procs:
         p.join(timeout=60)
@@ -285,6 +298,42 @@ def report(results: list[dict[str, Any]]) -> None:
         print(f"  one evaluation {r0['eval s']:.2f} s; one checkpoint save {r0['checkpoint s']:.2f} s (rank 0)")
 
 
+HEAP_131K = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+# Each lever against the shipped setting, one thing changed: (config overrides, environment).
+LEVERS: dict[str, dict[str, tuple[list[str], dict[str, str]]]] = {
+    "teacher": {
+        "shipped": ([], {}),
+        "heap: blocks over 128 KiB mapped (as before)": ([], HEAP_131K),
+        "ZeRO-3 with persistent tiny tensors (zero3.json)": (["deepspeed.config=configs/deepspeed/zero3.json"], {}),
+        "ZeRO-0 (reference, not the demo's)": (["deepspeed.config=configs/deepspeed/zero0.json"], {}),
+    },
+    "student": {
+        "shipped": ([], {}),
+        "heap: blocks over 128 KiB mapped (as before)": ([], HEAP_131K),
+        "bf16 students (not shipped)": (["train.precision=bf16"], {}),
+    },
+}
+
+
+def compare_levers(part: str, steps: int, reps: int, sets: list[str]) -> dict[str, Any]:
+    """Step time of each lever of ``part``, the arms taking turns (benchmarks.harness.interleave), rank 0's."""
+    from benchmarks.harness import interleave, ratio
+
+    def arm(extra: list[str], env: dict[str, str]) -> Any:
+        return lambda: run_part(part, steps, [*sets, *extra], phases_only=True, env=env)[0]["step ms"] / 1000
+
+    arms = {name: arm(extra, env) for name, (extra, env) in LEVERS[part].items()}
+    times = interleave(arms, reps, warmup=0, self_timed=True)
+    print(f"{part}: ms per step, {reps} turns of {steps} steps each, interleaved")
+    out = {}
+    for name, secs in times.items():
+        r = ratio(secs, times["shipped"])
+        out[name] = {"ms": [1000 * t for t in secs], "vs shipped": r}
+        print(f"  {name:52s} {statistics.median(secs) * 1000:7.1f} ms  x{r['median']:.2f} the shipped step's time "
+              f"[{r['min']:.2f}, {r['max']:.2f}]")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.demo_profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -292,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--skip-eval", action="store_true", help="no evaluation or checkpoint timing (big models)")
+    p.add_argument("--levers", type=int, metavar="REPS", default=0,
+                   help="instead of the profile: each lever's step time against the shipped one, REPS turns")
     p.add_argument("--teacher-set", action="append", default=[], help="config override for the teacher")
     p.add_argument("--student-set", action="append", default=[], help="config override for the trial")
     add_json_option(p, "demo_profile")
@@ -301,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {}
     for part in a.parts:
         sets = a.teacher_set if part == "teacher" else a.student_set
+        if a.levers:
+            out[f"{part} levers"] = compare_levers(part, a.steps, a.levers, sets)
+            continue
         out[part] = run_part(part, a.steps, sets, a.warmup, a.skip_eval)
         report(out[part])
     with contextlib.suppress(Exception):
