@@ -27,7 +27,6 @@ second of step, over this machine's matmul rate at the run's precision on one th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -161,21 +160,12 @@ def build_student_trainer(sets: list[str], bank_dir: Path) -> Any:
                    datasets=(BankedViews(train_ds, bank, cfg.train.seed, False), val_ds))
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    times = []
-    for _ in range(reps + 1):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times[1:]) / 1e9
-
-
 def profile_rank(part: str, rank: int, world: int, port: int, steps: int, sets: list[str], queue: Any,
                  warmup: int = 5, skip_eval: bool = False, phases_only: bool = False) -> None:
     try:
         from torch.profiler import ProfilerActivity, profile
 
+        from benchmarks.peer.speed import matmul_gflops  # the same peak compare_peer measures
         from vitpose.models.vitpose import build_model_from_spec
         from vitpose.train.session import single_process_env
 
@@ -213,7 +203,7 @@ def profile_rank(part: str, rank: int, world: int, port: int, steps: int, sets: 
                 save_s = time.perf_counter() - t0
             spec, precision = trainer.spec, trainer.cfg.train.precision
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-            peak = matmul_peak(dtype)
+            peak = matmul_gflops(dtype)
             train_flops = 3 * 2 * build_model_from_spec(spec, device="meta").flops()
             batch = trainer.cfg.train.batch_size
             step_ms = 1000 * stats.seconds / n
@@ -357,8 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         out[part] = run_part(part, a.steps, sets, a.warmup, a.skip_eval)
         report(out[part])
-    with contextlib.suppress(Exception):
-        out["load average at end"] = load_average()
+    out["load average at end"] = load_average()
     run.finish(**out)
     return 0
 
