@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from vitpose.cli import UsageError, guarded
+from vitpose.deploy.detector import FORMATS as DETECTOR_FORMATS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,12 +53,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calib-crops", type=int, default=64, help="with --int8: training crops to calibrate on (default 64)")
     p.add_argument("--max-ap-drop", type=float, default=0.5,
                    help="with --int8: largest val AP drop from eager accepted, in AP points (default 0.5)")
-    p.add_argument("--detector", type=Path, help="with --register: an ONNX person detector registered with the "
-                   "pose pyfunc, so the served model answers images without boxes (vitpose.deploy.detector)")
-    p.add_argument("--detector-format", default="auto", choices=["auto", "yolox", "rtmdet", "ultralytics"],
+    p.add_argument("--detector", help="with --register: an ONNX person detector (a file or an MLflow model URI such as "
+                   "models:/vitpose-detector@current) registered with the pose pyfunc, so the served model answers "
+                   "images without boxes (vitpose.deploy.detector)")
+    p.add_argument("--detector-format", default="auto", choices=DETECTOR_FORMATS,
                    help="with --detector: the file's layout")
-    p.add_argument("--detector-score-thr", type=float, default=0.3, help="with --detector: person boxes below this "
-                   "are dropped")
+    p.add_argument("--detector-score-thr", type=float, help="with --detector: person boxes below this are dropped "
+                   "(default: the threshold the file recommends, else 0.3)")
     p.add_argument("--experiment", default="vitpose-export",
                    help="MLflow experiment when the source model has no run (default vitpose-export)")
     p.add_argument("--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else runs/mlflow.db)")
@@ -234,10 +236,12 @@ def register_pyfunc(tracking_uri: str, run_id: str, model: Any, meta: dict[str, 
 
 def check_detector(args: argparse.Namespace) -> None:
     """Open --detector before any export work: a file that is no known detector is a usage error."""
-    from vitpose.deploy.detector import DetectorFormatError, OnnxPersonDetector
+    from vitpose.deploy.detector import DetectorFormatError, OnnxPersonDetector, detector_file
 
     try:
-        OnnxPersonDetector(args.detector, args.detector_format, score_thr=args.detector_score_thr)
+        args.detector = detector_file(args.detector, args.tracking_uri)  # a models:/ URI: the file downloaded
+        found = OnnxPersonDetector(args.detector, args.detector_format, score_thr=args.detector_score_thr)
+        args.detector_format, args.detector_score_thr = found.format, found.score_thr
     except (DetectorFormatError, FileNotFoundError) as err:
         raise UsageError(f"--detector {err}") from None
 

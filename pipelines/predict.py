@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from vitpose.cli import UsageError, guarded
+from vitpose.deploy.detector import FORMATS as DETECTOR_FORMATS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 CHUNK = 8  # images whose crops share forward passes; bounds memory on folders of large photos
@@ -56,10 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-flip-test", action="store_true", help="one pass per box instead of two (faster, less accurate)")
     p.add_argument("--device", help="torch device, e.g. cuda:0 (default: cuda when available, else cpu)")
     p.add_argument("--tracking-uri", help="MLflow store for models:/ and runs:/ URIs (default MLFLOW_TRACKING_URI)")
-    p.add_argument("--detector", type=Path, help="ONNX person detector for videos and images without --boxes")
-    p.add_argument("--detector-format", default="auto", choices=["auto", "yolox", "rtmdet", "ultralytics"],
+    p.add_argument("--detector", help="ONNX person detector for videos and images without --boxes: a file, or an "
+                   "MLflow model URI (models:/vitpose-detector@current, from pipelines/detector.py)")
+    p.add_argument("--detector-format", default="auto", choices=DETECTOR_FORMATS,
                    help="the detector file's layout (auto tells ultralytics from mmdeploy's)")
-    p.add_argument("--detector-score-thr", type=float, default=0.3, help="person boxes below this are dropped")
+    p.add_argument("--detector-score-thr", type=float,
+                   help="person boxes below this are dropped (default: the threshold the file recommends, else 0.3)")
     p.add_argument("--no-smooth", action="store_true", help="videos: raw keypoints, no One-Euro smoothing")
     p.add_argument("--smooth-min-cutoff", type=float, default=1.0, help="One-Euro cutoff of a still joint, Hz")
     p.add_argument("--smooth-beta", type=float, default=0.05, help="One-Euro speed coefficient, per pixel/s")
@@ -220,10 +223,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def open_detector(args: argparse.Namespace) -> Any:
-    from vitpose.deploy.detector import OnnxPersonDetector
+    from vitpose.deploy.detector import OnnxPersonDetector, detector_file
 
     try:
-        return OnnxPersonDetector(args.detector, args.detector_format, score_thr=args.detector_score_thr)
+        return OnnxPersonDetector(detector_file(args.detector, args.tracking_uri), args.detector_format,
+                                  score_thr=args.detector_score_thr)
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(f"--detector {err}") from None
 

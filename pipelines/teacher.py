@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vitpose.cli import common_args, guarded, run
-from vitpose.config import TeacherConfig, load_config
+from vitpose.cli import common_args, run_with_config
+from vitpose.config import TeacherConfig
 from vitpose.train.driver import train_teacher
 
 DEFAULT_CONFIG = "configs/teacher/synthetic_tiny.yaml"
@@ -25,13 +25,8 @@ DEFAULT_CONFIG = "configs/teacher/synthetic_tiny.yaml"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     args = common_args(parser, DEFAULT_CONFIG).parse_args(argv)
-    loaded: list[TeacherConfig] = []
     # The config first: a tracking URI it names decides where the log file goes inside a `ray job submit`.
-    rc = guarded(lambda: loaded.append(load_config(args.config, args.set, schema=TeacherConfig)) or 0)
-    if rc:
-        return rc
-    cfg = loaded[0]
-    return run(lambda: train_teacher(cfg, args.resume), "teacher", args.verbose, cfg.tracking.tracking_uri)
+    return run_with_config(args, TeacherConfig, lambda cfg: train_teacher(cfg, args.resume), "teacher")
 
 
 if __name__ == "__main__":

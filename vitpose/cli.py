@@ -9,8 +9,9 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from vitpose.config import ConfigError
+from vitpose.config import ConfigError, load_config
 from vitpose.run import console
 
 LOG_DIR = "runs/logs"
@@ -62,6 +63,17 @@ def run(body: Callable[[], int], name: str, verbose: bool = False, tracking_uri:
             return guarded(body)
         finally:
             cluster.disconnect()  # inside the capture: Ray's last words go to the log, not after our error
+
+
+def run_with_config(args: argparse.Namespace, schema: type, body: Callable[[Any], int], name: str) -> int:
+    """``body(cfg)`` under ``run``, cfg being ``--config`` with ``--set`` read as ``schema``. The config is read
+    first: a mistake in it is one error line before any log file, and a tracking URI it names places the log."""
+    loaded: list[Any] = []
+    rc = guarded(lambda: loaded.append(load_config(args.config, args.set, schema=schema)) or 0)
+    if rc:
+        return rc
+    cfg = loaded[0]
+    return run(lambda: body(cfg), name, args.verbose, cfg.tracking.tracking_uri)
 
 
 def log_dir(tracking_uri: str | None) -> Path:

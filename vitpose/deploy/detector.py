@@ -12,8 +12,13 @@ pixels (what ``inference.parse_boxes`` takes). The formats:
   without NMS (done here); or, for YOLOv10 / YOLO26 / ``export(nms=True)``, (1, max_det, 6) = x1, y1, x2, y2,
   score, class, rows not filtered by score.
 
-``format="auto"`` tells ``ultralytics`` from the mmdeploy layout by the outputs; between ``yolox`` and ``rtmdet``
-(same outputs, different input scaling) it cannot choose and asks. The person class is 0 in all of them (COCO
+* ``torchvision``: what ``pipelines/detector.py`` exports (``vitpose.detection``, the embedded default's detector):
+  input ``input`` (1, 3, S, S) float32 RGB 0-255, letterboxed at the top-left with 114 (normalised inside the
+  graph); outputs ``dets`` and ``labels`` as mmdeploy's, the person as label 0.
+
+``format="auto"`` tells ``ultralytics`` from the mmdeploy layout by the outputs, and our own export by the tag in
+its ONNX metadata; between ``yolox`` and ``rtmdet`` (same outputs, different input scaling) it cannot choose and
+asks. The person class is 0 in all of them (COCO
 order); ``person_class`` changes it for detectors of other label sets.
 """
 
@@ -25,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-FORMATS = ("auto", "yolox", "rtmdet", "ultralytics")
+FORMATS = ("auto", "yolox", "rtmdet", "ultralytics", "torchvision")
+DEFAULT_SCORE_THR = 0.3  # for files that do not recommend their own
 PAD_VALUE = 114.0  # the grey every one of these exports was trained with around the resized image
 RTMDET_MEAN_BGR = np.array([103.53, 116.28, 123.675], dtype=np.float32)
 RTMDET_STD_BGR = np.array([57.375, 57.12, 58.395], dtype=np.float32)
@@ -65,6 +71,28 @@ def letterbox(image: np.ndarray, size: tuple[int, int], centred: bool) -> tuple[
     return canvas, Letterbox(ratio, (float(x0), float(y0)))
 
 
+def detector_file(ref: str | Path, tracking_uri: str | None = None) -> Path:
+    """The ONNX file ``ref`` names: a path, or an MLflow model URI (``models:/vitpose-detector@current``, ``runs:/``)
+    of an ONNX model, as ``pipelines/detector.py`` registers it, downloaded from the tracking server."""
+    text = str(ref)
+    if not text.startswith(("models:/", "runs:/")):
+        return Path(text)
+    import mlflow
+
+    from vitpose.run.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, tracking_uri=uri))
+    except mlflow.exceptions.MlflowException as err:
+        raise FileNotFoundError(f"{text}: not found in the MLflow store {uri} ({str(err).splitlines()[0]})") from None
+    found = sorted(folder.rglob("*.onnx"))
+    if not found:
+        raise DetectorFormatError(f"{text}: the model holds no .onnx file; register an ONNX person detector "
+                                  "(pipelines/detector.py does)")
+    return found[0]
+
+
 def nms(xyxy: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     """Indices kept by non-maximum suppression (torchvision's), best first."""
     import torch
@@ -77,9 +105,10 @@ def nms(xyxy: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
 
 class OnnxPersonDetector:
     """An ONNX person detector (see the module doc for ``format``): ``detector(rgb) -> (N, 5)`` boxes
-    ``[x, y, w, h, score]`` in image pixels, best first, scores >= ``score_thr``."""
+    ``[x, y, w, h, score]`` in image pixels, best first, scores >= ``score_thr`` (None: the one the file
+    recommends in its metadata, as ``pipelines/detector.py`` writes it, else ``DEFAULT_SCORE_THR``)."""
 
-    def __init__(self, path: str | Path, format: str = "auto", score_thr: float = 0.3, nms_iou: float = 0.45,
+    def __init__(self, path: str | Path, format: str = "auto", score_thr: float | None = None, nms_iou: float = 0.45,
                  person_class: int = 0, threads: int | None = None):
         import onnxruntime as ort
 
@@ -103,18 +132,30 @@ class OnnxPersonDetector:
                                       "export the detector with a fixed input size, e.g. 640x640")
         self.size = (height, width)
         self.format = self._check_format(format, [o.name for o in outputs], [o.shape for o in outputs])
+        if score_thr is None:
+            from vitpose.detection.model import ONNX_SCORE_THR_KEY
+
+            score_thr = float(self.session.get_modelmeta().custom_metadata_map.get(ONNX_SCORE_THR_KEY,
+                                                                                   DEFAULT_SCORE_THR))
+        self.score_thr = score_thr
 
     def _check_format(self, asked: str, names: list[str], shapes: list[Any]) -> str:
+        from vitpose.detection.model import ONNX_FORMAT_KEY
+
         mmdeploy = "dets" in names and "labels" in names
         seen = ", ".join(f"{n} {list(s)}" for n, s in zip(names, shapes, strict=True))
+        tagged = self.session.get_modelmeta().custom_metadata_map.get(ONNX_FORMAT_KEY)
+        if asked == "auto" and tagged in FORMATS:
+            asked = tagged
         if asked == "auto":
             if mmdeploy:
                 raise DetectorFormatError(f"{self.path}: an mmdeploy end2end detector (outputs {seen}); say which "
                                           "model it is, format 'yolox' or 'rtmdet': their inputs are scaled differently")
             asked = "ultralytics"
-        if (asked in ("yolox", "rtmdet")) != mmdeploy or (asked == "ultralytics" and len(names) != 1):
+        if (asked in ("yolox", "rtmdet", "torchvision")) != mmdeploy or (asked == "ultralytics" and len(names) != 1):
             raise DetectorFormatError(f"{self.path}: outputs {seen} are not the {asked!r} layout; yolox / rtmdet "
-                                      "(mmdeploy end2end) have 'dets' (1, N, 5) and 'labels' (1, N), ultralytics one "
+                                      "(mmdeploy end2end) and torchvision have 'dets' (1, N, 5) and 'labels' (1, N), "
+                                      "ultralytics one "
                                       "output (1, 4 + classes, anchors) or (1, N, 6)")
         return asked
 
@@ -122,6 +163,8 @@ class OnnxPersonDetector:
         canvas, box = letterbox(image, self.size, centred=self.format == "ultralytics")
         if self.format == "ultralytics":
             x = canvas / 255.0
+        elif self.format == "torchvision":
+            x = canvas
         else:
             x = canvas[..., ::-1]  # the mmdet models were trained on BGR frames
             if self.format == "rtmdet":
@@ -145,7 +188,7 @@ class OnnxPersonDetector:
 
     def _decode(self, outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(x1, y1, x2, y2) in network pixels and scores of the person detections."""
-        if self.format in ("yolox", "rtmdet"):
+        if self.format in ("yolox", "rtmdet", "torchvision"):
             names = [o.name for o in self.session.get_outputs()]
             dets, labels = outputs[names.index("dets")][0], outputs[names.index("labels")][0]
             person = labels == self.person_class
