@@ -1,10 +1,12 @@
 """The DeepSpeed engine of one training worker, and every patch we apply to DeepSpeed, in one place:
 layer-wise lr decay groups of the trainable parameters; ZeRO-3 fp32 sharing the optimizer's master copy with
 the model's partition (``zero_memory``); DeepSpeed's own checkpoint files read without unpickling code
-(``run_folder``); a lone stage-0 rank that does not all-reduce its gradients with itself (``lone_rank``)."""
+(``run_folder``); a lone stage-0 rank that does not all-reduce its gradients with itself (``lone_rank``); and
+quiet about the deprecated torch collectives it calls (``quiet_deprecated_collectives``)."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -31,6 +33,18 @@ def make_engine(model: torch.nn.Module, cfg: TrainingConfig,
     load_deepspeed_files_as_weights_only(engine)
     skip_lone_allreduce(engine)
     return engine, optimizer, optimized_counts(model, groups)
+
+
+# DeepSpeed's ZeRO calls these; torch 2.14 deprecates them with a FutureWarning on every call.
+DEPRECATED_COLLECTIVES = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+
+
+def quiet_deprecated_collectives() -> None:
+    """Ignore torch's deprecation warning for the collectives DeepSpeed calls (from the ZeRO-3 model build on).
+    Python shows a warning once per place unless its filters change, and something in a step changes them: in
+    the demo teacher's Ray workers it was written about twice per rank and step, and carried by Ray's log monitor
+    to the driver's log (2,249 times in 4 epochs): work and noise on every step, about code that is not ours."""
+    warnings.filterwarnings("ignore", message=DEPRECATED_COLLECTIVES, category=FutureWarning)
 
 
 def optimized_counts(model: torch.nn.Module, groups: list[dict[str, Any]]) -> dict[str, int]:

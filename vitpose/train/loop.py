@@ -35,7 +35,7 @@ from vitpose.models.vitpose import build_model_from_spec, exported_state
 from vitpose.run.console import say
 from vitpose.train.bad_samples import BadSampleLedger
 from vitpose.train.deepspeed_config import complete_deepspeed_config, zero_stage
-from vitpose.train.engine import make_engine
+from vitpose.train.engine import make_engine, quiet_deprecated_collectives
 from vitpose.train.heap import return_freed_blocks
 from vitpose.train.loaders import build_loaders
 from vitpose.train.multi_dataset import evaluate_datasets, is_mixed, mixed_loss
@@ -122,6 +122,7 @@ class Trainer:
         self.rank, self.world = session.rank, session.world_size
         # Always: DeepSpeed's comm layer must wrap the process group even when Ray already made it.
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        quiet_deprecated_collectives()  # from here on DeepSpeed calls them, ZeRO-3's model build included
         self.ds_config = complete_deepspeed_config(cfg, self.world)
         self.stage = zero_stage(self.ds_config)
         self.train_ds, self.val_ds = datasets or build_datasets(cfg, session.local_rank == 0)
