@@ -63,16 +63,19 @@ def match_people(result, truth: dict) -> dict[str, float]:
 
 
 def still_jitter(result, truth: dict) -> float:
-    """Jitter of the still person's keypoints that the model sees (confidence > 0.3 in the first frame)."""
+    """Jitter of the still person's keypoints that the model sees (confidence > 0.3 in the first frame): its
+    track's frame-to-frame motion over the frames where it was found in consecutive frames (a real detector can
+    lose a person for a frame when a walker covers it)."""
     from vitpose.deploy.smoothing import jitter
 
     still_box = next(p["bbox"] for p in truth["frames"][0]["people"] if p["still"])
     first = min(result.frames[0]["people"], key=lambda p: np.abs(np.subtract(p["box"], still_box)).sum())
     track = first["track_id"]
-    kps = np.array([[kp for p in f["people"] if p["track_id"] == track for kp in p["keypoints"]]
-                    for f in result.frames])  # (T, K, 3)
-    seen = kps[0, :, 2] > 0.3
-    return jitter(kps[:, seen, :2])
+    found = {i: np.array(p["keypoints"]) for i, f in enumerate(result.frames) for p in f["people"]
+             if p["track_id"] == track}  # frame -> (K, 3)
+    seen = found[0][:, 2] > 0.3
+    pairs = [np.stack([found[i][seen, :2], found[i + 1][seen, :2]]) for i in found if i + 1 in found]
+    return float(np.mean([jitter(pair) for pair in pairs]))
 
 
 def main() -> int:

@@ -77,15 +77,9 @@ def detector_file(ref: str | Path, tracking_uri: str | None = None) -> Path:
     text = str(ref)
     if not text.startswith(("models:/", "runs:/")):
         return Path(text)
-    import mlflow
+    from vitpose.models.loading import download_model
 
-    from vitpose.run.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
-    try:
-        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, tracking_uri=uri))
-    except mlflow.exceptions.MlflowException as err:
-        raise FileNotFoundError(f"{text}: not found in the MLflow store {uri} ({str(err).splitlines()[0]})") from None
+    folder = download_model(text, tracking_uri)
     found = sorted(folder.rglob("*.onnx"))
     if not found:
         raise DetectorFormatError(f"{text}: the model holds no .onnx file; register an ONNX person detector "
@@ -110,18 +104,16 @@ class OnnxPersonDetector:
 
     def __init__(self, path: str | Path, format: str = "auto", score_thr: float | None = None, nms_iou: float = 0.45,
                  person_class: int = 0, threads: int | None = None):
-        import onnxruntime as ort
 
         if format not in FORMATS:
             raise DetectorFormatError(f"detector format {format!r}: choose one of {', '.join(FORMATS)}")
         self.path, self.score_thr, self.nms_iou, self.person_class = Path(path), score_thr, nms_iou, person_class
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no detector file there")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        from vitpose.deploy.runtime import onnx_session
+
+        try:  # the pose network's session settings: no spinning threads between frames (runtime.py)
+            self.session = onnx_session(self.path, threads)
         except Exception as err:  # onnxruntime's own error types are not part of its API
             raise DetectorFormatError(f"{self.path}: not a readable ONNX model ({str(err).splitlines()[0]})") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()

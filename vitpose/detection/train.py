@@ -181,6 +181,7 @@ def register(uri: str, run_id: str, onnx_file: Path, cfg: DetectorConfig) -> str
     with mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(onnx.load(str(onnx_file)), name="detector",
                                      registered_model_name=cfg.tracking.registered_model,
+                                     save_as_external_data=False,  # one file: export copies it into pose models
                                      pip_requirements=[f"onnxruntime=={version('onnxruntime')}",
                                                        f"onnx=={version('onnx')}"])
     number = str(info.registered_model_version)

@@ -101,7 +101,10 @@ def _with_keypoints(meta: dict[str, Any], num_keypoints: int) -> dict[str, Any]:
     return meta
 
 
-def _download(uri: str, tracking_uri: str | None) -> Path:
+def download_model(uri: str, tracking_uri: str | None) -> Path:
+    """The local folder of an MLflow model URI (``models:/NAME@ALIAS``, ``runs:/...``) from the store
+    ``tracking_uri`` resolves to; a store that cannot be reached or a model it lacks is a ``ModelNotFoundError``
+    that names both."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -109,15 +112,18 @@ def _download(uri: str, tracking_uri: str | None) -> Path:
 
     resolved = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(resolved)  # an unreachable server is a clear error here, not a "model not found"
-    mlflow.set_tracking_uri(resolved)
+    mlflow.set_tracking_uri(resolved)  # the registry of a models:/ URI is the global tracking store's
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except MlflowException as err:
         first = (err.message.splitlines()[0] if err.message else str(err)).rstrip(".")
         raise ModelNotFoundError(f"model {uri!r} not found in the MLflow store {resolved}: {first}. Check the name, "
                                  f"alias or version (mlflow ui --backend-store-uri {resolved}), or point "
                                  "MLFLOW_TRACKING_URI at the store that holds the model") from None
-    folder = Path(local)
+
+
+def _download(uri: str, tracking_uri: str | None) -> Path:
+    folder = download_model(uri, tracking_uri)
     if not (folder / "artifacts" / META).is_file():
         raise ModelNotFoundError(f"{uri} is not a vitpose pose model (no artifacts/{META}); ONNX exports are served "
                                  "by onnxruntime, not loaded here; register with vitpose.deploy.serving.log_vitpose_model")
