@@ -57,16 +57,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-flip-test", action="store_true", help="one pass per box instead of two (faster, less accurate)")
     p.add_argument("--device", help="torch device, e.g. cuda:0 (default: cuda when available, else cpu)")
     p.add_argument("--tracking-uri", help="MLflow store for models:/ and runs:/ URIs (default MLFLOW_TRACKING_URI)")
+    p.add_argument("--config", help="YAML with detector: and smoothing: sections (configs/predict/, "
+                   "vitpose.deploy.predict_config); the flags below win over it")
     p.add_argument("--detector", help="ONNX person detector for videos and images without --boxes: a file, or an "
                    "MLflow model URI (models:/vitpose-detector@current, from pipelines/detector.py)")
-    p.add_argument("--detector-format", default="auto", choices=DETECTOR_FORMATS,
-                   help="the detector file's layout (auto tells ultralytics from mmdeploy's)")
+    p.add_argument("--detector-format", choices=DETECTOR_FORMATS,
+                   help="the detector file's layout (default auto: tells ultralytics, mmdeploy's and ours apart)")
     p.add_argument("--detector-score-thr", type=float,
                    help="person boxes below this are dropped (default: the threshold the file recommends, else 0.3)")
     p.add_argument("--no-smooth", action="store_true", help="videos: raw keypoints, no One-Euro smoothing")
-    p.add_argument("--smooth-min-cutoff", type=float, default=1.0, help="One-Euro cutoff of a still joint, Hz")
-    p.add_argument("--smooth-beta", type=float, default=0.05, help="One-Euro speed coefficient, per pixel/s")
+    p.add_argument("--smooth-min-cutoff", type=float, help="One-Euro cutoff of a still joint, Hz (default 1)")
+    p.add_argument("--smooth-beta", type=float, help="One-Euro speed coefficient, per pixel/s (default 0.05)")
     args = p.parse_args(argv)
+    from vitpose.config import ConfigError
+    from vitpose.deploy.predict_config import fill_from_config
+
+    try:
+        fill_from_config(args)
+    except ConfigError as err:
+        p.error(f"--config {err}")
     if not args.no_smooth:  # checked here: a bad value is a usage error, not a video skipped later
         from vitpose.deploy.smoothing import OneEuroParams
 

@@ -113,9 +113,9 @@ def test_predict_finds_the_people_of_a_bare_image_with_the_registered_detector(p
     uri, image, _ = pose_and_detector
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")  # what this process used last is no guide
     predict = load_script("predict")
-    assert predict.main(["--model", "models:/vitpose-student@champion", "--tracking-uri", uri, "--detector",
-                         "models:/vitpose-detector@current", "--out", str(tmp_path / "out"), str(image)]) == 0
-    assert "2 person(s)" in capsys.readouterr().out  # with the score threshold the file recommends
+    assert predict.main(["--model", "models:/vitpose-student@champion", "--tracking-uri", uri, "--config",
+                         "configs/predict/synthetic.yaml", "--out", str(tmp_path / "out"), str(image)]) == 0
+    assert "2 person(s)" in capsys.readouterr().out  # the shipped config's detector, at the file's own threshold
     assert predict.main(["--model", "models:/vitpose-student@champion", "--tracking-uri", uri, "--detector",
                          "models:/no-such-detector@current", "--out", str(tmp_path / "out2"), str(image)]) == 2
     assert "models:/no-such-detector@current" in capsys.readouterr().err
@@ -182,3 +182,37 @@ def test_the_detector_reads_the_dataset_the_pose_models_read():
         ("configs/teacher/synthetic_tiny.yaml", TeacherConfig), ("configs/distill/synthetic_tiny.yaml", StudentConfig),
         ("configs/detector/synthetic.yaml", DetectorConfig))]
     assert len({(d.root, d.synthetic.model_dump_json()) for d in data}) == 1
+
+
+def test_predict_config_fills_the_flags_left_unset(tmp_path):
+    import argparse
+
+    from vitpose.config import ConfigError
+    from vitpose.deploy.predict_config import fill_from_config
+
+    def filled(config: str | None, **given):
+        flags = {"detector": None, "detector_format": None, "detector_score_thr": None, "smooth_min_cutoff": None,
+                 "smooth_beta": None, "no_smooth": False, **given}
+        args = argparse.Namespace(config=config, **flags)
+        fill_from_config(args)
+        return args
+
+    shipped = filled("configs/predict/synthetic.yaml")
+    assert (shipped.detector, shipped.detector_format, shipped.detector_score_thr) == (
+        "models:/vitpose-detector@current", "auto", None)
+    assert (shipped.smooth_min_cutoff, shipped.smooth_beta, shipped.no_smooth) == (1.0, 0.05, False)
+    assert filled(None).detector is None and filled(None).detector_format == "auto"  # no config: the defaults
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("detector: {model: det.onnx, format: yolox, score_thr: 0.6}\nsmoothing: {enabled: false}\n")
+    args = filled(str(mine), detector_score_thr=0.4)
+    assert (args.detector, args.detector_format, args.detector_score_thr, args.no_smooth) == (
+        "det.onnx", "yolox", 0.4, True)  # the flag wins, the rest from the file
+    mine.write_text("detector: {modle: det.onnx}\n")
+    with pytest.raises(ConfigError, match="did you mean 'detector.model'"):
+        filled(str(mine))
+    mine.write_text("smoothing: {min_cutoff: 0}\n")
+    with pytest.raises(ConfigError, match="min_cutoff"):
+        filled(str(mine))
+    with pytest.raises(SystemExit) as usage:  # before any model or input is read
+        load_script("predict").main(["--model", "x", "--config", str(mine), "a.jpg"])
+    assert usage.value.code == 2
