@@ -1,6 +1,7 @@
 """Poses from a video on CPUs: frames per second of the shipped path and the jitter its smoothing removes.
 
     python -m benchmarks.video_poses [--model models:/vitpose-student@champion] [--frames 60] [--people 1 2 4]
+                                     [--detector models:/vitpose-detector@current] [--networks fp32 int8]
 
 The video is the synthetic one (``vitpose.data.synthetic_video``: walkers crossing still people, fresh noise
 each frame). The path timed is ``vitpose.deploy.video_poses.poses_in_video`` as ``pipelines/predict.py`` runs it:
@@ -10,6 +11,9 @@ video's ground truth handed over as the detector's output, so the detector's own
 ``--detector FILE_OR_URI`` runs a real ONNX detector instead (e.g. ``models:/vitpose-detector@current``, the
 synthetic one ``pipelines/detector.py`` trains), its time included, and reports how its people match the true
 ones (recall and precision at IoU 0.5, tracks found). Threads: torch's and onnxruntime's intra-op threads, 1 and 2.
+Networks: ``fp32`` the model in PyTorch, as predict runs it; ``int8`` its int8 ONNX network in onnxruntime, as
+``pipelines/export.py --int8`` makes it and the served model runs it (QDQ, calibrated on 64 crops of the
+synthetic training set).
 
 Jitter: the mean frame-to-frame motion of a still person's confident keypoints (pure noise: the person does not
 move), raw and smoothed, with the One-Euro defaults of predict.py.
@@ -38,6 +42,21 @@ def ground_truth_detector(truth: dict) -> object:
         return np.array([[*p["bbox"], 0.9] for p in people], dtype=np.float64).reshape(-1, 5)
 
     return detect
+
+
+def int8_network(predictor, work: Path) -> Path:
+    """The model's int8 ONNX file, made the way ``export.py --int8`` makes it (calibrated on training crops)."""
+    from vitpose.build import build_datasets
+    from vitpose.config import StudentConfig, load_config
+    from vitpose.deploy.int8 import calibration_crops, quantize_int8
+    from vitpose.deploy.onnx import export_onnx
+
+    h, w = predictor.input_size
+    cfg = load_config(REPO / "configs" / "distill" / "synthetic_tiny.yaml", [f"model.img_size=[{h}, {w}]"],
+                      schema=StudentConfig)
+    train, _ = build_datasets(cfg, is_local_leader=True)
+    fp32 = export_onnx(predictor.model, work / "network.onnx")
+    return quantize_int8(fp32, work / "network.int8.onnx", calibration_crops(train))
 
 
 def match_people(result, truth: dict) -> dict[str, float]:
@@ -85,6 +104,8 @@ def main() -> int:
     p.add_argument("--people", type=int, nargs="+", default=[1, 2, 4], help="people per video (half of them still)")
     p.add_argument("--detector", help="an ONNX person detector (file or MLflow model URI) instead of the true boxes")
     p.add_argument("--detector-format", default="auto")
+    p.add_argument("--networks", nargs="+", choices=["fp32", "int8"], default=["fp32"],
+                   help="the pose network: PyTorch fp32, or its int8 ONNX in onnxruntime")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "video_poses.json")
     a = p.parse_args()
     import torch
@@ -97,6 +118,16 @@ def main() -> int:
     from vitpose.run.tracking import resolve_tracking_uri
 
     predictor = PosePredictor.from_uri(a.model, resolve_tracking_uri())
+    work = a.out.parent / "video_poses"
+    work.mkdir(parents=True, exist_ok=True)
+    int8_file = int8_network(predictor, work) if "int8" in a.networks else None
+
+    def network(name: str, threads: int) -> PosePredictor:
+        if name == "fp32":
+            return predictor
+        from vitpose.deploy.runtime import OrtNetwork
+
+        return PosePredictor(OrtNetwork(int8_file, predictor.model.spec, threads), predictor.meta)
     detector_path = detector_file(a.detector) if a.detector else None
 
     def detector_for(truth: dict, threads: int) -> object:
@@ -104,7 +135,6 @@ def main() -> int:
             return ground_truth_detector(truth)
         return OnnxPersonDetector(detector_path, a.detector_format, threads=threads)
 
-    work = a.out.parent / "video_poses"
     rows = []
     for people in a.people:
         still = max(1, people // 2)
@@ -112,13 +142,16 @@ def main() -> int:
         truth = json.loads(make_video(video, a.frames, walking=people - still, still=still).read_text())
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            for label, out in (("poses", None), ("poses + video", work / f"out{people}.mp4")):
-                detector = detector_for(truth, threads)
-                t0 = time.perf_counter()
-                result = poses_in_video(predictor, video, out, detector=detector, say=lambda _: None)
-                fps = len(result.frames) / (time.perf_counter() - t0)
-                rows.append({"people": people, "threads": threads, "path": label, "fps": round(fps, 2)})
-                print(f"{people} people, {threads} thread(s), {label}: {fps:.1f} frames/s", flush=True)
+            for name in a.networks:
+                poser = network(name, threads)
+                for label, out in (("poses", None), ("poses + video", work / f"out{people}.mp4")):
+                    detector = detector_for(truth, threads)
+                    t0 = time.perf_counter()
+                    result = poses_in_video(poser, video, out, detector=detector, say=lambda _: None)
+                    fps = len(result.frames) / (time.perf_counter() - t0)
+                    rows.append({"people": people, "threads": threads, "network": name, "path": label,
+                                 "fps": round(fps, 2)})
+                    print(f"{people} people, {threads} thread(s), {name}, {label}: {fps:.1f} frames/s", flush=True)
         raw = poses_in_video(predictor, video, None, detector=detector_for(truth, 2), smoothing=None,
                              say=lambda _: None)
         smooth = poses_in_video(predictor, video, None, detector=detector_for(truth, 2),
