@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint env clean
+.PHONY: demo video test test-fast lint env clean
 
 env: $(STAMP)
 
@@ -19,6 +19,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(PY) pipelines/demo.py
+
+# After `make demo` (it needs models:/vitpose-student@champion): trains and registers the synthetic data's person
+# detector (~5 min on 2 cores), makes a synthetic video, and writes its poses, tracked and smoothed, to runs/predict/.
+video: $(STAMP)
+	$(PY) pipelines/detector.py
+	$(PY) -m vitpose.data.synthetic_video --out runs/data/synthetic-video/people.mp4 --frames 90
+	$(PY) pipelines/predict.py --model models:/vitpose-student@champion --config configs/predict/synthetic.yaml \
+		--out runs/predict runs/data/synthetic-video/people.mp4
 
 test: $(STAMP)
 	$(PY) -m pytest tests
