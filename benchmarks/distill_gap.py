@@ -101,7 +101,7 @@ def main() -> int:
                                                   *common], log, registered="vitpose-student-gap")
         scores.update(read(folder, dict.fromkeys(PARTS, arm)))  # one arm per sweep, whatever its parts
         folders[arm] = str(folder)
-        unlabeled_lines += labelling(log)
+        unlabeled_lines += labelling(log) if log.exists() else []  # a reused arm's log may live under another --out
         print(f"  {arm} done, {round(time.time() - t0)} s so far", flush=True)
     none_curve = arm_curve(Path(folders["none"]), "none")
     result = summarise(scores, seeds, teacher["val_AP"], [(arm, "none") for arm in arms if arm != "none"]
