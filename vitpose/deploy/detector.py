@@ -32,6 +32,8 @@ import numpy as np
 
 FORMATS = ("auto", "yolox", "rtmdet", "ultralytics", "torchvision")
 DEFAULT_SCORE_THR = 0.3  # for files that do not recommend their own
+# ONNX metadata our own export writes: its layout (for format 'auto') and the score cut chosen on val.
+ONNX_FORMAT_KEY, ONNX_SCORE_THR_KEY = "vitpose_detector_format", "vitpose_detector_score_thr"
 PAD_VALUE = 114.0  # the grey every one of these exports was trained with around the resized image
 RTMDET_MEAN_BGR = np.array([103.53, 116.28, 123.675], dtype=np.float32)
 RTMDET_STD_BGR = np.array([57.375, 57.12, 58.395], dtype=np.float32)
@@ -55,20 +57,30 @@ class Letterbox:
         return out
 
 
-def letterbox(image: np.ndarray, size: tuple[int, int], centred: bool) -> tuple[np.ndarray, Letterbox]:
-    """``image`` (H, W, 3) resized by one ratio into a (size[0], size[1], 3) float32 canvas of ``PAD_VALUE``:
-    at the top-left (mmdeploy's YOLOX and RTMDet) or centred (ultralytics)."""
+def paste(image: np.ndarray, size: tuple[int, int], ratio: float, offset: tuple[int, int]) -> np.ndarray:
+    """``image`` (H, W, 3) scaled by ``ratio`` onto a (size[0], size[1], 3) float32 canvas of ``PAD_VALUE``, its
+    top-left corner at ``offset`` (x, y); what does not fit is cut off."""
     from PIL import Image
 
+    h, w = image.shape[:2]
+    new_w, new_h = max(1, int(round(w * ratio))), max(1, int(round(h * ratio)))
+    resized = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((new_w, new_h), Image.BILINEAR),
+                         dtype=np.float32)
+    canvas = np.full((size[0], size[1], 3), PAD_VALUE, dtype=np.float32)
+    x0, y0 = offset
+    canvas[y0:y0 + new_h, x0:x0 + new_w] = resized[: size[0] - y0, : size[1] - x0]
+    return canvas
+
+
+def letterbox(image: np.ndarray, size: tuple[int, int], centred: bool) -> tuple[np.ndarray, Letterbox]:
+    """``image`` (H, W, 3) resized by one ratio into a (size[0], size[1], 3) float32 canvas of ``PAD_VALUE``:
+    at the top-left (mmdeploy's YOLOX and RTMDet, ours) or centred (ultralytics)."""
     h, w = image.shape[:2]
     out_h, out_w = size
     ratio = min(out_h / h, out_w / w)
     new_w, new_h = max(1, int(round(w * ratio))), max(1, int(round(h * ratio)))
-    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR), dtype=np.float32)
-    canvas = np.full((out_h, out_w, 3), PAD_VALUE, dtype=np.float32)
     x0, y0 = ((out_w - new_w) // 2, (out_h - new_h) // 2) if centred else (0, 0)
-    canvas[y0:y0 + new_h, x0:x0 + new_w] = resized
-    return canvas, Letterbox(ratio, (float(x0), float(y0)))
+    return paste(image, size, ratio, (x0, y0)), Letterbox(ratio, (float(x0), float(y0)))
 
 
 def detector_file(ref: str | Path, tracking_uri: str | None = None) -> Path:
@@ -125,15 +137,11 @@ class OnnxPersonDetector:
         self.size = (height, width)
         self.format = self._check_format(format, [o.name for o in outputs], [o.shape for o in outputs])
         if score_thr is None:
-            from vitpose.detection.model import ONNX_SCORE_THR_KEY
-
             score_thr = float(self.session.get_modelmeta().custom_metadata_map.get(ONNX_SCORE_THR_KEY,
                                                                                    DEFAULT_SCORE_THR))
         self.score_thr = score_thr
 
     def _check_format(self, asked: str, names: list[str], shapes: list[Any]) -> str:
-        from vitpose.detection.model import ONNX_FORMAT_KEY
-
         mmdeploy = "dets" in names and "labels" in names
         seen = ", ".join(f"{n} {list(s)}" for n, s in zip(names, shapes, strict=True))
         tagged = self.session.get_modelmeta().custom_metadata_map.get(ONNX_FORMAT_KEY)

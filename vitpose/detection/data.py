@@ -9,10 +9,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from vitpose.data.files import load_image, read_json
-from vitpose.deploy.detector import PAD_VALUE
+from vitpose.deploy.detector import paste
 from vitpose.detection.model import PERSON_LABEL
 
 MIN_BOX_SIDE = 2.0  # pixels: a box thinner than this after letterboxing teaches nothing
@@ -70,14 +69,9 @@ class PersonBoxes(torch.utils.data.Dataset):
 def place(image: np.ndarray, boxes: np.ndarray, size: int, ratio: float, offset: tuple[int, int]
           ) -> tuple[np.ndarray, np.ndarray]:
     """``image`` scaled by ``ratio`` onto a grey (size, size) canvas at ``offset`` (x, y); ``boxes`` moved along."""
-    h, w = image.shape[:2]
-    new_w, new_h = max(1, round(w * ratio)), max(1, round(h * ratio))
-    resized = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((new_w, new_h), Image.BILINEAR))
-    canvas = np.full((size, size, 3), PAD_VALUE, dtype=np.float32)
     x0, y0 = offset
-    canvas[y0:y0 + new_h, x0:x0 + new_w] = resized[: size - y0, : size - x0]
     moved = boxes * ratio + np.array([x0, y0, x0, y0], dtype=np.float32)
-    return canvas, moved.clip(0, size).astype(np.float32)
+    return paste(image, (size, size), ratio, offset), moved.clip(0, size).astype(np.float32)
 
 
 def collate(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[list, list]:

@@ -72,16 +72,14 @@ class OnnxExport(nn.Module):
         return dets[None], (found["labels"] - PERSON_LABEL)[None]
 
 
-# ONNX metadata: lets format 'auto' recognise our own export, and carries the score cut chosen on val.
-ONNX_FORMAT_KEY, ONNX_SCORE_THR_KEY = "vitpose_detector_format", "vitpose_detector_score_thr"
-
-
 def export_onnx(detector: nn.Module, size: int, path: str, score_thr: float) -> None:
     """The detector as an ONNX file in the ``torchvision`` layout (``OnnxExport``), tagged with its format and
     its score threshold."""
     import warnings
 
     import onnx
+
+    from vitpose.deploy.detector import ONNX_FORMAT_KEY, ONNX_SCORE_THR_KEY
 
     with warnings.catch_warnings():  # the tracer's notes on shape-dependent Python in torchvision's NMS
         warnings.simplefilter("ignore")

@@ -23,7 +23,7 @@ from vitpose.detection.config import DetectorConfig
 from vitpose.detection.data import PersonBoxes, collate
 from vitpose.detection.evaluate import box_ap, detect_split, pick_score_threshold
 from vitpose.detection.model import build_detector, export_onnx
-from vitpose.run.console import say
+from vitpose.run.console import fmt_secs, say
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -213,8 +213,3 @@ def log_picture(uri: str, run_id: str, val_set: PersonBoxes, results: list[dict[
         for i, t in enumerate(tiles):
             strip.paste(t, (sum(x.width for x in tiles[:i]), 0))
         mlflow.MlflowClient(uri).log_image(run_id, np.asarray(strip), "val_detections.png")
-
-
-def fmt_secs(s: float) -> str:
-    s = int(max(s, 0))
-    return f"{s // 60}m{s % 60:02d}s"

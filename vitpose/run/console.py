@@ -39,6 +39,12 @@ def say(text: str) -> None:
         print(text, flush=True)
 
 
+def fmt_secs(s: float) -> str:
+    """A duration for an ETA: 4m05s, or 1h02m past an hour."""
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 def error(text: str) -> None:
     """The ``error:`` line a failed run ends with (on stderr)."""
     line = f"error: {text}"

@@ -32,7 +32,7 @@ from vitpose.config import TrainingConfig
 from vitpose.data.keypoints import keypoint_info
 from vitpose.losses import keypoint_mse
 from vitpose.models.vitpose import build_model_from_spec, exported_state
-from vitpose.run.console import say
+from vitpose.run.console import fmt_secs, say
 from vitpose.train.bad_samples import BadSampleLedger
 from vitpose.train.deepspeed_config import complete_deepspeed_config, zero_stage
 from vitpose.train.engine import make_engine, quiet_deprecated_collectives
@@ -245,7 +245,7 @@ class Trainer:
                 rate = stats.images * self.world / (now - t0)
                 left = (steps - i - 1) * self.cfg.train.batch_size * self.world / max(rate, 1e-9)
                 self._say(f"  epoch {epoch + 1}/{epochs} step {i + 1}/{steps} "
-                          f"loss {stats.loss:.6f} {rate:.1f} img/s, epoch ETA {_fmt_secs(left)}")
+                          f"loss {stats.loss:.6f} {rate:.1f} img/s, epoch ETA {fmt_secs(left)}")
         stats.seconds = time.time() - t0
         stats.extra = {k: v / max(stats.steps, 1) for k, v in extra_sums.items()}
         return stats
@@ -430,14 +430,9 @@ class Trainer:
         eta = (time.time() - t_start) / max(done, 1) * (epochs - epoch - 1)
         ap = f"  val AP {m['val/AP']:.3f} AR {m['val/AR']:.3f}" if "val/AP" in m else ""
         self._say(f"epoch {epoch + 1}/{epochs}  loss {m['train/loss']:.6f}  lr {m['train/lr']:.2e}  "
-                  f"{m['train/images_per_sec']:.1f} img/s{ap}  ETA {_fmt_secs(eta)}")
+                  f"{m['train/images_per_sec']:.1f} img/s{ap}  ETA {fmt_secs(eta)}")
 
 
 def shard_head(sampler: Any, count: int = 8) -> list[str]:
     """The first ``count`` keys (instances, or batches of several datasets) of this rank's epoch order."""
     return [str(k) for k in itertools.islice(iter(sampler), count)]
-
-
-def _fmt_secs(s: float) -> str:
-    s = int(max(s, 0))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
