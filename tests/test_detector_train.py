@@ -216,3 +216,16 @@ def test_predict_config_fills_the_flags_left_unset(tmp_path):
     with pytest.raises(SystemExit) as usage:  # before any model or input is read
         load_script("predict").main(["--model", "x", "--config", str(mine), "a.jpg"])
     assert usage.value.code == 2
+
+
+def test_an_image_that_does_not_decode_is_named(tmp_path):
+    from vitpose.data.files import BadSampleError
+    from vitpose.detection.data import PersonBoxes
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(b"not a jpeg")
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": [{"id": 7, "file_name": "a.jpg", "width": 64, "height": 64}],
+                               "annotations": [{"id": 1, "image_id": 7, "bbox": [1, 1, 20, 30], "iscrowd": 0}]}))
+    with pytest.raises(BadSampleError, match=r"a\.jpg: not a readable image .*image id 7"):
+        PersonBoxes(ann, tmp_path / "images", 128, train=True)[0]

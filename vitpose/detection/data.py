@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitpose.data.files import load_image, read_json
+from vitpose.data.files import BadSampleError, load_image, read_json
 from vitpose.deploy.detector import paste
 from vitpose.detection.model import PERSON_LABEL
 
@@ -44,7 +44,12 @@ class PersonBoxes(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         info = self.images[index]
-        image = load_image(self.image_dir / info["file_name"])
+        path = self.image_dir / info["file_name"]
+        try:
+            image = load_image(path)
+        except OSError as err:  # FileNotFoundError included: one line naming the file, not a decoder's traceback
+            raise BadSampleError("bad_image", f"{path}: not a readable image ({err}); replace it, or remove image "
+                                 f"id {info['id']} and its annotations from the annotation file") from None
         boxes = self.boxes[info["id"]].copy()
         h, w = image.shape[:2]
         rng = np.random.default_rng([self.seed, self.epoch, index])
