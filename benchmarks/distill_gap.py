@@ -50,7 +50,7 @@ ARMS = {
     "unlabeled_confident": ("unlabeled", ["distill.output.min_confidence=0.2"]),
     "unlabeled_decay": ("unlabeled", ["distill.output.schedule=linear_decay"]),
     "unlabeled_flip": ("unlabeled", ["distill.output.flip_average=true"]),
-    "unlabeled_feature": ("unlabeled", ["distill.feature.weight=0.001"]),
+    "unlabeled_feature": ("unlabeled", ["tune.arm_settings.unlabeled={distill.feature.weight: 0.001}"]),
     "unlabeled_second_stage": ("unlabeled", ["distill.second_stage.epochs=20"]),  # the last 10% of the epochs
 }
 TARGET, FLOOR = 0.40, 0.30  # the share of the gap to close, and what its interval must stay above

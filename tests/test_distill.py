@@ -191,20 +191,26 @@ def test_a_decaying_distillation_weight_follows_the_trainers_epochs(trained_teac
 def test_search_space_arms_and_trial_configs(synthetic_root):
     cfg = tiny_config(synthetic_root, student=True)
     space = search_space(cfg)
-    assert space["distill.parts"] == {"grid_search": ["none", "token", "random_token", "output", "both"]}
+    assert space["distill.parts"] == {"grid_search": ["none", "token", "output", "both", "unlabeled"]}
     trial = apply_params(cfg, {"distill.parts": "output", "train.lr": 1e-3})
     assert (trial.distill.token.enabled, trial.distill.output.enabled, trial.train.lr) == (False, True, 1e-3)
     control = apply_params(cfg, {"distill.parts": "random_token"})
     assert (control.distill.token.enabled, control.distill.token.random, control.distill.output.enabled) == (
         True, True, False)
-    assert list(arm_configs(cfg)) == ["none", "token", "random_token", "output", "both"]
+    assert list(arm_configs(cfg)) == ["none", "token", "output", "both", "unlabeled"]
+    # The demo's unlabeled arm has its own settings (tune.arm_settings): the unlabelled split and feature
+    # distillation; the paper's arms keep to the labelled crops and the heatmaps.
+    arms = arm_configs(cfg)
+    assert [(a.distill.unlabeled.ratio, a.distill.feature.weight) for a in arms.values()] == [(0.0, 0.0)] * 4 + [
+        (0.6, 0.001)]
+    assert json.loads(preparation(arms["unlabeled"])[1])["features"] is True
     # Every arm trains on the same views: bank mode gives them all the same bank.
     assert len({json.dumps(view_stream(c), sort_keys=True) for c in arm_configs(cfg).values()}) == 1
     # Feature distillation on in the base config: every arm but none (the student alone) learns the teacher's
     # tokens, whatever order the trial's values come in; its arms need banks that also hold them.
     featured = tiny_config(synthetic_root, "distill.feature.weight=0.001", student=True)
     weights = {arm: c.distill.feature.weight for arm, c in arm_configs(featured).items()}
-    assert weights == {"none": 0.0, "token": 0.001, "random_token": 0.001, "output": 0.001, "both": 0.001}
+    assert weights == {"none": 0.0, "token": 0.001, "output": 0.001, "both": 0.001, "unlabeled": 0.001}
     assert apply_params(featured, {"distill.feature.weight": 0.01, "distill.parts": "none"}).distill.feature.weight == 0
     assert json.loads(preparation(arm_configs(featured)["output"])[1])["features"] is True
     assert "features" not in json.loads(preparation(arm_configs(featured)["none"])[1])
@@ -215,7 +221,17 @@ def test_search_space_arms_and_trial_configs(synthetic_root):
     assert apply_params(both_sets, {"distill.parts": "unlabeled"}).distill.unlabeled.ratio == 0.4
     assert apply_params(both_sets, {"distill.unlabeled.ratio": 0.7, "distill.parts": "output"}).distill.unlabeled.ratio == 0
     with pytest.raises(ConfigError, match="'unlabeled' arm needs an unlabeled set: set distill.unlabeled.images"):
-        apply_params(cfg, {"distill.parts": "unlabeled"})
+        apply_params(tiny_config(synthetic_root, "distill.unlabeled={}", student=True), {"distill.parts": "unlabeled"})
+    # An arm's settings: a typo in the arm or the key is named; a key both searched and set by an arm is refused.
+    for sets, message in ((["tune.arm_settings={unlabelled: {train.lr: 0.1}}"], "arm_settings.unlabelled: not an arm"),
+                          (["tune.arm_settings={output: {train.lrr: 0.1}}"], "arm_settings.output: 'train.lrr' is not"),
+                          (["tune.search_space={distill.parts: {grid: [none, unlabeled]}, distill.feature.weight: "
+                            "{grid: [0, 0.01]}}"], "arm_settings.unlabeled.distill.feature.weight: the sweep also")):
+        with pytest.raises(ConfigError, match=message):
+            search_space(tiny_config(synthetic_root, *sets, student=True))
+    lr_arm = tiny_config(synthetic_root, "tune.arm_settings={output: {train.lr: 0.1}}", student=True)
+    assert apply_params(lr_arm, {"distill.parts": "output", "train.batch_size": 4}).train.lr == 0.1
+    assert apply_params(lr_arm, {"distill.parts": "both"}).train.lr == lr_arm.train.lr
 
     empty = tiny_config(synthetic_root, "tune.search_space={}", student=True)
     with pytest.raises(ConfigError, match="search_space is empty"):
@@ -229,7 +245,8 @@ def test_preparations_follow_every_searched_key_that_changes_tokens_or_bank(synt
     """One learned-token file and one bank per distinct (seed, batch, views, ...) the trials can ask for;
     a sampled key that would change them is refused by name; keys that do not (train.lr) cost nothing."""
     cfg = tiny_config(synthetic_root, student=True)
-    assert len(trial_preparations(cfg)) == 1 + 1  # arms without learned tokens share the bank; token arms add tokens
+    # Arms without learned tokens share the bank; token arms add tokens; the unlabeled arm its set and features.
+    assert len(trial_preparations(cfg)) == 1 + 1 + 1
     seeds = tiny_config(synthetic_root, "tune.search_space={distill.parts: {grid: [none, token]}, "
                         "train.seed: {grid: [0, 1]}, train.lr: {loguniform: [1.0e-4, 1.0e-3]}}", student=True)
     preps = [preparation(c) for c in trial_preparations(seeds)]

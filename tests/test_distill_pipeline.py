@@ -143,11 +143,13 @@ def test_plan_prints_each_arm_without_training(registry, synthetic_root, tmp_pat
     out = run(["pipelines/distill.py", *common(synthetic_root, tmp_path), "--plan", "--json"], registry)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     plan = json.loads(out.stdout.strip().splitlines()[-1])
-    assert list(plan["arms"]) == ["none", "token", "random_token", "output", "both"]
+    assert list(plan["arms"]) == ["none", "token", "output", "both", "unlabeled"]
     assert {a["token_trainable_params"] for a in plan["arms"].values()} == {0}
     assert len({json.dumps(a["views"], sort_keys=True) for a in plan["arms"].values()}) == 1  # one data stream
     assert [plan["arms"][a]["teacher_outputs"] for a in ("none", "output", "both")] == [None, "bank", "bank"]
-    assert [plan["arms"][a]["tokens"] for a in ("none", "token", "random_token")] == [None, "teacher", "random"]
+    assert [plan["arms"][a]["tokens"] for a in ("none", "token", "unlabeled")] == [None, "teacher", None]
+    assert [plan["arms"][a]["unlabeled_ratio"] for a in ("output", "unlabeled")] == [0.0, 0.6]  # the demo's split
+    assert plan["unlabeled_set"].startswith("unlabelled set: ")
     assert plan["teacher"]["embed_dim"] == 96 and plan["arms"]["none"]["trainable_params"] > 0
     assert not list(tmp_path.rglob("checkpoint_*")), "a plan trains nothing"
     assert [e["setting"]["distill.parts"] for e in plan["settings"]] == list(plan["arms"])
@@ -179,9 +181,9 @@ def test_plan_prints_each_arm_without_training(registry, synthetic_root, tmp_pat
     assert {e["seed"] for e in seeded["preparations"]} == {3}
     assert {e["token_file"]["seed"] for e in seeded["preparations"] if e["token_file"]} == {3}
     assert {e["view_bank"]["seed"] for e in seeded["preparations"]} == {3}
-    assert [a["unlabeled_ratio"] for a in seeded["arms"].values()] == [0.0, 0.0, 0.0, 0.5]
+    assert [a["unlabeled_ratio"] for a in seeded["arms"].values()] == [0.0, 0.0, 0.0, 0.6]
     assert seeded["prepared_before_trials"]["view_banks"] == 2  # the labelled views' bank, the unlabeled set's
-    assert "unlabelled share 0.5" in out.stdout
+    assert "unlabelled share 0.6" in out.stdout
     assert [a["second_stage_epochs"] for a in seeded["arms"].values()] == [0, 1, 1, 1]  # never in the none arm
     images = len({a["image_id"] for a in val["annotations"][:3]})
     assert seeded["unlabeled_set"].startswith(f"unlabelled set: 3 person boxes on {images} images of {frames}")

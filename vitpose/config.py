@@ -242,6 +242,8 @@ class TrainingConfig(Section):
 class TuneConfig(Section):
     # Each entry: {"grid": [...]} or {"choice": [...]} or {"uniform"|"loguniform": [low, high]}.
     search_space: dict[str, dict[str, list[Any]]] = {}
+    arm_settings: dict[str, dict[str, Any]] = Field({}, description="settings of one distill.parts arm only, e.g. "
+                                                    "{unlabeled: {distill.feature.weight: 0.001}}: an arm's recipe")
     num_samples: int = Field(1, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
     metric: str = "val/AP"

@@ -67,7 +67,24 @@ def search_space(cfg: StudentConfig) -> dict[str, Any]:
         else:
             raise ConfigError(f"tune.search_space.{key}: unknown kind {kind!r} or wrong values {values}; "
                               "use grid/choice: [..] or uniform/loguniform: [low, high]")
+    _check_arm_settings(cfg, space)
     return out
+
+
+def _check_arm_settings(cfg: StudentConfig, space: dict[str, dict[str, list[Any]]]) -> None:
+    """``tune.arm_settings`` names arms of ``distill.parts`` (settings of an arm the sweep does not run are
+    unused, so configs can share them) and config keys the sweep does not also search (one place decides a
+    key's value in a trial)."""
+    for arm, settings in cfg.tune.arm_settings.items():
+        if arm not in PARTS:
+            raise ConfigError(f"tune.arm_settings.{arm}: not an arm of {PARTS_KEY}; arms are {list(PARTS)}")
+        for key in settings:
+            if key == PARTS_KEY or key in space:
+                raise ConfigError(f"tune.arm_settings.{arm}.{key}: the sweep also searches {key}; keep one")
+            try:
+                _check_path(cfg, key)
+            except ConfigError:
+                raise ConfigError(f"tune.arm_settings.{arm}: {key!r} is not a config key") from None
 
 
 def _check_path(cfg: StudentConfig, key: str) -> None:
@@ -88,12 +105,10 @@ def apply_params(base: StudentConfig, params: dict[str, Any]) -> StudentConfig:
             data["distill"]["token"]["random"] = tokens == "random"
             data["distill"]["output"]["enabled"] = output_on
             continue
-        node = data
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
+        _write(data, key, value)
     arm = params.get(PARTS_KEY)  # the arm's own settings win over searched keys, in whatever order they came
+    for key, value in base.tune.arm_settings.get(arm, {}).items():
+        _write(data, key, value)
     if arm == "none":  # the baseline: the student alone, no teacher term and no second stage
         data["distill"]["feature"]["weight"] = 0.0
         data["distill"]["second_stage"]["epochs"] = 0
@@ -106,6 +121,14 @@ def apply_params(base: StudentConfig, params: dict[str, Any]) -> StudentConfig:
         return StudentConfig.model_validate(data)
     except Exception as err:
         raise ConfigError(f"trial parameters {params} give an invalid config: {err}") from None
+
+
+def _write(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
 
 
 def preparation(cfg: StudentConfig) -> tuple[TokenSetting | None, str | None]:

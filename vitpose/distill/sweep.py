@@ -24,7 +24,7 @@ from vitpose.build import build_datasets, ensure_data
 from vitpose.config import ConfigError, StudentConfig, resolve_path, to_dict
 from vitpose.distill.bank import ViewBank, bank_key, data_identity
 from vitpose.distill.report import log_settings, plot_sweep, trial_curves
-from vitpose.distill.space import preparation, search_space, trial_preparations, uses_unlabeled
+from vitpose.distill.space import arm_configs, preparation, search_space, trial_preparations, uses_unlabeled
 from vitpose.distill.stats import SEED_KEY, Setting, group_by_setting, spread, verdict
 from vitpose.distill.teacher import check_same_keypoints, load_teacher, pinned, teacher_identity
 from vitpose.distill.tokens import TOKEN_DIR, ensure_knowledge_tokens
@@ -70,8 +70,14 @@ def plan_sweep(cfg: StudentConfig, as_json: bool = False) -> int:
 def check_inputs(cfg: StudentConfig) -> None:
     """The training data (a synthetic set generated first) and the unlabeled set, before Ray starts."""
     ensure_data(cfg)
-    if cfg.distill.unlabeled.enabled:
-        unlabeled_paths(cfg)
+    for c in unlabeled_configs(cfg):
+        unlabeled_paths(c)
+
+
+def unlabeled_configs(cfg: StudentConfig) -> list[StudentConfig]:
+    """The sweep's arms that ask for the unlabelled set (an unlabelled share of output distillation's crops)."""
+    return [c for c in arm_configs(cfg).values() if c.distill.unlabeled.enabled and c.distill.unlabeled.ratio > 0
+            and c.distill.output.enabled]
 
 
 def trial_request(cfg: StudentConfig) -> Request:
@@ -92,10 +98,11 @@ def preflight(cfg: StudentConfig) -> str:
     if cfg.ray.use_gpu:
         raise ConfigError("ray.use_gpu is for teacher runs; a sweep's trials get GPUs from tune.gpus_per_worker "
                           "(e.g. 0.25: four students per GPU)")
-    if cfg.distill.unlabeled.enabled and cfg.distill.output.mode != "bank":
+    with_unlabeled = unlabeled_configs(cfg)
+    if any(c.distill.output.mode != "bank" for c in with_unlabeled):
         raise ConfigError("distill.unlabeled needs distill.output.mode=bank: the teacher labels the unlabelled crops "
                           "once, into the view bank")
-    if cfg.distill.unlabeled.enabled and cfg.data.datasets:
+    if with_unlabeled and cfg.data.datasets:
         raise ConfigError("distill.unlabeled with data.datasets: unlabeled crops have no dataset of their own to be "
                           "labelled for; distill from one dataset (leave data.datasets empty)")
     if cfg.train.eval_every != 1 and cfg.tune.scheduler == "asha":
