@@ -204,6 +204,9 @@ def test_search_space_arms_and_trial_configs(synthetic_root):
     assert [(a.distill.unlabeled.ratio, a.distill.feature.weight) for a in arms.values()] == [(0.0, 0.0)] * 4 + [
         (0.6, 0.001)]
     assert json.loads(preparation(arms["unlabeled"])[1])["features"] is True
+    # A sweep that does not search the arms runs the base config's: tokens and heatmaps of labelled crops only.
+    lr_only = tiny_config(synthetic_root, "tune.search_space={train.lr: {grid: [0.001]}}", student=True)
+    assert list(arm_configs(lr_only)) == ["both"]
     # Every arm trains on the same views: bank mode gives them all the same bank.
     assert len({json.dumps(view_stream(c), sort_keys=True) for c in arm_configs(cfg).values()}) == 1
     # Feature distillation on in the base config: every arm but none (the student alone) learns the teacher's
@@ -217,7 +220,7 @@ def test_search_space_arms_and_trial_configs(synthetic_root):
     # The unlabeled arm: output distillation plus the unlabeled crops; every other arm keeps to the labelled ones,
     # a searched ratio notwithstanding; without an unlabeled set it is refused by name.
     both_sets = tiny_config(synthetic_root, "distill.unlabeled.images=frames", "distill.unlabeled.boxes=boxes.json",
-                            "distill.unlabeled.ratio=0.4", student=True)
+                            "distill.unlabeled.ratio=0.4", "tune.arm_settings={}", student=True)
     assert apply_params(both_sets, {"distill.parts": "unlabeled"}).distill.unlabeled.ratio == 0.4
     assert apply_params(both_sets, {"distill.unlabeled.ratio": 0.7, "distill.parts": "output"}).distill.unlabeled.ratio == 0
     with pytest.raises(ConfigError, match="'unlabeled' arm needs an unlabeled set: set distill.unlabeled.images"):
