@@ -148,7 +148,9 @@ def test_plan_prints_each_arm_without_training(registry, synthetic_root, tmp_pat
     assert len({json.dumps(a["views"], sort_keys=True) for a in plan["arms"].values()}) == 1  # one data stream
     assert [plan["arms"][a]["teacher_outputs"] for a in ("none", "output", "both")] == [None, "bank", "bank"]
     assert [plan["arms"][a]["tokens"] for a in ("none", "token", "unlabeled")] == [None, "teacher", None]
-    assert [plan["arms"][a]["unlabeled_ratio"] for a in ("output", "unlabeled")] == [0.0, 0.6]  # the demo's split
+    # The demo's unlabeled arm (tune.arm_settings): the unlabeled split and feature distillation; output neither.
+    assert [(plan["arms"][a]["unlabeled_ratio"], plan["arms"][a]["feature_weight"]) for a in ("output", "unlabeled")
+            ] == [(0.0, 0.0), (0.6, 0.001)]
     assert plan["unlabeled_set"].startswith("unlabelled set: ")
     assert plan["teacher"]["embed_dim"] == 96 and plan["arms"]["none"]["trainable_params"] > 0
     assert not list(tmp_path.rglob("checkpoint_*")), "a plan trains nothing"
