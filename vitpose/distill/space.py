@@ -144,10 +144,16 @@ def preparation(cfg: StudentConfig) -> tuple[TokenSetting | None, str | None]:
     return tokens, json.dumps({**view_stream(cfg), **unlabeled, **features}, sort_keys=True)
 
 
-def uses_unlabeled(cfg: StudentConfig) -> bool:
-    """Whether trials of ``cfg`` train on the unlabelled set: only an arm with output distillation learns from it."""
+def asks_for_unlabeled(cfg: StudentConfig) -> bool:
+    """Whether ``cfg`` asks for the unlabelled set: a share of output distillation's crops (bank mode or not)."""
     o, u = cfg.distill.output, cfg.distill.unlabeled
-    return u.enabled and u.ratio > 0 and o.enabled and o.mode == "bank"
+    return u.enabled and u.ratio > 0 and o.enabled
+
+
+def uses_unlabeled(cfg: StudentConfig) -> bool:
+    """Whether trials of ``cfg`` train on the unlabelled set: only an arm with output distillation learns from it,
+    from the view bank the teacher labels it into."""
+    return asks_for_unlabeled(cfg) and cfg.distill.output.mode == "bank"
 
 
 def trial_preparations(cfg: StudentConfig) -> list[StudentConfig]:

@@ -24,7 +24,14 @@ from vitpose.build import build_datasets, ensure_data
 from vitpose.config import ConfigError, StudentConfig, resolve_path, to_dict
 from vitpose.distill.bank import ViewBank, bank_key, data_identity
 from vitpose.distill.report import log_settings, plot_sweep, trial_curves
-from vitpose.distill.space import arm_configs, preparation, search_space, trial_preparations, uses_unlabeled
+from vitpose.distill.space import (
+    arm_configs,
+    asks_for_unlabeled,
+    preparation,
+    search_space,
+    trial_preparations,
+    uses_unlabeled,
+)
 from vitpose.distill.stats import SEED_KEY, Setting, group_by_setting, spread, verdict
 from vitpose.distill.teacher import check_same_keypoints, load_teacher, pinned, teacher_identity
 from vitpose.distill.tokens import TOKEN_DIR, ensure_knowledge_tokens
@@ -76,8 +83,7 @@ def check_inputs(cfg: StudentConfig) -> None:
 
 def unlabeled_configs(cfg: StudentConfig) -> list[StudentConfig]:
     """The sweep's arms that ask for the unlabelled set (an unlabelled share of output distillation's crops)."""
-    return [c for c in arm_configs(cfg).values() if c.distill.unlabeled.enabled and c.distill.unlabeled.ratio > 0
-            and c.distill.output.enabled]
+    return [c for c in arm_configs(cfg).values() if asks_for_unlabeled(c)]
 
 
 def trial_request(cfg: StudentConfig) -> Request:
