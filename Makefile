@@ -29,7 +29,7 @@ video: $(STAMP)
 		--out runs/predict runs/data/synthetic-video/people.mp4
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow"

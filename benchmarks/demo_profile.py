@@ -1,7 +1,7 @@
 """Where the demo's training time goes: the demo teacher's step and a demo sweep trial's step, phase by phase.
 
     python -m benchmarks.demo_profile [--parts teacher student] [--steps 40] [--warmup 5] [--skip-eval]
-                                      [--levers REPS] [--teacher-set ...] [--student-set ...] [--json [PATH]]
+                                      [--levers REPS [--only WORD ...]] [--teacher-set ...] [--student-set ...] [--json [PATH]]
 
 Both run the shipped ``Trainer`` (vitpose/train/loop.py, ``train_epoch``) outside Ray, with the demo's configs:
 the teacher (configs/teacher/synthetic_tiny.yaml: vitpose_nano, 2 ranks of 1 thread, ZeRO-3, bf16, batch 16
@@ -302,6 +302,7 @@ LEVERS: dict[str, dict[str, tuple[list[str], dict[str, str]]]] = {
         "heap: blocks over 128 KiB mapped (as before)": ([], HEAP_131K),
         "ZeRO-3 with persistent tiny tensors (zero3.json)": (["deepspeed.config=configs/deepspeed/zero3.json"], {}),
         "ZeRO-0 (reference, not the demo's)": (["deepspeed.config=configs/deepspeed/zero0.json"], {}),
+        "bf16 teacher (as before train.precision=auto)": (["train.precision=bf16"], {}),
     },
     "student": {
         "shipped": ([], {}),
@@ -311,14 +312,15 @@ LEVERS: dict[str, dict[str, tuple[list[str], dict[str, str]]]] = {
 }
 
 
-def compare_levers(part: str, steps: int, reps: int, sets: list[str]) -> dict[str, Any]:
+def compare_levers(part: str, steps: int, reps: int, sets: list[str], only: list[str]) -> dict[str, Any]:
     """Step time of each lever of ``part``, the arms taking turns (benchmarks.harness.interleave), rank 0's."""
     from benchmarks.harness import interleave, ratio
 
     def arm(extra: list[str], env: dict[str, str]) -> Any:
         return lambda: run_part(part, steps, [*sets, *extra], phases_only=True, env=env)[0]["step ms"] / 1000
 
-    arms = {name: arm(extra, env) for name, (extra, env) in LEVERS[part].items()}
+    arms = {name: arm(extra, env) for name, (extra, env) in LEVERS[part].items()
+            if name == "shipped" or not only or any(word in name for word in only)}
     times = interleave(arms, reps, warmup=0, self_timed=True)
     print(f"{part}: ms per step, {reps} turns of {steps} steps each, interleaved")
     out = {}
@@ -339,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-eval", action="store_true", help="no evaluation or checkpoint timing (big models)")
     p.add_argument("--levers", type=int, metavar="REPS", default=0,
                    help="instead of the profile: each lever's step time against the shipped one, REPS turns")
+    p.add_argument("--only", nargs="+", default=[], metavar="WORD",
+                   help="with --levers: only the levers whose name holds one of these words (and the shipped arm)")
     p.add_argument("--teacher-set", action="append", default=[], help="config override for the teacher")
     p.add_argument("--student-set", action="append", default=[], help="config override for the trial")
     add_json_option(p, "demo_profile")
@@ -349,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     for part in a.parts:
         sets = a.teacher_set if part == "teacher" else a.student_set
         if a.levers:
-            out[f"{part} levers"] = compare_levers(part, a.steps, a.levers, sets)
+            out[f"{part} levers"] = compare_levers(part, a.steps, a.levers, sets, a.only)
             continue
         out[part] = run_part(part, a.steps, sets, a.warmup, a.skip_eval)
         report(out[part])

@@ -28,7 +28,8 @@ MLFLOW_BIN = Path(sys.executable).parent / "mlflow"
 # near 0); the tests need a real checkpoint of the engine and its own evaluation, not a good model.
 TINY_OVERRIDES = [
     "model.preset=vitpose_nano", "model.img_size=[128,96]",
-    "data.synthetic.train_instances=640", "data.synthetic.val_instances=48", "data.loader_workers=0",
+    "data.synthetic.train_instances=640", "data.synthetic.val_instances=48", "data.synthetic.unlabeled_instances=0",
+    "data.loader_workers=0",
     "train.epochs=4", "train.batch_size=16", "train.lr=2e-3", "train.warmup_iters=5", "train.eval_every=4",
     "train.lr_steps=[]",
     "deepspeed.config=configs/deepspeed/zero0.json",

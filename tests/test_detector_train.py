@@ -21,7 +21,8 @@ def data_sets(cfg) -> list[str]:
     """The pose fixture's dataset as it was generated (other knobs would regenerate it under the other tests)."""
     s = cfg.data.synthetic
     return [f"data.root={cfg.data.root_path()}", f"data.synthetic.train_instances={s.train_instances}",
-            f"data.synthetic.val_instances={s.val_instances}"]
+            f"data.synthetic.val_instances={s.val_instances}",
+            f"data.synthetic.unlabeled_instances={s.unlabeled_instances}"]
 
 
 def detector_cli(data: list[str], out: Path, uri: str, *extra: str) -> list[str]:

@@ -16,7 +16,7 @@ import mlflow
 import pytest
 from safetensors import safe_open
 
-from tests.conftest import REPO, TEST_IMG
+from tests.conftest import REPO, TEST_DATA, TEST_IMG
 from tests.faults.procs import (
     Launched,
     assert_gone_with_the_driver,
@@ -33,7 +33,7 @@ PY = sys.executable
 
 
 def common(root: Path, storage: Path) -> list[str]:
-    sets = [f"data.root={root}", "data.synthetic.train_instances=96", "data.synthetic.val_instances=32",
+    sets = [f"data.root={root}", *TEST_DATA,
             f"model.img_size={TEST_IMG}", "train.batch_size=8", "train.warmup_iters=2", "train.lr_steps=[]",
             "data.loader_workers=0", f"ray.storage_path={storage}"]
     return [a for s in sets for a in ("--set", s)]

@@ -78,7 +78,7 @@ def train_and_weights(cfg):
         return loss, parts
 
     trainer = Trainer(cfg, NullSession(), loss_fn=loss_fn)
-    low = cfg.train.precision != "fp32"
+    low = trainer.cfg.train.precision != "fp32"  # auto: as the worker picked
     weights = [gather_fp32_state_dict(trainer.engine, trainer.stage, low)]
     for epoch, steps in enumerate((1, 11)):
         trainer.train_epoch(epoch, 2, max_steps=steps)

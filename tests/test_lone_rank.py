@@ -17,7 +17,7 @@ def trained_weights(cfg, allreduce: bool | None) -> tuple[dict, dict, int, Train
     engine's switch back on (True) before training, None leaves the Trainer's choice."""
     trainer = Trainer(cfg, NullSession())
     engine, calls = trainer.engine, []
-    low = cfg.train.precision != "fp32"
+    low = trainer.cfg.train.precision != "fp32"  # auto: as the worker picked
     start = gather_fp32_state_dict(engine, trainer.stage, low)
     if allreduce is not None:
         engine.enable_backward_allreduce = allreduce

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow
 
 VENV_PY = Path(sys.executable)
 # Small and quick; none of these moves a path (data root, storage, store and log stay the documented defaults).
-SMALL = ["data.synthetic.train_instances=64", "data.synthetic.val_instances=16", "model.preset=vitpose_nano",
+SMALL = ["data.synthetic.train_instances=64", "data.synthetic.val_instances=16",
+         "data.synthetic.unlabeled_instances=48", "model.preset=vitpose_nano",
          f"model.img_size={TEST_IMG}", "train.batch_size=8", "train.epochs=1", "train.eval_every=1",
          "train.warmup_iters=2", "train.lr_steps=[]", "data.loader_workers=0", "tracking.log_images=2"]
 SETS = [a for s in SMALL for a in ("--set", s)]

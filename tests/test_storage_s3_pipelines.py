@@ -15,7 +15,7 @@ import time
 import mlflow
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TEST_DATA
 from tests.faults.procs import PY, Launched, cli_args, hold_env, hold_rank, wait_for_status
 from tests.helpers_s3 import s3_server
 from vitpose.run.storage import Storage
@@ -122,7 +122,7 @@ def test_sweep_keeps_tune_state_and_trial_checkpoints_in_the_bucket(s3, syntheti
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert teacher.returncode == 0, teacher.stdout[-2000:] + teacher.stderr[-2000:]
     name = f"s3-sweep-{os.getpid()}"
-    sets = [f"data.root={synthetic_root}", "data.synthetic.train_instances=96", "data.synthetic.val_instances=32",
+    sets = [f"data.root={synthetic_root}", *TEST_DATA,
             "model.img_size=[64, 48]", "train.batch_size=8", "train.warmup_iters=2", "train.lr_steps=[]",
             "data.loader_workers=0", f"ray.storage_path=s3://{BUCKET}/sweeps?endpoint_override={s3.endpoint}",
             f"ray.name={name}", "train.epochs=2",

@@ -12,7 +12,7 @@ import mlflow
 import pytest
 import torch
 
-from tests.conftest import REPO, TEST_IMG
+from tests.conftest import REPO, TEST_DATA, TEST_IMG
 from vitpose.train.session import free_port
 
 sys.path.insert(0, str(REPO / "pipelines"))
@@ -41,7 +41,7 @@ def tracking(tmp_path, monkeypatch) -> str:
 
 
 def args(root: Path, storage: Path, *extra: str) -> list[str]:
-    sets = [f"data.root={root}", "data.synthetic.train_instances=96", "data.synthetic.val_instances=32",
+    sets = [f"data.root={root}", *TEST_DATA,
             "model.preset=vitpose_nano", f"model.img_size={TEST_IMG}", "train.batch_size=8", "train.epochs=2",
             "train.eval_every=1", "train.warmup_iters=2", "train.lr_steps=[]", "data.loader_workers=0",
             f"ray.storage_path={storage}", "tracking.log_images=4", *extra]

@@ -27,7 +27,7 @@ import mlflow
 import psutil
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TEST_DATA
 from tests.faults.procs import hold_env, hold_rank, wait_for_status
 from tests.helpers_mlflow_server import ADMIN_PASSWORD, PASSWORD, USER, mlflow_server, postgres_server
 from tests.helpers_ray import RAY, netns, node_ips, ray_head, ray_node, relay
@@ -315,8 +315,7 @@ def two_nodes(stack, client, synthetic_root, tmp_path, space, s3_endpoint: str, 
         assert client.get_model_version_by_alias("two-node-teacher", "current").run_id == run.info.run_id
 
         # A 2-trial sweep on the same cluster, its trials on the server as nested runs.
-        sweep_sets = [f"data.root={synthetic_root}", "data.synthetic.train_instances=96",
-                      "data.synthetic.val_instances=32", "model.img_size=[64, 48]", "train.batch_size=8",
+        sweep_sets = [f"data.root={synthetic_root}", *TEST_DATA, "model.img_size=[64, 48]", "train.batch_size=8",
                       "train.warmup_iters=2", "train.lr_steps=[]", "data.loader_workers=0", "train.epochs=2",
                       f"ray.storage_path=s3://{BUCKET}/sweeps", f"ray.name=sweep-{name}",
                       "distill.teacher_uri=models:/two-node-teacher@current", "tracking.experiment=two-node-sweep",

@@ -34,7 +34,7 @@ class Teacher:
     def __init__(self, root: Path, storage: Path, env: dict[str, str], console: Path, *extra: str):
         sets = [f"data.root={root}", "data.synthetic.generate=true", "data.synthetic.train_instances=240",
                 "data.synthetic.val_instances=32",
-                "model.preset=vitpose_nano", f"model.img_size={TEST_IMG}", "train.batch_size=8",
+                "data.synthetic.unlabeled_instances=0", "model.preset=vitpose_nano", f"model.img_size={TEST_IMG}", "train.batch_size=8",
                 f"train.epochs={EPOCHS}", "train.eval_every=1", "train.warmup_iters=2", "train.lr_steps=[]",
                 "data.loader_workers=0", f"ray.storage_path={storage}", "ray.max_failures=1",
                 "tracking.log_images=2", "tracking.experiment=outage-kill"]

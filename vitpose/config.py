@@ -174,7 +174,8 @@ class TrainSettings(Section):
     warmup_ratio: float = Field(0.001, gt=0.0, le=1.0)
     lr_steps: list[int] = [170, 200]
     lr_gamma: float = Field(0.1, gt=0.0, le=1.0)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "fp32", description="auto: bf16 or fp32, whichever trains faster where the run trains (vitpose/train/precision.py)")
     seed: int = 0
     eval_every: int = Field(1, ge=1, description="epochs between evaluations")
     flip_test: bool = True

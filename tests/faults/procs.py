@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TEST_DATA
 from vitpose.train.session import STATUS_DIR_ENV, TEST_HOLD_ENV
 
 PY = sys.executable
@@ -25,7 +25,7 @@ PY = sys.executable
 
 def cli_args(root: Path, storage: Path, *extra: str) -> list[str]:
     """``--set`` flags of the tiny 2-worker ZeRO-3 teacher every fault test uses (plus ``extra``)."""
-    sets = [f"data.root={root}", "data.synthetic.train_instances=96", "data.synthetic.val_instances=32",
+    sets = [f"data.root={root}", *TEST_DATA,
             "model.preset=vitpose_nano", "model.img_size=[64, 48]", "train.batch_size=8", "train.epochs=4",
             "train.eval_every=1", "train.warmup_iters=2", "train.lr_steps=[]", "data.loader_workers=0",
             "deepspeed.zero_stage=3", "train.precision=bf16", f"ray.storage_path={storage}", "tracking.log_images=0",

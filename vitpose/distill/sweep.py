@@ -39,7 +39,7 @@ from vitpose.distill.trial import TRIAL_DRIVER_CPUS, SweepContext, run_trial
 from vitpose.distill.unlabeled import describe, unlabeled_bank_key, unlabeled_dataset, unlabeled_paths
 from vitpose.run import console, tracking
 from vitpose.run.cluster import check_state_api
-from vitpose.run.lifecycle import DriverRun, Request, checkpoint_of, open_run
+from vitpose.run.lifecycle import DriverRun, Request, checkpoint_meta, checkpoint_of, open_run
 from vitpose.run.storage import Storage
 from vitpose.train.deepspeed_config import complete_deepspeed_config
 
@@ -290,9 +290,10 @@ def finish(cfg: StudentConfig, results: Any, context: SweepContext, sweep_dir: S
                key=lambda r: r.metrics[metric])  # the champion setting's best seed is the model handed over
     log_settings(answer["ranked"], cfg, uri, parent)
     ckpt, metrics = last_checkpoint(best, metric)
+    trained_in = checkpoint_meta(ckpt).get("precision", cfg.train.precision)  # what train.precision=auto picked
     tags = {"setting": top.label, "seeds": str(len(top.by_seed)), f"{metric} mean": f"{mean:.4f}",
             f"{metric} interval": spread(top), f"{metric} this seed": f"{metrics[metric]:.4f}",
-            "teacher": context.teacher_id, "precision": cfg.train.precision}
+            "teacher": context.teacher_id, "precision": trained_in}
     version = register_checkpoint(uri, parent, ckpt, cfg.tune.registered_model, cfg.tune.alias,
                                   lineage={"teacher": context.teacher_id, "trial_params": best.config,
                                            "epoch": metrics["epoch"]}, tags=tags,

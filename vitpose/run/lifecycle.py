@@ -100,6 +100,15 @@ def checkpoint_of(result: Any, metric: str, pick: str) -> tuple[Any, dict[str, A
     return max(candidates, key=key)
 
 
+def checkpoint_meta(ckpt: Any) -> dict[str, Any]:
+    """The meta file of a Ray ``Checkpoint`` (epoch, history, the precision it trained in), wherever it is stored."""
+    import json
+
+    from vitpose.train.run_folder import META_FILE
+
+    return json.loads((Storage.from_filesystem(ckpt.filesystem, ckpt.path) / META_FILE).read_text())
+
+
 def read_run_id(folder: Path | Storage) -> str | None:
     """The MLflow run a run folder (local or ``Storage``) belongs to, so a resumed run logs to the same run."""
     path = Storage.of(folder) / RUN_ID_FILE

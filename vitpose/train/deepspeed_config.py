@@ -57,8 +57,9 @@ def complete_deepspeed_config(cfg: TeacherConfig, world_size: int) -> dict[str, 
     stage = ds.setdefault("zero_optimization", {}).setdefault("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    put("bf16.enabled", t.precision == "bf16")
-    put("fp16.enabled", t.precision == "fp16")
+    if t.precision != "auto":  # auto is made concrete in each worker (vitpose/train/precision.py), checked there
+        put("bf16.enabled", t.precision == "bf16")
+        put("fp16.enabled", t.precision == "fp16")
     optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     if str(optimizer.get("type", "")).lower() != "adamw":
         raise ConfigError(f"{source}: optimizer.type must be AdamW (the paper's recipe), got {optimizer.get('type')!r}")

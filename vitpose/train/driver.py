@@ -10,7 +10,6 @@ The run folder (Ray's checkpoints and our side files: MLflow run id, fatal error
 from __future__ import annotations
 
 import functools
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,9 @@ from typing import Any
 from vitpose.build import build_datasets, ensure_data
 from vitpose.config import ConfigError, TeacherConfig, one_line, to_dict
 from vitpose.run import cluster, console, tracking
-from vitpose.run.lifecycle import Request, checkpoint_of, open_run
+from vitpose.run.lifecycle import Request, checkpoint_meta, checkpoint_of, open_run
 from vitpose.run.storage import Storage
 from vitpose.train.deepspeed_config import complete_deepspeed_config
-from vitpose.train.run_folder import META_FILE
 from vitpose.train.worker import (
     WorkerJob,
     clear_fatal,
@@ -127,14 +125,14 @@ def finish(cfg: TeacherConfig, result: Any, tracking_uri: str, run_id: str) -> d
     from vitpose.visualize import plot_curves
 
     best_ckpt, best_metrics = checkpoint_of(result, "val/AP", "best")
+    latest = result.checkpoint or best_ckpt  # its meta only: on object storage nothing else is fetched
+    latest_meta = checkpoint_meta(latest)
     version = register_checkpoint(
         tracking_uri, run_id, best_ckpt, cfg.tracking.registered_model, cfg.tracking.alias,
         tags={"val/AP": f"{best_metrics['val/AP']:.4f}", "epoch": str(best_metrics["epoch"]),
-              "precision": cfg.train.precision, "preset": cfg.model.preset},
+              "precision": latest_meta.get("precision", cfg.train.precision), "preset": cfg.model.preset},
         description=f"{cfg.model.preset} teacher, best val AP {best_metrics['val/AP']:.4f} at epoch "
                     f"{best_metrics['epoch']} of {cfg.train.epochs} (pipelines/teacher.py, run {run_id})")
-    latest = result.checkpoint or best_ckpt  # its meta only: on object storage nothing else is fetched
-    latest_meta = json.loads((Storage.from_filesystem(latest.filesystem, latest.path) / META_FILE).read_text())
     with tempfile.TemporaryDirectory(prefix="vp-curves-") as tmp:
         tracking.log_artifact(tracking_uri, run_id, plot_curves(latest_meta["history"],
                                                                 Path(tmp) / "training_curves.png"))

@@ -39,6 +39,7 @@ from vitpose.train.engine import make_engine, quiet_deprecated_collectives
 from vitpose.train.heap import return_freed_blocks
 from vitpose.train.loaders import build_loaders
 from vitpose.train.multi_dataset import evaluate_datasets, is_mixed, mixed_loss
+from vitpose.train.precision import with_concrete_precision
 from vitpose.train.run_folder import (
     CKPT_TAG,
     META_FILE,
@@ -47,6 +48,7 @@ from vitpose.train.run_folder import (
     gather_fp32_state_dict,
     newest_complete_checkpoint,
     remove_stale_save_dirs,
+    resume_mismatch,
     verify_checkpoint,
     write_atomic,
     write_rank_marker,
@@ -123,6 +125,8 @@ class Trainer:
         # Always: DeepSpeed's comm layer must wrap the process group even when Ray already made it.
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         quiet_deprecated_collectives()  # from here on DeepSpeed calls them, ZeRO-3's model build included
+        cfg, precision_line = with_concrete_precision(cfg, self.world)  # "auto": the same answer on every rank
+        self.cfg = cfg
         self.ds_config = complete_deepspeed_config(cfg, self.world)
         self.stage = zero_stage(self.ds_config)
         self.train_ds, self.val_ds = datasets or build_datasets(cfg, session.local_rank == 0)
@@ -145,6 +149,8 @@ class Trainer:
         if tracker is not None:  # what training really updates, beside what the config asked for
             for key, value in optimized.items():
                 tracker.log_param(key, value)
+        if precision_line:
+            self._say(precision_line)
         self.device = self.engine.device
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
         self.loaders = build_loaders(cfg, self.train_ds, self.val_ds, self.rank, self.world)
@@ -331,6 +337,7 @@ class Trainer:
                 "global_step": self.global_step,
                 "world_size": self.world,
                 "zero_stage": self.stage,
+                "precision": self.cfg.train.precision,
                 "best_ap": self.best_ap,
                 "nonfinite_total": self.nonfinite_total,
                 "metrics": metrics,
@@ -349,11 +356,8 @@ class Trainer:
             if ckpt_dir is None:
                 return False
             ckpt_dir, meta = self._usable_checkpoint(Path(ckpt_dir))
-            if meta["world_size"] != self.world:
-                raise RuntimeError(
-                    f"{ckpt_dir}: checkpoint was written by {meta['world_size']} workers, this run has {self.world}; "
-                    "resume with the same ray.num_workers"
-                )
+            if (problem := resume_mismatch(meta, self.world, self.cfg.train.precision)) is not None:
+                raise RuntimeError(f"{ckpt_dir}: {problem}")
             path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=CKPT_TAG)
             if path is None:
                 raise RuntimeError(f"{ckpt_dir}: DeepSpeed could not load tag '{CKPT_TAG}'")

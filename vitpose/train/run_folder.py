@@ -92,6 +92,19 @@ def verify_checkpoint(ckpt_dir: Path | Storage) -> dict[str, Any]:
     return meta
 
 
+def resume_mismatch(meta: dict[str, Any], world: int, precision: str) -> str | None:
+    """Why a checkpoint with ``meta`` cannot continue in a run of ``world`` workers training in ``precision``
+    (DeepSpeed's files hold per-rank shards and, in bf16, fp32 master weights), or None when it can."""
+    if meta["world_size"] != world:
+        return (f"checkpoint was written by {meta['world_size']} workers, this run has {world}; "
+                "resume with the same ray.num_workers")
+    written = meta.get("precision", precision)  # checkpoints from before the key: as configured
+    if written != precision:
+        return (f"checkpoint was trained in {written}, this run trains in {precision} (train.precision=auto picks "
+                f"per machine); resume with --set train.precision={written}")
+    return None
+
+
 def newest_complete_checkpoint(folder: Path | Storage) -> Path | Storage | None:
     """The checkpoint directly under ``folder`` with the highest epoch that passes ``verify_checkpoint``
     (a ``Path`` for a local folder given as one, else a ``Storage``)."""
