@@ -69,6 +69,9 @@ def test_two_workers_each_zero_stage(stage, ray_local, tracking, synthetic_root,
     run = client.get_run(version.run_id)
     assert run.data.params["deepspeed.zero_stage"] == str(stage)
     assert run.data.params["model.preset"] == "vitpose_nano"
+    # The demo config's train.precision=auto, as the workers made it concrete, on the run and the version.
+    assert run.data.params["train.precision"] == "auto"
+    assert run.data.tags["precision"] == version.tags["precision"] == meta["precision"] in ("fp32", "bf16")
     assert {"train/loss", "train/lr", "train/images_per_sec", "val/AP", "val/AR"} <= set(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -151,6 +151,8 @@ class Trainer:
                 tracker.log_param(key, value)
         if precision_line:
             self._say(precision_line)
+        if tracker is not None:  # a tag, not a param: a resume may be refused for picking another (restore)
+            tracker.set_tag("precision", cfg.train.precision)
         self.device = self.engine.device
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
         self.loaders = build_loaders(cfg, self.train_ds, self.val_ds, self.rank, self.world)
