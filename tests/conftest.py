@@ -48,6 +48,8 @@ def tiny_config(root: Path, *sets: str, student: bool = False) -> TeacherConfig 
             "model.preset=vitpose_nano", f"model.img_size={TEST_IMG}", "train.batch_size=8", "train.epochs=2",
             "train.eval_every=1", "train.warmup_iters=2", "train.lr_steps=[]", "data.loader_workers=0"]
     path, schema = (TINY_DISTILL, StudentConfig) if student else (TINY_TEACHER, TeacherConfig)
+    if not student:  # the demo teacher's auto would pick per CPU; tests name the precision they exercise
+        base.append("train.precision=bf16")
     return load_config(path, base + list(sets), schema=schema)
 
 

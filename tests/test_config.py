@@ -125,6 +125,11 @@ def test_deepspeed_config_that_contradicts_ours_is_refused(tmp_path):
         complete_deepspeed_config(cfg, world_size=2)
     assert str(bad) in str(err.value) and "train_micro_batch_size_per_gpu" in str(err.value)
     assert "64" in str(err.value) and "4" in str(err.value)
+    bf16 = tmp_path / "bf16.json"
+    bf16.write_text(json.dumps({"bf16": {"enabled": True}}))
+    auto = load_config(TINY, [f"deepspeed.config={bf16}", "train.precision=auto"])
+    with pytest.raises(ConfigError, match=r"bf16\.json: train\.precision=auto picks bf16 or fp32.*'bf16\.enabled'"):
+        complete_deepspeed_config(auto, world_size=2)  # at preflight, before any worker starts
 
 
 def test_offload_configs_complete_and_impossible_offloads_are_refused(tmp_path):

@@ -20,6 +20,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 # The margin decides with the matmuls this CPU really ran: 0 picks bf16 whatever the rates, inf picks fp32.
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on GPUs auto picks by the card's bf16, not by timing")
 @pytest.mark.parametrize(("margin", "picked"), [(0.0, "bf16"), (float("inf"), "fp32")])
 def test_auto_precision_is_what_the_worker_trains_in_and_what_its_checkpoint_says(synthetic_root, tmp_path,
                                                                                  monkeypatch, margin, picked):
@@ -39,6 +40,12 @@ def test_auto_precision_is_what_the_worker_trains_in_and_what_its_checkpoint_say
     with pytest.raises(RuntimeError, match=rf"trained in {picked}, this run trains in {other}.*"
                                            rf"--set train.precision={picked}"):
         resumed.restore()
+
+    # auto again, on a machine that would pick the other one: the resumed run keeps the checkpoint's precision.
+    monkeypatch.setattr(precision, "BF16_MARGIN", float("inf") if picked == "bf16" else 0.0)
+    again = Trainer(tiny_config(synthetic_root, "train.precision=auto", "train.epochs=2", ZERO0),
+                    LocalSession(tmp_path / "again", resume_from=session.checkpoints[-1]))
+    assert again.cfg.train.precision == picked and again.restore() and again.start_epoch == 1
 
 
 def _pick_on_rank(rank: int, port: int, margins: tuple[float, float], out) -> None:

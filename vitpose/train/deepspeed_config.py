@@ -57,9 +57,12 @@ def complete_deepspeed_config(cfg: TeacherConfig, world_size: int) -> dict[str, 
     stage = ds.setdefault("zero_optimization", {}).setdefault("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    if t.precision != "auto":  # auto is made concrete in each worker (vitpose/train/precision.py), checked there
+    if t.precision != "auto":
         put("bf16.enabled", t.precision == "bf16")
         put("fp16.enabled", t.precision == "fp16")
+    elif any(isinstance(ds.get(k), dict) and "enabled" in ds[k] for k in ("bf16", "fp16")):
+        raise ConfigError(f"{source}: train.precision=auto picks bf16 or fp32 where the run trains (vitpose/train/"
+                          f"precision.py); remove 'bf16.enabled' / 'fp16.enabled' from the JSON or set train.precision")
     optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     if str(optimizer.get("type", "")).lower() != "adamw":
         raise ConfigError(f"{source}: optimizer.type must be AdamW (the paper's recipe), got {optimizer.get('type')!r}")

@@ -47,6 +47,7 @@ from vitpose.train.run_folder import (
     IncompleteCheckpointError,
     gather_fp32_state_dict,
     newest_complete_checkpoint,
+    recorded_precision,
     remove_stale_save_dirs,
     resume_mismatch,
     verify_checkpoint,
@@ -125,7 +126,8 @@ class Trainer:
         # Always: DeepSpeed's comm layer must wrap the process group even when Ray already made it.
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         quiet_deprecated_collectives()  # from here on DeepSpeed calls them, ZeRO-3's model build included
-        cfg, precision_line = with_concrete_precision(cfg, self.world)  # "auto": the same answer on every rank
+        cfg, precision_line = with_concrete_precision(  # "auto": the same answer on every rank and restart
+            cfg, self.world, lambda: recorded_precision(session.latest_checkpoint()))
         self.cfg = cfg
         self.ds_config = complete_deepspeed_config(cfg, self.world)
         self.stage = zero_stage(self.ds_config)

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +101,19 @@ def resume_mismatch(meta: dict[str, Any], world: int, precision: str) -> str | N
                 "resume with the same ray.num_workers")
     written = meta.get("precision", precision)  # checkpoints from before the key: as configured
     if written != precision:
-        return (f"checkpoint was trained in {written}, this run trains in {precision} (train.precision=auto picks "
-                f"per machine); resume with --set train.precision={written}")
+        return (f"checkpoint was trained in {written}, this run trains in {precision}; resume with --set "
+                f"train.precision={written} (or auto, which keeps a checkpoint's precision)")
     return None
+
+
+def recorded_precision(latest: AbstractContextManager[Any]) -> str | None:
+    """The precision the checkpoint ``latest`` (a session's ``latest_checkpoint()``) was trained in; None when
+    there is none, or it predates the record, or its meta cannot be read (restore then says what is wrong)."""
+    with latest as ckpt_dir:
+        try:
+            return json.loads((Path(ckpt_dir) / META_FILE).read_text()).get("precision") if ckpt_dir else None
+        except (OSError, ValueError):
+            return None
 
 
 def newest_complete_checkpoint(folder: Path | Storage) -> Path | Storage | None:
