@@ -153,7 +153,7 @@ class Trainer:
                 tracker.log_param(key, value)
         if precision_line:
             self._say(precision_line)
-        if tracker is not None:  # a tag, not a param: a resume may be refused for picking another (restore)
+        if tracker is not None:  # a tag: the run's params are the config as given (train.precision=auto)
             tracker.set_tag("precision", cfg.train.precision)
         self.device = self.engine.device
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
