@@ -55,3 +55,19 @@ def test_job_outputs_inside_the_working_dir_copy_are_refused(tmp_path):
     check_outputs_outlive_job(tmp_path / "shared", "http://127.0.0.1:5000", root=copy)
     check_outputs_outlive_job(tmp_path / "repo/runs/ray", f"sqlite:///{tmp_path}/repo/runs/mlflow.db",
                               root=tmp_path / "repo")
+
+
+def test_free_ports_come_from_below_the_kernels_ephemeral_range():
+    # A port from the ephemeral range can be taken as an outgoing connection's source port between the pick and
+    # the server's bind (a private Ray's dashboard once failed so); one below it only by a server naming it.
+    import socket
+
+    from vitpose.train.session import _ephemeral_low, free_port
+
+    low = _ephemeral_low()
+    ports = {free_port() for _ in range(50)}
+    assert all(20000 <= p < low for p in ports), sorted(ports)
+    assert len(ports) > 40  # drawn at random, not one port handed to every caller
+    for port in list(ports)[:5]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # really free

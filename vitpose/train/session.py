@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import time
@@ -249,11 +250,37 @@ class WorkerStatus:
         return hold if wanted == (self.fields.get("phase"), self.fields.get("epoch")) else None
 
 
+_PORTS_FROM = 20000  # above Ray's worker ports (10002-19999 by default)
+
+
 def free_port() -> int:
-    """A TCP port on the loopback that nothing listens on right now."""
-    with socket.socket() as s:
+    """A TCP port on the loopback that nothing is bound to right now, taken below the kernel's ephemeral range.
+
+    A port the kernel handed out for ``bind(("", 0))`` comes from the range it also takes the source ports of
+    outgoing connections from: in the seconds between this check and the server binding it (Ray starts a
+    dozen processes before its dashboard binds) one of those connections can take it. Ports below that range
+    are only ever taken by someone naming them."""
+    low = _ephemeral_low()
+    pick = random.SystemRandom()  # not the seeded module state: two runs seeded alike would pick alike
+    for _ in range(200):
+        port = pick.randrange(_PORTS_FROM, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every try taken: a busy machine; the kernel's pick is still a free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default; macOS and Windows start theirs at 49152
+    return max(low, _PORTS_FROM + 1000)
 
 
 def single_process_env(rank: int = 0, world_size: int = 1, port: int | None = None) -> dict[str, str]:
