@@ -156,15 +156,26 @@ def test_zero3_bf16_keeps_batchnorm_statistics_in_fp32(synthetic_root):
     """What the deepspeed floor in pyproject.toml rests on: DeepSpeed >= 0.19 honours the head's
     ``_keep_in_fp32_modules_strict`` under ``zero.Init``, so the statistics a bf16 run saves and resumes are
     fp32. An older DeepSpeed (or a floor below 0.19 resolving to one) turns them bf16 and this fails."""
-    import deepspeed
-
     from vitpose.build import build_partitioned_model
     from vitpose.train.deepspeed_config import complete_deepspeed_config
+    from vitpose.train.engine import init_comm
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_comm()
     cfg = tiny_config(synthetic_root, "deepspeed.zero_stage=3", "train.precision=bf16")
     model = build_partitioned_model(cfg, complete_deepspeed_config(cfg, 1), rank=0)
     stats = {n: b.dtype for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))}
     assert stats and set(stats.values()) == {torch.float32}, stats
     weights = {p.dtype for n, p in model.named_parameters() if n.startswith("backbone.blocks")}
     assert weights == {torch.bfloat16}  # the rest does train in bf16: the check is not vacuous
+
+
+def test_deepspeeds_comm_layer_is_up_without_its_cpu_shared_memory_op():
+    """Training's collectives go through torch.distributed: DeepSpeed's shared-memory all-reduce, which it would
+    compile with g++ (~30 s) on the first use in each Python environment, is never built."""
+    from deepspeed.comm import comm
+
+    from vitpose.train.engine import init_comm
+
+    init_comm()
+    assert comm.cdb is not None and comm.cdb.is_initialized()
+    assert comm.cdb.shm_comm_op is None

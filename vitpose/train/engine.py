@@ -1,8 +1,9 @@
 """The DeepSpeed engine of one training worker, and every patch we apply to DeepSpeed, in one place:
 layer-wise lr decay groups of the trainable parameters; ZeRO-3 fp32 sharing the optimizer's master copy with
 the model's partition (``zero_memory``); DeepSpeed's own checkpoint files read without unpickling code
-(``run_folder``); a lone stage-0 rank that does not all-reduce its gradients with itself (``lone_rank``); and
-quiet about the deprecated torch collectives it calls (``quiet_deprecated_collectives``)."""
+(``run_folder``); a lone stage-0 rank that does not all-reduce its gradients with itself (``lone_rank``); its
+process-group layer without an op training never calls (``init_comm``); and quiet about the deprecated torch
+collectives it calls (``quiet_deprecated_collectives``)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,24 @@ def make_engine(model: torch.nn.Module, cfg: TrainingConfig,
     load_deepspeed_files_as_weights_only(engine)
     skip_lone_allreduce(engine)
     return engine, optimizer, optimized_counts(model, groups)
+
+
+# DeepSpeed's CPU shared-memory all-reduce (deepspeed.ops.op_builder.cpu.comm.ShareMemCommBuilder.NAME)
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def init_comm() -> None:
+    """DeepSpeed's comm layer over the process group (Ray Train's, or one it makes from the environment).
+
+    On a CPU DeepSpeed would first compile its shared-memory all-reduce with g++, in every Python environment
+    once (~30 s on 2 cores, the other ranks waiting on its lock: half a minute of a newcomer's first demo, and
+    again after each new venv path). Only DeepSpeed-inference's all-reduce calls it; training's collectives go
+    through torch.distributed, so it is marked unbuildable, as DeepSpeed marks it off Linux."""
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 # DeepSpeed's ZeRO calls these; torch 2.14 deprecates them with a FutureWarning on every call.

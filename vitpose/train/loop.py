@@ -35,7 +35,7 @@ from vitpose.models.vitpose import build_model_from_spec, exported_state
 from vitpose.run.console import fmt_secs, say
 from vitpose.train.bad_samples import BadSampleLedger
 from vitpose.train.deepspeed_config import complete_deepspeed_config, zero_stage
-from vitpose.train.engine import make_engine, quiet_deprecated_collectives
+from vitpose.train.engine import init_comm, make_engine, quiet_deprecated_collectives
 from vitpose.train.heap import return_freed_blocks
 from vitpose.train.loaders import build_loaders
 from vitpose.train.multi_dataset import evaluate_datasets, is_mixed, mixed_loss
@@ -118,13 +118,11 @@ class Trainer:
     def __init__(self, cfg: TrainingConfig, session: Session, *, model: torch.nn.Module | None = None,
                  loss_fn: LossFn = gt_loss, datasets: tuple[Any, Any] | None = None, tracker: Any = None,
                  log_prefix: str = ""):
-        import deepspeed
-
         self.cfg, self.session, self.loss_fn, self.tracker = cfg, session, loss_fn, tracker
         self.prefix = log_prefix
         self.rank, self.world = session.rank, session.world_size
         # Always: DeepSpeed's comm layer must wrap the process group even when Ray already made it.
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        init_comm()
         quiet_deprecated_collectives()  # from here on DeepSpeed calls them, ZeRO-3's model build included
         cfg, precision_line = with_concrete_precision(  # "auto": the same answer on every rank and restart
             cfg, self.world, lambda: recorded_precision(session.latest_checkpoint()))
