@@ -40,6 +40,7 @@ import teacher  # noqa: E402
 pytestmark = pytest.mark.slow
 BUCKET = "team"
 SECRETS = (PASSWORD, ADMIN_PASSWORD)
+DOWN_S = 30  # the outage: several of MLflow's retries and two epochs or more long
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +95,13 @@ def test_preflight_names_refused_credentials_in_one_line(stack, as_worker, synth
 
 def test_training_goes_on_through_a_tracking_server_outage(stack, as_worker, synthetic_root, tmp_path, capsys,
                                                            monkeypatch):
-    """The MLflow server is stopped for a minute after the first epoch's metrics arrived; epochs go on while it
-    is down, and once it is back every epoch's metrics and pictures are there, in PostgreSQL and the bucket."""
+    """The MLflow server is stopped for half a minute after the first epoch's metrics arrived; epochs go on while
+    it is down, and once it is back every epoch's metrics and pictures are there, in PostgreSQL and the bucket."""
     import ray
 
     from vitpose.run.cluster import WORKER_ENV
 
-    client, storage, epochs, seen = as_worker, tmp_path / "ray", 16, {}
+    client, storage, epochs, seen = as_worker, tmp_path / "ray", 12, {}
 
     def outage() -> None:
         deadline = time.time() + 400
@@ -112,7 +113,7 @@ def test_training_goes_on_through_a_tracking_server_outage(stack, as_worker, syn
         seen["before"] = epochs_saved(storage)
         stack.mlflow.stop()
         t0 = time.time()
-        while time.time() - t0 < 60 or epochs_saved(storage) < seen["before"] + 2 and time.time() - t0 < 240:
+        while time.time() - t0 < DOWN_S or epochs_saved(storage) < seen["before"] + 2 and time.time() - t0 < 240:
             time.sleep(1)
         seen["while_down"] = epochs_saved(storage) - seen["before"]
         stack.mlflow.start()
@@ -128,7 +129,7 @@ def test_training_goes_on_through_a_tracking_server_outage(stack, as_worker, syn
     try:
         watcher.start()
         code = teacher.main(teacher_args(synthetic_root, storage, f"train.epochs={epochs}",
-                                         "data.synthetic.train_instances=192", "tracking.experiment=outage",
+                                         "tracking.experiment=outage",
                                          "tracking.registered_model=outage-teacher", "tracking.log_images=2"))
     finally:
         ray.shutdown()
@@ -136,7 +137,7 @@ def test_training_goes_on_through_a_tracking_server_outage(stack, as_worker, syn
         shutil.rmtree(ray_tmp, ignore_errors=True)
     printed = capsys.readouterr()
     assert code == 0, printed.err[-3000:]
-    assert seen["while_down"] >= 2 and seen["down_s"] >= 60, seen  # training went on while the server was down
+    assert seen["while_down"] >= 2 and seen["down_s"] >= DOWN_S, seen  # training went on while the server was down
     assert "unreachable" in printed.out and "training goes on" in printed.out, (seen, printed.out[-3000:])
     assert "is back after" in printed.out, printed.out[-3000:]
 
