@@ -171,6 +171,10 @@ def profile_rank(part: str, rank: int, world: int, port: int, steps: int, sets: 
 
         os.environ.update(single_process_env(rank, world, port))
         torch.set_num_threads(1)  # what Ray gives a 1-CPU worker (OMP_NUM_THREADS=1)
+        if os.environ.get(WITH_SHM_OP):  # the lever arm "as before": DeepSpeed's comm layer with its shm op
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="gloo")  # the Trainer's init_comm then finds it up
         with tempfile.TemporaryDirectory() as tmp:
             trainer = (build_teacher_trainer(rank, world, sets) if part == "teacher"
                        else build_student_trainer(sets, Path(tmp) / "bank"))
@@ -295,6 +299,7 @@ def report(results: list[dict[str, Any]]) -> None:
 HEAP_131K = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 # Each lever against the shipped setting, one thing changed: (config overrides, environment).
 SHOW_DEPRECATIONS = "DEMO_PROFILE_SHOW_DEPRECATIONS"
+WITH_SHM_OP = "DEMO_PROFILE_WITH_SHM_OP"
 LEVERS: dict[str, dict[str, tuple[list[str], dict[str, str]]]] = {
     "teacher": {
         "shipped": ([], {}),
@@ -303,11 +308,13 @@ LEVERS: dict[str, dict[str, tuple[list[str], dict[str, str]]]] = {
         "ZeRO-3 with persistent tiny tensors (zero3.json)": (["deepspeed.config=configs/deepspeed/zero3.json"], {}),
         "ZeRO-0 (reference, not the demo's)": (["deepspeed.config=configs/deepspeed/zero0.json"], {}),
         "bf16 teacher (as before train.precision=auto)": (["train.precision=bf16"], {}),
+        "DeepSpeed's CPU shared-memory all-reduce op loaded (as before)": ([], {WITH_SHM_OP: "1"}),
     },
     "student": {
         "shipped": ([], {}),
         "heap: blocks over 128 KiB mapped (as before)": ([], HEAP_131K),
         "bf16 students (not shipped)": (["train.precision=bf16"], {}),
+        "DeepSpeed's CPU shared-memory all-reduce op loaded (as before)": ([], {WITH_SHM_OP: "1"}),
     },
 }
 
