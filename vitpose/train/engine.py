@@ -46,12 +46,15 @@ def init_comm() -> None:
     On a CPU DeepSpeed would first compile its shared-memory all-reduce with g++, in every Python environment
     once (~30 s on 2 cores, the other ranks waiting on its lock: half a minute of a newcomer's first demo, and
     again after each new venv path). Only DeepSpeed-inference's all-reduce calls it; training's collectives go
-    through torch.distributed, so it is marked unbuildable, as DeepSpeed marks it off Linux."""
+    through torch.distributed, so it is marked unbuildable, as DeepSpeed marks it off Linux. (On a GPU DeepSpeed
+    never builds it, and reading its table of buildable ops would probe every op's compiler for nothing.)"""
     import deepspeed
     import deepspeed.ops
 
-    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
 
 
 # DeepSpeed's ZeRO calls these; torch 2.14 deprecates them with a FutureWarning on every call.
