@@ -309,6 +309,7 @@ LEVERS: dict[str, dict[str, tuple[list[str], dict[str, str]]]] = {
         "ZeRO-0 (reference, not the demo's)": (["deepspeed.config=configs/deepspeed/zero0.json"], {}),
         "bf16 teacher (as before train.precision=auto)": (["train.precision=bf16"], {}),
         "DeepSpeed's CPU shared-memory all-reduce op loaded (as before)": ([], {WITH_SHM_OP: "1"}),
+        "the paper's simple decoder (not shipped: its AP unmeasured here)": (["model.decoder=simple"], {}),
     },
     "student": {
         "shipped": ([], {}),
